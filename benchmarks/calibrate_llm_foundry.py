@@ -1,0 +1,129 @@
+"""Fit one GPU type's efficiency curves to the llm-foundry table, as a whole (never per row).
+
+Usage:
+    python benchmarks/calibrate_llm_foundry.py --gpu a100_80gb [--iterations 1500]
+
+Fits, for the device the table's GPU column maps to: the top of the FLOP-keyed matmul curve, the
+matmul factor keyed by the smallest GEMM dimension (5 points), the flash-attention efficiency and the
+compute slowdown while collectives overlap. The objective is the mean absolute percentage error of
+tokens/s plus a third of the worst row's, so no regime is sacrificed. Prints the fitted YAML to paste
+into specs/devices/<device>.yaml and the per-row errors. Deterministic (fixed start, Nelder-Mead).
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+
+import numpy as np
+
+from hwmodel import EfficiencyCurve, load_cluster
+from simulator.analytic import evaluate
+from simulator.validation import GPU_CLUSTERS, builtin_csv, read_rows, row_inputs
+
+DIM_POINTS = (256, 1024, 2048, 4096, 8192)
+NAMES = ("matmul_top", "dim256", "dim1024", "dim2048", "dim4096", "dim8192", "attention", "overlap_slowdown")
+
+
+def device_from(params: np.ndarray, base):
+    top, *dims, attention, sigma = params
+    dims = np.maximum.accumulate(np.clip(dims, 0.05, 1.0))  # efficiency never falls with size
+    compute = base.compute.model_copy(
+        update={
+            "matrix_efficiency": EfficiencyCurve(sizes=(1e8, 1e9, 1e10), efficiencies=(0.35 * top, 0.7 * top, top)),
+            "matrix_dim_efficiency": EfficiencyCurve(sizes=DIM_POINTS, efficiencies=tuple(float(d) for d in dims)),
+            "attention_efficiency": EfficiencyCurve.flat(float(attention)),
+            "comm_overlap_slowdown": float(sigma),
+        }
+    )
+    return base.model_copy(update={"compute": compute})
+
+
+def clamp(params: np.ndarray) -> np.ndarray:
+    lo = np.array([0.3, 0.05, 0.05, 0.05, 0.05, 0.05, 0.05, 0.0])
+    hi = np.array([1.0, 1.0, 1.0, 1.0, 1.0, 1.0, 1.0, 1.0])
+    return np.clip(params, lo, hi)
+
+
+def nelder_mead(f, x0: np.ndarray, iterations: int, step: float = 0.08) -> np.ndarray:
+    n = len(x0)
+    simplex = [x0] + [x0 + step * np.eye(n)[i] for i in range(n)]
+    values = [f(x) for x in simplex]
+    for _ in range(iterations):
+        order = np.argsort(values)
+        simplex = [simplex[i] for i in order]
+        values = [values[i] for i in order]
+        centroid = np.mean(simplex[:-1], axis=0)
+        worst = simplex[-1]
+        reflected = centroid + (centroid - worst)
+        fr = f(reflected)
+        if fr < values[0]:
+            expanded = centroid + 2 * (centroid - worst)
+            fe = f(expanded)
+            simplex[-1], values[-1] = (expanded, fe) if fe < fr else (reflected, fr)
+        elif fr < values[-2]:
+            simplex[-1], values[-1] = reflected, fr
+        else:
+            contracted = centroid + 0.5 * (worst - centroid)
+            fc = f(contracted)
+            if fc < values[-1]:
+                simplex[-1], values[-1] = contracted, fc
+            else:
+                best = simplex[0]
+                simplex = [best] + [best + 0.5 * (x - best) for x in simplex[1:]]
+                values = [values[0]] + [f(x) for x in simplex[1:]]
+    return simplex[int(np.argmin(values))]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--gpu", default="a100_80gb", choices=sorted(GPU_CLUSTERS))
+    parser.add_argument("--iterations", type=int, default=1500)
+    args = parser.parse_args()
+
+    cases = []
+    for line, row in enumerate(read_rows(builtin_csv()), start=2):
+        if row["gpu"] != args.gpu:
+            continue
+        workload, cluster_name, nodes, plan = row_inputs(row, "llm-foundry", line)
+        cases.append((row, workload, load_cluster(cluster_name, nodes=nodes), plan, float(row["tokens_per_s"])))
+    if not cases:
+        raise SystemExit(f"no rows for {args.gpu}")
+    base = cases[0][2].device(0)
+
+    def errors(params: np.ndarray) -> np.ndarray:
+        device = device_from(clamp(params), base)
+        out = []
+        for _, workload, cluster, plan, measured in cases:
+            report = evaluate(plan, workload, cluster.with_device(base.name, device))
+            out.append(100.0 * (report.tokens_per_s - measured) / measured)
+        return np.array(out)
+
+    def objective(params: np.ndarray) -> float:
+        err = np.abs(errors(params))
+        return float(err.mean() + err.max() / 3.0)
+
+    x0 = np.array([0.8, 0.5, 0.7, 0.8, 0.9, 0.95, 0.3, 0.2])
+    best = clamp(nelder_mead(objective, x0, args.iterations))
+    err = errors(best)
+    device = device_from(best, base)
+    print(f"# {args.gpu} -> {base.name}: {len(cases)} rows, mean |err| {np.abs(err).mean():.2f}%, max {np.abs(err).max():.2f}%")
+    for name, value in zip(NAMES, best):
+        print(f"#   {name:18s} {value:.4f}")
+    c = device.compute
+    print("  matrix_efficiency:")
+    for s, e in zip(c.matrix_efficiency.sizes, c.matrix_efficiency.efficiencies):
+        print(f"    - [{s / 1e9:g} GFLOP, {e:.3f}]")
+    print("  matrix_dim_efficiency:")
+    for s, e in zip(c.matrix_dim_efficiency.sizes, c.matrix_dim_efficiency.efficiencies):
+        print(f"    - [{int(s)}, {e:.3f}]")
+    print(f"  attention_efficiency: {c.attention_efficiency.efficiencies[0]:.3f}")
+    print(f"  comm_overlap_slowdown: {c.comm_overlap_slowdown:.3f}")
+    for (row, workload, _, plan, measured), e in zip(cases, err):
+        print(f"{row['model']:9s} gpus={row['gpus']:>2s} seq={workload.seq_len:6d} mb={plan.micro_batch:3d} "
+              f"ckpt={plan.recompute:4s} measured={measured:10.0f} error={e:+6.1f}%")
+    _ = math
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,335 @@
+"""Nodes, clusters and topology queries.
+
+A cluster is a list of node groups (count x node spec), so mixed GPU types are natural: two nodes of
+8x A100 next to two nodes of 8x V100 are two groups. Nodes of one site share an inter-node network;
+sites are joined by WAN links. Devices get global ranks in order: group by group, node by node, local
+index within the node.
+
+Topology queries answer what the cost model needs: the path (tier, bandwidth, latency) between two
+devices, and, for a group of devices, how it spreads over the tiers (devices per node, nodes per site,
+sites), which is what a hierarchical collective runs over.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from functools import cached_property
+from enum import IntEnum
+from typing import Any
+
+from pydantic import Field, model_validator
+
+from .components import DeviceSpec, Frozen, HostSpec, LinkKind, LinkSpec, StorageSpec
+from .errors import UnknownNameError, UserError
+from .units import NonNegativeSeconds
+
+
+class Tier(IntEnum):
+    """How far apart two devices are; larger is slower."""
+
+    DEVICE = 0
+    NODE = 1
+    SITE = 2
+    WAN = 3
+
+
+class NodeSpec(Frozen):
+    """One server: `num_devices` identical devices, their fabric, the host, storage and NICs."""
+
+    name: str = ""
+    device: DeviceSpec
+    num_devices: int = Field(gt=0)
+    intra_node: LinkSpec = Field(description="device-to-device bandwidth inside the node, per device")
+    host_link: LinkSpec = Field(description="device-to-host link (PCIe), per device")
+    network: LinkSpec | None = Field(None, description="NICs to other nodes; `ports` NICs per node")
+    host: HostSpec
+    storage: StorageSpec | None = None
+
+
+class NodeGroup(Frozen):
+    name: str
+    count: int = Field(gt=0)
+    node: NodeSpec
+    site: str = "site0"
+
+
+class WanLink(Frozen):
+    """A wide-area link between two sites; bandwidth is per direction, latency one-way."""
+
+    sites: tuple[str, str]
+    link: LinkSpec
+
+
+@dataclass(frozen=True)
+class DeviceLocation:
+    rank: int
+    group: int
+    node: int  # global node index
+    local: int
+    site: str
+
+
+@dataclass(frozen=True)
+class Path:
+    tier: Tier
+    bandwidth: float  # achievable bytes/s one direction
+    latency: float  # seconds, one way
+
+
+@dataclass(frozen=True)
+class Level:
+    """One tier of a hierarchical collective: `fanout` peers exchanging over `bandwidth` each."""
+
+    tier: Tier
+    fanout: int
+    bandwidth: float
+    latency: float
+
+
+@dataclass(frozen=True)
+class GroupSpan:
+    """How a device group spreads over the tiers, innermost first. Levels with fanout 1 are omitted."""
+
+    size: int
+    levels: tuple[Level, ...]
+
+    @property
+    def slowest(self) -> Tier:
+        return max((lvl.tier for lvl in self.levels), default=Tier.DEVICE)
+
+
+class ClusterSpec(Frozen):
+    """A whole cluster: node groups, the inter-node fabric latency, and WAN links between sites."""
+
+    name: str
+    description: str = ""
+    node_groups: tuple[NodeGroup, ...]
+    network_latency: NonNegativeSeconds = Field(
+        0.0, description="switch fabric latency added to every inter-node hop, one way"
+    )
+    wan: tuple[WanLink, ...] = ()
+    sources: dict[str, str] = Field(default_factory=dict)
+
+    @model_validator(mode="after")
+    def _check(self) -> "ClusterSpec":
+        if not self.node_groups:
+            raise ValueError("a cluster needs at least one node group")
+        names = [g.name for g in self.node_groups]
+        if len(set(names)) != len(names):
+            raise ValueError(f"node group names must be unique, got {names}")
+        num_nodes = sum(g.count for g in self.node_groups)
+        sites = {g.site for g in self.node_groups}
+        for wan in self.wan:
+            for site in wan.sites:
+                if site not in sites:
+                    raise ValueError(f"wan link names site {site!r}, but the node groups have sites {sorted(sites)}")
+        if len(sites) > 1:
+            for a in sorted(sites):
+                for b in sorted(sites):
+                    if a < b and self._wan(a, b) is None:
+                        raise ValueError(f"sites {a!r} and {b!r} have no wan link between them")
+        multi_node = [g.name for g in self.node_groups if g.node.network is None]
+        if num_nodes > 1 and multi_node:
+            raise ValueError(f"node groups {multi_node} have no 'network', but the cluster has {num_nodes} nodes")
+        return self
+
+    @cached_property
+    def topology(self) -> "_Topology":
+        """Plain-Python index of ranks, nodes and group spans (cached: queries sit on hot paths)."""
+        return _Topology(self)
+
+    # ---- sizes -------------------------------------------------------------------------------
+    @property
+    def num_devices(self) -> int:
+        return self.topology.num_devices
+
+    @property
+    def num_nodes(self) -> int:
+        return len(self.topology.nodes)
+
+    @property
+    def sites(self) -> list[str]:
+        return sorted({g.site for g in self.node_groups})
+
+    def location(self, rank: int) -> DeviceLocation:
+        topo = self.topology
+        if not 0 <= rank < topo.num_devices:
+            raise UserError(f"device rank {rank} is outside cluster {self.name!r} (ranks 0..{topo.num_devices - 1})")
+        return topo.locations[rank]
+
+    def node_of(self, rank: int) -> NodeSpec:
+        return self.topology.nodes[self.location(rank).node]
+
+    def device(self, rank: int) -> DeviceSpec:
+        return self.node_of(rank).device
+
+    def device_types(self) -> list[str]:
+        """Distinct device names, in rank order."""
+        seen: dict[str, None] = {}
+        for group in self.node_groups:
+            seen.setdefault(group.node.device.name, None)
+        return list(seen)
+
+    @property
+    def is_homogeneous(self) -> bool:
+        return len(self.node_groups) == 1 and len(self.sites) == 1
+
+    def with_num_nodes(self, num_nodes: int) -> "ClusterSpec":
+        """The same cluster with `num_nodes` nodes; only for clusters made of one kind of node."""
+        if num_nodes <= 0:
+            raise UserError(f"--nodes must be a positive integer, got {num_nodes}")
+        if len(self.node_groups) != 1:
+            raise UserError(
+                f"cluster {self.name!r} has {len(self.node_groups)} node groups "
+                f"({', '.join(g.name for g in self.node_groups)}); --nodes only applies to a cluster of identical nodes"
+            )
+        group = self.node_groups[0].model_copy(update={"count": num_nodes})
+        fields = {name: getattr(self, name) for name in type(self).model_fields}
+        fields["node_groups"] = (group,)
+        return ClusterSpec(**fields)
+
+    def with_device(self, name: str, device: DeviceSpec) -> "ClusterSpec":
+        """The same cluster with every device called `name` replaced by `device` (what-if, calibration)."""
+        if name not in self.device_types():
+            raise UnknownNameError("device", name, self.device_types())
+        groups = tuple(
+            g.model_copy(update={"node": g.node.model_copy(update={"device": device})}) if g.node.device.name == name else g
+            for g in self.node_groups
+        )
+        fields = {field: getattr(self, field) for field in type(self).model_fields}
+        fields["node_groups"] = groups
+        return ClusterSpec(**fields)
+
+    # ---- topology ---------------------------------------------------------------------------
+    def _wan(self, a: str, b: str) -> LinkSpec | None:
+        for wan in self.wan:
+            if set(wan.sites) == {a, b}:
+                return wan.link
+        return None
+
+    def _inter_node_per_device(self, node: NodeSpec) -> float:
+        # Rail-optimized fabrics give each device its share of the node's NICs.
+        assert node.network is not None
+        return node.network.aggregate_bandwidth / node.num_devices
+
+    def path(self, a: int, b: int) -> Path:
+        """Tier, achievable bandwidth (bytes/s, one direction) and one-way latency from device a to b."""
+        la, lb = self.location(a), self.location(b)
+        if a == b:
+            return Path(Tier.DEVICE, float("inf"), 0.0)
+        nodes = self.topology.nodes
+        na, nb = nodes[la.node], nodes[lb.node]
+        if la.node == lb.node:
+            return Path(Tier.NODE, na.intra_node.effective_bandwidth, na.intra_node.latency)
+        if la.site == lb.site:
+            assert na.network is not None and nb.network is not None
+            bandwidth = min(na.network.effective_bandwidth, nb.network.effective_bandwidth)
+            latency = max(na.network.latency, nb.network.latency) + self.network_latency
+            return Path(Tier.SITE, bandwidth, latency)
+        wan = self._wan(la.site, lb.site)
+        assert wan is not None
+        return Path(Tier.WAN, wan.effective_bandwidth, wan.latency)
+
+    def span(self, ranks: tuple[int, ...] | list[int]) -> GroupSpan:
+        """How a device group spreads over nodes and sites, as levels of a hierarchical collective.
+
+        Each level says how many peers exchange at that tier and the bandwidth each device gets there.
+        A group with 4 devices on each of 2 nodes has levels (NODE, 4, intra-node bw) and (SITE, 2, NIC
+        share per device).
+        """
+        key = tuple(ranks)
+        cache = self.topology.span_cache
+        cached = cache.get(key)
+        if cached is not None:
+            return cached
+        locs = [self.location(r) for r in key]
+        by_node: dict[int, int] = {}
+        by_site_nodes: dict[str, set[int]] = {}
+        by_site_devices: dict[str, int] = {}
+        for loc in locs:
+            by_node[loc.node] = by_node.get(loc.node, 0) + 1
+            by_site_nodes.setdefault(loc.site, set()).add(loc.node)
+            by_site_devices[loc.site] = by_site_devices.get(loc.site, 0) + 1
+        nodes = [self.topology.nodes[n] for n in by_node]
+        levels = []
+        per_node = max(by_node.values())
+        if per_node > 1:
+            levels.append(
+                Level(
+                    Tier.NODE,
+                    per_node,
+                    min(n.intra_node.effective_bandwidth for n in nodes),
+                    max(n.intra_node.latency for n in nodes),
+                )
+            )
+        nodes_per_site = max(len(v) for v in by_site_nodes.values())
+        if nodes_per_site > 1:
+            levels.append(
+                Level(
+                    Tier.SITE,
+                    nodes_per_site,
+                    min(self._inter_node_per_device(n) for n in nodes),
+                    max(n.network.latency for n in nodes) + self.network_latency,  # type: ignore[union-attr]
+                )
+            )
+        if len(by_site_nodes) > 1:
+            sites = sorted(by_site_nodes)
+            links = [self._wan(a, b) for a in sites for b in sites if a < b]
+            # Every device of a site that crosses the WAN at once shares the site's link.
+            share = max(by_site_devices.values()) // max(per_node * nodes_per_site, 1) or 1
+            bandwidth = min(link.effective_bandwidth for link in links if link) / share
+            levels.append(Level(Tier.WAN, len(sites), bandwidth, max(link.latency for link in links if link)))
+        span = GroupSpan(len(key), tuple(levels))
+        cache[key] = span
+        return span
+
+    def slowest_tier(self, ranks: tuple[int, ...] | list[int]) -> Path:
+        """The slowest tier a device group spans, with the per-device bandwidth and latency there."""
+        span = self.span(ranks)
+        if not span.levels:
+            return Path(Tier.DEVICE, float("inf"), 0.0)
+        level = max(span.levels, key=lambda lvl: lvl.tier)
+        return Path(level.tier, level.bandwidth, level.latency)
+
+    def summary(self) -> dict[str, Any]:
+        return {
+            "name": self.name,
+            "num_nodes": self.num_nodes,
+            "num_devices": self.num_devices,
+            "device_types": self.device_types(),
+            "sites": self.sites,
+        }
+
+
+class _Topology:
+    """Ranks laid out group by group, node by node; spans cached by device group."""
+
+    def __init__(self, cluster: ClusterSpec):
+        locations, nodes = [], []
+        rank = 0
+        for gi, group in enumerate(cluster.node_groups):
+            for _ in range(group.count):
+                node_index = len(nodes)
+                nodes.append(group.node)
+                for local in range(group.node.num_devices):
+                    locations.append(DeviceLocation(rank, gi, node_index, local, group.site))
+                    rank += 1
+        self.locations: tuple[DeviceLocation, ...] = tuple(locations)
+        self.nodes: tuple[NodeSpec, ...] = tuple(nodes)
+        self.num_devices = len(locations)
+        self.devices: tuple[DeviceSpec, ...] = tuple(nodes[loc.node].device for loc in locations)
+        self.span_cache: dict[tuple[int, ...], GroupSpan] = {}
+
+
+__all__ = [
+    "ClusterSpec",
+    "DeviceLocation",
+    "GroupSpan",
+    "Level",
+    "LinkKind",
+    "NodeGroup",
+    "NodeSpec",
+    "Path",
+    "Tier",
+    "WanLink",
+]

@@ -1,0 +1,172 @@
+"""Pydantic models of hardware parts: devices, host memory, storage and links.
+
+Every quantity is stored in SI units (FLOP/s, bytes, bytes/s, seconds). YAML gives human units; see
+`hwmodel.units`. Figures come with a `sources` map (field -> where the number comes from) so a user can
+tell a datasheet value from an estimate or a calibration.
+"""
+
+from __future__ import annotations
+
+from enum import Enum
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, PlainSerializer, ValidationInfo, model_validator
+
+from .curves import EfficiencyCurve
+from .units import Bandwidth, Bytes, FlopRate, NonNegativeBytes, NonNegativeSeconds, Seconds
+
+DTYPES = ("fp32", "tf32", "fp16", "bf16", "fp8")
+Dtype = Literal["fp32", "tf32", "fp16", "bf16", "fp8"]
+
+
+def _curve_type(dimension: str):
+    def validate(value: Any, info: ValidationInfo) -> EfficiencyCurve:
+        strict = bool(info.context and info.context.get("strict_units"))
+        return EfficiencyCurve.parse(value, dimension, strict)
+
+    def serialize(curve: EfficiencyCurve) -> Any:
+        if len(curve.sizes) == 1:
+            return curve.efficiencies[0]
+        return [[s, e] for s, e in zip(curve.sizes, curve.efficiencies)]
+
+    return Annotated[EfficiencyCurve, BeforeValidator(validate), PlainSerializer(serialize)]
+
+
+ComputeCurve = _curve_type("flops")
+TransferCurve = _curve_type("bytes")
+DimensionCurve = _curve_type("count")
+
+
+class Frozen(BaseModel):
+    """Base for spec models: immutable, unknown keys rejected (a typo is an error, not ignored)."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+
+class ComputeSpec(Frozen):
+    """Peak dense FLOP/s per dtype for matrix (tensor-core) and vector units, with efficiency curves.
+
+    `matrix` and `vector` map dtype names (fp32, tf32, fp16, bf16, fp8) to peak FLOP/s. A dtype a unit
+    lacks is simply absent: a GPU without bf16 tensor cores has no `bf16` key under `matrix`, and bf16
+    matmuls then fall back to the vector peak.
+    """
+
+    matrix: dict[Dtype, FlopRate]
+    vector: dict[Dtype, FlopRate]
+    matrix_efficiency: ComputeCurve = Field(
+        default_factory=lambda: EfficiencyCurve.flat(0.7),
+        description="fraction of the matrix peak reached by a GEMM, keyed by its FLOPs",
+    )
+    matrix_dim_efficiency: DimensionCurve = Field(
+        default_factory=lambda: EfficiencyCurve.flat(1.0),
+        description="further factor keyed by a GEMM's smallest dimension (thin GEMMs reuse data poorly)",
+    )
+    attention_efficiency: ComputeCurve = Field(
+        default_factory=lambda: EfficiencyCurve.flat(0.5),
+        description="fraction of the matrix peak reached by fused (flash) attention, keyed by its FLOPs",
+    )
+    vector_efficiency: float = Field(0.5, gt=0, le=1, description="fraction of the vector peak reached")
+    kernel_overhead: NonNegativeSeconds = Field(5e-6, description="launch and tail cost per kernel")
+    comm_overlap_slowdown: float = Field(
+        0.0, ge=0, le=1,
+        description="fraction by which compute slows while a collective runs beside it (shared SMs and memory)",
+    )
+
+    @model_validator(mode="after")
+    def _check(self) -> "ComputeSpec":
+        if not self.matrix and not self.vector:
+            raise ValueError("compute needs at least one peak under 'matrix' or 'vector'")
+        return self
+
+    def peak(self, dtype: str, unit: Literal["matrix", "vector"] = "matrix") -> float:
+        """Peak FLOP/s for `dtype` on `unit`, falling back to the best the device has.
+
+        Matrix work in a dtype without tensor-core support runs on the vector unit; fp16/bf16 without a
+        vector figure run at the fp32 vector rate.
+        """
+        table = self.matrix if unit == "matrix" else self.vector
+        if dtype in table:
+            return table[dtype]
+        if unit == "matrix" and dtype in self.vector:
+            return self.vector[dtype]
+        for fallback in ("fp32", "tf32", "fp16", "bf16"):
+            if fallback in self.vector:
+                return self.vector[fallback]
+            if fallback in table:
+                return table[fallback]
+        raise AssertionError("validated ComputeSpec has some peak")
+
+
+class MemorySpec(Frozen):
+    """Device memory: capacity, peak bandwidth and achieved fraction keyed by transfer size."""
+
+    capacity: Bytes
+    bandwidth: Bandwidth
+    efficiency: TransferCurve = Field(default_factory=lambda: EfficiencyCurve.flat(0.85))
+    reserved: NonNegativeBytes = Field(
+        0.0, description="memory taken before the job allocates anything (runtime context, workspaces)"
+    )
+
+
+class DeviceSpec(Frozen):
+    """One accelerator (or a CPU acting as one)."""
+
+    name: str
+    description: str = ""
+    vendor: str = ""
+    kind: Literal["gpu", "cpu", "accelerator"] = "gpu"
+    compute: ComputeSpec
+    memory: MemorySpec
+    sources: dict[str, str] = Field(default_factory=dict, description="field -> where the figure comes from")
+
+
+class HostSpec(Frozen):
+    """The CPU side of a node: DRAM capacity and bandwidth, cores."""
+
+    memory: Bytes
+    memory_bandwidth: Bandwidth
+    num_cores: int = Field(gt=0)
+    sources: dict[str, str] = Field(default_factory=dict)
+
+
+class StorageSpec(Frozen):
+    """Local SSD(s) of a node, as one volume."""
+
+    capacity: Bytes
+    read_bandwidth: Bandwidth
+    write_bandwidth: Bandwidth
+    latency: NonNegativeSeconds = 80e-6
+    sources: dict[str, str] = Field(default_factory=dict)
+
+
+class LinkKind(str, Enum):
+    NVLINK = "nvlink"
+    NVSWITCH = "nvswitch"
+    INFINITY_FABRIC = "infinity_fabric"
+    PCIE = "pcie"
+    SHARED_MEMORY = "shared_memory"
+    INFINIBAND = "infiniband"
+    ROCE = "roce"
+    ETHERNET = "ethernet"
+    WAN = "wan"
+
+
+class LinkSpec(Frozen):
+    """A link or a port: bandwidth per direction, one-way latency and the achieved fraction of bandwidth."""
+
+    kind: LinkKind
+    bandwidth: Bandwidth = Field(description="per direction")
+    latency: NonNegativeSeconds = 0.0
+    efficiency: float = Field(0.8, gt=0, le=1)
+    ports: int = Field(1, gt=0, description="parallel ports of this kind (e.g. NICs per node)")
+    sources: dict[str, str] = Field(default_factory=dict)
+
+    @property
+    def effective_bandwidth(self) -> float:
+        """Achievable bytes/s through one port, one direction."""
+        return self.bandwidth * self.efficiency
+
+    @property
+    def aggregate_bandwidth(self) -> float:
+        """Achievable bytes/s through all ports together, one direction."""
+        return self.bandwidth * self.efficiency * self.ports

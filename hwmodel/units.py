@@ -1,0 +1,198 @@
+"""Human units at the edges, SI inside.
+
+YAML and the CLI accept quantities such as "80 GiB", "2039 GB/s", "200 Gbit/s", "312 TFLOPS",
+"10 us". Inside the code everything is SI: bytes, bytes/s, FLOP/s, FLOPs, seconds. Parsing is strict:
+a quantity of the wrong kind ("80 GB/s" where a size is expected), an unknown unit, or a missing unit
+is an error that says what is accepted. Decimal (GB) and binary (GiB) prefixes are different things,
+and "b" (bit) is not "B" (byte).
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from typing import Annotated, Any
+
+from pydantic import BeforeValidator, PlainSerializer, ValidationInfo
+
+_DECIMAL = {"": 1.0, "K": 1e3, "k": 1e3, "M": 1e6, "G": 1e9, "T": 1e12, "P": 1e15, "E": 1e18}
+_BINARY = {"Ki": 2.0**10, "Mi": 2.0**20, "Gi": 2.0**30, "Ti": 2.0**40, "Pi": 2.0**50}
+
+
+def _table_bytes() -> dict[str, float]:
+    table = {f"{p}B": f for p, f in _DECIMAL.items() if p != "k"}
+    table.update({f"{p}B": f for p, f in _BINARY.items()})
+    table["bytes"] = 1.0
+    return table
+
+
+def _table_byte_rate() -> dict[str, float]:
+    table = {f"{unit}/s": f for unit, f in _table_bytes().items() if unit != "bytes"}
+    for p, f in _DECIMAL.items():
+        if p == "k":
+            continue
+        # Network rates are quoted in bits; 8 bits per byte.
+        table[f"{p}bit/s"] = f / 8
+        table[f"{p}b/s"] = f / 8
+        table[f"{p}bps"] = f / 8
+    return table
+
+
+def _table_flop_rate() -> dict[str, float]:
+    table = {}
+    for p, f in _DECIMAL.items():
+        if p == "k":
+            continue
+        table[f"{p}FLOPS"] = f
+        table[f"{p}FLOP/s"] = f
+    return table
+
+
+def _table_flops() -> dict[str, float]:
+    return {f"{p}FLOP": f for p, f in _DECIMAL.items() if p != "k"} | {
+        f"{p}FLOPs": f for p, f in _DECIMAL.items() if p != "k"
+    }
+
+
+_TIME = {"ns": 1e-9, "us": 1e-6, "µs": 1e-6, "ms": 1e-3, "s": 1.0, "min": 60.0, "h": 3600.0}
+
+# dimension name -> (unit table, example for messages)
+DIMENSIONS: dict[str, tuple[dict[str, float], str]] = {
+    "bytes": (_table_bytes(), "'80 GiB' or '40 GB'"),
+    "bandwidth": (_table_byte_rate(), "'2039 GB/s', '25 GiB/s' or '200 Gbit/s'"),
+    "flop_rate": (_table_flop_rate(), "'312 TFLOPS'"),
+    "flops": (_table_flops(), "'10 GFLOP'"),
+    "time": (_TIME, "'10 us', '40 ms' or '1.5 s'"),
+    "count": ({}, "'4096'"),
+}
+
+_QUANTITY = re.compile(r"^\s*([-+]?(?:\d+\.?\d*|\.\d+)(?:[eE][-+]?\d+)?)\s*([^\s\d].*?)?\s*$")
+
+
+class UnitError(ValueError):
+    """A quantity that is malformed, has the wrong unit, or has no unit where one is required."""
+
+
+def _kind_of(unit: str) -> str | None:
+    for dim, (table, _) in DIMENSIONS.items():
+        if unit in table:
+            return dim
+    return None
+
+
+def parse_quantity(value: Any, dimension: str, *, allow_bare_number: bool = True) -> float:
+    """Parse `value` as a quantity of `dimension` and return it in SI units.
+
+    Args:
+        value: a string such as "80 GiB", or a number already in SI units.
+        dimension: one of `DIMENSIONS` ("bytes", "bandwidth", "flop_rate", "flops", "time").
+        allow_bare_number: accept a plain number as SI. YAML files are parsed with this off, so
+            "capacity: 80" is rejected instead of silently meaning 80 bytes.
+
+    Raises:
+        UnitError: naming what was wrong and what is accepted.
+    """
+    table, example = DIMENSIONS[dimension]
+    label = dimension.replace("_", " ")
+    if dimension == "count":
+        allow_bare_number = True  # counts have no unit
+    if isinstance(value, bool):
+        raise UnitError(f"expected a {label} such as {example}, got {value!r}")
+    if isinstance(value, (int, float)):
+        if not allow_bare_number and dimension != "count":
+            raise UnitError(f"{value!r} has no unit; write a {label} such as {example}")
+        number = float(value)
+    elif isinstance(value, str):
+        match = _QUANTITY.match(value)
+        if not match:
+            raise UnitError(f"cannot read {value!r} as a {label}; write one such as {example}")
+        number = float(match.group(1))
+        unit = (match.group(2) or "").strip()
+        if not unit:
+            if not allow_bare_number:
+                raise UnitError(f"{value!r} has no unit; write a {label} such as {example}")
+        elif unit in table:
+            number *= table[unit]
+        else:
+            other = _kind_of(unit)
+            if other is not None:
+                raise UnitError(
+                    f"{value!r} is a {other.replace('_', ' ')}, but a {label} is expected here, such as {example}"
+                )
+            accepted = ", ".join(sorted(table, key=lambda u: (table[u], u)))
+            raise UnitError(f"unknown unit {unit!r} in {value!r}; a {label} takes one of: {accepted}")
+    else:
+        raise UnitError(f"expected a {label} such as {example}, got {type(value).__name__} {value!r}")
+    if not math.isfinite(number):
+        raise UnitError(f"{value!r} is not a finite {label}")
+    return number
+
+
+def _strict(info: ValidationInfo | None) -> bool:
+    return bool(info is not None and info.context and info.context.get("strict_units"))
+
+
+def _make_validator(dimension: str, lower: float | None, inclusive: bool):
+    def validate(value: Any, info: ValidationInfo) -> float:
+        number = parse_quantity(value, dimension, allow_bare_number=not _strict(info))
+        if lower is not None:
+            too_small = number < lower if inclusive else number <= lower
+            if too_small:
+                relation = "at least" if inclusive else "greater than"
+                raise UnitError(f"{value!r} must be {relation} {lower:g}")
+        return number
+
+    return validate
+
+
+def _quantity_type(dimension: str, *, positive: bool = True):
+    lower, inclusive = (0.0, False) if positive else (0.0, True)
+    return Annotated[
+        float,
+        BeforeValidator(_make_validator(dimension, lower, inclusive)),
+        PlainSerializer(lambda v: v, return_type=float),
+    ]
+
+
+# Pydantic field types. Positive* reject zero and negatives; NonNegative* reject negatives only.
+Bytes = _quantity_type("bytes")
+NonNegativeBytes = _quantity_type("bytes", positive=False)
+Bandwidth = _quantity_type("bandwidth")
+FlopRate = _quantity_type("flop_rate")
+Flops = _quantity_type("flops")
+Seconds = _quantity_type("time")
+NonNegativeSeconds = _quantity_type("time", positive=False)
+
+
+def _fmt(value: float, steps: list[tuple[float, str]], digits: int = 3) -> str:
+    for factor, unit in steps:
+        if abs(value) >= factor:
+            return f"{value / factor:.{digits}g} {unit}"
+    factor, unit = steps[-1]
+    return f"{value / factor:.{digits}g} {unit}"
+
+
+def format_bytes(value: float, binary: bool = True) -> str:
+    """80 * 2**30 -> '80 GiB'."""
+    if binary:
+        steps = [(2.0**50, "PiB"), (2.0**40, "TiB"), (2.0**30, "GiB"), (2.0**20, "MiB"), (2.0**10, "KiB"), (1, "B")]
+    else:
+        steps = [(1e15, "PB"), (1e12, "TB"), (1e9, "GB"), (1e6, "MB"), (1e3, "KB"), (1, "B")]
+    return _fmt(value, steps)
+
+
+def format_bandwidth(value: float) -> str:
+    """25e9 -> '25 GB/s'."""
+    return _fmt(value, [(1e12, "TB/s"), (1e9, "GB/s"), (1e6, "MB/s"), (1e3, "KB/s"), (1, "B/s")])
+
+
+def format_flop_rate(value: float) -> str:
+    """312e12 -> '312 TFLOPS'."""
+    return _fmt(value, [(1e15, "PFLOPS"), (1e12, "TFLOPS"), (1e9, "GFLOPS"), (1e6, "MFLOPS"), (1, "FLOPS")])
+
+
+def format_seconds(value: float) -> str:
+    """0.0123 -> '12.3 ms'."""
+    if value == 0:
+        return "0 s"
+    return _fmt(value, [(1.0, "s"), (1e-3, "ms"), (1e-6, "us"), (1e-9, "ns")])

@@ -1,0 +1,313 @@
+"""Binding a plan to a workload and a cluster: checks and the resolved layout.
+
+`bind` validates a plan against what it runs on and resolves it into stages (device groups with their
+layers), so the analytic model, the event engine and the executor all read the same layout. Every
+check that fails raises `InfeasiblePlan` naming the field, the value and what would be accepted.
+
+Rank layout (as Megatron-LM): within a stage, tensor parallel is innermost (consecutive ranks, so a tp
+group stays inside a node), then context parallel, then data parallel; stages take consecutive blocks
+of ranks, pipeline parallel outermost.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+from hwmodel.cluster import ClusterSpec
+from workloads.config import WorkloadConfig
+from workloads.transformer import layer_kinds
+
+from .errors import InfeasiblePlan, UnsupportedPlan
+from .plan import LayerStrategy, Plan
+
+
+@dataclass(frozen=True)
+class LayerAssignment:
+    """One layer on one stage: its index in `layer_kinds`, kind and strategy."""
+
+    index: int
+    kind: str
+    tp: int
+    sequence_parallel: bool
+    recompute: str
+    dp_type: str
+    offload: float
+
+    def strategy_key(self) -> tuple:
+        return (self.kind, self.tp, self.sequence_parallel, self.recompute, self.dp_type, self.offload)
+
+
+@dataclass(frozen=True)
+class BoundStage:
+    index: int
+    ranks: tuple[int, ...]
+    cp: int
+    layers: tuple[LayerAssignment, ...]
+    micro_step_batch: int  # sequences per micro-step across all data-parallel replicas of the stage
+
+    @property
+    def num_devices(self) -> int:
+        return len(self.ranks)
+
+    def dp_for(self, tp: int) -> int:
+        return self.num_devices // (tp * self.cp)
+
+    def tp_group(self, tp: int) -> tuple[int, ...]:
+        return self.ranks[:tp]
+
+    def cp_group(self, tp: int) -> tuple[int, ...]:
+        return self.ranks[: tp * self.cp : tp]
+
+    def dp_groups(self, tp: int) -> list[tuple[int, ...]]:
+        """The first and the last data-parallel group (enough to find the slowest on mixed hardware)."""
+        stride = tp * self.cp
+        first = self.ranks[0::stride]
+        last = self.ranks[stride - 1 :: stride]
+        return [first] if first == last else [first, last]
+
+    @property
+    def block_range(self) -> tuple[int, int]:
+        """First and last transformer block index (-1, -1 when the stage holds none)."""
+        blocks = [a.index - 1 for a in self.layers if a.kind not in ("embedding", "patch_embedding", "head")]
+        return (min(blocks), max(blocks)) if blocks else (-1, -1)
+
+
+@dataclass(frozen=True)
+class BoundPlan:
+    plan: Plan  # with dp and global_batch filled in
+    workload: WorkloadConfig
+    cluster: ClusterSpec
+    stages: tuple[BoundStage, ...]
+    num_micro_batches: int
+    warnings: tuple[str, ...]
+
+    @property
+    def ranks(self) -> tuple[int, ...]:
+        return tuple(r for stage in self.stages for r in stage.ranks)
+
+
+def _parse_devices(spec, cluster: ClusterSpec, where: str) -> tuple[int, ...]:
+    if isinstance(spec, tuple):
+        ranks = spec
+    else:
+        text = spec.strip()
+        match = re.fullmatch(r"(\d+)\s*-\s*(\d+)", text)
+        if match:
+            lo, hi = int(match.group(1)), int(match.group(2))
+            if hi < lo:
+                raise InfeasiblePlan(f"{where}: device range {text!r} is empty")
+            ranks = tuple(range(lo, hi + 1))
+        elif text.isdigit():
+            ranks = (int(text),)
+        else:
+            groups = {g.name: gi for gi, g in enumerate(cluster.node_groups)}
+            if text not in groups:
+                raise InfeasiblePlan(
+                    f"{where}: {text!r} is neither a rank range like '0-15' nor a node group of cluster "
+                    f"{cluster.name!r} ({', '.join(groups)})"
+                )
+            gi = groups[text]
+            ranks = tuple(r for r in range(cluster.num_devices) if cluster.location(r).group == gi)
+    for r in ranks:
+        if not 0 <= r < cluster.num_devices:
+            raise InfeasiblePlan(f"{where}: rank {r} is outside cluster {cluster.name!r} (ranks 0-{cluster.num_devices - 1})")
+    if len(set(ranks)) != len(ranks):
+        raise InfeasiblePlan(f"{where}: a device is listed twice")
+    return ranks
+
+
+def _even_split(total: int, parts: int) -> list[int]:
+    """Split `total` layers into `parts` chunks, earlier chunks taking the remainder."""
+    base, extra = divmod(total, parts)
+    return [base + (1 if i < extra else 0) for i in range(parts)]
+
+
+def _check_tp(tp: int, cfg: WorkloadConfig, plan: Plan, where: str) -> None:
+    if cfg.num_heads % tp:
+        raise InfeasiblePlan(f"{where}tp={tp} does not divide num_heads={cfg.num_heads}")
+    if cfg.kv_heads % tp:
+        raise InfeasiblePlan(f"{where}tp={tp} does not divide num_kv_heads={cfg.kv_heads}")
+    if cfg.ffn % tp:
+        raise InfeasiblePlan(f"{where}tp={tp} does not divide ffn_hidden_size={cfg.ffn}")
+    if plan.sequence_parallel and (cfg.seq_len // plan.cp) % tp:
+        raise InfeasiblePlan(
+            f"{where}sequence_parallel with tp={tp} needs seq_len/cp={cfg.seq_len // plan.cp} divisible by {tp}"
+        )
+
+
+def _layer_overrides(plan: Plan, num_blocks: int) -> list[LayerStrategy | None]:
+    per_block: list[LayerStrategy | None] = [None] * num_blocks
+    for i, strategy in enumerate(plan.layers):
+        first, last = strategy.layers
+        if last >= num_blocks:
+            raise InfeasiblePlan(f"layers[{i}].layers: [{first}, {last}] is beyond the model's {num_blocks} blocks (0-{num_blocks - 1})")
+        for b in range(first, last + 1):
+            if per_block[b] is not None:
+                raise InfeasiblePlan(f"layers[{i}].layers: block {b} already has a strategy; ranges must not overlap")
+            per_block[b] = strategy
+    return per_block
+
+
+def bind(plan: Plan, workload: WorkloadConfig, cluster: ClusterSpec) -> BoundPlan:
+    """Check `plan` against `workload` and `cluster` and resolve its stages.
+
+    Raises:
+        InfeasiblePlan: degrees that do not multiply to the device count or divide the model, a batch
+            that does not split, too many stages, bad device groups.
+        UnsupportedPlan: sections this release cannot simulate yet.
+    """
+    cfg = workload
+    warnings: list[str] = []
+    if plan.tasks:
+        raise UnsupportedPlan("plan.tasks (multi-task wavefront schedules) is not simulated by this engine yet")
+    if plan.federated is not None:
+        raise UnsupportedPlan("plan.federated (vertical federated parties) is not simulated by this engine yet")
+    if plan.model_states is not None and plan.model_states.gpu < 1.0:
+        raise UnsupportedPlan("plan.model_states with CPU/SSD pages is not simulated by this engine yet")
+    if plan.ep > 1 and cfg.family != "moe":
+        raise InfeasiblePlan(f"ep={plan.ep} needs a mixture-of-experts workload; {cfg.name!r} is {cfg.family}")
+    if cfg.seq_len % plan.cp:
+        raise InfeasiblePlan(f"cp={plan.cp} does not divide seq_len={cfg.seq_len}")
+    num_blocks = cfg.num_layers
+    if plan.pp * plan.virtual_stages > num_blocks:
+        raise InfeasiblePlan(
+            f"pp={plan.pp} x virtual_stages={plan.virtual_stages} = {plan.pp * plan.virtual_stages} model chunks, "
+            f"but the model has only num_layers={num_blocks}"
+        )
+    n = cluster.num_devices
+
+    # ---- device groups per stage ----------------------------------------------------------------
+    if plan.stages:
+        stage_ranks: list[tuple[int, ...]] = []
+        next_rank = 0
+        for i, stage in enumerate(plan.stages):
+            tp_s = stage.tp or plan.tp
+            if stage.devices is None:
+                count = tp_s * plan.cp * (plan.dp or 1)
+                ranks = tuple(range(next_rank, next_rank + count))
+                if ranks and ranks[-1] >= n:
+                    raise InfeasiblePlan(f"stages[{i}]: not enough devices left in cluster {cluster.name!r} ({n} devices)")
+            else:
+                ranks = _parse_devices(stage.devices, cluster, f"stages[{i}].devices")
+            next_rank = max(ranks) + 1
+            if len(ranks) % (tp_s * plan.cp):
+                raise InfeasiblePlan(
+                    f"stages[{i}]: {len(ranks)} devices are not a multiple of tp*cp={tp_s * plan.cp}"
+                )
+            stage_ranks.append(ranks)
+        used = [r for ranks in stage_ranks for r in ranks]
+        if len(set(used)) != len(used):
+            raise InfeasiblePlan("stages: a device belongs to two stages")
+        if sum(s.num_layers for s in plan.stages) != num_blocks:
+            raise InfeasiblePlan(
+                f"stages hold {sum(s.num_layers for s in plan.stages)} layers in all, but the model has num_layers={num_blocks}"
+            )
+        if plan.schedule == "interleaved":
+            raise InfeasiblePlan("explicit stages cannot be combined with schedule=interleaved; list the stages and use 1f1b")
+        dp = plan.dp or len(stage_ranks[0]) // ((plan.stages[0].tp or plan.tp) * plan.cp)
+        stage_tps = [s.tp or plan.tp for s in plan.stages]
+        stage_layer_counts = [s.num_layers for s in plan.stages]
+        if len(used) < n:
+            warnings.append(f"the plan uses {len(used)} of the cluster's {n} devices")
+    else:
+        per_dp = plan.tp * plan.pp * plan.cp
+        if plan.dp is None:
+            if n % per_dp:
+                raise InfeasiblePlan(
+                    f"tp*pp*cp = {plan.tp}*{plan.pp}*{plan.cp} = {per_dp} does not divide the cluster's {n} devices"
+                )
+            dp = n // per_dp
+        else:
+            dp = plan.dp
+            if per_dp * dp != n:
+                hint = f"; dp={n // per_dp} would fill it" if n % per_dp == 0 else ""
+                raise InfeasiblePlan(
+                    f"tp*pp*dp*cp = {plan.tp}*{plan.pp}*{dp}*{plan.cp} = {per_dp * dp}, but cluster "
+                    f"{cluster.name!r} has {n} devices{hint}"
+                )
+        size = plan.tp * plan.cp * dp
+        stage_ranks = [tuple(range(i * size, (i + 1) * size)) for i in range(plan.pp)]
+        stage_tps = [plan.tp] * plan.pp
+        stage_layer_counts = []  # filled below from chunks
+
+    # ---- batch ----------------------------------------------------------------------------------
+    if plan.ep > 1:
+        if dp % plan.ep:
+            raise InfeasiblePlan(f"ep={plan.ep} does not divide dp={dp}")
+        if cfg.num_experts % plan.ep:
+            raise InfeasiblePlan(f"ep={plan.ep} does not divide num_experts={cfg.num_experts}")
+    micro_step = plan.micro_batch * dp
+    global_batch = plan.global_batch if plan.global_batch is not None else micro_step
+    if global_batch % micro_step:
+        raise InfeasiblePlan(
+            f"global_batch={global_batch} is not a multiple of micro_batch*dp = {plan.micro_batch}*{dp} = {micro_step}"
+        )
+    num_micro_batches = global_batch // micro_step
+    if plan.schedule == "interleaved" and num_micro_batches % plan.pp:
+        raise InfeasiblePlan(
+            f"schedule=interleaved needs the number of micro-batches ({num_micro_batches} = global_batch / "
+            f"(micro_batch*dp)) to be a multiple of pp={plan.pp}"
+        )
+    if num_micro_batches < plan.pp:
+        warnings.append(
+            f"only {num_micro_batches} micro-batches for {plan.pp} pipeline stages: most of the pipeline idles"
+        )
+
+    # ---- layers per stage ------------------------------------------------------------------------
+    kinds = layer_kinds(cfg)
+    overrides = _layer_overrides(plan, num_blocks)
+
+    edge_kinds = ("embedding", "patch_embedding", "head")
+    checked: dict[tuple, str] = {}
+
+    def assign(stage_index: int, idx: int) -> LayerAssignment:
+        kind = kinds[idx]
+        strategy = overrides[idx - 1] if 0 < idx <= num_blocks else None
+        tp_layer = (strategy.tp if strategy and strategy.tp else None) or stage_tps[stage_index]
+        sp = strategy.sequence_parallel if strategy and strategy.sequence_parallel is not None else plan.sequence_parallel
+        recompute = "none" if kind in edge_kinds else (strategy.recompute if strategy and strategy.recompute else plan.recompute)
+        dp_type = strategy.dp_type if strategy and strategy.dp_type else plan.dp_type
+        offload = strategy.offload if strategy and strategy.offload is not None else plan.offload
+        key = (stage_index, kind, tp_layer, sp and tp_layer > 1, recompute, dp_type, offload)
+        if key[:4] not in checked:
+            where = f"layers (block {idx - 1}): " if strategy and strategy.tp else (f"stages[{stage_index}]: " if plan.stages else "")
+            _check_tp(tp_layer, cfg, plan, where)
+            ranks = stage_ranks[stage_index]
+            if len(ranks) % (tp_layer * plan.cp):
+                raise InfeasiblePlan(f"{where}tp={tp_layer} x cp={plan.cp} does not divide the stage's {len(ranks)} devices")
+            dp_layer = len(ranks) // (tp_layer * plan.cp)
+            if micro_step % dp_layer:
+                raise InfeasiblePlan(f"{where}a micro-step of {micro_step} sequences does not split over dp={dp_layer} replicas")
+            checked[key[:4]] = where
+        return LayerAssignment(idx, kind, tp_layer, sp and tp_layer > 1, recompute, dp_type, offload)
+
+    if plan.stages:
+        bounds = [sum(stage_layer_counts[:i]) for i in range(plan.pp + 1)]
+        chunks_per_stage = [[range(bounds[i] + 1, bounds[i + 1] + 1)] for i in range(plan.pp)]
+    else:
+        counts = _even_split(num_blocks, plan.pp * plan.virtual_stages)
+        chunks_per_stage = [[] for _ in range(plan.pp)]
+        start = 1
+        for j, count in enumerate(counts):
+            chunks_per_stage[j % plan.pp].append(range(start, start + count))
+            start += count
+    stages = []
+    for i in range(plan.pp):
+        indices = [idx for chunk in chunks_per_stage[i] for idx in chunk]
+        if i == 0:
+            indices = [0] + indices
+        if i == plan.pp - 1:
+            indices = indices + [len(kinds) - 1]
+        layers = tuple(assign(i, idx) for idx in indices)
+        stages.append(BoundStage(i, stage_ranks[i], plan.cp, layers, micro_step))
+
+    for name in cluster.device_types():
+        device = next(g.node.device for g in cluster.node_groups if g.node.device.name == name)
+        if plan.dtype not in device.compute.matrix and device.kind == "gpu":
+            warnings.append(
+                f"{name} has no {plan.dtype} tensor cores; its {plan.dtype} matmuls run at the "
+                f"{device.compute.peak(plan.dtype) / 1e12:.3g} TFLOPS fallback rate"
+            )
+    bound_plan = plan.model_copy(update={"dp": dp, "global_batch": global_batch})
+    return BoundPlan(bound_plan, cfg, cluster, tuple(stages), num_micro_batches, tuple(warnings))

@@ -1,0 +1,349 @@
+"""`simulate`: what-if analysis of training plans without the hardware.
+
+Every command takes names from the catalog (`simulate specs list`, `simulate workloads list`) or paths
+to your own YAML files. Errors in what you wrote are reported with the file, field and accepted values,
+and exit with status 2.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import sys
+import time
+from pathlib import Path
+from typing import Optional
+
+import typer
+from rich.console import Console
+from rich.markup import escape
+from rich.progress import Progress
+from rich.table import Table
+
+from hwmodel.catalog import cluster_names, device_names, load_cluster, load_device
+from hwmodel.errors import UserError
+from hwmodel.units import format_bandwidth, format_bytes, format_flop_rate, format_seconds, parse_quantity
+from hwmodel.whatif import LINK_FIELDS, with_device_everywhere, with_link_bandwidth
+from workloads.catalog import load_workload, workload_names
+from workloads.transformer import model_flops_per_sample, parameter_count
+
+from .analytic import evaluate
+from .errors import InfeasiblePlan
+from .plan import SHORTHAND_KEYS, Plan, load_plan, parse_shorthand
+from .render import render_comparison, render_report
+from .validation import summarize, validate_llm_foundry
+
+app = typer.Typer(
+    name="simulate",
+    help=(
+        "Predict iteration time, throughput, MFU and per-device memory of a training plan on hardware you "
+        "describe, in well under a second, without the hardware.\n\n"
+        "Start with:  simulate demo\n\n"
+        "Then:  simulate run --workload llama2-7b --cluster dgx-a100-80g --nodes 4 "
+        "--plan 'tp=2,pp=2,micro_batch=2,global_batch=256'"
+    ),
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    add_completion=False,
+    rich_markup_mode="rich",
+)
+specs_app = typer.Typer(help="List and show hardware specs (devices and clusters).", no_args_is_help=True)
+workloads_app = typer.Typer(help="List and show workloads (model shapes).", no_args_is_help=True)
+validate_app = typer.Typer(help="Compare predictions with published measurements.", no_args_is_help=True)
+app.add_typer(specs_app, name="specs")
+app.add_typer(workloads_app, name="workloads")
+app.add_typer(validate_app, name="validate")
+
+out = Console()
+err = Console(stderr=True)
+
+WORKLOAD_HELP = "Workload name (see `simulate workloads list`), a workload YAML or a Hugging Face config.json."
+CLUSTER_HELP = "Cluster name (see `simulate specs list`) or a cluster YAML file."
+PLAN_HELP = (
+    "Plan YAML/JSON file or shorthand such as 'tp=8,pp=2,dp_type=zero1,micro_batch=1,global_batch=512,"
+    "recompute=selective'. Keys: " + ", ".join(SHORTHAND_KEYS) + ". dp left out fills the cluster."
+)
+
+
+def _write_new_file(path: Path, text: str, force: bool) -> None:
+    """Write `text` to `path`, refusing to replace a file the user already has unless --force."""
+    if path.exists() and not force:
+        raise UserError(f"{path} already exists; choose another name or pass --force to replace it")
+    if path.parent and not path.parent.exists():
+        raise UserError(f"{path.parent} does not exist")
+    path.write_text(text, encoding="utf-8")
+
+
+# ---- run -----------------------------------------------------------------------------------------
+@app.command()
+def run(
+    workload: str = typer.Option(..., "--workload", "-w", help=WORKLOAD_HELP),
+    cluster: str = typer.Option(..., "--cluster", "-c", help=CLUSTER_HELP),
+    plan: str = typer.Option("tp=1", "--plan", "-p", help=PLAN_HELP),
+    nodes: Optional[int] = typer.Option(None, "--nodes", "-n", help="Node count for a cluster of identical nodes."),
+    seq_len: Optional[int] = typer.Option(None, "--seq-len", help="Train at this sequence length instead."),
+    as_json: bool = typer.Option(False, "--json", help="Print the Report as JSON on stdout."),
+    out_file: Optional[Path] = typer.Option(None, "--out", help="Also write the Report as JSON to this new file."),
+    force: bool = typer.Option(False, "--force", help="Allow --out to replace an existing file."),
+) -> None:
+    """Predict one plan: time, throughput, MFU, memory, and where the time goes."""
+    report = evaluate(load_plan(plan), load_workload(workload, seq_len), load_cluster(cluster, nodes))
+    if out_file is not None:
+        _write_new_file(out_file, report.model_dump_json(indent=2), force)
+    if as_json:
+        print(report.model_dump_json(indent=2))
+    else:
+        render_report(report, out)
+
+
+# ---- compare -------------------------------------------------------------------------------------
+def _parse_sweep(text: str) -> tuple[str, list[str]]:
+    if "=" not in text:
+        raise UserError(f"--sweep: expected KEY=V1,V2,...; got {text!r} (e.g. 'tp=1,2,4,8' or 'inter_node_bandwidth=100,200,400Gbit/s')")
+    key, values = text.split("=", 1)
+    key = key.strip()
+    accepted = list(SHORTHAND_KEYS) + ["seq_len", "nodes", "device", "wan_bandwidth"] + list(LINK_FIELDS)
+    if key not in accepted:
+        raise UserError(f"--sweep: unknown key {key!r}; accepted: {', '.join(accepted)}")
+    items = [v.strip() for v in values.split(",") if v.strip()]
+    if not items:
+        raise UserError(f"--sweep: no values given for {key}")
+    if key.endswith("_bandwidth"):
+        # "100,200,400Gbit/s": the last value's unit applies to bare numbers before it.
+        unit = "".join(ch for ch in items[-1] if not (ch.isdigit() or ch == "."))
+        items = [v if any(c.isalpha() for c in v) else v + unit for v in items]
+    return key, items
+
+
+@app.command()
+def compare(
+    workload: str = typer.Option(..., "--workload", "-w", help=WORKLOAD_HELP),
+    cluster: list[str] = typer.Option(..., "--cluster", "-c", help=CLUSTER_HELP + " Repeat to compare clusters."),
+    plan: str = typer.Option("tp=1", "--plan", "-p", help=PLAN_HELP),
+    sweep: Optional[str] = typer.Option(
+        None, "--sweep", "-s",
+        help="Vary one field: a plan key ('tp=1,2,4,8'), seq_len, nodes, device ('device=a100-80g,h100-sxm') or a "
+        "link ('inter_node_bandwidth=100,200,400Gbit/s'; also intra_node_bandwidth, host_link_bandwidth, wan_bandwidth).",
+    ),
+    nodes: Optional[int] = typer.Option(None, "--nodes", "-n", help="Node count for clusters of identical nodes."),
+    seq_len: Optional[int] = typer.Option(None, "--seq-len", help="Train at this sequence length instead."),
+    csv_file: Optional[Path] = typer.Option(None, "--csv", help="Also write the table as CSV to this new file."),
+    as_json: bool = typer.Option(False, "--json", help="Print the rows as JSON on stdout."),
+    force: bool = typer.Option(False, "--force", help="Allow --csv to replace an existing file."),
+) -> None:
+    """Run one workload and plan across several clusters, or sweep one field, and print a table."""
+    base_plan = load_plan(plan)
+    key, values = _parse_sweep(sweep) if sweep else (None, [None])
+    rows = []
+    for cluster_name in cluster:
+        for value in values:
+            row = {"cluster": cluster_name}
+            if key:
+                row[key] = value
+            try:
+                wl_seq = int(value) if key == "seq_len" else seq_len
+                wl = load_workload(workload, wl_seq)
+                cl = load_cluster(cluster_name, int(value) if key == "nodes" else nodes)
+                pl = base_plan
+                if key in SHORTHAND_KEYS:
+                    merged = base_plan.model_dump(exclude_defaults=True)
+                    merged.update(parse_shorthand(f"{key}={value}").model_dump(exclude_defaults=True, include={key}))
+                    if key in ("tp", "pp", "cp") and "dp" not in parse_shorthand(plan if "=" in plan else "tp=1").model_fields_set:
+                        merged.pop("dp", None)
+                    pl = Plan.model_validate(merged)
+                elif key == "device":
+                    cl = with_device_everywhere(cl, value)
+                elif key and key.endswith("_bandwidth"):
+                    cl = with_link_bandwidth(cl, key, parse_quantity(value, "bandwidth", allow_bare_number=False))
+                row["report"] = evaluate(pl, wl, cl)
+            except InfeasiblePlan as exc:
+                row["report"] = None
+                row["reason"] = str(exc)
+            rows.append(row)
+    columns = ["cluster"] + ([key] if key else [])
+    if as_json:
+        print(json.dumps([{**{c: r[c] for c in columns}, "report": r["report"].model_dump() if r["report"] else None,
+                           "reason": r.get("reason")} for r in rows], indent=2))
+    else:
+        title = f"{workload}: plan {base_plan.shorthand()}" + (f", sweeping {key}" if key else "")
+        render_comparison(rows, out, title, columns)
+    if csv_file is not None:
+        buffer = io.StringIO()
+        writer = csv.writer(buffer)
+        writer.writerow(columns + ["iteration_time_s", "tokens_per_s", "mfu", "peak_memory_bytes", "fits_memory", "reason"])
+        for r in rows:
+            rep = r["report"]
+            writer.writerow(
+                [r[c] for c in columns]
+                + ([rep.iteration_time_s, rep.tokens_per_s, rep.mfu, rep.peak_memory_bytes, rep.fits_memory, ""]
+                   if rep else ["", "", "", "", False, r.get("reason", "")])
+            )
+        _write_new_file(csv_file, buffer.getvalue(), force)
+
+
+# ---- validate ------------------------------------------------------------------------------------
+@validate_app.command("llm-foundry")
+def validate_llm_foundry_cmd(
+    csv_path: Optional[Path] = typer.Option(
+        None, "--csv", help="Validate another table with the same columns (gpu values a100_40gb, a100_80gb, h100_80gb)."
+    ),
+    as_json: bool = typer.Option(False, "--json", help="Print rows and summary as JSON on stdout."),
+) -> None:
+    """Predict every row of the llm-foundry MPT table and compare tokens/s with the measured value."""
+    started = time.perf_counter()
+    if as_json:
+        rows = validate_llm_foundry(csv_path)
+    else:
+        with Progress(console=err, transient=True) as progress:
+            task = progress.add_task("predicting rows", total=None)
+            rows = validate_llm_foundry(csv_path, progress=lambda: progress.advance(task))
+    summary = summarize(rows)
+    if as_json:
+        print(json.dumps(summary, indent=2))
+        return
+    table = Table(title=f"llm-foundry: measured vs predicted tokens/s ({csv_path or 'built-in table'})", show_edge=False)
+    for col in ("model", "gpu", "gpus", "seq", "mb", "ckpt", "measured", "predicted", "error", "pred. MFU", "pred. memory"):
+        table.add_column(col, justify="left" if col in ("model", "gpu") else "right")
+    for r in rows:
+        color = "green" if abs(r.error_pct) <= 10 else ("yellow" if abs(r.error_pct) <= 25 else "red")
+        table.add_row(
+            r.model, r.gpu, str(r.gpus), str(r.seq_len), str(r.micro_batch), "yes" if r.act_ckpt else "no",
+            f"{r.measured_tokens_per_s:,.0f}", f"{r.predicted_tokens_per_s:,.0f}", f"[{color}]{r.error_pct:+.1f}%[/{color}]",
+            f"{100 * r.predicted_mfu:.1f}%", f"{r.predicted_peak_memory_gib:.1f} GiB",
+        )
+    out.print(table)
+    out.print(
+        f"[bold]{len(rows)} rows[/bold]: mean |error| [bold]{summary['mean_abs_pct_error']:.2f}%[/bold], "
+        f"max |error| {summary['max_abs_pct_error']:.2f}%, Spearman rank correlation {summary['spearman']:.3f} "
+        f"({time.perf_counter() - started:.2f} s)"
+    )
+
+
+# ---- catalogs ------------------------------------------------------------------------------------
+@specs_app.command("list")
+def specs_list() -> None:
+    """List catalog devices and clusters."""
+    devices = Table(title="Devices", show_edge=False)
+    for col in ("name", "description", "bf16 matrix", "memory", "bandwidth"):
+        devices.add_column(col)
+    for name in device_names():
+        d = load_device(name)
+        devices.add_row(name, d.description, format_flop_rate(d.compute.peak("bf16")), format_bytes(d.memory.capacity),
+                        format_bandwidth(d.memory.bandwidth))
+    clusters = Table(title="Clusters", show_edge=False)
+    for col in ("name", "devices", "nodes", "device types", "description"):
+        clusters.add_column(col)
+    for name in cluster_names():
+        c = load_cluster(name)
+        clusters.add_row(name, str(c.num_devices), str(c.num_nodes), ", ".join(c.device_types()), c.description)
+    out.print(devices)
+    out.print(clusters)
+
+
+@specs_app.command("show")
+def specs_show(
+    name: str = typer.Argument(..., help="A device or cluster name, or a spec YAML file."),
+    nodes: Optional[int] = typer.Option(None, "--nodes", "-n", help="Resize a cluster of identical nodes."),
+) -> None:
+    """Show one device or cluster with every figure in SI and where it comes from (YAML on stdout)."""
+    import yaml
+
+    if name in device_names():
+        data = load_device(name).model_dump(mode="json")
+    elif name in cluster_names() or name.endswith((".yaml", ".yml")):
+        cluster = load_cluster(name, nodes)
+        data = cluster.model_dump(mode="json")
+        data["summary"] = cluster.summary()
+    else:
+        from hwmodel.errors import UnknownNameError
+
+        raise UnknownNameError("spec", name, device_names() + cluster_names())
+    print(yaml.safe_dump(data, sort_keys=False))
+
+
+@workloads_app.command("list")
+def workloads_list() -> None:
+    """List catalog workloads with their sizes."""
+    table = Table(title="Workloads", show_edge=False)
+    for col in ("name", "family", "layers", "hidden", "heads (kv)", "seq", "parameters", "train FLOPs/sample"):
+        table.add_column(col, justify="left" if col in ("name", "family") else "right")
+    for name in workload_names():
+        w = load_workload(name)
+        table.add_row(
+            name, w.family, str(w.num_layers), str(w.hidden_size), f"{w.num_heads} ({w.kv_heads})", str(w.seq_len),
+            f"{parameter_count(w) / 1e9:.3f} B", f"{model_flops_per_sample(w):.3g}",
+        )
+    out.print(table)
+
+
+@workloads_app.command("show")
+def workloads_show(
+    name: str = typer.Argument(..., help=WORKLOAD_HELP),
+    seq_len: Optional[int] = typer.Option(None, "--seq-len", help="At another sequence length."),
+) -> None:
+    """Show one workload's shape, parameter count and FLOPs (YAML on stdout)."""
+    import yaml
+
+    w = load_workload(name, seq_len)
+    data = w.model_dump(mode="json", exclude_none=True)
+    data["parameters"] = parameter_count(w)
+    data["train_flops_per_sample"] = model_flops_per_sample(w)
+    print(yaml.safe_dump(data, sort_keys=False))
+
+
+# ---- demo ----------------------------------------------------------------------------------------
+@app.command()
+def demo() -> None:
+    """A tour on built-in defaults: one prediction, a plan comparison, and the check against published runs."""
+    workload, cluster_name, nodes = "llama2-7b", "dgx-a100-80g", 4
+    out.rule("[bold]hetplan demo[/bold]")
+    out.print(
+        f"Question: how should we train [bold]{workload}[/bold] on {nodes} DGX A100 nodes (32 GPUs), 1024 sequences "
+        "of 4096 tokens per step, and what will it cost?\n"
+    )
+    wl, cl = load_workload(workload), load_cluster(cluster_name, nodes)
+    candidates = [
+        "dp_type=ddp,micro_batch=1,global_batch=1024",
+        "dp_type=zero1,micro_batch=1,global_batch=1024",
+        "dp_type=zero3,micro_batch=2,global_batch=1024",
+        "tp=2,dp_type=zero1,micro_batch=2,global_batch=1024,sequence_parallel=true",
+        "tp=4,pp=2,micro_batch=1,global_batch=1024,sequence_parallel=true",
+        "tp=8,pp=4,micro_batch=1,global_batch=1024,schedule=interleaved,virtual_stages=2,recompute=selective",
+    ]
+    started = time.perf_counter()
+    rows = []
+    for text in candidates:
+        try:
+            rows.append({"plan": text, "report": evaluate(parse_shorthand(text), wl, cl)})
+        except InfeasiblePlan as exc:
+            rows.append({"plan": text, "report": None, "reason": str(exc)})
+    elapsed = time.perf_counter() - started
+    render_comparison(rows, out, f"{len(rows)} candidate plans, predicted in {format_seconds(elapsed)}", ["plan"])
+    feasible = [r for r in rows if r["report"] and r["report"].fits_memory]
+    best = max(feasible, key=lambda r: r["report"].tokens_per_s)
+    out.print("\nThe best candidate in detail:\n")
+    render_report(best["report"], out)
+    summary = summarize(validate_llm_foundry())
+    out.print(
+        f"\nHow far to trust it: on the {len(summary['rows'])} published llm-foundry MPT runs (8-64 A100/H100 GPUs, "
+        f"512-65536 tokens) predictions are off by [bold]{summary['mean_abs_pct_error']:.1f}%[/bold] on average "
+        f"(worst {summary['max_abs_pct_error']:.1f}%). See `simulate validate llm-foundry`."
+    )
+    out.print("\nNext: `simulate run --help`, `simulate compare --help`, `simulate specs list`, `simulate workloads list`.")
+
+
+def main() -> None:
+    """Console entry point: user errors become a message and exit status 2, never a traceback."""
+    try:
+        app()
+    except UserError as exc:
+        err.print(f"[bold red]error:[/bold red] {escape(str(exc))}", highlight=False)
+        sys.exit(2)
+    except KeyboardInterrupt:
+        err.print("interrupted")
+        sys.exit(130)
+
+
+if __name__ == "__main__":
+    main()

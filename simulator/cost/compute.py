@@ -1,0 +1,113 @@
+"""Operator time on a device: a roofline with size-keyed efficiency plus a per-kernel overhead.
+
+time(op) = max(FLOPs / (peak_unit * eff_unit(FLOPs)), bytes / (mem_bw * eff_mem(bytes))) + kernels * overhead
+
+For matmuls eff_unit(FLOPs) is the size-keyed `matrix_efficiency` times `matrix_dim_efficiency` keyed by
+the GEMM's smallest dimension: a (65536 x 768) @ (768 x 2304) GEMM is large but thin and reaches less of
+the peak than a square one of the same FLOPs.
+
+`unit` is the matrix (tensor-core) peak for matmuls, the matrix peak with the attention curve for fused
+attention, and the vector peak for elementwise work. Evaluated for all operators of a layer at once.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from functools import lru_cache
+
+import numpy as np
+
+from hwmodel.components import DeviceSpec
+from workloads.ops import ATTENTION, MATRIX, LayerProfile
+
+DTYPE_BYTES = {"fp32": 4, "fp16": 2, "bf16": 2}
+
+
+@dataclass(frozen=True, eq=False)
+class Roofline:
+    """A device's compute and memory figures for one dtype, ready for vectorized lookups."""
+
+    device: DeviceSpec
+    dtype: str
+    peaks: np.ndarray  # FLOP/s by unit: matrix, attention (matrix peak), vector
+    memory_bandwidth: float
+    kernel_overhead: float
+    overlap_slowdown: float
+
+
+_ROOFLINES: dict[tuple[int, str], Roofline] = {}
+
+
+def roofline(device: DeviceSpec, dtype: str) -> Roofline:
+    """The (cached) roofline of `device` for plan dtype `dtype`."""
+    key = (id(device), dtype)
+    cached = _ROOFLINES.get(key)
+    if cached is not None and cached.device is device:
+        return cached
+    compute = device.compute
+    matrix = compute.peak(dtype, "matrix")
+    vector = compute.peak(dtype, "vector")
+    line = Roofline(
+        device=device,
+        dtype=dtype,
+        peaks=np.array([matrix, matrix, vector * compute.vector_efficiency]),
+        memory_bandwidth=device.memory.bandwidth,
+        kernel_overhead=compute.kernel_overhead,
+        overlap_slowdown=compute.comm_overlap_slowdown,
+    )
+    if len(_ROOFLINES) > 512:  # calibration builds many devices; keep the cache bounded
+        _ROOFLINES.clear()
+    _ROOFLINES[key] = line
+    return line
+
+
+def op_times(
+    flops: np.ndarray, nbytes: np.ndarray, kernels: np.ndarray, unit: np.ndarray, min_dim: np.ndarray, line: Roofline
+) -> np.ndarray:
+    """Seconds per operator."""
+    compute = line.device.compute
+    eff = np.ones_like(flops)
+    is_matrix = unit == MATRIX
+    is_attention = unit == ATTENTION
+    if is_matrix.any():
+        eff[is_matrix] = compute.matrix_efficiency.many(flops[is_matrix]) * compute.matrix_dim_efficiency.many(
+            min_dim[is_matrix]
+        )
+    if is_attention.any():
+        eff[is_attention] = compute.attention_efficiency.many(flops[is_attention])
+    t_compute = flops / (line.peaks[unit] * eff)
+    mem_eff = line.device.memory.efficiency.many(nbytes)
+    t_memory = nbytes / (line.memory_bandwidth * mem_eff)
+    return np.maximum(t_compute, t_memory) + kernels * line.kernel_overhead
+
+
+@dataclass(frozen=True)
+class LayerTimes:
+    """Seconds for one layer, one micro-batch, on one device."""
+
+    forward: float
+    backward: float
+    recompute_selective: float  # forward time of the attention core
+    recompute_full: float  # forward time of the whole layer
+
+
+@lru_cache(maxsize=16384)
+def layer_times(profile: LayerProfile, line: Roofline) -> LayerTimes:
+    fwd = op_times(profile.fwd_flops, profile.fwd_bytes, profile.fwd_kernels, profile.unit, profile.min_dim, line)
+    bwd = op_times(profile.bwd_flops, profile.bwd_bytes, profile.bwd_kernels, profile.unit, profile.min_dim, line)
+    forward = float(fwd.sum())
+    return LayerTimes(
+        forward=forward,
+        backward=float(bwd.sum()),
+        recompute_selective=float(fwd[profile.selective].sum()),
+        recompute_full=forward,
+    )
+
+
+def optimizer_time(num_params: float, bytes_per_param: float, line: Roofline) -> float:
+    """An optimizer step streams its states through memory: memory-bound."""
+    nbytes = num_params * bytes_per_param
+    if nbytes <= 0:
+        return 0.0
+    eff = line.device.memory.efficiency(nbytes)
+    return nbytes / (line.memory_bandwidth * eff) + line.kernel_overhead

@@ -1,0 +1,209 @@
+"""The plan contract: one frozen model read by the simulator and the executor alike.
+
+A plan says how a workload is laid onto a cluster: parallel degrees (`tp`, `pp`, `dp`, `cp`, `ep`), how
+data-parallel replicas hold model states (`dp_type`: ddp, zero1, zero2, zero3), recompute, the batch
+(`micro_batch` sequences per data-parallel replica per micro-step, `global_batch` sequences per
+iteration), the pipeline schedule and numerics. Optional sections, designed now and filled by later
+planners: per-layer strategies, explicit pipeline stages with their own device groups and uneven layer
+splits, activation offload fractions, model-state placement over GPU/CPU/SSD pages, task graphs and
+federated parties.
+
+Plans load from YAML/JSON or from a one-line shorthand:
+``tp=8,pp=8,dp=1,micro_batch=1,global_batch=64,schedule=interleaved,virtual_stages=3,recompute=full``.
+"""
+
+from __future__ import annotations
+
+import difflib
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+from hwmodel.errors import SpecError
+from hwmodel.loading import parse_mapping, read_mapping, validate
+from hwmodel.units import Bytes
+
+DpType = Literal["ddp", "zero1", "zero2", "zero3"]
+Recompute = Literal["none", "selective", "full"]
+Schedule = Literal["gpipe", "1f1b", "interleaved"]
+PlanDtype = Literal["fp32", "fp16", "bf16"]
+Attention = Literal["flash", "naive"]
+
+
+class _Frozen(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+
+class LayerStrategy(_Frozen):
+    """Overrides for a range of transformer blocks, ``layers: [first, last]`` (inclusive, 0-based)."""
+
+    layers: tuple[int, int]
+    tp: int | None = Field(None, gt=0)
+    dp_type: DpType | None = None
+    sequence_parallel: bool | None = None
+    recompute: Recompute | None = None
+    offload: float | None = Field(None, ge=0.0, le=1.0, description="fraction of saved activations swapped to host")
+
+    @model_validator(mode="after")
+    def _order(self) -> "LayerStrategy":
+        if self.layers[0] < 0 or self.layers[1] < self.layers[0]:
+            raise ValueError(f"layers must be [first, last] with 0 <= first <= last, got {list(self.layers)}")
+        return self
+
+
+class StageSpec(_Frozen):
+    """One pipeline stage: how many transformer blocks it holds and which devices run it.
+
+    `devices` is a rank range ("0-15"), a list of ranks, or a node group name ("a100"); left out, stages
+    take the next devices in rank order. The embedding goes with the first stage, the output layer with
+    the last.
+    """
+
+    num_layers: int = Field(gt=0)
+    devices: str | tuple[int, ...] | None = None
+    tp: int | None = Field(None, gt=0, description="default: the plan's tp")
+
+
+class ModelStatePlacement(_Frozen):
+    """Where model states live (Angel-PTM style pages): fractions on GPU, CPU and SSD summing to 1."""
+
+    page_size: Bytes = 64 * 2**20
+    gpu: float = Field(1.0, ge=0, le=1)
+    cpu: float = Field(0.0, ge=0, le=1)
+    ssd: float = Field(0.0, ge=0, le=1)
+
+    @model_validator(mode="after")
+    def _sum(self) -> "ModelStatePlacement":
+        if abs(self.gpu + self.cpu + self.ssd - 1.0) > 1e-6:
+            raise ValueError(f"gpu + cpu + ssd fractions must sum to 1, got {self.gpu + self.cpu + self.ssd:g}")
+        return self
+
+
+class TaskSpec(_Frozen):
+    """A task of a multi-task multi-modal job: the sub-graph (modules) it runs and its batch."""
+
+    name: str
+    modules: tuple[str, ...]
+    batch: int = Field(gt=0)
+
+
+class FederatedSpec(_Frozen):
+    """Vertical federated training: parties (by site) and CELU-VFL's workset size W and local updates R."""
+
+    parties: tuple[str, ...] = Field(min_length=2)
+    workset: int = Field(1, gt=0)
+    local_updates: int = Field(1, gt=0)
+
+
+class Plan(_Frozen):
+    """How a workload runs on a cluster. Frozen: planners create new plans, never edit one."""
+
+    tp: int = Field(1, gt=0, description="tensor-parallel degree")
+    pp: int = Field(1, gt=0, description="pipeline-parallel degree (stages)")
+    dp: int | None = Field(None, gt=0, description="data-parallel degree; left out, it fills the cluster")
+    cp: int = Field(1, gt=0, description="context-parallel degree (sequence split across devices)")
+    ep: int = Field(1, gt=0, description="expert-parallel degree for MoE (a divisor of dp)")
+    dp_type: DpType = "ddp"
+    sequence_parallel: bool = False
+    recompute: Recompute = "none"
+    micro_batch: int = Field(1, gt=0, description="sequences per data-parallel replica per micro-step")
+    global_batch: int | None = Field(None, gt=0, description="sequences per iteration; default micro_batch*dp")
+    schedule: Schedule = "1f1b"
+    virtual_stages: int = Field(1, gt=0, description="model chunks per device (interleaved schedule)")
+    dtype: PlanDtype = "bf16"
+    grad_reduce_dtype: PlanDtype | None = Field(
+        None, description="dtype of gradient reduction; default fp32 for bf16 and fp32 runs, fp16 for fp16"
+    )
+    attention: Attention = "flash"
+    optimizer: Literal["adam", "sgd"] = "adam"
+    offload: float = Field(0.0, ge=0.0, le=1.0, description="fraction of saved activations swapped to host")
+    layers: tuple[LayerStrategy, ...] = ()
+    stages: tuple[StageSpec, ...] = ()
+    model_states: ModelStatePlacement | None = None
+    tasks: tuple[TaskSpec, ...] = ()
+    federated: FederatedSpec | None = None
+
+    @model_validator(mode="after")
+    def _self_consistent(self) -> "Plan":
+        if self.schedule == "interleaved" and self.virtual_stages < 2:
+            raise ValueError("schedule=interleaved needs virtual_stages >= 2")
+        if self.schedule != "interleaved" and self.virtual_stages > 1:
+            raise ValueError(f"virtual_stages={self.virtual_stages} needs schedule=interleaved (got {self.schedule})")
+        if self.stages and len(self.stages) != self.pp:
+            raise ValueError(f"stages lists {len(self.stages)} stages but pp={self.pp}")
+        return self
+
+    def shorthand(self) -> str:
+        """The one-line form of the uniform keys (sections such as `stages` are left out)."""
+        data = self.model_dump(exclude_defaults=True, exclude={"layers", "stages", "model_states", "tasks", "federated"})
+        return ",".join(f"{k}={str(v).lower() if isinstance(v, bool) else v}" for k, v in data.items()) or "tp=1"
+
+
+ALIASES = {
+    "sp": "sequence_parallel",
+    "mb": "micro_batch",
+    "micro_batch_size": "micro_batch",
+    "gb": "global_batch",
+    "global_batch_size": "global_batch",
+    "vpp": "virtual_stages",
+    "zero": "dp_type",
+    "ckpt": "recompute",
+}
+SHORTHAND_KEYS = (
+    "tp", "pp", "dp", "cp", "ep", "dp_type", "sequence_parallel", "recompute", "micro_batch", "global_batch",
+    "schedule", "virtual_stages", "dtype", "grad_reduce_dtype", "attention", "optimizer", "offload",
+)
+
+
+def _scalar(text: str) -> Any:
+    low = text.strip().lower()
+    if low in ("true", "yes", "on"):
+        return True
+    if low in ("false", "no", "off"):
+        return False
+    try:
+        return int(low)
+    except ValueError:
+        pass
+    try:
+        return float(low)
+    except ValueError:
+        return text.strip()
+
+
+def parse_shorthand(text: str) -> Plan:
+    """``"tp=8,pp=2,micro_batch=1"`` -> Plan. Unknown keys suggest the nearest accepted key."""
+    data: dict[str, Any] = {}
+    for part in (p for p in text.replace(" ", ",").split(",") if p.strip()):
+        if "=" not in part:
+            raise SpecError(f"--plan: {part!r} is not key=value; e.g. 'tp=8,pp=2,micro_batch=1'")
+        key, value = (s.strip() for s in part.split("=", 1))
+        key = ALIASES.get(key, key)
+        if key not in SHORTHAND_KEYS:
+            close = difflib.get_close_matches(key, SHORTHAND_KEYS, n=2, cutoff=0.5)
+            hint = f" Did you mean {' or '.join(close)}?" if close else ""
+            raise SpecError(f"--plan: unknown key {key!r}.{hint} Accepted keys: {', '.join(SHORTHAND_KEYS)}")
+        if key in data:
+            raise SpecError(f"--plan: key {key!r} is given twice")
+        data[key] = _scalar(value)
+    return validate(Plan, data, "--plan")
+
+
+def load_plan(value: str | Path) -> Plan:
+    """A plan from a YAML/JSON file path or from the shorthand."""
+    text = str(value)
+    if text.endswith((".yaml", ".yml", ".json")) or (Path(text).exists() and "=" not in text):
+        path = Path(text)
+        data = read_mapping(path)
+        if "plan" in data and isinstance(data["plan"], dict) and len(data) <= 3:
+            data = data["plan"]  # a search result or report file holding a plan
+        return validate(Plan, data, str(path), {"strict_units": True})
+    if "=" in text:
+        return parse_shorthand(text)
+    if text.strip().startswith("{"):
+        return validate(Plan, parse_mapping(text, "--plan"), "--plan")
+    raise SpecError(
+        f"--plan: {text!r} is neither a plan file (.yaml/.json) nor key=value shorthand such as "
+        "'tp=8,pp=2,micro_batch=1,global_batch=64'"
+    )

@@ -1,0 +1,111 @@
+"""Human-readable output: reports, comparison tables and spec listings, drawn with rich."""
+
+from __future__ import annotations
+
+from typing import Iterable
+
+from rich.console import Console
+from rich.panel import Panel
+from rich.table import Table
+
+from hwmodel.units import format_bytes, format_seconds
+
+from .report import Report
+
+BREAKDOWN_LABELS = {
+    "compute": "compute",
+    "recompute": "recompute (activation checkpointing)",
+    "exposed_communication": "communication not hidden behind compute",
+    "pipeline_bubble": "pipeline bubble (idle stages)",
+    "offload_stall": "waiting for activation offload copies",
+    "optimizer": "optimizer step",
+}
+
+
+def _pct(part: float, whole: float) -> str:
+    return f"{100 * part / whole:5.1f}%" if whole > 0 else "  -  "
+
+
+def _bar(part: float, whole: float, width: int = 24) -> str:
+    filled = int(round(width * part / whole)) if whole > 0 else 0
+    return "█" * filled + "·" * (width - filled)
+
+
+def render_report(report: Report, console: Console) -> None:
+    fits = "[green]fits[/green]" if report.fits_memory else "[bold red]does NOT fit[/bold red]"
+    headline = (
+        f"[bold]{report.workload}[/bold] on [bold]{report.cluster}[/bold] ({report.num_devices} devices), "
+        f"plan [cyan]{report.plan.shorthand()}[/cyan]\n"
+        f"iteration [bold]{format_seconds(report.iteration_time_s)}[/bold] for {report.global_batch} sequences of "
+        f"{report.seq_len} tokens ({report.num_micro_batches} micro-batches)\n"
+        f"throughput [bold]{report.tokens_per_s:,.0f} tokens/s[/bold] = {report.samples_per_s:,.2f} samples/s, "
+        f"{report.tokens_per_s / report.num_devices:,.0f} tokens/s per device\n"
+        f"MFU [bold]{100 * report.mfu:.1f}%[/bold]   HFU {100 * report.hfu:.1f}%   "
+        f"peak memory [bold]{format_bytes(report.peak_memory_bytes)}[/bold] of "
+        f"{format_bytes(report.memory_capacity_bytes)} per device: {fits}"
+    )
+    console.print(Panel(headline, title=f"prediction ({report.engine})", expand=False))
+
+    times = Table(title="Where the iteration time goes", show_edge=False)
+    times.add_column("part")
+    times.add_column("time", justify="right")
+    times.add_column("share", justify="right")
+    times.add_column("")
+    total = report.iteration_time_s
+    for key, label in BREAKDOWN_LABELS.items():
+        value = getattr(report.time_breakdown_s, key)
+        times.add_row(label, format_seconds(value), _pct(value, total), _bar(value, total))
+
+    memory = Table(title=f"Memory of the fullest device (rank {report.peak_memory_device})", show_edge=False)
+    memory.add_column("part")
+    memory.add_column("bytes", justify="right")
+    memory.add_column("share", justify="right")
+    mem = report.memory_bytes
+    for key in ("weights", "gradients", "optimizer", "activations", "buffers"):
+        value = getattr(mem, key)
+        memory.add_row(key, format_bytes(value), _pct(value, mem.total))
+    memory.add_row("[bold]total[/bold]", f"[bold]{format_bytes(mem.total)}[/bold]", "")
+    console.print(times)
+    console.print(memory)
+
+    if len(report.stages) > 1:
+        stages = Table(title="Pipeline stages", show_edge=False)
+        for col in ("stage", "layers", "devices", "device", "tp", "dp", "fwd/micro-batch", "bwd/micro-batch", "peak memory"):
+            stages.add_column(col, justify="right" if col not in ("device",) else "left")
+        for s in report.stages:
+            stages.add_row(
+                str(s.index), f"{s.first_layer}-{s.last_layer}", str(s.num_devices), s.device, str(s.tp), str(s.dp),
+                format_seconds(s.forward_s), format_seconds(s.backward_s), format_bytes(s.peak_memory_bytes),
+            )
+        console.print(stages)
+    for warning in report.warnings:
+        console.print(f"[yellow]warning:[/yellow] {warning}")
+
+
+def render_comparison(rows: list[dict], console: Console, title: str, key_columns: Iterable[str]) -> None:
+    """A table of one row per configuration, the best feasible one marked."""
+    table = Table(title=title, show_edge=False)
+    key_columns = list(key_columns)
+    for col in key_columns:
+        table.add_column(col)
+    for col in ("iteration", "tokens/s", "MFU", "peak memory", "fits", "note"):
+        table.add_column(col, justify="right" if col not in ("note",) else "left")
+    feasible = [r for r in rows if r.get("report") and r["report"].fits_memory]
+    best = max(feasible, key=lambda r: r["report"].tokens_per_s) if feasible else None
+    for row in rows:
+        report: Report | None = row.get("report")
+        keys = [str(row[c]) for c in key_columns]
+        if report is None:
+            table.add_row(*keys, "-", "-", "-", "-", "[red]no[/red]", row.get("reason", ""))
+            continue
+        mark = " [bold green]<- best[/bold green]" if row is best else ""
+        table.add_row(
+            *keys,
+            format_seconds(report.iteration_time_s),
+            f"{report.tokens_per_s:,.0f}",
+            f"{100 * report.mfu:.1f}%",
+            format_bytes(report.peak_memory_bytes),
+            "[green]yes[/green]" if report.fits_memory else "[red]OOM[/red]",
+            mark.strip() if mark else "",
+        )
+    console.print(table)

@@ -1,0 +1,95 @@
+"""The Report: one schema for predicted and measured runs, so the two compare field by field.
+
+Times are seconds, memory bytes, throughput per second. `time_breakdown_s` decomposes the iteration
+time along the critical path (its parts sum to `iteration_time_s`); `memory_bytes` is the breakdown of
+the device with the largest peak. MFU and HFU are defined in `simulator.metrics`.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from .plan import Plan
+
+
+class MemoryBreakdown(BaseModel):
+    model_config = ConfigDict(frozen=True)
+
+    weights: float = 0.0
+    gradients: float = 0.0
+    optimizer: float = 0.0
+    activations: float = 0.0
+    buffers: float = 0.0
+
+    @property
+    def total(self) -> float:
+        return self.weights + self.gradients + self.optimizer + self.activations + self.buffers
+
+
+class TimeBreakdown(BaseModel):
+    model_config = ConfigDict(frozen=True)
+
+    compute: float = 0.0
+    recompute: float = 0.0
+    exposed_communication: float = 0.0
+    pipeline_bubble: float = 0.0
+    offload_stall: float = 0.0
+    optimizer: float = 0.0
+
+    @property
+    def total(self) -> float:
+        return (
+            self.compute + self.recompute + self.exposed_communication + self.pipeline_bubble
+            + self.offload_stall + self.optimizer
+        )
+
+
+class StageReport(BaseModel):
+    """One pipeline stage (one device group), as seen by its slowest device type."""
+
+    model_config = ConfigDict(frozen=True)
+
+    index: int
+    first_layer: int
+    last_layer: int
+    num_devices: int
+    device: str
+    tp: int
+    cp: int
+    dp: int
+    forward_s: float = Field(description="per micro-batch, including exposed tp/cp communication")
+    backward_s: float = Field(description="per micro-batch, including recompute and exposed communication")
+    peak_memory_bytes: float
+    memory_bytes: MemoryBreakdown
+
+
+class Report(BaseModel):
+    """What a plan does: predicted (engine 'analytic' or 'event') or measured (engine 'measured')."""
+
+    model_config = ConfigDict(frozen=True)
+
+    engine: Literal["analytic", "event", "measured"]
+    workload: str
+    cluster: str
+    plan: Plan
+    num_devices: int
+    global_batch: int
+    num_micro_batches: int
+    seq_len: int
+    iteration_time_s: float
+    tokens_per_s: float
+    samples_per_s: float
+    mfu: float
+    hfu: float
+    model_flops_per_iteration: float
+    hardware_flops_per_iteration: float
+    peak_memory_bytes: float = Field(description="the largest over devices")
+    peak_memory_device: int = Field(description="rank of a device with that peak")
+    memory_capacity_bytes: float = Field(description="capacity of that device")
+    fits_memory: bool = Field(description="every device's peak is within its capacity")
+    memory_bytes: MemoryBreakdown
+    time_breakdown_s: TimeBreakdown
+    stages: list[StageReport] = Field(default_factory=list)
+    warnings: list[str] = Field(default_factory=list)

@@ -1,0 +1,150 @@
+"""Predicted versus published: the llm-foundry MPT throughput table.
+
+Each row becomes (cluster, workload, plan): the catalog cluster for its GPU type with gpus/8 nodes, the
+MPT shape of its columns, and ZeRO-3 data parallelism with the row's micro-batch, gradient accumulation
+and activation checkpointing. The prediction's tokens/s is compared with the measured one.
+"""
+
+from __future__ import annotations
+
+import csv
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from hwmodel.catalog import load_cluster
+from hwmodel.errors import SpecError
+from workloads.config import WorkloadConfig
+
+from .analytic import evaluate
+from .plan import Plan
+
+GPU_CLUSTERS = {"a100_40gb": "dgx-a100-40g", "a100_80gb": "dgx-a100-80g", "h100_80gb": "dgx-h100"}
+GPUS_PER_NODE = 8
+REQUIRED_COLUMNS = (
+    "model", "hidden_size", "num_heads", "num_layers", "ffn_hidden_size", "vocab_size", "seq_len", "gpus", "gpu",
+    "micro_batch", "grad_accum", "global_batch", "tokens_per_s", "act_ckpt",
+)
+
+
+@dataclass(frozen=True)
+class ValidationRow:
+    model: str
+    gpu: str
+    gpus: int
+    seq_len: int
+    micro_batch: int
+    grad_accum: int
+    act_ckpt: bool
+    measured_tokens_per_s: float
+    predicted_tokens_per_s: float
+    predicted_mfu: float
+    measured_mfu: float | None
+    predicted_peak_memory_gib: float
+    error_pct: float
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+
+def builtin_csv() -> Path:
+    return Path(__file__).parent / "data" / "llm_foundry_mfu.csv"
+
+
+def _bool(text: str) -> bool:
+    return text.strip().lower() in ("true", "1", "yes")
+
+
+def row_inputs(row: dict[str, str], source: str, line: int) -> tuple[WorkloadConfig, str, int, Plan]:
+    """The workload, cluster name, node count and plan that reproduce one table row."""
+    gpu = row["gpu"].strip()
+    if gpu not in GPU_CLUSTERS:
+        raise SpecError(f"{source}: line {line}: gpu: {gpu!r} is not one of {', '.join(GPU_CLUSTERS)}")
+    try:
+        gpus = int(row["gpus"])
+        workload = WorkloadConfig(
+            name=row["model"],
+            family="gpt",
+            num_layers=int(row["num_layers"]),
+            hidden_size=int(row["hidden_size"]),
+            ffn_hidden_size=int(row["ffn_hidden_size"]),
+            num_heads=int(row["num_heads"]),
+            vocab_size=int(row["vocab_size"]),
+            seq_len=int(row["seq_len"]),
+            dropout=False,
+        )
+        micro_batch = int(row["micro_batch"])
+        global_batch = int(row["global_batch"])
+    except (ValueError, TypeError) as exc:
+        raise SpecError(f"{source}: line {line}: {exc}") from None
+    if gpus % GPUS_PER_NODE:
+        raise SpecError(f"{source}: line {line}: gpus: {gpus} is not a multiple of {GPUS_PER_NODE} GPUs per node")
+    plan = Plan(
+        dp=gpus,
+        dp_type="zero3",
+        micro_batch=micro_batch,
+        global_batch=global_batch,
+        recompute="full" if _bool(row["act_ckpt"]) else "none",
+        dtype="bf16",
+        attention="flash",
+    )
+    return workload, GPU_CLUSTERS[gpu], gpus // GPUS_PER_NODE, plan
+
+
+def read_rows(path: Path) -> list[dict[str, str]]:
+    if not path.exists():
+        raise SpecError(f"{path}: no such file")
+    with path.open(newline="", encoding="utf-8") as handle:
+        reader = csv.DictReader(handle)
+        missing = [c for c in REQUIRED_COLUMNS if c not in (reader.fieldnames or [])]
+        if missing:
+            raise SpecError(f"{path}: missing columns {', '.join(missing)}; needed: {', '.join(REQUIRED_COLUMNS)}")
+        return list(reader)
+
+
+def validate_llm_foundry(path: Path | None = None, progress=None) -> list[ValidationRow]:
+    """Predict every row of the table at `path` (default: the built-in copy)."""
+    path = path or builtin_csv()
+    rows = read_rows(path)
+    out = []
+    for line, row in enumerate(rows, start=2):
+        workload, cluster_name, nodes, plan = row_inputs(row, str(path), line)
+        report = evaluate(plan, workload, load_cluster(cluster_name, nodes=nodes))
+        measured = float(row["tokens_per_s"])
+        mfu = row.get("mfu_pct")
+        out.append(
+            ValidationRow(
+                model=row["model"],
+                gpu=row["gpu"],
+                gpus=int(row["gpus"]),
+                seq_len=workload.seq_len,
+                micro_batch=plan.micro_batch,
+                grad_accum=int(row["grad_accum"]),
+                act_ckpt=plan.recompute == "full",
+                measured_tokens_per_s=measured,
+                predicted_tokens_per_s=report.tokens_per_s,
+                predicted_mfu=report.mfu,
+                measured_mfu=float(mfu) / 100 if mfu else None,
+                predicted_peak_memory_gib=report.peak_memory_bytes / 2**30,
+                error_pct=100.0 * (report.tokens_per_s - measured) / measured,
+            )
+        )
+        if progress is not None:
+            progress()
+    return out
+
+
+def spearman(xs: list[float], ys: list[float]) -> float:
+    """Spearman rank correlation (average ranks for ties)."""
+    import pandas as pd
+
+    return float(pd.Series(xs).rank().corr(pd.Series(ys).rank()))
+
+
+def summarize(rows: list[ValidationRow]) -> dict:
+    errors = [abs(r.error_pct) for r in rows]
+    return {
+        "rows": [r.as_dict() for r in rows],
+        "mean_abs_pct_error": sum(errors) / len(errors) if errors else 0.0,
+        "max_abs_pct_error": max(errors) if errors else 0.0,
+        "spearman": spearman([r.measured_tokens_per_s for r in rows], [r.predicted_tokens_per_s for r in rows]),
+    }
