@@ -12,6 +12,7 @@ sites), which is what a hierarchical collective runs over.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from functools import cached_property
 from enum import IntEnum
@@ -230,14 +231,15 @@ class ClusterSpec(Frozen):
         assert wan is not None
         return Path(Tier.WAN, wan.effective_bandwidth, wan.latency)
 
-    def span(self, ranks: tuple[int, ...] | list[int]) -> GroupSpan:
+    def span(self, ranks: Sequence[int]) -> GroupSpan:
         """How a device group spreads over nodes and sites, as levels of a hierarchical collective.
 
         Each level says how many peers exchange at that tier and the bandwidth each device gets there.
         A group with 4 devices on each of 2 nodes has levels (NODE, 4, intra-node bw) and (SITE, 2, NIC
         share per device).
         """
-        key = tuple(ranks)
+        # A range hashes in O(1); planners ask for the same consecutive groups over and over.
+        key = ranks if isinstance(ranks, range) else tuple(ranks)
         cache = self.topology.span_cache
         cached = cache.get(key)
         if cached is not None:
@@ -280,10 +282,12 @@ class ClusterSpec(Frozen):
             bandwidth = min(link.effective_bandwidth for link in links if link) / share
             levels.append(Level(Tier.WAN, len(sites), bandwidth, max(link.latency for link in links if link)))
         span = GroupSpan(len(key), tuple(levels))
+        # Intern: groups of the same shape share one object, so callers may key caches on its identity.
+        span = self.topology.span_shapes.setdefault(span, span)
         cache[key] = span
         return span
 
-    def slowest_tier(self, ranks: tuple[int, ...] | list[int]) -> Path:
+    def slowest_tier(self, ranks: Sequence[int]) -> Path:
         """The slowest tier a device group spans, with the per-device bandwidth and latency there."""
         span = self.span(ranks)
         if not span.levels:
@@ -318,7 +322,15 @@ class _Topology:
         self.nodes: tuple[NodeSpec, ...] = tuple(nodes)
         self.num_devices = len(locations)
         self.devices: tuple[DeviceSpec, ...] = tuple(nodes[loc.node].device for loc in locations)
-        self.span_cache: dict[tuple[int, ...], GroupSpan] = {}
+        self.span_cache: dict[Sequence[int], GroupSpan] = {}
+        self.span_shapes: dict[GroupSpan, GroupSpan] = {}
+        self._peak_flops: dict[str, float] = {}
+
+    def peak_flops(self, dtype: str) -> float:
+        """Sum of every device's dense matrix peak for `dtype`."""
+        if dtype not in self._peak_flops:
+            self._peak_flops[dtype] = sum(d.compute.peak(dtype, "matrix") for d in self.devices)
+        return self._peak_flops[dtype]
 
 
 __all__ = [

@@ -7,7 +7,9 @@ interpolated linearly in log(size) and held constant beyond its ends (as Calculo
 
 from __future__ import annotations
 
+import bisect
 import math
+from functools import cached_property
 from typing import Any
 
 import numpy as np
@@ -44,6 +46,11 @@ class EfficiencyCurve(BaseModel):
         self._effs = np.asarray(self.efficiencies, dtype=float)
         return self
 
+    @cached_property
+    def log_size_list(self) -> list[float]:
+        """log(size) of each point (a plain list: scalar lookups avoid numpy's call overhead)."""
+        return [math.log(size) for size in self.sizes]
+
     @classmethod
     def flat(cls, efficiency: float) -> "EfficiencyCurve":
         return cls(sizes=(1.0,), efficiencies=(efficiency,))
@@ -74,10 +81,19 @@ class EfficiencyCurve(BaseModel):
         return cls(sizes=tuple(sizes), efficiencies=tuple(effs))
 
     def __call__(self, size: float) -> float:
-        """Efficiency for one operation of `size` (FLOPs or bytes)."""
-        if len(self.sizes) == 1:
-            return float(self._effs[0])
-        return float(np.interp(math.log(max(size, 1.0)), self._log_sizes, self._effs))
+        """Efficiency for one operation of `size` (FLOPs or bytes); pure Python, for scalar hot paths."""
+        effs = self.efficiencies
+        if len(effs) == 1:
+            return effs[0]
+        x = math.log(max(size, 1.0))
+        logs = self.log_size_list
+        if x <= logs[0]:
+            return effs[0]
+        if x >= logs[-1]:
+            return effs[-1]
+        i = bisect.bisect_right(logs, x)
+        frac = (x - logs[i - 1]) / (logs[i] - logs[i - 1])
+        return effs[i - 1] + frac * (effs[i] - effs[i - 1])
 
     def many(self, sizes: np.ndarray) -> np.ndarray:
         """Vectorized efficiency for an array of sizes (zeros get the smallest point's efficiency)."""

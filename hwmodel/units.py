@@ -15,6 +15,8 @@ from typing import Annotated, Any
 
 from pydantic import BeforeValidator, PlainSerializer, ValidationInfo
 
+from .errors import UserError
+
 _DECIMAL = {"": 1.0, "K": 1e3, "k": 1e3, "M": 1e6, "G": 1e9, "T": 1e12, "P": 1e15, "E": 1e18}
 _BINARY = {"Ki": 2.0**10, "Mi": 2.0**20, "Gi": 2.0**30, "Ti": 2.0**40, "Pi": 2.0**50}
 
@@ -66,10 +68,19 @@ DIMENSIONS: dict[str, tuple[dict[str, float], str]] = {
     "count": ({}, "'4096'"),
 }
 
+LABELS = {
+    "bytes": "size",
+    "bandwidth": "bandwidth",
+    "flop_rate": "FLOP rate",
+    "flops": "FLOP count",
+    "time": "time",
+    "count": "count",
+}
+
 _QUANTITY = re.compile(r"^\s*([-+]?(?:\d+\.?\d*|\.\d+)(?:[eE][-+]?\d+)?)\s*([^\s\d].*?)?\s*$")
 
 
-class UnitError(ValueError):
+class UnitError(UserError):
     """A quantity that is malformed, has the wrong unit, or has no unit where one is required."""
 
 
@@ -93,7 +104,7 @@ def parse_quantity(value: Any, dimension: str, *, allow_bare_number: bool = True
         UnitError: naming what was wrong and what is accepted.
     """
     table, example = DIMENSIONS[dimension]
-    label = dimension.replace("_", " ")
+    label = LABELS[dimension]
     if dimension == "count":
         allow_bare_number = True  # counts have no unit
     if isinstance(value, bool):
@@ -116,9 +127,7 @@ def parse_quantity(value: Any, dimension: str, *, allow_bare_number: bool = True
         else:
             other = _kind_of(unit)
             if other is not None:
-                raise UnitError(
-                    f"{value!r} is a {other.replace('_', ' ')}, but a {label} is expected here, such as {example}"
-                )
+                raise UnitError(f"{value!r} is a {LABELS[other]}, but a {label} is expected here, such as {example}")
             accepted = ", ".join(sorted(table, key=lambda u: (table[u], u)))
             raise UnitError(f"unknown unit {unit!r} in {value!r}; a {label} takes one of: {accepted}")
     else:

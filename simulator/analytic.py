@@ -14,8 +14,7 @@ same cost functions, and agrees with this model where nothing contends.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-from itertools import groupby
+from dataclasses import dataclass
 
 from hwmodel.cluster import ClusterSpec, GroupSpan
 from hwmodel.components import DeviceSpec
@@ -24,7 +23,7 @@ from workloads.ops import LayerProfile, ShardShape
 from workloads.transformer import layer_kinds, layer_profile, model_flops_per_sample
 
 from . import metrics
-from .binding import BoundPlan, BoundStage, LayerAssignment, bind
+from .binding import BoundPlan, BoundStage, LayerRun, bind
 from .cost.collectives import collective_time, p2p_time
 from .cost.compute import DTYPE_BYTES, layer_times, optimizer_time, roofline
 from .cost.memory import OPTIMIZER_TRAFFIC, micro_batches_in_flight, model_state_memory, state_bytes
@@ -41,7 +40,6 @@ class StageCost:
     """Per micro-batch times (seconds) and peak memory of one stage on one device type."""
 
     device: DeviceSpec
-    rank: int
     compute: float = 0.0
     recompute: float = 0.0
     comm: float = 0.0
@@ -53,7 +51,12 @@ class StageCost:
     dp_last_bucket: float = 0.0  # the last gradient bucket's reduction, which nothing hides
     optimizer: float = 0.0
     output_bytes: float = 0.0
-    memory: MemoryBreakdown = field(default_factory=MemoryBreakdown)
+    weights: float = 0.0
+    gradients: float = 0.0
+    optimizer_states: float = 0.0
+    saved_activations: float = 0.0  # bytes one micro-batch keeps for backward on this stage
+    transient: float = 0.0  # what one layer's recompute re-materializes during backward
+    comm_buffer: float = 0.0  # sharded data parallelism: unsharded gradients (and gathered weights) in flight
 
     @property
     def per_micro_batch(self) -> float:
@@ -70,18 +73,40 @@ def _spans(cluster: ClusterSpec, stage: BoundStage, tp: int, ep: int) -> dict[st
     }
 
 
-def _comm(collectives, spans: dict[str, list[GroupSpan]], group_filter) -> float:
-    return sum(
-        max(collective_time(c.kind, c.nbytes, s) for s in spans[c.group])
-        for c in collectives
-        if group_filter(c.group)
-    )
+def _comm(collectives, spans: dict[str, list[GroupSpan]], cp: bool) -> float:
+    """Time of the collectives of one group family: context parallel (`cp`) or all the others."""
+    total = 0.0
+    for c in collectives:
+        if (c.group == "cp") == cp:
+            total += max(collective_time(c.kind, c.nbytes, s) for s in spans[c.group])
+    return total
 
 
-def _stage_cost(bound: BoundPlan, stage: BoundStage, rank: int) -> StageCost:
+def _stage_cost(bound: BoundPlan, stage: BoundStage, rank: int, memo: dict) -> StageCost:
+    """Per micro-batch times and model-state memory of `stage` on the device at `rank`.
+
+    Stages with the same layers, device, links and group shapes cost the same, so they are computed
+    once (`memo`): a 1,000-GPU plan costs what its distinct stages cost.
+    """
     plan, cfg, cluster = bound.plan, bound.workload, bound.cluster
-    device = cluster.device(rank)
+    device = cluster.topology.devices[rank]
     node = cluster.node_of(rank)
+    p = len(bound.stages)
+    groups: list[tuple[LayerRun, int]] = [(run, run.count) for run in stage.runs]
+    span_sets = {tp: _spans(cluster, stage, tp, plan.ep) for tp in {a.tp for a, _ in groups}}
+    key = (
+        tuple((a.strategy_key(), n) for a, n in groups),
+        id(device),
+        id(node),
+        stage.micro_step_batch,
+        stage.cp,
+        # Spans are cached per cluster, so their identity names their shape.
+        tuple((tp, tuple(id(x) for v in spans.values() for x in v)) for tp, spans in sorted(span_sets.items())),
+        p > 1,
+    )
+    cached = memo.get(key)
+    if cached is not None:
+        return cached
     line = roofline(device, plan.dtype)
     e = DTYPE_BYTES[plan.dtype]
     per_param = state_bytes(plan.dtype, plan.optimizer)
@@ -89,18 +114,15 @@ def _stage_cost(bound: BoundPlan, stage: BoundStage, rank: int) -> StageCost:
     sigma = line.overlap_slowdown
     host_bw = node.host_link.effective_bandwidth
     mixed = plan.dtype != "fp32"
-    p, m = len(bound.stages), bound.num_micro_batches
-    cost = StageCost(device=device, rank=rank)
+    cost = StageCost(device=device)
 
     saved_total = 0.0
     transient = 0.0
-    zero3_buffer = 0.0
+    comm_buffer = 0.0
     weights = grads = optim = 0.0
     opt_params = 0.0
     grad_sync: list[tuple[float, str, list[GroupSpan]]] = []
-    for _, group in groupby(stage.layers, key=LayerAssignment.strategy_key):
-        group = list(group)
-        a, n = group[0], len(group)
+    for a, n in groups:
         dp_l = stage.dp_for(a.tp)
         shape = ShardShape(
             micro_batch=stage.micro_step_batch // dp_l,
@@ -114,12 +136,12 @@ def _stage_cost(bound: BoundPlan, stage: BoundStage, rank: int) -> StageCost:
         )
         prof: LayerProfile = layer_profile(cfg, a.kind, shape)
         times = layer_times(prof, line)
-        spans = _spans(cluster, stage, a.tp, plan.ep)
-        blocking_fwd = _comm(prof.fwd_comm, spans, lambda g: g != "cp")
-        blocking_bwd = _comm(prof.bwd_comm, spans, lambda g: g != "cp")
+        spans = span_sets[a.tp]
+        blocking_fwd = _comm(prof.fwd_comm, spans, cp=False)
+        blocking_bwd = _comm(prof.bwd_comm, spans, cp=False)
         # Ring attention hides its k/v passes behind the attention core.
-        cp_fwd = max(0.0, _comm(prof.fwd_comm, spans, lambda g: g == "cp") - times.recompute_selective)
-        cp_bwd = max(0.0, _comm(prof.bwd_comm, spans, lambda g: g == "cp") - 2.5 * times.recompute_selective)
+        cp_fwd = max(0.0, _comm(prof.fwd_comm, spans, cp=True) - times.recompute_selective)
+        cp_bwd = max(0.0, _comm(prof.bwd_comm, spans, cp=True) - 2.5 * times.recompute_selective)
         if a.recompute == "full":
             recompute = times.recompute_full + blocking_fwd + cp_fwd
         elif a.recompute == "selective":
@@ -135,8 +157,12 @@ def _stage_cost(bound: BoundPlan, stage: BoundStage, rank: int) -> StageCost:
             comm_f += max(0.0, gather - times.forward) + sigma * min(gather, times.forward)
             bwd_busy = times.backward + recompute
             comm_b += max(0.0, gather + scatter - bwd_busy) + sigma * min(gather + scatter, bwd_busy)
-            zero3_buffer = max(zero3_buffer, prof.params_local * (2 * per_param.weights + per_param.gradients))
-        elif dp_l > 1:
+        if a.dp_type in ("zero2", "zero3") and dp_l > 1:
+            # A layer's gradients exist unsharded until reduce-scattered; ZeRO-3 also holds the gathered
+            # weights of the layer it computes and of the one it prefetches.
+            gathered = 2 * per_param.weights if a.dp_type == "zero3" else 0.0
+            comm_buffer = max(comm_buffer, prof.params_local * (gathered + reduce_bytes))
+        if a.dp_type != "zero3" and dp_l > 1:
             grad_sync.append((n * prof.params_local, a.dp_type, spans["dp"]))
         stall = 0.0
         saved = prof.saved_bytes[a.recompute]
@@ -151,8 +177,8 @@ def _stage_cost(bound: BoundPlan, stage: BoundStage, rank: int) -> StageCost:
         cost.comm += n * (comm_f + comm_b)
         cost.stall += n * stall
         saved_total += n * saved
-        if a.recompute == "full":
-            transient = max(transient, prof.saved_bytes["none"])
+        # Backward re-materializes, for one layer at a time, what its recompute mode dropped.
+        transient = max(transient, prof.saved_bytes["none"] - prof.saved_bytes[a.recompute])
         states = model_state_memory(n * prof.params_local, plan.dtype, plan.optimizer, a.dp_type, dp_l)
         weights += states.weights
         grads += states.gradients
@@ -180,13 +206,23 @@ def _stage_cost(bound: BoundPlan, stage: BoundStage, rank: int) -> StageCost:
         cost.dp_last_bucket = cost.dp_overlappable * min(1.0, GRAD_BUCKET_BYTES / total_grad_bytes)
     cost.optimizer = optimizer_time(opt_params, OPTIMIZER_TRAFFIC[(plan.optimizer, mixed)], line)
 
-    in_flight = micro_batches_in_flight(plan.schedule, stage.index, p, m, plan.virtual_stages)
-    activations = saved_total * in_flight + transient
-    buffers = device.memory.reserved + zero3_buffer + (2 * cost.output_bytes if p > 1 else 0.0)
-    cost.memory = MemoryBreakdown(
-        weights=weights, gradients=grads, optimizer=optim, activations=activations, buffers=buffers
-    )
+    cost.weights, cost.gradients, cost.optimizer_states = weights, grads, optim
+    cost.saved_activations, cost.transient, cost.comm_buffer = saved_total, transient, comm_buffer
+    memo[key] = cost
     return cost
+
+
+def _stage_memory(cost: StageCost, bound: BoundPlan, stage: BoundStage) -> MemoryBreakdown:
+    """The stage's peak memory: model states plus the activations its schedule keeps in flight."""
+    plan, p = bound.plan, len(bound.stages)
+    in_flight = micro_batches_in_flight(plan.schedule, stage.index, p, bound.num_micro_batches, plan.virtual_stages)
+    return MemoryBreakdown(
+        weights=cost.weights,
+        gradients=cost.gradients,
+        optimizer=cost.optimizer_states,
+        activations=cost.saved_activations * in_flight + cost.transient,
+        buffers=cost.device.memory.reserved + cost.comm_buffer + (2 * cost.output_bytes if p > 1 else 0.0),
+    )
 
 
 def _representative_ranks(cluster: ClusterSpec, stage: BoundStage) -> list[int]:
@@ -214,10 +250,15 @@ def evaluate_bound(bound: BoundPlan) -> Report:
     m, p, v = bound.num_micro_batches, len(bound.stages), plan.virtual_stages
 
     stage_costs: list[StageCost] = []
-    all_costs: list[tuple[int, StageCost]] = []
+    # (stage index, representative rank, cost, memory) for every distinct device type of every stage
+    all_costs: list[tuple[int, int, StageCost, MemoryBreakdown]] = []
+    memo: dict = {}
     for stage in bound.stages:
-        costs = [_stage_cost(bound, stage, r) for r in _representative_ranks(cluster, stage)]
-        all_costs += [(stage.index, c) for c in costs]
+        costs = []
+        for rank in _representative_ranks(cluster, stage):
+            cost = _stage_cost(bound, stage, rank, memo)
+            all_costs.append((stage.index, rank, cost, _stage_memory(cost, bound, stage)))
+            costs.append(cost)
         stage_costs.append(max(costs, key=lambda c: c.per_micro_batch))
 
     stage_times = [c.per_micro_batch for c in stage_costs]
@@ -229,9 +270,11 @@ def evaluate_bound(bound: BoundPlan) -> Report:
     backward_per_stage = [c.backward_compute + c.recompute for c in stage_costs]
     tails = []  # (time beyond the pipeline's end, its optimizer part)
     for i, c in enumerate(stage_costs):
-        # Gradients become ready during the last micro-batch's backward; only the last bucket and what
-        # exceeds that backward wait. Stages that finish early hide their tail in their slack.
-        reduce_wait = max(c.dp_last_bucket, c.dp_overlappable - backward_per_stage[i])
+        # Gradients become ready during the last micro-batch's backward (of the last model chunk when
+        # interleaved); only the last bucket and what exceeds that backward wait. Stages that finish
+        # early hide their tail in their slack.
+        window = backward_per_stage[i] / v if plan.schedule == "interleaved" else backward_per_stage[i]
+        reduce_wait = max(c.dp_last_bucket, c.dp_overlappable - window)
         after_finish = reduce_wait + c.optimizer + c.dp_exposed
         slack = finish_slack(i, backward_per_stage, plan.schedule, v)
         tails.append((max(0.0, after_finish - slack), c.optimizer))
@@ -244,14 +287,14 @@ def evaluate_bound(bound: BoundPlan) -> Report:
         compute=m * bottleneck.compute,
         recompute=m * bottleneck.recompute,
         exposed_communication=m * bottleneck.comm + p2p_exposed + tail - min(tail, tail_opt),
-        pipeline_bubble=pipe - m * stage_times[b],
+        pipeline_bubble=max(0.0, pipe - m * stage_times[b]),
         offload_stall=m * bottleneck.stall,
         optimizer=min(tail, tail_opt),
     )
 
     # ---- memory --------------------------------------------------------------------------------
-    peak_index, peak_cost = max(all_costs, key=lambda item: item[1].memory.total)
-    fits = all(c.memory.total <= c.device.memory.capacity for _, c in all_costs)
+    _, peak_rank, peak_cost, peak_memory = max(all_costs, key=lambda item: item[3].total)
+    fits = all(mem.total <= c.device.memory.capacity for _, _, c, mem in all_costs)
 
     # ---- throughput and utilization -------------------------------------------------------------
     global_batch = plan.global_batch or 0
@@ -261,6 +304,7 @@ def evaluate_bound(bound: BoundPlan) -> Report:
     stages_report = []
     for i, (stage, c) in enumerate(zip(bound.stages, stage_costs)):
         first, last = stage.block_range
+        stage_peak = max((mem for si, _, _, mem in all_costs if si == i), key=lambda mem: mem.total)
         stages_report.append(
             StageReport(
                 index=i,
@@ -268,21 +312,21 @@ def evaluate_bound(bound: BoundPlan) -> Report:
                 last_layer=last,
                 num_devices=stage.num_devices,
                 device=c.device.name,
-                tp=stage.layers[0].tp,
+                tp=stage.tp,
                 cp=stage.cp,
-                dp=stage.dp_for(stage.layers[0].tp),
+                dp=stage.dp_for(stage.tp),
                 forward_s=c.forward,
                 backward_s=c.per_micro_batch - c.forward,
-                peak_memory_bytes=max(cc.memory.total for si, cc in all_costs if si == i),
-                memory_bytes=max((cc for si, cc in all_costs if si == i), key=lambda cc: cc.memory.total).memory,
+                peak_memory_bytes=stage_peak.total,
+                memory_bytes=stage_peak,
             )
         )
     warnings = list(bound.warnings)
     if not fits:
         worst = [
-            f"stage {si} on {c.device.name}: {c.memory.total / 2**30:.1f} GiB > {c.device.memory.capacity / 2**30:.1f} GiB"
-            for si, c in all_costs
-            if c.memory.total > c.device.memory.capacity
+            f"stage {si} on {c.device.name}: {mem.total / 2**30:.1f} GiB > {c.device.memory.capacity / 2**30:.1f} GiB"
+            for si, _, c, mem in all_costs
+            if mem.total > c.device.memory.capacity
         ]
         warnings.append("out of memory: " + "; ".join(worst))
     return Report(
@@ -301,11 +345,11 @@ def evaluate_bound(bound: BoundPlan) -> Report:
         hfu=metrics.hfu(hardware_flops, iteration, peak_total),
         model_flops_per_iteration=model_flops,
         hardware_flops_per_iteration=hardware_flops,
-        peak_memory_bytes=peak_cost.memory.total,
-        peak_memory_device=peak_cost.rank,
+        peak_memory_bytes=peak_memory.total,
+        peak_memory_device=peak_rank,
         memory_capacity_bytes=peak_cost.device.memory.capacity,
         fits_memory=fits,
-        memory_bytes=peak_cost.memory,
+        memory_bytes=peak_memory,
         time_breakdown_s=breakdown,
         stages=stages_report,
         warnings=warnings,
@@ -316,6 +360,8 @@ def _peak_flops_total(bound: BoundPlan) -> float:
     """Sum of the dense matrix peaks of the plan's devices (the MFU denominator)."""
     dtype = bound.plan.dtype
     devices = bound.cluster.topology.devices
+    if sum(stage.num_devices for stage in bound.stages) == len(devices):
+        return bound.cluster.topology.peak_flops(dtype)
     counts: dict[int, int] = {}
     for stage in bound.stages:
         for r in stage.ranks:
@@ -329,9 +375,9 @@ def _recompute_model_flops_per_sample(bound: BoundPlan) -> float:
     shape = ShardShape(micro_batch=1, seq_len=cfg.seq_len)
     counts: dict[tuple[str, str], int] = {}
     for stage in bound.stages:
-        for a in stage.layers:
-            if a.recompute != "none":
-                counts[(a.kind, a.recompute)] = counts.get((a.kind, a.recompute), 0) + 1
+        for run in stage.runs:
+            if run.recompute != "none":
+                counts[(run.kind, run.recompute)] = counts.get((run.kind, run.recompute), 0) + run.count
     total = 0.0
     for (kind, mode), n in counts.items():
         prof = layer_profile(cfg, kind, shape)

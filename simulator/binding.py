@@ -12,6 +12,7 @@ of ranks, pipeline parallel outermost.
 from __future__ import annotations
 
 import re
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 from hwmodel.cluster import ClusterSpec
@@ -22,11 +23,19 @@ from .errors import InfeasiblePlan, UnsupportedPlan
 from .plan import LayerStrategy, Plan
 
 
-@dataclass(frozen=True)
-class LayerAssignment:
-    """One layer on one stage: its index in `layer_kinds`, kind and strategy."""
+EDGE_KINDS = ("embedding", "patch_embedding", "head")
 
-    index: int
+
+@dataclass(frozen=True)
+class LayerRun:
+    """Consecutive layers of one kind and one strategy on one stage.
+
+    `first` indexes `workloads.layer_kinds(workload)` (0 is the input layer, 1..num_layers the blocks,
+    the last the output layer); the run covers `first` .. `first + count - 1`.
+    """
+
+    first: int
+    count: int
     kind: str
     tp: int
     sequence_parallel: bool
@@ -37,13 +46,17 @@ class LayerAssignment:
     def strategy_key(self) -> tuple:
         return (self.kind, self.tp, self.sequence_parallel, self.recompute, self.dp_type, self.offload)
 
+    @property
+    def indices(self) -> range:
+        return range(self.first, self.first + self.count)
+
 
 @dataclass(frozen=True)
 class BoundStage:
     index: int
-    ranks: tuple[int, ...]
+    ranks: Sequence[int]  # a range when the ranks are consecutive (cheap to slice and hash)
     cp: int
-    layers: tuple[LayerAssignment, ...]
+    runs: tuple[LayerRun, ...]
     micro_step_batch: int  # sequences per micro-step across all data-parallel replicas of the stage
 
     @property
@@ -53,13 +66,13 @@ class BoundStage:
     def dp_for(self, tp: int) -> int:
         return self.num_devices // (tp * self.cp)
 
-    def tp_group(self, tp: int) -> tuple[int, ...]:
+    def tp_group(self, tp: int) -> Sequence[int]:
         return self.ranks[:tp]
 
-    def cp_group(self, tp: int) -> tuple[int, ...]:
+    def cp_group(self, tp: int) -> Sequence[int]:
         return self.ranks[: tp * self.cp : tp]
 
-    def dp_groups(self, tp: int) -> list[tuple[int, ...]]:
+    def dp_groups(self, tp: int) -> list[Sequence[int]]:
         """The first and the last data-parallel group (enough to find the slowest on mixed hardware)."""
         stride = tp * self.cp
         first = self.ranks[0::stride]
@@ -69,8 +82,14 @@ class BoundStage:
     @property
     def block_range(self) -> tuple[int, int]:
         """First and last transformer block index (-1, -1 when the stage holds none)."""
-        blocks = [a.index - 1 for a in self.layers if a.kind not in ("embedding", "patch_embedding", "head")]
+        blocks = [i - 1 for run in self.runs if run.kind not in EDGE_KINDS for i in run.indices]
         return (min(blocks), max(blocks)) if blocks else (-1, -1)
+
+    @property
+    def tp(self) -> int:
+        """The tensor-parallel degree of the stage's blocks (of its first run when it has none)."""
+        blocks = [run for run in self.runs if run.kind not in EDGE_KINDS]
+        return (blocks or list(self.runs))[0].tp
 
 
 @dataclass(frozen=True)
@@ -169,6 +188,9 @@ def bind(plan: Plan, workload: WorkloadConfig, cluster: ClusterSpec) -> BoundPla
         raise InfeasiblePlan(f"ep={plan.ep} needs a mixture-of-experts workload; {cfg.name!r} is {cfg.family}")
     if cfg.seq_len % plan.cp:
         raise InfeasiblePlan(f"cp={plan.cp} does not divide seq_len={cfg.seq_len}")
+    # What the model itself forbids comes first: it is the more useful message.
+    for tp in {plan.tp} | {s.tp for s in plan.stages if s.tp} | {s.tp for s in plan.layers if s.tp}:
+        _check_tp(tp, cfg, plan, "")
     num_blocks = cfg.num_layers
     if plan.pp * plan.virtual_stages > num_blocks:
         raise InfeasiblePlan(
@@ -179,7 +201,7 @@ def bind(plan: Plan, workload: WorkloadConfig, cluster: ClusterSpec) -> BoundPla
 
     # ---- device groups per stage ----------------------------------------------------------------
     if plan.stages:
-        stage_ranks: list[tuple[int, ...]] = []
+        stage_ranks: list[Sequence[int]] = []
         next_rank = 0
         for i, stage in enumerate(plan.stages):
             tp_s = stage.tp or plan.tp
@@ -227,7 +249,7 @@ def bind(plan: Plan, workload: WorkloadConfig, cluster: ClusterSpec) -> BoundPla
                     f"{cluster.name!r} has {n} devices{hint}"
                 )
         size = plan.tp * plan.cp * dp
-        stage_ranks = [tuple(range(i * size, (i + 1) * size)) for i in range(plan.pp)]
+        stage_ranks = [range(i * size, (i + 1) * size) for i in range(plan.pp)]
         stage_tps = [plan.tp] * plan.pp
         stage_layer_counts = []  # filled below from chunks
 
@@ -258,19 +280,18 @@ def bind(plan: Plan, workload: WorkloadConfig, cluster: ClusterSpec) -> BoundPla
     kinds = layer_kinds(cfg)
     overrides = _layer_overrides(plan, num_blocks)
 
-    edge_kinds = ("embedding", "patch_embedding", "head")
-    checked: dict[tuple, str] = {}
+    checked: set[tuple] = set()
 
-    def assign(stage_index: int, idx: int) -> LayerAssignment:
+    def strategy_of(stage_index: int, idx: int) -> tuple:
+        """(kind, tp, sequence_parallel, recompute, dp_type, offload) of one layer, checked."""
         kind = kinds[idx]
         strategy = overrides[idx - 1] if 0 < idx <= num_blocks else None
         tp_layer = (strategy.tp if strategy and strategy.tp else None) or stage_tps[stage_index]
         sp = strategy.sequence_parallel if strategy and strategy.sequence_parallel is not None else plan.sequence_parallel
-        recompute = "none" if kind in edge_kinds else (strategy.recompute if strategy and strategy.recompute else plan.recompute)
+        recompute = "none" if kind in EDGE_KINDS else (strategy.recompute if strategy and strategy.recompute else plan.recompute)
         dp_type = strategy.dp_type if strategy and strategy.dp_type else plan.dp_type
         offload = strategy.offload if strategy and strategy.offload is not None else plan.offload
-        key = (stage_index, kind, tp_layer, sp and tp_layer > 1, recompute, dp_type, offload)
-        if key[:4] not in checked:
+        if (stage_index, tp_layer) not in checked:
             where = f"layers (block {idx - 1}): " if strategy and strategy.tp else (f"stages[{stage_index}]: " if plan.stages else "")
             _check_tp(tp_layer, cfg, plan, where)
             ranks = stage_ranks[stage_index]
@@ -279,8 +300,27 @@ def bind(plan: Plan, workload: WorkloadConfig, cluster: ClusterSpec) -> BoundPla
             dp_layer = len(ranks) // (tp_layer * plan.cp)
             if micro_step % dp_layer:
                 raise InfeasiblePlan(f"{where}a micro-step of {micro_step} sequences does not split over dp={dp_layer} replicas")
-            checked[key[:4]] = where
-        return LayerAssignment(idx, kind, tp_layer, sp and tp_layer > 1, recompute, dp_type, offload)
+            checked.add((stage_index, tp_layer))
+        return (kind, tp_layer, sp and tp_layer > 1, recompute, dp_type, offload)
+
+    def runs_of(stage_index: int, spans: list[range]) -> tuple[LayerRun, ...]:
+        """Runs of layers with one strategy, from consecutive index ranges (chunks and edge layers)."""
+        runs: list[LayerRun] = []
+        for span in spans:
+            if not plan.layers:
+                # Without per-layer strategies a chunk of blocks shares one strategy.
+                runs.append(LayerRun(span.start, len(span), *strategy_of(stage_index, span.start)))
+                continue
+            key, first, count = None, span.start, 0
+            for idx in span:
+                this = strategy_of(stage_index, idx)
+                if this != key and count:
+                    runs.append(LayerRun(first, count, *key))
+                    first, count = idx, 0
+                key = this
+                count += 1
+            runs.append(LayerRun(first, count, *key))
+        return tuple(runs)
 
     if plan.stages:
         bounds = [sum(stage_layer_counts[:i]) for i in range(plan.pp + 1)]
@@ -294,13 +334,12 @@ def bind(plan: Plan, workload: WorkloadConfig, cluster: ClusterSpec) -> BoundPla
             start += count
     stages = []
     for i in range(plan.pp):
-        indices = [idx for chunk in chunks_per_stage[i] for idx in chunk]
+        spans = [chunk for chunk in chunks_per_stage[i] if len(chunk)]
         if i == 0:
-            indices = [0] + indices
+            spans = [range(0, 1)] + spans
         if i == plan.pp - 1:
-            indices = indices + [len(kinds) - 1]
-        layers = tuple(assign(i, idx) for idx in indices)
-        stages.append(BoundStage(i, stage_ranks[i], plan.cp, layers, micro_step))
+            spans = spans + [range(len(kinds) - 1, len(kinds))]
+        stages.append(BoundStage(i, stage_ranks[i], plan.cp, runs_of(i, spans), micro_step))
 
     for name in cluster.device_types():
         device = next(g.node.device for g in cluster.node_groups if g.node.device.name == name)

@@ -23,6 +23,7 @@ from rich.table import Table
 
 from hwmodel.catalog import cluster_names, device_names, load_cluster, load_device
 from hwmodel.errors import UserError
+from hwmodel.loading import read_mapping
 from hwmodel.units import format_bandwidth, format_bytes, format_flop_rate, format_seconds, parse_quantity
 from hwmodel.whatif import LINK_FIELDS, with_device_everywhere, with_link_bandwidth
 from workloads.catalog import load_workload, workload_names
@@ -109,6 +110,10 @@ def _parse_sweep(text: str) -> tuple[str, list[str]]:
     items = [v.strip() for v in values.split(",") if v.strip()]
     if not items:
         raise UserError(f"--sweep: no values given for {key}")
+    if key in ("seq_len", "nodes"):
+        bad = [v for v in items if not v.isdigit() or int(v) <= 0]
+        if bad:
+            raise UserError(f"--sweep: {key} takes positive integers; got {', '.join(repr(v) for v in bad)}")
     if key.endswith("_bandwidth"):
         # "100,200,400Gbit/s": the last value's unit applies to bare numbers before it.
         unit = "".join(ch for ch in items[-1] if not (ch.isdigit() or ch == "."))
@@ -225,14 +230,16 @@ def validate_llm_foundry_cmd(
 def specs_list() -> None:
     """List catalog devices and clusters."""
     devices = Table(title="Devices", show_edge=False)
-    for col in ("name", "description", "bf16 matrix", "memory", "bandwidth"):
+    devices.add_column("name", no_wrap=True)
+    for col in ("description", "bf16 matrix", "memory", "bandwidth"):
         devices.add_column(col)
     for name in device_names():
         d = load_device(name)
         devices.add_row(name, d.description, format_flop_rate(d.compute.peak("bf16")), format_bytes(d.memory.capacity),
                         format_bandwidth(d.memory.bandwidth))
     clusters = Table(title="Clusters", show_edge=False)
-    for col in ("name", "devices", "nodes", "device types", "description"):
+    clusters.add_column("name", no_wrap=True)
+    for col in ("devices", "nodes", "device types", "description"):
         clusters.add_column(col)
     for name in cluster_names():
         c = load_cluster(name)
@@ -249,9 +256,10 @@ def specs_show(
     """Show one device or cluster with every figure in SI and where it comes from (YAML on stdout)."""
     import yaml
 
-    if name in device_names():
+    is_file = name.endswith((".yaml", ".yml", ".json"))
+    if name in device_names() or (is_file and "node_groups" not in read_mapping(name)):
         data = load_device(name).model_dump(mode="json")
-    elif name in cluster_names() or name.endswith((".yaml", ".yml")):
+    elif name in cluster_names() or is_file:
         cluster = load_cluster(name, nodes)
         data = cluster.model_dump(mode="json")
         data["summary"] = cluster.summary()
@@ -266,9 +274,11 @@ def specs_show(
 def workloads_list() -> None:
     """List catalog workloads with their sizes."""
     table = Table(title="Workloads", show_edge=False)
-    for col in ("name", "family", "layers", "hidden", "heads (kv)", "seq", "parameters", "train FLOPs/sample"):
-        table.add_column(col, justify="left" if col in ("name", "family") else "right")
-    for name in workload_names():
+    names = workload_names()
+    table.add_column("name", no_wrap=True, min_width=max(map(len, names)))
+    for col in ("family", "layers", "hidden", "heads (kv)", "seq", "parameters", "train FLOPs/sample"):
+        table.add_column(col, justify="left" if col == "family" else "right")
+    for name in names:
         w = load_workload(name)
         table.add_row(
             name, w.family, str(w.num_layers), str(w.hidden_size), f"{w.num_heads} ({w.kv_heads})", str(w.seq_len),

@@ -87,7 +87,8 @@ def render_comparison(rows: list[dict], console: Console, title: str, key_column
     table = Table(title=title, show_edge=False)
     key_columns = list(key_columns)
     for col in key_columns:
-        table.add_column(col)
+        # Names must stay whole (users copy them); long plan strings fold instead of being cut.
+        table.add_column(col, no_wrap=col != "plan", overflow="fold")
     for col in ("iteration", "tokens/s", "MFU", "peak memory", "fits", "note"):
         table.add_column(col, justify="right" if col not in ("note",) else "left")
     feasible = [r for r in rows if r.get("report") and r["report"].fits_memory]

@@ -59,6 +59,12 @@ def row_inputs(row: dict[str, str], source: str, line: int) -> tuple[WorkloadCon
     gpu = row["gpu"].strip()
     if gpu not in GPU_CLUSTERS:
         raise SpecError(f"{source}: line {line}: gpu: {gpu!r} is not one of {', '.join(GPU_CLUSTERS)}")
+    for column in ("gpus", "num_layers", "hidden_size", "ffn_hidden_size", "num_heads", "vocab_size", "seq_len",
+                   "micro_batch", "global_batch", "grad_accum", "tokens_per_s"):
+        try:
+            float(row[column])
+        except (TypeError, ValueError):
+            raise SpecError(f"{source}: line {line}: {column}: {row[column]!r} is not a number") from None
     try:
         gpus = int(row["gpus"])
         workload = WorkloadConfig(
@@ -98,7 +104,10 @@ def read_rows(path: Path) -> list[dict[str, str]]:
         missing = [c for c in REQUIRED_COLUMNS if c not in (reader.fieldnames or [])]
         if missing:
             raise SpecError(f"{path}: missing columns {', '.join(missing)}; needed: {', '.join(REQUIRED_COLUMNS)}")
-        return list(reader)
+        rows = list(reader)
+    if not rows:
+        raise SpecError(f"{path}: the table has a header but no data rows")
+    return rows
 
 
 def validate_llm_foundry(path: Path | None = None, progress=None) -> list[ValidationRow]:
@@ -111,6 +120,10 @@ def validate_llm_foundry(path: Path | None = None, progress=None) -> list[Valida
         report = evaluate(plan, workload, load_cluster(cluster_name, nodes=nodes))
         measured = float(row["tokens_per_s"])
         mfu = row.get("mfu_pct")
+        try:
+            measured_mfu = float(mfu) / 100 if mfu else None
+        except ValueError:
+            raise SpecError(f"{path}: line {line}: mfu_pct: {mfu!r} is not a number") from None
         out.append(
             ValidationRow(
                 model=row["model"],
@@ -123,7 +136,7 @@ def validate_llm_foundry(path: Path | None = None, progress=None) -> list[Valida
                 measured_tokens_per_s=measured,
                 predicted_tokens_per_s=report.tokens_per_s,
                 predicted_mfu=report.mfu,
-                measured_mfu=float(mfu) / 100 if mfu else None,
+                measured_mfu=measured_mfu,
                 predicted_peak_memory_gib=report.peak_memory_bytes / 2**30,
                 error_pct=100.0 * (report.tokens_per_s - measured) / measured,
             )

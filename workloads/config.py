@@ -53,6 +53,7 @@ class WorkloadConfig(BaseModel):
     mlp: Literal["gelu", "relu", "swiglu"] | None = None
     norm: Literal["layernorm", "rmsnorm"] | None = None
     bias: bool | None = None
+    qkv_bias: bool | None = Field(None, description="bias on the q/k/v projections only (Qwen2); default: bias")
     dropout: bool | None = None
     causal: bool | None = None
     max_position_embeddings: int | None = Field(None, gt=0, description="rows of a learned position table; default seq_len")

@@ -48,7 +48,8 @@ def from_hf_config(data: dict[str, Any], source: str, name: str = "custom", seq_
             vocab_size=data["vocab_size"],
             seq_len=seq_len or data.get("max_position_embeddings") or 4096,
             tied_embeddings=bool(data.get("tie_word_embeddings", False)),
-            bias=bool(data.get("attention_bias", model_type == "qwen2")),
+            bias=False,
+            qkv_bias=bool(data.get("attention_bias", model_type == "qwen2")),
         )
         if experts > 1:
             cfg.update(num_experts=experts, experts_top_k=data.get("num_experts_per_tok", 2))

@@ -119,6 +119,7 @@ class _LayerBuilder:
         self.norm(f"{prefix}norm", seq_q)
         q_out, kv_out = a * d, 2 * kvh * d
         bias = cfg.bias
+        qkv_bias = cfg.qkv_bias if cfg.qkv_bias is not None else bias
         if cross:
             self.linear(f"{prefix}q_proj", tq, h, q_out / t, model_tokens=mb * seq_q)
             self.linear(f"{prefix}kv_proj", tkv, h, kv_out / t, model_tokens=mb * seq_kv)
@@ -126,7 +127,7 @@ class _LayerBuilder:
         else:
             self.linear(f"{prefix}qkv_proj", tq, h, (q_out + kv_out) / t, model_tokens=mb * seq_q)
         self.b.keep(self.sp_tokens(seq_q) * h * e)  # normed input of the projection(s)
-        self.b.params(h * (q_out + kv_out) + (q_out + kv_out if bias else 0), t)
+        self.b.params(h * (q_out + kv_out) + (q_out + kv_out if qkv_bias else 0), t)
         if cfg.position_embedding == "rope" and not cross:
             rope_elems = tq * (a + kvh) * d / t
             self.b.op(f"{prefix}rope", VECTOR, 6 * rope_elems, 4 * rope_elems * e)
