@@ -22,8 +22,8 @@ from rich.progress import Progress
 from rich.table import Table
 
 from hwmodel.catalog import cluster_names, device_names, load_cluster, load_device
-from hwmodel.errors import UserError
-from hwmodel.loading import read_mapping
+from hwmodel.errors import SpecError, UserError
+from hwmodel.loading import read_mapping, validate
 from hwmodel.units import format_bandwidth, format_bytes, format_flop_rate, format_seconds, parse_quantity
 from hwmodel.whatif import LINK_FIELDS, with_device_everywhere, with_link_bandwidth
 from workloads.catalog import load_workload, workload_names
@@ -121,6 +121,16 @@ def _parse_sweep(text: str) -> tuple[str, list[str]]:
     return key, items
 
 
+def _swept_plan(base: Plan, key: str, value: str) -> Plan:
+    """`base` with one uniform key replaced; dp is re-derived when a degree changes and dp was not given."""
+    override = getattr(parse_shorthand(f"{key}={value}"), key)  # a malformed value stops the sweep
+    data = base.model_dump(exclude_unset=True)
+    data[key] = override
+    if key in ("tp", "pp", "cp") and "dp" not in base.model_fields_set:
+        data.pop("dp", None)
+    return validate(Plan, data, f"--sweep {key}={value}")
+
+
 @app.command()
 def compare(
     workload: str = typer.Option(..., "--workload", "-w", help=WORKLOAD_HELP),
@@ -146,23 +156,17 @@ def compare(
             row = {"cluster": cluster_name}
             if key:
                 row[key] = value
+            wl = load_workload(workload, int(value) if key == "seq_len" else seq_len)
+            cl = load_cluster(cluster_name, int(value) if key == "nodes" else nodes)
             try:
-                wl_seq = int(value) if key == "seq_len" else seq_len
-                wl = load_workload(workload, wl_seq)
-                cl = load_cluster(cluster_name, int(value) if key == "nodes" else nodes)
-                pl = base_plan
-                if key in SHORTHAND_KEYS:
-                    merged = base_plan.model_dump(exclude_defaults=True)
-                    merged.update(parse_shorthand(f"{key}={value}").model_dump(exclude_defaults=True, include={key}))
-                    if key in ("tp", "pp", "cp") and "dp" not in parse_shorthand(plan if "=" in plan else "tp=1").model_fields_set:
-                        merged.pop("dp", None)
-                    pl = Plan.model_validate(merged)
-                elif key == "device":
+                pl = _swept_plan(base_plan, key, value) if key in SHORTHAND_KEYS else base_plan
+                if key == "device":
                     cl = with_device_everywhere(cl, value)
                 elif key and key.endswith("_bandwidth"):
                     cl = with_link_bandwidth(cl, key, parse_quantity(value, "bandwidth", allow_bare_number=False))
                 row["report"] = evaluate(pl, wl, cl)
-            except InfeasiblePlan as exc:
+            except (InfeasiblePlan, SpecError) as exc:
+                # One configuration that cannot run is a row of the table, not the end of the sweep.
                 row["report"] = None
                 row["reason"] = str(exc)
             rows.append(row)
@@ -218,11 +222,35 @@ def validate_llm_foundry_cmd(
             f"{100 * r.predicted_mfu:.1f}%", f"{r.predicted_peak_memory_gib:.1f} GiB",
         )
     out.print(table)
+    groups = Table(title="Error by group (signed: + means predicted faster than measured)", show_edge=False)
+    groups.add_column("group", no_wrap=True)
+    for col in ("rows", "mean |err|", "median |err|", "max |err|", "mean err"):
+        groups.add_column(col, justify="right", no_wrap=True)
+    for label, members in _validation_groups(rows):
+        errors = [r.error_pct for r in members]
+        absolute = sorted(abs(e) for e in errors)
+        groups.add_row(
+            label, str(len(members)), f"{sum(absolute) / len(absolute):.2f}%", f"{absolute[len(absolute) // 2]:.2f}%",
+            f"{absolute[-1]:.2f}%", f"{sum(errors) / len(errors):+.2f}%",
+        )
+    out.print(groups)
     out.print(
         f"[bold]{len(rows)} rows[/bold]: mean |error| [bold]{summary['mean_abs_pct_error']:.2f}%[/bold], "
         f"max |error| {summary['max_abs_pct_error']:.2f}%, Spearman rank correlation {summary['spearman']:.3f} "
         f"({time.perf_counter() - started:.2f} s)"
     )
+
+
+def _validation_groups(rows):
+    """(label, rows) for each GPU type and for runs with and without activation checkpointing."""
+    out = []
+    for gpu in sorted({r.gpu for r in rows}):
+        out.append((gpu, [r for r in rows if r.gpu == gpu]))
+    for flag, label in ((False, "no act. ckpt"), (True, "act. ckpt")):
+        members = [r for r in rows if r.act_ckpt == flag]
+        if members:
+            out.append((label, members))
+    return out
 
 
 # ---- catalogs ------------------------------------------------------------------------------------

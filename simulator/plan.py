@@ -196,8 +196,8 @@ def load_plan(value: str | Path) -> Plan:
     if text.endswith((".yaml", ".yml", ".json")) or (Path(text).exists() and "=" not in text):
         path = Path(text)
         data = read_mapping(path)
-        if "plan" in data and isinstance(data["plan"], dict) and len(data) <= 3:
-            data = data["plan"]  # a search result or report file holding a plan
+        if isinstance(data.get("plan"), dict) and ("engine" in data or set(data) <= {"plan", "report", "name"}):
+            data = data["plan"]  # a Report (or a planner's result) written with --out: take its plan
         return validate(Plan, data, str(path), {"strict_units": True})
     if "=" in text:
         return parse_shorthand(text)

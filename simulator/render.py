@@ -89,8 +89,9 @@ def render_comparison(rows: list[dict], console: Console, title: str, key_column
     for col in key_columns:
         # Names must stay whole (users copy them); long plan strings fold instead of being cut.
         table.add_column(col, no_wrap=col != "plan", overflow="fold")
-    for col in ("iteration", "tokens/s", "MFU", "peak memory", "fits", "note"):
-        table.add_column(col, justify="right" if col not in ("note",) else "left")
+    for col in ("iteration", "tokens/s", "MFU", "peak memory", "fits"):
+        table.add_column(col, justify="right")
+    table.add_column("note", overflow="fold", min_width=12)
     feasible = [r for r in rows if r.get("report") and r["report"].fits_memory]
     best = max(feasible, key=lambda r: r["report"].tokens_per_s) if feasible else None
     for row in rows:
