@@ -277,8 +277,8 @@ class ClusterSpec(Frozen):
         if len(by_site_nodes) > 1:
             sites = sorted(by_site_nodes)
             links = [self._wan(a, b) for a in sites for b in sites if a < b]
-            # Every device of a site that crosses the WAN at once shares the site's link.
-            share = max(by_site_devices.values()) // max(per_node * nodes_per_site, 1) or 1
+            # At this level every device of a site sends its shard at once: they share the site's link.
+            share = max(by_site_devices.values())
             bandwidth = min(link.effective_bandwidth for link in links if link) / share
             levels.append(Level(Tier.WAN, len(sites), bandwidth, max(link.latency for link in links if link)))
         span = GroupSpan(len(key), tuple(levels))

@@ -341,23 +341,26 @@ def demo() -> None:
         "of 4096 tokens per step, and what will it cost?\n"
     )
     wl, cl = load_workload(workload), load_cluster(cluster_name, nodes)
-    candidates = [
-        "dp_type=ddp,micro_batch=1,global_batch=1024",
-        "dp_type=zero1,micro_batch=1,global_batch=1024",
-        "dp_type=zero3,micro_batch=2,global_batch=1024",
-        "tp=2,dp_type=zero1,micro_batch=2,global_batch=1024,sequence_parallel=true",
-        "tp=4,pp=2,micro_batch=1,global_batch=1024,sequence_parallel=true",
-        "tp=8,pp=4,micro_batch=1,global_batch=1024,schedule=interleaved,virtual_stages=2,recompute=selective",
-    ]
+    candidates = {
+        "DDP": "dp_type=ddp,micro_batch=1,global_batch=1024",
+        "ZeRO-1": "dp_type=zero1,micro_batch=1,global_batch=1024",
+        "FSDP (ZeRO-3)": "dp_type=zero3,micro_batch=2,global_batch=1024",
+        "TP2 + SP + ZeRO-1": "tp=2,dp_type=zero1,micro_batch=2,global_batch=1024,sequence_parallel=true",
+        "TP4 x PP2": "tp=4,pp=2,micro_batch=1,global_batch=1024,sequence_parallel=true",
+        "TP8 x PP4 interleaved": "tp=8,pp=4,micro_batch=1,global_batch=1024,schedule=interleaved,virtual_stages=2,"
+        "recompute=selective",
+    }
     started = time.perf_counter()
     rows = []
-    for text in candidates:
+    for name, text in candidates.items():
         try:
-            rows.append({"plan": text, "report": evaluate(parse_shorthand(text), wl, cl)})
+            rows.append({"candidate": name, "report": evaluate(parse_shorthand(text), wl, cl)})
         except InfeasiblePlan as exc:
-            rows.append({"plan": text, "report": None, "reason": str(exc)})
+            rows.append({"candidate": name, "report": None, "reason": str(exc)})
     elapsed = time.perf_counter() - started
-    render_comparison(rows, out, f"{len(rows)} candidate plans, predicted in {format_seconds(elapsed)}", ["plan"])
+    render_comparison(rows, out, f"{len(rows)} candidate plans, predicted in {format_seconds(elapsed)}", ["candidate"])
+    for name, text in candidates.items():
+        out.print(f"  [bold]{name}[/bold]: --plan '{text}'", highlight=False)
     feasible = [r for r in rows if r["report"] and r["report"].fits_memory]
     best = max(feasible, key=lambda r: r["report"].tokens_per_s)
     out.print("\nThe best candidate in detail:\n")

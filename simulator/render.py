@@ -83,31 +83,39 @@ def render_report(report: Report, console: Console) -> None:
 
 
 def render_comparison(rows: list[dict], console: Console, title: str, key_columns: Iterable[str]) -> None:
-    """A table of one row per configuration, the best feasible one marked."""
+    """A table of one row per configuration, the best feasible one marked; reasons for rows that cannot
+    run are listed under the table (they are sentences, not cells)."""
     table = Table(title=title, show_edge=False)
     key_columns = list(key_columns)
     for col in key_columns:
-        # Names must stay whole (users copy them); long plan strings fold instead of being cut.
-        table.add_column(col, no_wrap=col != "plan", overflow="fold")
-    for col in ("iteration", "tokens/s", "MFU", "peak memory", "fits"):
-        table.add_column(col, justify="right")
-    table.add_column("note", overflow="fold", min_width=12)
+        table.add_column(col, no_wrap=True)
+    for col in ("iteration", "tokens/s", "MFU", "memory"):
+        table.add_column(col, justify="right", no_wrap=True, min_width=len(col))
+    table.add_column("note", no_wrap=True)
     feasible = [r for r in rows if r.get("report") and r["report"].fits_memory]
     best = max(feasible, key=lambda r: r["report"].tokens_per_s) if feasible else None
+    reasons = []
     for row in rows:
         report: Report | None = row.get("report")
         keys = [str(row[c]) for c in key_columns]
         if report is None:
-            table.add_row(*keys, "-", "-", "-", "-", "[red]no[/red]", row.get("reason", ""))
+            reasons.append(row.get("reason", ""))
+            table.add_row(*keys, "-", "-", "-", "-", f"[red]cannot run [{len(reasons)}][/red]")
             continue
-        mark = " [bold green]<- best[/bold green]" if row is best else ""
+        memory = format_bytes(report.peak_memory_bytes)
+        if report.fits_memory:
+            note = "[bold green]best[/bold green]" if row is best else ""
+        else:
+            memory = f"[red]{memory}[/red]"
+            note = "[red]OOM[/red]"
         table.add_row(
             *keys,
             format_seconds(report.iteration_time_s),
             f"{report.tokens_per_s:,.0f}",
             f"{100 * report.mfu:.1f}%",
-            format_bytes(report.peak_memory_bytes),
-            "[green]yes[/green]" if report.fits_memory else "[red]OOM[/red]",
-            mark.strip() if mark else "",
+            memory,
+            note,
         )
     console.print(table)
+    for i, reason in enumerate(reasons, start=1):
+        console.print(f"  [{i}] {reason}", highlight=False, markup=False)
