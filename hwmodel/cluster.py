@@ -184,9 +184,13 @@ class ClusterSpec(Frozen):
                 f"cluster {self.name!r} has {len(self.node_groups)} node groups "
                 f"({', '.join(g.name for g in self.node_groups)}); --nodes only applies to a cluster of identical nodes"
             )
-        group = self.node_groups[0].model_copy(update={"count": num_nodes})
+        return self.replaced(node_groups=(self.node_groups[0].model_copy(update={"count": num_nodes}),))
+
+    def replaced(self, **changes) -> "ClusterSpec":
+        """A new, validated cluster with some fields changed (`model_copy` would skip validation and keep
+        this cluster's cached topology)."""
         fields = {name: getattr(self, name) for name in type(self).model_fields}
-        fields["node_groups"] = (group,)
+        fields.update(changes)
         return ClusterSpec(**fields)
 
     def with_device(self, name: str, device: DeviceSpec) -> "ClusterSpec":
@@ -197,9 +201,7 @@ class ClusterSpec(Frozen):
             g.model_copy(update={"node": g.node.model_copy(update={"device": device})}) if g.node.device.name == name else g
             for g in self.node_groups
         )
-        fields = {field: getattr(self, field) for field in type(self).model_fields}
-        fields["node_groups"] = groups
-        return ClusterSpec(**fields)
+        return self.replaced(node_groups=groups)
 
     # ---- topology ---------------------------------------------------------------------------
     def _wan(self, a: str, b: str) -> LinkSpec | None:

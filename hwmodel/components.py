@@ -13,7 +13,7 @@ from typing import Annotated, Any, Literal
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, PlainSerializer, ValidationInfo, model_validator
 
 from .curves import EfficiencyCurve
-from .units import Bandwidth, Bytes, FlopRate, NonNegativeBytes, NonNegativeSeconds, Seconds
+from .units import Bandwidth, Bytes, FlopRate, NonNegativeBytes, NonNegativeSeconds
 
 DTYPES = ("fp32", "tf32", "fp16", "bf16", "fp8")
 Dtype = Literal["fp32", "tf32", "fp16", "bf16", "fp8"]

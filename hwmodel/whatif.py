@@ -6,7 +6,7 @@ Each returns a new, validated ClusterSpec; specs are immutable.
 from __future__ import annotations
 
 from .catalog import load_device
-from .cluster import ClusterSpec, NodeGroup
+from .cluster import ClusterSpec
 from .errors import UserError
 
 LINK_FIELDS = {
@@ -17,13 +17,6 @@ LINK_FIELDS = {
 WHATIF_KEYS = tuple(LINK_FIELDS) + ("wan_bandwidth", "device", "nodes")
 
 
-def _rebuild(cluster: ClusterSpec, groups: list[NodeGroup], **changes) -> ClusterSpec:
-    fields = {name: getattr(cluster, name) for name in type(cluster).model_fields}
-    fields["node_groups"] = tuple(groups)
-    fields.update(changes)
-    return ClusterSpec(**fields)
-
-
 def with_link_bandwidth(cluster: ClusterSpec, key: str, bandwidth: float) -> ClusterSpec:
     """Set one link tier's per-direction bandwidth (bytes/s) in every node group (or every WAN link)."""
     if bandwidth <= 0:
@@ -32,7 +25,7 @@ def with_link_bandwidth(cluster: ClusterSpec, key: str, bandwidth: float) -> Clu
         if not cluster.wan:
             raise UserError(f"cluster {cluster.name!r} has no WAN links to change")
         wan = tuple(w.model_copy(update={"link": w.link.model_copy(update={"bandwidth": bandwidth})}) for w in cluster.wan)
-        return _rebuild(cluster, list(cluster.node_groups), wan=wan)
+        return cluster.replaced(wan=wan)
     field = LINK_FIELDS.get(key)
     if field is None:
         raise UserError(f"unknown link {key!r}; accepted: {', '.join(list(LINK_FIELDS) + ['wan_bandwidth'])}")
@@ -43,11 +36,11 @@ def with_link_bandwidth(cluster: ClusterSpec, key: str, bandwidth: float) -> Clu
             raise UserError(f"node group {group.name!r} of cluster {cluster.name!r} has no {field} link")
         node = group.node.model_copy(update={field: link.model_copy(update={"bandwidth": bandwidth})})
         groups.append(group.model_copy(update={"node": node}))
-    return _rebuild(cluster, groups)
+    return cluster.replaced(node_groups=tuple(groups))
 
 
 def with_device_everywhere(cluster: ClusterSpec, device_name: str) -> ClusterSpec:
     """Every node group with `device_name` devices instead (same node layout and links)."""
     device = load_device(device_name)
     groups = [g.model_copy(update={"node": g.node.model_copy(update={"device": device})}) for g in cluster.node_groups]
-    return _rebuild(cluster, groups)
+    return cluster.replaced(node_groups=tuple(groups))

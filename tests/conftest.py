@@ -1,8 +1,15 @@
-"""Shared fixtures: catalog specs are loaded once per session (they are immutable)."""
+"""Shared fixtures: catalog specs loaded once per session (they are immutable), and `simulate`, which
+runs the console entry point in-process."""
 
 from __future__ import annotations
 
+import sys
+from dataclasses import dataclass
+
 import pytest
+from rich.console import Console
+
+import simulator.cli as cli
 
 from hwmodel import load_cluster
 from workloads import load_workload
@@ -21,3 +28,35 @@ def llama7b():
 @pytest.fixture(scope="session")
 def gpt_medium():
     return load_workload("gpt3-350m")
+
+
+@dataclass
+class CliResult:
+    code: int
+    out: str
+    err: str
+
+
+@pytest.fixture
+def simulate(monkeypatch, capsys):
+    """Run `simulate ARGS...` through the console entry point (which turns user errors into exit status
+    2); returns exit code, stdout and stderr. A traceback escaping main() fails the test."""
+    # A standard 80-column terminal (also what a pipe gets), whatever terminal runs the tests.
+    monkeypatch.setattr(cli, "out", Console(width=80))
+    monkeypatch.setattr(cli, "err", Console(stderr=True, width=80))
+
+    def invoke(*args) -> CliResult:
+        argv = [str(a) for a in args]
+        monkeypatch.setattr(sys, "argv", ["simulate", *argv])
+        try:
+            cli.main()
+        except SystemExit as exc:
+            code = exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
+        except Exception as exc:  # what escapes main() is a traceback on the user's terminal
+            pytest.fail(f"`simulate {' '.join(argv)}` ended in a traceback: {type(exc).__name__}: {exc}")
+        else:
+            code = 0
+        captured = capsys.readouterr()
+        return CliResult(code, captured.out, captured.err)
+
+    return invoke

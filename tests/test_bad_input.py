@@ -11,13 +11,11 @@ import csv
 import re
 import subprocess
 import sys
-from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
-from rich.console import Console
+from conftest import CliResult
 
-import simulator.cli as cli
 import specs
 from hwmodel.catalog import load_cluster, load_device
 from hwmodel.errors import SpecError, UnknownNameError, UserError
@@ -44,13 +42,6 @@ PLAN = "tp: 2\nmicro_batch: 1\nglobal_batch: 64\n"
 
 
 # ---- helpers -----------------------------------------------------------------------------------
-@dataclass
-class Result:
-    code: int
-    out: str
-    err: str
-
-
 def _compact(text: str) -> str:
     return re.sub(r"\s+", "", text)
 
@@ -60,31 +51,7 @@ def mentions(text: str, fragment: str) -> bool:
     return _compact(fragment) in _compact(text)
 
 
-@pytest.fixture
-def simulate(monkeypatch, capsys):
-    """Run `simulate ARGS...` through the console entry point; returns exit code, stdout, stderr."""
-    # The width of a pipe or a standard terminal, whatever terminal runs the tests.
-    monkeypatch.setattr(cli, "out", Console(width=80))
-    monkeypatch.setattr(cli, "err", Console(stderr=True, width=80))
-
-    def invoke(*args) -> Result:
-        argv = [str(a) for a in args]
-        monkeypatch.setattr(sys, "argv", ["simulate", *argv])
-        try:
-            cli.main()
-        except SystemExit as exc:
-            code = exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
-        except Exception as exc:  # what escapes main() is a traceback on the user's terminal
-            pytest.fail(f"`simulate {' '.join(argv)}` ended in a traceback: {type(exc).__name__}: {exc}")
-        else:
-            code = 0
-        captured = capsys.readouterr()
-        return Result(code, captured.out, captured.err)
-
-    return invoke
-
-
-def assert_user_error(result: Result, *fragments: str) -> None:
+def assert_user_error(result: CliResult, *fragments: str) -> None:
     assert result.code == 2, f"exit status {result.code}, expected 2; stderr:\n{result.err}"
     assert "Traceback" not in result.err
     assert result.err.lstrip().startswith("error:"), result.err
@@ -105,7 +72,7 @@ def cluster_using_device(tmp_path: Path, device_path: Path) -> Path:
     return edited(CLUSTER_YAML, tmp_path / "cluster.yaml", "device: a100-80g", f"device: {device_path}")
 
 
-def run_on(simulate, cluster: Path) -> Result:
+def run_on(simulate, cluster: Path) -> CliResult:
     return simulate("run", "--workload", "llama2-7b", "--cluster", cluster, "--plan", "tp=2,micro_batch=1,global_batch=64")
 
 

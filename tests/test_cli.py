@@ -13,14 +13,12 @@ import json
 import re
 import subprocess
 import sys
-from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 import yaml
-from rich.console import Console
+from conftest import CliResult
 
-import simulator.cli as cli
 import specs
 from hwmodel.catalog import cluster_names, device_names
 from simulator.validation import builtin_csv
@@ -32,49 +30,18 @@ MEMORY = ("weights", "gradients", "optimizer", "activations", "buffers")
 
 
 # ---- helpers -----------------------------------------------------------------------------------
-@dataclass
-class Result:
-    code: int
-    out: str
-    err: str
-
-
 def mentions(text: str, fragment: str) -> bool:
     """`fragment` occurs in `text`, ignoring where the console wrapped lines."""
     return re.sub(r"\s+", "", fragment) in re.sub(r"\s+", "", text)
 
 
-@pytest.fixture
-def simulate(monkeypatch, capsys):
-    """Run `simulate ARGS...` through the console entry point; returns exit code, stdout, stderr."""
-    # A standard 80-column terminal (also what a pipe gets), whatever terminal runs the tests.
-    monkeypatch.setattr(cli, "out", Console(width=80))
-    monkeypatch.setattr(cli, "err", Console(stderr=True, width=80))
-
-    def invoke(*args) -> Result:
-        argv = [str(a) for a in args]
-        monkeypatch.setattr(sys, "argv", ["simulate", *argv])
-        try:
-            cli.main()
-        except SystemExit as exc:
-            code = exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
-        except Exception as exc:  # what escapes main() is a traceback on the user's terminal
-            pytest.fail(f"`simulate {' '.join(argv)}` ended in a traceback: {type(exc).__name__}: {exc}")
-        else:
-            code = 0
-        captured = capsys.readouterr()
-        return Result(code, captured.out, captured.err)
-
-    return invoke
-
-
-def ok(result: Result) -> Result:
+def ok(result: CliResult) -> CliResult:
     assert result.code == 0, f"exit status {result.code}; stderr:\n{result.err}"
     assert "Traceback" not in result.err
     return result
 
 
-def refused(result: Result, path: Path) -> None:
+def refused(result: CliResult, path: Path) -> None:
     assert result.code == 2, f"exit status {result.code}; stderr:\n{result.err}"
     assert "Traceback" not in result.err
     assert mentions(result.err, str(path)) and "already exists" in result.err and "--force" in result.err

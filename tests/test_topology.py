@@ -300,15 +300,12 @@ def test_devices_of_a_site_share_its_wan_link():
     # Two sites of 4 devices each: an all-reduce over all 8 pushes the whole buffer through the one WAN
     # link once per phase, whatever the number of devices (every device's shard shares the link).
     from hwmodel import load_device
-    from hwmodel.cluster import ClusterSpec
     from simulator.cost.collectives import collective_time
 
     two = load_cluster("two-sites-wan")
     node = two.node_groups[0].node.model_copy(update={"num_devices": 4, "device": load_device("cpu")})
     groups = [g.model_copy(update={"node": node}) for g in two.node_groups]
-    fields = {name: getattr(two, name) for name in type(two).model_fields}
-    fields["node_groups"] = tuple(groups)
-    cluster = ClusterSpec(**fields)
+    cluster = two.replaced(node_groups=tuple(groups))
     wan = cluster.wan[0].link.effective_bandwidth
     nbytes = 1e8
     time = collective_time("all_reduce", nbytes, cluster.span(range(8)))
