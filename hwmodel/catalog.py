@@ -112,13 +112,22 @@ def _load_cluster_file(path: Path) -> ClusterSpec:
     return validate(ClusterSpec, data, str(path), {"strict_units": True})
 
 
-def load_cluster(name_or_path: str, nodes: int | None = None) -> ClusterSpec:
-    """A cluster from the catalog by name, or from a YAML file; `nodes` resizes a one-group cluster."""
+def load_cluster(name_or_path: str, nodes: int | None = None, devices_per_node: int | None = None) -> ClusterSpec:
+    """A cluster from the catalog by name, or from a YAML file.
+
+    Args:
+        nodes: resize a cluster made of one kind of node to this many nodes.
+        devices_per_node: give every node this many devices (e.g. ranks of a CPU box).
+    """
     if _looks_like_path(name_or_path):
         cluster = _load_cluster_file(Path(name_or_path))
     else:
         cluster = _load_cluster_file(cluster_file(name_or_path))
-    return cluster if nodes is None else cluster.with_num_nodes(nodes)
+    if nodes is not None:
+        cluster = cluster.with_num_nodes(nodes)
+    if devices_per_node is not None:
+        cluster = cluster.with_devices_per_node(devices_per_node)
+    return cluster
 
 
 def clear_caches() -> None:

@@ -186,6 +186,15 @@ class ClusterSpec(Frozen):
             )
         return self.replaced(node_groups=(self.node_groups[0].model_copy(update={"count": num_nodes}),))
 
+    def with_devices_per_node(self, num_devices: int) -> "ClusterSpec":
+        """The same cluster with `num_devices` devices in each node (e.g. 4 CPU ranks on `cpu-local`)."""
+        if num_devices <= 0:
+            raise UserError(f"--devices-per-node must be a positive integer, got {num_devices}")
+        groups = tuple(
+            g.model_copy(update={"node": g.node.model_copy(update={"num_devices": num_devices})}) for g in self.node_groups
+        )
+        return self.replaced(node_groups=groups)
+
     def replaced(self, **changes) -> "ClusterSpec":
         """A new, validated cluster with some fields changed (`model_copy` would skip validation and keep
         this cluster's cached topology)."""

@@ -83,13 +83,16 @@ def run(
     cluster: str = typer.Option(..., "--cluster", "-c", help=CLUSTER_HELP),
     plan: str = typer.Option("tp=1", "--plan", "-p", help=PLAN_HELP),
     nodes: Optional[int] = typer.Option(None, "--nodes", "-n", help="Node count for a cluster of identical nodes."),
+    devices_per_node: Optional[int] = typer.Option(
+        None, "--devices-per-node", help="Devices in every node (e.g. 4 ranks on cpu-local)."
+    ),
     seq_len: Optional[int] = typer.Option(None, "--seq-len", help="Train at this sequence length instead."),
     as_json: bool = typer.Option(False, "--json", help="Print the Report as JSON on stdout."),
     out_file: Optional[Path] = typer.Option(None, "--out", help="Also write the Report as JSON to this new file."),
     force: bool = typer.Option(False, "--force", help="Allow --out to replace an existing file."),
 ) -> None:
     """Predict one plan: time, throughput, MFU, memory, and where the time goes."""
-    report = evaluate(load_plan(plan), load_workload(workload, seq_len), load_cluster(cluster, nodes))
+    report = evaluate(load_plan(plan), load_workload(workload, seq_len), load_cluster(cluster, nodes, devices_per_node))
     if out_file is not None:
         _write_new_file(out_file, report.model_dump_json(indent=2), force)
     if as_json:

@@ -312,3 +312,11 @@ def test_devices_of_a_site_share_its_wan_link():
     latency = 2 * 3 * cluster.wan[0].link.latency  # two phases of min(7, log2 8) = 3 steps
     assert time == pytest.approx(nbytes / wan + latency, rel=0.01)  # the intra-host phases are tiny beside it
     assert time >= nbytes / wan
+
+
+def test_devices_per_node_resizes_every_node():
+    cluster = load_cluster("cpu-local", devices_per_node=4)
+    assert cluster.num_devices == 4 and cluster.num_nodes == 1
+    assert load_cluster("dgx-a100-80g", nodes=2, devices_per_node=4).num_devices == 8
+    with pytest.raises(UserError, match="devices-per-node"):
+        load_cluster("cpu-local", devices_per_node=0)
