@@ -17,16 +17,15 @@ from __future__ import annotations
 
 from hwmodel.cluster import ClusterSpec
 from workloads.config import WorkloadConfig
-from workloads.ops import ShardShape
-from workloads.transformer import layer_kinds, layer_profile, model_flops_per_sample
+from workloads.transformer import layer_kinds
 
-from . import metrics
 from .binding import BoundPlan, BoundStage, bind
 from .cost.collectives import p2p_time
 from .cost.pipeline import finish_slack, pipeline_time
 from .cost.stage import StageCost, buffer_memory, peak_activations, stage_cost
 from .plan import Plan
-from .report import MemoryBreakdown, Report, StageReport, TimeBreakdown
+from .assemble import DeviceMemory, StageTiming, assemble_report
+from .report import MemoryBreakdown, Report, TimeBreakdown
 
 def representative_ranks(cluster: ClusterSpec, stage: BoundStage) -> list[int]:
     """One rank per distinct device type in the stage (mixed stages wait for their slowest type)."""
@@ -60,7 +59,7 @@ def stage_p2p(bound: BoundPlan, i: int, output_bytes: float) -> float:
 
 def evaluate_bound(bound: BoundPlan) -> Report:
     """The analytic Report of an already bound plan."""
-    plan, cfg, cluster = bound.plan, bound.workload, bound.cluster
+    plan, cluster = bound.plan, bound.cluster
     m, p, v = bound.num_micro_batches, len(bound.stages), plan.virtual_stages
 
     stage_costs: list[StageCost] = []
@@ -103,97 +102,11 @@ def evaluate_bound(bound: BoundPlan) -> Report:
         optimizer=min(tail, tail_opt),
     )
 
-    # ---- memory --------------------------------------------------------------------------------
-    _, peak_rank, peak_cost, peak_memory = max(all_costs, key=lambda item: item[3].total)
-    fits = all(mem.total <= c.device.memory.capacity for _, _, c, mem in all_costs)
-
-    # ---- throughput and utilization -------------------------------------------------------------
-    global_batch = plan.global_batch or 0
-    model_flops = global_batch * model_flops_per_sample(cfg)
-    hardware_flops = model_flops + global_batch * _recompute_model_flops_per_sample(bound)
-    peak_total = _peak_flops_total(bound)
-    stages_report = []
-    for i, (stage, c) in enumerate(zip(bound.stages, stage_costs)):
-        first, last = stage.block_range
-        stage_peak = max((mem for si, _, _, mem in all_costs if si == i), key=lambda mem: mem.total)
-        stages_report.append(
-            StageReport(
-                index=i,
-                first_layer=first,
-                last_layer=last,
-                num_devices=stage.num_devices,
-                device=c.device.name,
-                tp=stage.tp,
-                cp=stage.cp,
-                dp=stage.dp_for(stage.tp),
-                forward_s=c.forward,
-                backward_s=c.per_micro_batch - c.forward,
-                peak_memory_bytes=stage_peak.total,
-                memory_bytes=stage_peak,
-            )
-        )
-    warnings = list(bound.warnings)
-    if not fits:
-        worst = [
-            f"stage {si} on {c.device.name}: {mem.total / 2**30:.1f} GiB > {c.device.memory.capacity / 2**30:.1f} GiB"
-            for si, _, c, mem in all_costs
-            if mem.total > c.device.memory.capacity
-        ]
-        warnings.append("out of memory: " + "; ".join(worst))
-    return Report(
-        engine="analytic",
-        workload=cfg.name,
-        cluster=cluster.name,
-        plan=plan,
-        num_devices=len(bound.ranks),
-        global_batch=global_batch,
-        num_micro_batches=m,
-        seq_len=cfg.seq_len,
-        iteration_time_s=iteration,
-        tokens_per_s=metrics.tokens_per_second(global_batch, cfg.tokens_per_sample, iteration),
-        samples_per_s=global_batch / iteration,
-        mfu=metrics.mfu(model_flops, iteration, peak_total),
-        hfu=metrics.hfu(hardware_flops, iteration, peak_total),
-        model_flops_per_iteration=model_flops,
-        hardware_flops_per_iteration=hardware_flops,
-        peak_memory_bytes=peak_memory.total,
-        peak_memory_device=peak_rank,
-        memory_capacity_bytes=peak_cost.device.memory.capacity,
-        fits_memory=fits,
-        memory_bytes=peak_memory,
-        time_breakdown_s=breakdown,
-        stages=stages_report,
-        warnings=warnings,
-    )
-
-
-def _peak_flops_total(bound: BoundPlan) -> float:
-    """Sum of the dense matrix peaks of the plan's devices (the MFU denominator)."""
-    dtype = bound.plan.dtype
-    devices = bound.cluster.topology.devices
-    if sum(stage.num_devices for stage in bound.stages) == len(devices):
-        return bound.cluster.topology.peak_flops(dtype)
-    counts: dict[int, int] = {}
-    for stage in bound.stages:
-        for r in stage.ranks:
-            counts[id(devices[r])] = counts.get(id(devices[r]), 0) + 1
-    by_id = {id(d): d for d in devices}
-    return sum(n * by_id[i].compute.peak(dtype, "matrix") for i, n in counts.items())
-
-
-def _recompute_model_flops_per_sample(bound: BoundPlan) -> float:
-    cfg = bound.workload
-    shape = ShardShape(micro_batch=1, seq_len=cfg.seq_len)
-    counts: dict[tuple[str, str], int] = {}
-    for stage in bound.stages:
-        for run in stage.runs:
-            if run.recompute != "none":
-                counts[(run.kind, run.recompute)] = counts.get((run.kind, run.recompute), 0) + run.count
-    total = 0.0
-    for (kind, mode), n in counts.items():
-        prof = layer_profile(cfg, kind, shape)
-        total += n * (prof.model_fwd_flops if mode == "full" else prof.model_fwd_flops_selective)
-    return total
+    stages = [
+        StageTiming(stage, c.device.name, c.forward, c.per_micro_batch - c.forward) for stage, c in zip(bound.stages, stage_costs)
+    ]
+    memories = [DeviceMemory(si, rank, c.device, mem) for si, rank, c, mem in all_costs]
+    return assemble_report(bound, "analytic", iteration, breakdown, stages, memories)
 
 
 def evaluate(plan: Plan, workload: WorkloadConfig, cluster: ClusterSpec) -> Report:

@@ -192,6 +192,8 @@ def bind(plan: Plan, workload: WorkloadConfig, cluster: ClusterSpec) -> BoundPla
     for tp in {plan.tp} | {s.tp for s in plan.stages if s.tp} | {s.tp for s in plan.layers if s.tp}:
         _check_tp(tp, cfg, plan, "")
     num_blocks = cfg.num_layers
+    if plan.schedule == "interleaved" and plan.pp < 2:
+        raise InfeasiblePlan("schedule=interleaved needs pp >= 2 (it interleaves model chunks across pipeline stages)")
     if plan.pp * plan.virtual_stages > num_blocks:
         raise InfeasiblePlan(
             f"pp={plan.pp} x virtual_stages={plan.virtual_stages} = {plan.pp * plan.virtual_stages} model chunks, "

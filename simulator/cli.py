@@ -30,6 +30,8 @@ from workloads.catalog import load_workload, workload_names
 from workloads.transformer import model_flops_per_sample, parameter_count
 
 from .analytic import evaluate
+from .binding import bind
+from .report import Report
 from .errors import InfeasiblePlan
 from .plan import SHORTHAND_KEYS, Plan, load_plan, parse_shorthand
 from .render import render_comparison, render_report
@@ -67,16 +69,62 @@ PLAN_HELP = (
 )
 
 
-def _write_new_file(path: Path, text: str, force: bool) -> None:
-    """Write `text` to `path`, refusing to replace a file the user already has unless --force."""
+def _check_new_file(path: Path, force: bool) -> None:
+    """Refuse to replace a file the user already has unless --force; the folder must exist."""
     if path.exists() and not force:
         raise UserError(f"{path} already exists; choose another name or pass --force to replace it")
     if path.parent and not path.parent.exists():
         raise UserError(f"{path.parent} does not exist")
+
+
+def _write_new_file(path: Path, text: str, force: bool) -> None:
+    """Write `text` to `path`, refusing to replace a file the user already has unless --force."""
+    _check_new_file(path, force)
     path.write_text(text, encoding="utf-8")
 
 
 # ---- run -----------------------------------------------------------------------------------------
+ENGINE_HELP = (
+    "analytic: closed-form, microseconds per plan. des: discrete-event simulation of the iteration with "
+    "contention on shared links, memory over time, --trace and --plot."
+)
+
+
+def _predict(plan: Plan, workload, cluster, engine: str, trace: Path | None = None, plot: Path | None = None,
+             force: bool = False) -> Report:
+    """One prediction with the chosen engine; the des engine can also write a trace and a plot."""
+    if engine == "analytic":
+        if trace is not None or plot is not None:
+            raise UserError("--trace and --plot need --engine des (the analytic model has no timeline)")
+        return evaluate(plan, workload, cluster)
+    if engine != "des":
+        raise UserError(f"--engine must be analytic or des, got {engine!r}")
+    for path in (trace, plot):
+        if path is not None:
+            _check_new_file(path, force)
+    from .des import des_report
+    from .des.engine import Simulation
+
+    simulation = Simulation(bind(plan, workload, cluster), record_trace=trace is not None or plot is not None)
+    total = simulation.total_operations()
+    if total > 5000:
+        with Progress(console=err, transient=True) as progress:
+            task = progress.add_task("simulating", total=total)
+            simulation.progress = lambda n: progress.advance(task, n)
+            result = simulation.run()
+    else:
+        result = simulation.run()
+    if trace is not None:
+        from .des.trace import write_trace
+
+        write_trace(result, trace)
+    if plot is not None:
+        from .des.plot import plot_timeline
+
+        plot_timeline(result, plot, f"{workload.name} on {cluster.name}: {plan.shorthand()}")
+    return des_report(result)
+
+
 @app.command()
 def run(
     workload: str = typer.Option(..., "--workload", "-w", help=WORKLOAD_HELP),
@@ -87,12 +135,20 @@ def run(
         None, "--devices-per-node", help="Devices in every node (e.g. 4 ranks on cpu-local)."
     ),
     seq_len: Optional[int] = typer.Option(None, "--seq-len", help="Train at this sequence length instead."),
+    engine: str = typer.Option("des", "--engine", "-e", help=ENGINE_HELP),
+    trace: Optional[Path] = typer.Option(
+        None, "--trace", help="des: write a Chrome trace (open in Perfetto or chrome://tracing)."
+    ),
+    plot: Optional[Path] = typer.Option(None, "--plot", help="des: draw the timeline and memory over time to a PNG."),
     as_json: bool = typer.Option(False, "--json", help="Print the Report as JSON on stdout."),
     out_file: Optional[Path] = typer.Option(None, "--out", help="Also write the Report as JSON to this new file."),
-    force: bool = typer.Option(False, "--force", help="Allow --out to replace an existing file."),
+    force: bool = typer.Option(False, "--force", help="Allow --out, --trace and --plot to replace existing files."),
 ) -> None:
     """Predict one plan: time, throughput, MFU, memory, and where the time goes."""
-    report = evaluate(load_plan(plan), load_workload(workload, seq_len), load_cluster(cluster, nodes, devices_per_node))
+    if out_file is not None:
+        _check_new_file(out_file, force)
+    report = _predict(load_plan(plan), load_workload(workload, seq_len), load_cluster(cluster, nodes, devices_per_node),
+                      engine, trace, plot, force)
     if out_file is not None:
         _write_new_file(out_file, report.model_dump_json(indent=2), force)
     if as_json:
@@ -146,6 +202,7 @@ def compare(
     ),
     nodes: Optional[int] = typer.Option(None, "--nodes", "-n", help="Node count for clusters of identical nodes."),
     seq_len: Optional[int] = typer.Option(None, "--seq-len", help="Train at this sequence length instead."),
+    engine: str = typer.Option("analytic", "--engine", "-e", help=ENGINE_HELP),
     csv_file: Optional[Path] = typer.Option(None, "--csv", help="Also write the table as CSV to this new file."),
     as_json: bool = typer.Option(False, "--json", help="Print the rows as JSON on stdout."),
     force: bool = typer.Option(False, "--force", help="Allow --csv to replace an existing file."),
@@ -167,7 +224,7 @@ def compare(
                     cl = with_device_everywhere(cl, value)
                 elif key and key.endswith("_bandwidth"):
                     cl = with_link_bandwidth(cl, key, parse_quantity(value, "bandwidth", allow_bare_number=False))
-                row["report"] = evaluate(pl, wl, cl)
+                row["report"] = _predict(pl, wl, cl, engine)
             except (InfeasiblePlan, SpecError) as exc:
                 # One configuration that cannot run is a row of the table, not the end of the sweep.
                 row["report"] = None
@@ -200,21 +257,26 @@ def validate_llm_foundry_cmd(
     csv_path: Optional[Path] = typer.Option(
         None, "--csv", help="Validate another table with the same columns (gpu values a100_40gb, a100_80gb, h100_80gb)."
     ),
+    engine: str = typer.Option("analytic", "--engine", "-e", help=ENGINE_HELP),
     as_json: bool = typer.Option(False, "--json", help="Print rows and summary as JSON on stdout."),
 ) -> None:
     """Predict every row of the llm-foundry MPT table and compare tokens/s with the measured value."""
     started = time.perf_counter()
+    predict = lambda plan, workload, cluster: _predict(plan, workload, cluster, engine)  # noqa: E731
     if as_json:
-        rows = validate_llm_foundry(csv_path)
+        rows = validate_llm_foundry(csv_path, predict=predict)
     else:
         with Progress(console=err, transient=True) as progress:
             task = progress.add_task("predicting rows", total=None)
-            rows = validate_llm_foundry(csv_path, progress=lambda: progress.advance(task))
+            rows = validate_llm_foundry(csv_path, progress=lambda: progress.advance(task), predict=predict)
     summary = summarize(rows)
     if as_json:
         print(json.dumps(summary, indent=2))
         return
-    table = Table(title=f"llm-foundry: measured vs predicted tokens/s ({csv_path or 'built-in table'})", show_edge=False)
+    table = Table(
+        title=f"llm-foundry: measured vs predicted tokens/s ({csv_path or 'built-in table'}, {engine} engine)",
+        show_edge=False,
+    )
     for col in ("model", "gpu", "gpus", "seq", "mb", "ckpt", "measured", "predicted", "error", "pred. MFU", "pred. memory"):
         table.add_column(col, justify="left" if col in ("model", "gpu") else "right")
     for r in rows:

@@ -66,11 +66,11 @@ class StageReport(BaseModel):
 
 
 class Report(BaseModel):
-    """What a plan does: predicted (engine 'analytic' or 'event') or measured (engine 'measured')."""
+    """What a plan does: predicted (engine 'analytic' or 'des') or measured (engine 'measured')."""
 
     model_config = ConfigDict(frozen=True)
 
-    engine: Literal["analytic", "event", "measured"]
+    engine: Literal["analytic", "des", "measured"]
     workload: str
     cluster: str
     plan: Plan
@@ -92,4 +92,8 @@ class Report(BaseModel):
     memory_bytes: MemoryBreakdown
     time_breakdown_s: TimeBreakdown
     stages: list[StageReport] = Field(default_factory=list)
+    link_utilization: dict[str, float] = Field(
+        default_factory=dict, description="des: busy share of each port with traffic (bytes moved / capacity / time)"
+    )
+    peak_memory_time_s: float | None = Field(None, description="des: when the peak happens, from iteration start")
     warnings: list[str] = Field(default_factory=list)

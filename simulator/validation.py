@@ -110,14 +110,15 @@ def read_rows(path: Path) -> list[dict[str, str]]:
     return rows
 
 
-def validate_llm_foundry(path: Path | None = None, progress=None) -> list[ValidationRow]:
-    """Predict every row of the table at `path` (default: the built-in copy)."""
+def validate_llm_foundry(path: Path | None = None, progress=None, predict=evaluate) -> list[ValidationRow]:
+    """Predict every row of the table at `path` (default: the built-in copy) with `predict(plan,
+    workload, cluster) -> Report` (default: the analytic model)."""
     path = path or builtin_csv()
     rows = read_rows(path)
     out = []
     for line, row in enumerate(rows, start=2):
         workload, cluster_name, nodes, plan = row_inputs(row, str(path), line)
-        report = evaluate(plan, workload, load_cluster(cluster_name, nodes=nodes))
+        report = predict(plan, workload, load_cluster(cluster_name, nodes=nodes))
         measured = float(row["tokens_per_s"])
         mfu = row.get("mfu_pct")
         try:

@@ -51,7 +51,7 @@ def refused(result: CliResult, path: Path) -> None:
 def test_run_json_is_a_complete_report(simulate):
     result = ok(simulate("run", "-w", "llama2-7b", "-c", "dgx-a100-80g", "--plan", "tp=2,micro_batch=1,global_batch=64", "--json"))
     report = json.loads(result.out)
-    assert report["engine"] == "analytic"
+    assert report["engine"] == "des"  # the default engine of `run`
     assert report["num_devices"] == 8
     assert report["workload"] == "llama2-7b" and report["cluster"] == "dgx-a100-80g"
     for key in ("iteration_time_s", "tokens_per_s", "samples_per_s", "mfu", "hfu", "peak_memory_bytes"):
@@ -100,7 +100,35 @@ def test_run_out_refuses_an_existing_file_unless_force(simulate, tmp_path):
     refused(simulate("run", "-w", "llama2-7b", "-c", "dgx-a100-80g", "--out", target), target)
     assert target.read_text() == "my notes\n"
     ok(simulate("run", "-w", "llama2-7b", "-c", "dgx-a100-80g", "--out", target, "--force"))
-    assert json.loads(target.read_text())["engine"] == "analytic"
+    assert json.loads(target.read_text())["engine"] == "des"
+
+
+def test_run_engines_and_their_outputs(simulate, tmp_path):
+    plan = "tp=4,pp=2,micro_batch=1,global_batch=16"
+    analytic = json.loads(ok(simulate("run", "-w", "llama2-7b", "-c", "dgx-a100-80g", "-p", plan, "--engine", "analytic",
+                                      "--json")).out)
+    trace, plot = tmp_path / "t.json", tmp_path / "t.png"
+    des = json.loads(ok(simulate("run", "-w", "llama2-7b", "-c", "dgx-a100-80g", "-p", plan, "--json",
+                                 "--trace", trace, "--plot", plot)).out)
+    assert (analytic["engine"], des["engine"]) == ("analytic", "des")
+    assert des["iteration_time_s"] == pytest.approx(analytic["iteration_time_s"], rel=0.02)
+    assert des["link_utilization"] and des["peak_memory_time_s"] is not None
+    assert json.loads(trace.read_text())["traceEvents"]
+    assert plot.read_bytes()[:4] == b"\x89PNG"
+    # The timeline files are the user's too: not replaced without --force.
+    refused(simulate("run", "-w", "llama2-7b", "-c", "dgx-a100-80g", "-p", plan, "--trace", trace), trace)
+    result = simulate("run", "-w", "llama2-7b", "-c", "dgx-a100-80g", "-p", plan, "--engine", "analytic",
+                      "--trace", tmp_path / "new.json")
+    assert result.code == 2 and "--engine des" in result.err
+    result = simulate("run", "-w", "llama2-7b", "-c", "dgx-a100-80g", "-p", plan, "--engine", "exact")
+    assert result.code == 2 and "analytic or des" in result.err
+
+
+def test_validate_with_the_event_engine_meets_its_targets(simulate):
+    summary = json.loads(ok(simulate("validate", "llm-foundry", "--engine", "des", "--json")).out)
+    assert len(summary["rows"]) == 113
+    assert summary["mean_abs_pct_error"] <= 8
+    assert summary["max_abs_pct_error"] <= 20
 
 
 # ---- compare -------------------------------------------------------------------------------------

@@ -121,7 +121,8 @@ class StageCost:
     optimizer: float = 0.0
     regather: float = 0.0  # ZeRO-1/2 weight gathers after the optimizer step
     output_bytes: float = 0.0
-    tied_reduce: float = 0.0  # a tied output layer's gradient all-reduce with the embedding's stage
+    tied_reduce: float = 0.0  # a tied output layer's copy of the embedding: its gradient all-reduce
+    tied_reduce_bytes: float = 0.0
     weights: float = 0.0
     gradients: float = 0.0
     optimizer_states: float = 0.0
@@ -281,9 +282,8 @@ def stage_cost(bound: BoundPlan, stage: BoundStage, rank: int, memo: dict | None
             cost.optimizer_states += tied.optimizer
             opt_params += prof.tied_params_local / (dp if run.dp_type != "ddp" else 1)
             if dp > 1:
-                cost.tied_reduce = max(
-                    collective_time("all_reduce", prof.tied_params_local * reduce_bytes, s) for s in spans["dp"]
-                )
+                cost.tied_reduce_bytes = prof.tied_params_local * reduce_bytes
+                cost.tied_reduce = max(collective_time("all_reduce", cost.tied_reduce_bytes, s) for s in spans["dp"])
     cost.runs = tuple(runs)
     cost.comm = cost.forward + cost.backward - cost.compute - cost.recompute - cost.stall
     cost.optimizer = optimizer_time(opt_params, OPTIMIZER_TRAFFIC[(plan.optimizer, plan.dtype != "fp32")], line)

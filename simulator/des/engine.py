@@ -1,0 +1,479 @@
+"""The discrete-event engine: one training iteration of a plan as a SimPy timeline.
+
+Model. Ranks that do identical work on identical hardware behave identically, so each pipeline stage
+is simulated by one representative device per device type it contains (a 1,024-GPU uniform plan with
+16 stages simulates 16 devices; a stage mixing A100s and V100s keeps both). Each representative has a
+compute stream and ports: intra-node fabric, its share of the NICs, PCIe to the host and the WAN, each
+in two directions. All transfers are flows sharing those ports (`fluid.py`), so a gradient reduction
+and a pipeline send on one NIC slow each other, and a ZeRO-3 gather slows the compute beside it.
+
+Lowering. The plan's schedule (`simulator.schedules`) gives each stage its order of forward and
+backward operations; each operation runs the stage's runs of identical layers as compute tasks whose
+durations, bytes and collectives come from `simulator.cost.stage` (the analytic model's source too):
+blocking tensor-parallel collectives after compute, ZeRO-3 gathers and reduce-scatters and activation
+offload copies beside it, pipeline sends between stages, and, in the last micro-batch, each layer's
+gradient reduction as soon as its backward ends; then the optimizer step and ZeRO-1/2 weight gathers.
+A collective becomes the flows its hierarchical algorithm sends, one per tier it crosses.
+
+Memory. Each representative's memory is a timeline: model states and buffers for the whole iteration,
+a run's saved activations from the end of its forward to the end of its backward, and the tensors a
+recompute re-materializes while that backward runs.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import simpy
+
+from hwmodel.cluster import GroupSpan, Tier
+from workloads.ops import Collective
+
+from ..binding import BoundPlan, BoundStage, bind
+from ..cost.collectives import _latency_steps
+from ..cost.stage import RunCost, StageCost, buffer_memory, stage_cost
+from ..schedules import Op, stage_order
+from .fluid import FluidNetwork, Port
+
+TIER_PORT = {Tier.NODE: "intra", Tier.SITE: "nic", Tier.WAN: "wan"}
+
+
+@dataclass
+class TraceEvent:
+    name: str
+    category: str  # forward, backward, recompute, comm, optimizer, p2p, reduce, offload
+    track: str  # "compute" or a port name
+    rep: int
+    start: float
+    end: float
+    args: dict = field(default_factory=dict)
+
+
+@dataclass(eq=False)
+class Rep:
+    """A representative device of one stage and one device type."""
+
+    index: int
+    stage: BoundStage
+    rank: int
+    cost: StageCost
+    num_ranks: int  # ranks of the stage it stands for
+    ports: dict[str, Port] = field(default_factory=dict)
+    memory_base: float = 0.0
+    memory_now: float = 0.0
+    memory_peak: float = 0.0
+    memory_peak_time: float = 0.0
+    memory_events: list[tuple[float, float]] = field(default_factory=list)
+    busy: dict[str, float] = field(default_factory=dict)
+    finish: float = 0.0
+    grad_stream: simpy.Resource | None = None  # gradient reductions queue on one communicator stream
+
+    def label(self) -> str:
+        return f"stage {self.stage.index} {self.cost.device.name} (x{self.num_ranks})"
+
+    def port(self, tier: Tier, direction: str) -> Port:
+        return self.ports[f"{TIER_PORT[tier]}.{direction}"]
+
+
+@dataclass
+class DesResult:
+    bound: BoundPlan
+    iteration_time: float
+    reps: list[Rep]
+    stage_reps: list[list[Rep]]
+    trace: list[TraceEvent]
+    ports: dict[str, Port]
+    num_tasks: int
+    compute_tasks: list[tuple[int, str, float, float]]
+
+
+class Simulation:
+    """One iteration of a bound plan on the representatives of its stages."""
+
+    def __init__(
+        self,
+        bound: BoundPlan,
+        record_trace: bool = False,
+        progress: Callable[[int], None] | None = None,
+        background: tuple[tuple[int, str, float, float], ...] = (),
+    ):
+        """
+        Args:
+            bound: the plan, bound to its workload and cluster.
+            record_trace: keep every task and flow for `trace.py` and `plot.py`.
+            progress: called with 1 after each forward or backward operation.
+            background: extra flows that compete with the plan: (rep index, port name such as
+                "nic.tx", start time in seconds, bytes). For what-if studies and tests.
+        """
+        self.bound = bound
+        self.background = background
+        self.env = simpy.Environment()
+        self.net = FluidNetwork(self.env)
+        self.record_trace = record_trace
+        self.trace: list[TraceEvent] = []
+        # (rep index, name, start, end) of every compute task, traced or not: the task graph's compute nodes
+        self.compute_tasks: list[tuple[int, str, float, float]] = []
+        self.progress = progress
+        self.num_tasks = 0
+        self.plan = bound.plan
+        self.m = bound.num_micro_batches
+        self.p = len(bound.stages)
+        self.v = self.plan.virtual_stages
+        memo: dict = {}
+        from ..analytic import representative_ranks  # the same collapse as the analytic model
+
+        self.stage_reps: list[list[Rep]] = []
+        self.reps: list[Rep] = []
+        cluster = bound.cluster
+        devices = cluster.topology.devices
+        for stage in bound.stages:
+            reps = []
+            for rank in representative_ranks(cluster, stage):
+                cost = stage_cost(bound, stage, rank, memo)
+                same = sum(1 for r in stage.ranks if devices[r] is devices[rank])
+                rep = Rep(len(self.reps), stage, rank, cost, same)
+                rep.grad_stream = simpy.Resource(self.env, capacity=1)
+                self._make_ports(rep)
+                rep.memory_base = cost.weights + cost.gradients + cost.optimizer_states + buffer_memory(cost, self.p)
+                rep.memory_now = rep.memory_peak = rep.memory_base
+                rep.memory_events.append((0.0, rep.memory_base))
+                reps.append(rep)
+                self.reps.append(rep)
+            self.stage_reps.append(reps)
+        # Layer runs of each model chunk of each representative (its own device's costs), in forward order.
+        self.chunk_runs = [self._chunks(rep.cost, rep.stage) for rep in self.reps]
+        # done[(kind, micro_batch, global_chunk)] -> event fired when every rep of that stage finished it
+        self.done: dict[tuple[str, int, int], simpy.Event] = {}
+        self.arrived: dict[tuple[str, int, int], simpy.Event] = {}
+
+    # ---- setup -------------------------------------------------------------------------------------
+    def _make_ports(self, rep: Rep) -> None:
+        cluster = self.bound.cluster
+        node = cluster.node_of(rep.rank)
+        capacities = {
+            "intra": node.intra_node.effective_bandwidth,
+            "pcie": node.host_link.effective_bandwidth,
+            "nic": (node.network.aggregate_bandwidth / node.num_devices) if node.network else float("inf"),
+            "wan": max((w.link.effective_bandwidth for w in cluster.wan), default=float("inf")),
+        }
+        for name, capacity in capacities.items():
+            for direction in ("tx", "rx"):
+                rep.ports[f"{name}.{direction}"] = Port(f"{rep.label()} {name}.{direction}", capacity)
+
+    def _chunks(self, cost: StageCost, stage: BoundStage) -> list[list[RunCost]]:
+        """Split the stage's runs into its model chunks: binding gives each chunk a contiguous range of
+        layers (the input layer joins the first, the output layer the last), and with two or more
+        stages the chunks of one stage are never contiguous with each other."""
+        chunks: list[list[RunCost]] = []
+        end = None
+        for rc in cost.runs:
+            if end is None or rc.run.first != end:
+                chunks.append([])
+            chunks[-1].append(rc)
+            end = rc.run.first + rc.run.count
+        assert len(chunks) == self.v, (len(chunks), self.v)
+        return chunks
+
+    # ---- memory --------------------------------------------------------------------------------------
+    def _memory(self, rep: Rep, delta: float) -> None:
+        rep.memory_now += delta
+        rep.memory_events.append((self.env.now, rep.memory_now))
+        if rep.memory_now > rep.memory_peak + 1e-6:
+            rep.memory_peak = rep.memory_now
+            rep.memory_peak_time = self.env.now
+
+    # ---- communication ---------------------------------------------------------------------------------
+    def _phases(self, kind: str, nbytes: float, span: GroupSpan) -> tuple[list[list[tuple[Tier, float, float]]], float]:
+        """The flows of a hierarchical collective: sequential phases of concurrent (tier, bytes, cap)
+        flows, and its latency (mirrors `cost.collectives.collective_time`)."""
+        if span.size <= 1 or nbytes <= 0 or not span.levels:
+            return [], 0.0
+        latency = _latency_steps(span.size) * max(level.latency for level in span.levels)
+        if kind in ("all_gather", "reduce_scatter", "all_reduce"):
+            phases = []
+            share = nbytes
+            for level in span.levels:
+                k = level.fanout
+                phases.append([(level.tier, (k - 1) / k * share, level.bandwidth)])
+                share /= k
+            if kind == "all_reduce":
+                return phases + phases[::-1], 2 * latency
+            return phases, latency
+        if kind == "all_to_all":
+            flows, inner = [], 1
+            for level in span.levels:
+                flows.append((level.tier, inner * (level.fanout - 1) / span.size * nbytes, level.bandwidth))
+                inner *= level.fanout
+            return [flows], latency
+        if kind == "send_recv":
+            level = max(span.levels, key=lambda lvl: lvl.tier)
+            return [[(level.tier, nbytes, level.bandwidth)]], max(1, span.size - 1) * level.latency
+        raise AssertionError(kind)
+
+    def _collective(self, rep: Rep, kind: str, nbytes: float, span: GroupSpan, *, count: int = 1,
+                    slows_compute: bool = False, name: str = "", category: str = "comm"):
+        """Process: `count` back-to-back collectives of `kind` as flows on `rep`'s ports."""
+        phases, latency = self._phases(kind, nbytes, span)
+        if not phases:
+            return
+        start = self.env.now
+        if latency:
+            yield self.env.timeout(count * latency)
+        for phase in phases:
+            events = []
+            for tier, phase_bytes, cap in phase:
+                ports = (rep.port(tier, "tx"), rep.port(tier, "rx"))
+                events.append(self.net.transfer(count * phase_bytes, ports, cap, rep, slows_compute))
+                self.num_tasks += 1
+            yield simpy.AllOf(self.env, events)
+        self._record(rep, name or kind, category, f"{TIER_PORT[max(t for ph in phases for t, _, _ in ph)]}", start)
+
+    def _blocking(self, rep: Rep, collectives: tuple[Collective, ...], rc: RunCost, count: int, name: str):
+        """Process: a run's blocking (tensor/expert-parallel) collectives, one after the other."""
+        for c in collectives:
+            if c.group == "cp":
+                continue
+            span = max(rc.spans[c.group], key=lambda s: s.size)
+            yield from self._collective(rep, c.kind, c.nbytes, span, count=count, name=f"{c.kind} {name}")
+
+    # ---- tasks -----------------------------------------------------------------------------------------
+    def _record(self, rep: Rep, name: str, category: str, track: str, start: float, **args) -> None:
+        if track == "compute":
+            self.compute_tasks.append((rep.index, name, start, self.env.now))
+        if self.record_trace and self.env.now > start:
+            self.trace.append(TraceEvent(name, category, track, rep.index, start, self.env.now, args))
+
+    def _run_forward(self, rep: Rep, rc: RunCost, mb: int, count: int):
+        """Process: `count` layers of a run forward for one micro-batch."""
+        start = self.env.now
+        side = []
+        dp_span = max(rc.spans["dp"], key=lambda s: s.size)
+        if rc.gather:
+            side.append(self.env.process(self._collective(
+                rep, "all_gather", rc.gather_bytes, dp_span, count=count, slows_compute=True,
+                name=f"gather L{rc.run.first}", category="zero3")))
+        if rc.offload_copy:
+            side.append(self.net.transfer(count * rc.offload_copy * rep.cost.host_link.effective_bandwidth,
+                                          (rep.ports["pcie.tx"],)))
+        work = self.net.compute(rep, count * rc.times.forward, rc.sigma)
+        yield simpy.AllOf(self.env, [work, *side])
+        self._account(rep, "compute", count * rc.times.forward)
+        self._account(rep, "overlap", self.env.now - start - count * rc.times.forward, rc)
+        self._record(rep, f"F mb{mb} {self._layers(rc, count)}", "forward", "compute", start)
+        t = self.env.now
+        yield from self._blocking(rep, rc.profile.fwd_comm, rc, count, f"fwd mb{mb}")
+        if rc.cp_forward:
+            yield self.env.timeout(count * rc.cp_forward)
+        self._account(rep, "comm", self.env.now - t)
+        self._memory(rep, count * rc.saved)
+        self.num_tasks += 1
+
+    def _run_backward(self, rep: Rep, rc: RunCost, mb: int, count: int):
+        """Process: `count` layers of a run backward (recompute included) for one micro-batch."""
+        start = self.env.now
+        self._memory(rep, rc.transient)
+        side = []
+        dp_span = max(rc.spans["dp"], key=lambda s: s.size)
+        if rc.gather:
+            side.append(self.env.process(self._zero3_backward(rep, rc, dp_span, count)))
+        if rc.offload_copy:
+            side.append(self.net.transfer(count * rc.offload_copy * rep.cost.host_link.effective_bandwidth,
+                                          (rep.ports["pcie.rx"],)))
+        busy = count * (rc.times.backward + rc.recompute)
+        work = self.net.compute(rep, busy, rc.sigma)
+        yield simpy.AllOf(self.env, [work, *side])
+        self._account(rep, "compute", count * rc.times.backward)
+        self._account(rep, "recompute", count * rc.recompute)
+        self._account(rep, "overlap", self.env.now - start - busy, rc)
+        self._record(rep, f"B mb{mb} {self._layers(rc, count)}", "backward", "compute", start)
+        t = self.env.now
+        yield from self._blocking(rep, rc.profile.bwd_comm, rc, count, f"bwd mb{mb}")
+        if rc.cp_backward:
+            yield self.env.timeout(count * rc.cp_backward)
+        self._account(rep, "comm", self.env.now - t)
+        self._memory(rep, -rc.transient - count * rc.saved)
+        self.num_tasks += 1
+
+    def _zero3_backward(self, rep: Rep, rc: RunCost, span: GroupSpan, count: int):
+        gather = self.env.process(self._collective(rep, "all_gather", rc.gather_bytes, span, count=count,
+                                                   slows_compute=True, name=f"gather L{rc.run.first}", category="zero3"))
+        scatter = self.env.process(self._collective(rep, "reduce_scatter", rc.scatter_bytes, span, count=count,
+                                                    slows_compute=True, name=f"scatter L{rc.run.first}", category="zero3"))
+        yield simpy.AllOf(self.env, [gather, scatter])
+
+    @staticmethod
+    def _layers(rc: RunCost, count: int) -> str:
+        if rc.run.kind in ("embedding", "patch_embedding", "head"):
+            return rc.run.kind
+        first = rc.run.first - 1
+        return f"layer {first}" if count == 1 else f"layers {first}-{first + count - 1}"
+
+    def _account(self, rep: Rep, key: str, seconds: float, rc: RunCost | None = None) -> None:
+        if key == "overlap":
+            # Time beyond the compute: offload copies or communication that did not hide behind it.
+            if seconds <= 0:
+                return
+            key = "stall" if rc is not None and rc.offload_copy and not rc.gather else "comm"
+        rep.busy[key] = rep.busy.get(key, 0.0) + seconds
+
+    # ---- the schedule ----------------------------------------------------------------------------------
+    def _event(self, table: dict, key: tuple) -> simpy.Event:
+        if key not in table:
+            table[key] = self.env.event()
+        return table[key]
+
+    def _global_chunk(self, stage: int, chunk: int) -> int:
+        return chunk * self.p + stage
+
+    def _where(self, global_chunk: int) -> tuple[int, int]:
+        return global_chunk % self.p, global_chunk // self.p
+
+    def _send(self, src: Rep, dst_stage: int, nbytes: float, key: tuple):
+        """Process: the activation (or its gradient) of one micro-batch to every rep of `dst_stage`."""
+        start = self.env.now
+        transfers = []
+        for dst in self.stage_reps[dst_stage]:
+            path = self.bound.cluster.path(src.stage.ranks[0], dst.stage.ranks[0])
+            if path.tier == Tier.DEVICE:
+                continue
+            transfers.append(self.env.process(self._p2p(src, dst, nbytes, path)))
+        if transfers:
+            yield simpy.AllOf(self.env, transfers)
+        self._record(src, f"send {'activation' if key[0] == 'F' else 'gradient'} mb{key[1]}", "p2p", "p2p", start)
+        self._event(self.arrived, key).succeed()
+
+    def _p2p(self, src: Rep, dst: Rep, nbytes: float, path):
+        yield self.env.timeout(path.latency)
+        ports = (src.port(path.tier, "tx"), dst.port(path.tier, "rx"))
+        yield self.net.transfer(nbytes, ports, path.bandwidth)
+        self.num_tasks += 1
+
+    def _stream(self, rep: Rep):
+        """Process: a representative's compute stream running its stage's operations in order."""
+        stage = rep.stage.index
+        order: list[Op] = stage_order(self.plan.schedule, stage, self.p, self.m, self.v)
+        last_chunks = self.p * self.v - 1
+        reductions = []
+        siblings = self.stage_reps[stage]
+        for op in order:
+            g = self._global_chunk(stage, op.chunk)
+            runs = self.chunk_runs[rep.index][op.chunk]
+            wait_start = self.env.now
+            if op.kind == "F":
+                if g > 0:
+                    yield self._event(self.arrived, ("F", op.micro_batch, g - 1))
+                self._account(rep, "idle", self.env.now - wait_start)
+                for rc in runs:
+                    yield from self._run_forward(rep, rc, op.micro_batch, rc.count)
+            else:
+                if g < last_chunks:
+                    yield self._event(self.arrived, ("B", op.micro_batch, g + 1))
+                self._account(rep, "idle", self.env.now - wait_start)
+                last = op.micro_batch == self._last_backward_micro_batch()
+                for rc in reversed(runs):
+                    if last and (rc.reduce or self._tied(rc)):
+                        # The last backward of the iteration: reduce each layer's gradients as soon as
+                        # that layer is done, behind the backward of the layers before it.
+                        for _ in range(rc.count):
+                            yield from self._run_backward(rep, rc, op.micro_batch, 1)
+                            reductions.append(self.env.process(self._reduce(rep, rc)))
+                    else:
+                        yield from self._run_backward(rep, rc, op.micro_batch, rc.count)
+            yield from self._sync(siblings, rep, (op.kind, op.micro_batch, g))
+            if rep is siblings[0]:
+                self._after_op(rep, op, g)
+            if self.progress is not None:
+                self.progress(1)
+        if reductions:
+            t = self.env.now
+            yield simpy.AllOf(self.env, reductions)
+            self._account(rep, "tail", self.env.now - t)
+        t = self.env.now
+        yield self.net.compute(rep, rep.cost.optimizer)
+        self._account(rep, "optimizer", self.env.now - t)
+        self._record(rep, "optimizer step", "optimizer", "compute", t)
+        t = self.env.now
+        for rc in rep.cost.runs:
+            if rc.regather:
+                span = max(rc.spans["dp"], key=lambda s: s.size)
+                yield from self._collective(rep, "all_gather", rc.profile.params_local * self._weight_bytes(), span,
+                                            count=rc.count, name="gather updated weights", category="reduce")
+        self._account(rep, "tail", self.env.now - t)
+        rep.finish = self.env.now
+
+    def _weight_bytes(self) -> float:
+        from ..cost.memory import state_bytes
+
+        return state_bytes(self.plan.dtype, self.plan.optimizer).weights
+
+    def _tied(self, rc: RunCost) -> bool:
+        return rc.run.kind == "head" and bool(rc.profile.tied_params_local) and self.p > 1 and rc.dp > 1
+
+    def _last_backward_micro_batch(self) -> int:
+        return self.m - 1
+
+    def _reduce(self, rep: Rep, rc: RunCost):
+        """Process: one layer's gradient reduction (ddp all-reduce, ZeRO-1/2 reduce-scatter), queued
+        behind the earlier layers' on the data-parallel communicator (NCCL runs them in order)."""
+        span = max(rc.spans["dp"], key=lambda s: s.size)
+        with rep.grad_stream.request() as turn:
+            yield turn
+            yield from self._reduce_now(rep, rc, span)
+
+    def _reduce_now(self, rep: Rep, rc: RunCost, span: GroupSpan):
+        if rc.reduce:
+            yield from self._collective(rep, rc.reduce_kind, rc.reduce_bytes, span, name=f"reduce grads L{rc.run.first}",
+                                        category="reduce")
+        if self._tied(rc):
+            yield from self._collective(rep, "all_reduce", rep.cost.tied_reduce_bytes, span,
+                                        name="reduce tied embedding", category="reduce")
+
+    def _sync(self, siblings: list[Rep], rep: Rep, key: tuple):
+        """Reps of one stage (different device types) finish each operation together: their data
+        parallel and tensor parallel peers wait for each other."""
+        if len(siblings) == 1:
+            return
+        event = self._event(self.done, (rep.index,) + key)
+        event.succeed()
+        t = self.env.now
+        yield simpy.AllOf(self.env, [self._event(self.done, (s.index,) + key) for s in siblings])
+        self._account(rep, "idle", self.env.now - t)
+
+    def _after_op(self, rep: Rep, op: Op, g: int) -> None:
+        """Send the operation's output on to the neighbouring model chunk."""
+        if op.kind == "F" and g < self.p * self.v - 1:
+            dst, _ = self._where(g + 1)
+            self.env.process(self._send(rep, dst, rep.cost.output_bytes, ("F", op.micro_batch, g)))
+        elif op.kind == "B" and g > 0:
+            dst, _ = self._where(g - 1)
+            self.env.process(self._send(rep, dst, self._output_of(g - 1), ("B", op.micro_batch, g)))
+
+    def _output_of(self, g: int) -> float:
+        stage, _ = self._where(g)
+        return self.stage_reps[stage][0].cost.output_bytes
+
+    # ---- run -----------------------------------------------------------------------------------------
+    def total_operations(self) -> int:
+        """Forward and backward operations all representatives run (for progress reporting)."""
+        return sum(len(stage_order(self.plan.schedule, rep.stage.index, self.p, self.m, self.v)) for rep in self.reps)
+
+    def _background(self, rep: Rep, port: str, start: float, nbytes: float):
+        yield self.env.timeout(start)
+        yield self.net.transfer(nbytes, (rep.ports[port],))
+
+    def run(self) -> DesResult:
+        for rep in self.reps:
+            self.env.process(self._stream(rep))
+        for rep_index, port, start, nbytes in self.background:
+            self.env.process(self._background(self.reps[rep_index], port, start, nbytes))
+        self.env.run()
+        iteration = max(rep.finish for rep in self.reps)
+        ports = {port.name: port for rep in self.reps for port in rep.ports.values()}
+        return DesResult(self.bound, iteration, self.reps, self.stage_reps, self.trace, ports, self.num_tasks,
+                         self.compute_tasks)
+
+
+def simulate(plan, workload, cluster, record_trace: bool = False) -> DesResult:
+    """Simulate one iteration of `plan` (raises InfeasiblePlan like the analytic model)."""
+    return Simulation(bind(plan, workload, cluster), record_trace=record_trace).run()
