@@ -134,6 +134,18 @@ def test_a_competing_flow_never_makes_the_iteration_finish_earlier(case, port, s
     assert busy.iteration_time >= base.iteration_time * (1 - 1e-12)
     for before, after in zip(base.reps, busy.reps):
         assert after.finish >= before.finish * (1 - 1e-12)
+    # Task by task: each compute task (its n-th occurrence on its representative) ends no earlier.
+    def ends(result):
+        seen, out = Counter(), {}
+        for rep_index, name, _, end in result.compute_tasks:
+            seen[(rep_index, name)] += 1
+            out[(rep_index, name, seen[(rep_index, name)])] = end
+        return out
+
+    before, after = ends(base), ends(busy)
+    assert before.keys() == after.keys()
+    for key, end in before.items():
+        assert after[key] >= end - 1e-9 * max(1.0, end), key
 
 
 @SETTINGS
