@@ -3,8 +3,9 @@
 Model. Ranks that do identical work on identical hardware behave identically, so each pipeline stage
 is simulated by one representative device per device type it contains (a 1,024-GPU uniform plan with
 16 stages simulates 16 devices; a stage mixing A100s and V100s keeps both). Each representative has a
-compute stream and ports: intra-node fabric, its share of the NICs, PCIe to the host and the WAN, each
-in two directions. All transfers are flows sharing those ports (`fluid.py`), so a gradient reduction
+compute stream and ports: intra-node fabric, its share of the NICs, PCIe to the host (the
+device-to-host and host-to-device copy engines) and the WAN, each in two directions, and its share of
+the node's SSD bandwidth (read and write). All transfers are flows sharing those ports (`fluid.py`), so a gradient reduction
 and a pipeline send on one NIC slow each other, and a ZeRO-3 gather slows the compute beside it.
 
 Lowering. The plan's schedule (`simulator.schedules`) gives each stage its order of forward and
@@ -160,6 +161,11 @@ class Simulation:
         for name, capacity in capacities.items():
             for direction in ("tx", "rx"):
                 rep.ports[f"{name}.{direction}"] = Port(f"{rep.label()} {name}.{direction}", capacity)
+        if node.storage is not None:
+            # The node's SSDs, shared by its devices (model states and activations spilled to disk).
+            share = node.num_devices
+            rep.ports["ssd.write"] = Port(f"{rep.label()} ssd.write", node.storage.write_bandwidth / share)
+            rep.ports["ssd.read"] = Port(f"{rep.label()} ssd.read", node.storage.read_bandwidth / share)
 
     def _chunks(self, cost: StageCost, stage: BoundStage) -> list[list[RunCost]]:
         """Split the stage's runs into its model chunks: binding gives each chunk a contiguous range of
