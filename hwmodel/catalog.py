@@ -88,8 +88,9 @@ def load_device(name_or_path: str) -> DeviceSpec:
     return _load_device_file(device_file(name_or_path))
 
 
-def _resolve_devices(data: dict, source: str) -> dict:
-    """Replace ``device: NAME`` in node groups by the catalog's DeviceSpec data."""
+def _resolve_devices(data: dict, source: str, base: Path | None = None) -> dict:
+    """Replace ``device: NAME`` in node groups by the catalog's DeviceSpec; a path is read relative to
+    the cluster file's folder (`base`)."""
     groups = data.get("node_groups")
     if not isinstance(groups, list):
         return data
@@ -97,8 +98,11 @@ def _resolve_devices(data: dict, source: str) -> dict:
     for i, group in enumerate(groups):
         node = group.get("node") if isinstance(group, dict) else None
         if isinstance(node, dict) and isinstance(node.get("device"), str):
+            name = node["device"]
+            if base is not None and _looks_like_path(name) and not Path(name).is_absolute():
+                name = str(base / name)
             try:
-                device = load_device(node["device"])
+                device = load_device(name)
             except UnknownNameError as exc:
                 raise SpecError(f"{source}: node_groups[{i}].node.device: {exc}") from None
             group = {**group, "node": {**node, "device": device}}
@@ -108,7 +112,7 @@ def _resolve_devices(data: dict, source: str) -> dict:
 
 @lru_cache(maxsize=64)
 def _load_cluster_file(path: Path) -> ClusterSpec:
-    data = _resolve_devices(read_mapping(path), str(path))
+    data = _resolve_devices(read_mapping(path), str(path), path.parent)
     return validate(ClusterSpec, data, str(path), {"strict_units": True})
 
 

@@ -79,12 +79,38 @@ class Path:
 
 @dataclass(frozen=True)
 class Level:
-    """One tier of a hierarchical collective: `fanout` peers exchanging over `bandwidth` each."""
+    """One tier of a hierarchical collective: `fanout` peers exchanging over `bandwidth` each.
+
+    `fits` holds (kind, bandwidth, latency) for collective kinds the link has measured figures for.
+    """
 
     tier: Tier
     fanout: int
     bandwidth: float
     latency: float
+    fits: tuple[tuple[str, float, float], ...] = ()
+
+    def bandwidth_for(self, kind: str) -> float:
+        for name, bandwidth, _ in self.fits:
+            if name == kind:
+                return bandwidth
+        return self.bandwidth
+
+    def latency_for(self, kind: str) -> float:
+        for name, _, latency in self.fits:
+            if name == kind:
+                return latency
+        return self.latency
+
+
+def _fits(links: list[LinkSpec], share: float = 1.0, extra_latency: float = 0.0) -> tuple[tuple[str, float, float], ...]:
+    """Per-kind figures of a level crossing `links` (the slowest link wins); bandwidth x `share`."""
+    kinds = sorted({kind for link in links for kind in link.collectives})
+    out = []
+    for kind in kinds:
+        achieved = [link.achieved(kind) for link in links]
+        out.append((kind, min(bw for bw, _ in achieved) * share, max(lat for _, lat in achieved) + extra_latency))
+    return tuple(out)
 
 
 @dataclass(frozen=True)
@@ -232,15 +258,14 @@ class ClusterSpec(Frozen):
         nodes = self.topology.nodes
         na, nb = nodes[la.node], nodes[lb.node]
         if la.node == lb.node:
-            return Path(Tier.NODE, na.intra_node.effective_bandwidth, na.intra_node.latency)
+            return Path(Tier.NODE, *na.intra_node.achieved("send_recv"))
         if la.site == lb.site:
             assert na.network is not None and nb.network is not None
-            bandwidth = min(na.network.effective_bandwidth, nb.network.effective_bandwidth)
-            latency = max(na.network.latency, nb.network.latency) + self.network_latency
-            return Path(Tier.SITE, bandwidth, latency)
+            (bw_a, lat_a), (bw_b, lat_b) = na.network.achieved("send_recv"), nb.network.achieved("send_recv")
+            return Path(Tier.SITE, min(bw_a, bw_b), max(lat_a, lat_b) + self.network_latency)
         wan = self._wan(la.site, lb.site)
         assert wan is not None
-        return Path(Tier.WAN, wan.effective_bandwidth, wan.latency)
+        return Path(Tier.WAN, *wan.achieved("send_recv"))
 
     def span(self, ranks: Sequence[int]) -> GroupSpan:
         """How a device group spreads over nodes and sites, as levels of a hierarchical collective.
@@ -273,16 +298,20 @@ class ClusterSpec(Frozen):
                     per_node,
                     min(n.intra_node.effective_bandwidth for n in nodes),
                     max(n.intra_node.latency for n in nodes),
+                    _fits([n.intra_node for n in nodes]),
                 )
             )
         nodes_per_site = max(len(v) for v in by_site_nodes.values())
         if nodes_per_site > 1:
+            networks = [n.network for n in nodes]
+            share = min(n.network.ports / n.num_devices for n in nodes)  # type: ignore[union-attr]
             levels.append(
                 Level(
                     Tier.SITE,
                     nodes_per_site,
                     min(self._inter_node_per_device(n) for n in nodes),
                     max(n.network.latency for n in nodes) + self.network_latency,  # type: ignore[union-attr]
+                    _fits(networks, share, self.network_latency),  # type: ignore[arg-type]
                 )
             )
         if len(by_site_nodes) > 1:
@@ -290,8 +319,10 @@ class ClusterSpec(Frozen):
             links = [self._wan(a, b) for a in sites for b in sites if a < b]
             # At this level every device of a site sends its shard at once: they share the site's link.
             share = max(by_site_devices.values())
-            bandwidth = min(link.effective_bandwidth for link in links if link) / share
-            levels.append(Level(Tier.WAN, len(sites), bandwidth, max(link.latency for link in links if link)))
+            wan_links = [link for link in links if link]
+            bandwidth = min(link.effective_bandwidth for link in wan_links) / share
+            levels.append(Level(Tier.WAN, len(sites), bandwidth, max(link.latency for link in wan_links),
+                                _fits(wan_links, 1.0 / share)))
         span = GroupSpan(len(key), tuple(levels))
         # Intern: groups of the same shape share one object, so callers may key caches on its identity.
         span = self.topology.span_shapes.setdefault(span, span)

@@ -43,6 +43,16 @@ class Frozen(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid")
 
 
+class DtypeEfficiency(Frozen):
+    """Efficiencies that differ for one dtype (a CPU whose attention runs as fast in fp32 as in bf16,
+    say); what is left out falls back to the shared curves."""
+
+    matrix_efficiency: ComputeCurve | None = None
+    matrix_dim_efficiency: DimensionCurve | None = None
+    attention_efficiency: ComputeCurve | None = None
+    vector_efficiency: float | None = Field(None, gt=0, le=1)
+
+
 class ComputeSpec(Frozen):
     """Peak dense FLOP/s per dtype for matrix (tensor-core) and vector units, with efficiency curves.
 
@@ -71,6 +81,21 @@ class ComputeSpec(Frozen):
         0.0, ge=0, le=1,
         description="fraction by which compute slows while a collective runs beside it (shared SMs and memory)",
     )
+    per_dtype: dict[Dtype, DtypeEfficiency] = Field(
+        default_factory=dict, description="efficiency curves that differ for a dtype (measured by calibration)"
+    )
+
+    def efficiencies(self, dtype: str) -> tuple[EfficiencyCurve, EfficiencyCurve, EfficiencyCurve, float]:
+        """(matrix, matrix_dim, attention, vector) efficiencies for `dtype`."""
+        own = self.per_dtype.get(dtype)  # type: ignore[call-overload]
+        if own is None:
+            return self.matrix_efficiency, self.matrix_dim_efficiency, self.attention_efficiency, self.vector_efficiency
+        return (
+            own.matrix_efficiency or self.matrix_efficiency,
+            own.matrix_dim_efficiency or self.matrix_dim_efficiency,
+            own.attention_efficiency or self.attention_efficiency,
+            own.vector_efficiency or self.vector_efficiency,
+        )
 
     @model_validator(mode="after")
     def _check(self) -> "ComputeSpec":
@@ -151,20 +176,49 @@ class LinkKind(str, Enum):
     WAN = "wan"
 
 
+CollectiveKind = Literal["all_reduce", "all_gather", "reduce_scatter", "all_to_all", "send_recv"]
+
+
+class CollectiveFit(Frozen):
+    """What one collective kind achieves on a link, measured: bandwidth (one port, one direction, as the
+    alpha-beta formulas of `simulator.cost.collectives` use it) and latency per step."""
+
+    bandwidth: Bandwidth
+    latency: NonNegativeSeconds = 0.0
+
+
 class LinkSpec(Frozen):
-    """A link or a port: bandwidth per direction, one-way latency and the achieved fraction of bandwidth."""
+    """A link or a port: bandwidth per direction, one-way latency and the achieved fraction of bandwidth.
+
+    `collectives` optionally gives measured figures per collective kind (a calibration of gloo, say,
+    where send/recv runs several times faster than all-gather); they replace bandwidth x efficiency and
+    latency for that kind.
+    """
 
     kind: LinkKind
     bandwidth: Bandwidth = Field(description="per direction")
     latency: NonNegativeSeconds = 0.0
     efficiency: float = Field(0.8, gt=0, le=1)
     ports: int = Field(1, gt=0, description="parallel ports of this kind (e.g. NICs per node)")
+    collectives: dict[CollectiveKind, CollectiveFit] = Field(default_factory=dict)
     sources: dict[str, str] = Field(default_factory=dict)
 
     @property
     def effective_bandwidth(self) -> float:
         """Achievable bytes/s through one port, one direction."""
         return self.bandwidth * self.efficiency
+
+    def achieved(self, kind: str) -> tuple[float, float]:
+        """(bytes/s through one port, latency) a collective of `kind` achieves on this link."""
+        fit = self.collectives.get(kind)  # type: ignore[call-overload]
+        if fit is not None:
+            return fit.bandwidth, fit.latency
+        return self.effective_bandwidth, self.latency
+
+    @property
+    def peak_bandwidth(self) -> float:
+        """The best any transfer achieves through one port (the port's capacity when flows share it)."""
+        return max([self.effective_bandwidth] + [fit.bandwidth for fit in self.collectives.values()])
 
     @property
     def aggregate_bandwidth(self) -> float:

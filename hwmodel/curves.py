@@ -46,6 +46,15 @@ class EfficiencyCurve(BaseModel):
         self._effs = np.asarray(self.efficiencies, dtype=float)
         return self
 
+    def __eq__(self, other: object) -> bool:
+        # The numpy arrays kept for lookups would make the default comparison ambiguous.
+        if not isinstance(other, EfficiencyCurve):
+            return NotImplemented
+        return self.sizes == other.sizes and self.efficiencies == other.efficiencies
+
+    def __hash__(self) -> int:
+        return hash((self.sizes, self.efficiencies))
+
     @cached_property
     def log_size_list(self) -> list[float]:
         """log(size) of each point (a plain list: scalar lookups avoid numpy's call overhead)."""

@@ -6,7 +6,8 @@ k1 (intra-node), k2 (nodes), k3 (sites) moves (k1-1)/k1 * S over the intra-node 
 (k2-1)/k2 * S/k1 over each device's share of the NICs, then (k3-1)/k3 * S/(k1*k2) over the WAN. The
 latency term is min(p - 1, log2 p) steps (ring or recursive halving) of the slowest hop's latency.
 All-gather mirrors it; all-reduce is both. All-to-all sends each peer its share concurrently at every
-tier, so the slowest tier bounds it.
+tier, so the slowest tier bounds it. A link may carry measured figures per collective kind
+(`LinkSpec.collectives`); a level then uses those for that kind.
 
 `nbytes` is always the size of the full tensor: the all-reduce buffer, the all-gather output, the
 reduce-scatter input, the bytes one device sends in all-to-all or send/recv.
@@ -28,16 +29,16 @@ def _latency_steps(p: int) -> int:
     return min(p - 1, math.ceil(math.log2(p)))
 
 
-def _scatter_phase(nbytes: float, span: GroupSpan) -> float:
-    """Time of a hierarchical reduce-scatter (equal to an all-gather) of `nbytes`."""
+def _scatter_phase(nbytes: float, span: GroupSpan, kind: str) -> float:
+    """Time of one hierarchical reduce-scatter or all-gather phase of `nbytes` (figures of `kind`)."""
     total = 0.0
     share = nbytes
     for level in span.levels:
         k = level.fanout
-        total += (k - 1) / k * share / level.bandwidth
+        total += (k - 1) / k * share / level.bandwidth_for(kind)
         share /= k
     # Every step waits for its slowest hop.
-    return total + _latency_steps(span.size) * max(level.latency for level in span.levels)
+    return total + _latency_steps(span.size) * max(level.latency_for(kind) for level in span.levels)
 
 
 @lru_cache(maxsize=65536)
@@ -46,9 +47,9 @@ def collective_time(kind: str, nbytes: float, span: GroupSpan) -> float:
     if span.size <= 1 or nbytes <= 0 or not span.levels:
         return 0.0
     if kind in ("all_gather", "reduce_scatter"):
-        return _scatter_phase(nbytes, span)
+        return _scatter_phase(nbytes, span, kind)
     if kind == "all_reduce":
-        return 2.0 * _scatter_phase(nbytes, span)
+        return 2.0 * _scatter_phase(nbytes, span, kind)
     if kind == "all_to_all":
         p = span.size
         inner = 1
@@ -57,14 +58,14 @@ def collective_time(kind: str, nbytes: float, span: GroupSpan) -> float:
             # Peers first reachable at this tier: those inside the next tier out but not the inner one.
             # Their shares cross this tier's links while the other tiers carry theirs.
             peers = inner * (level.fanout - 1)
-            worst = max(worst, peers / p * nbytes / level.bandwidth)
+            worst = max(worst, peers / p * nbytes / level.bandwidth_for(kind))
             inner *= level.fanout
-        return worst + _latency_steps(p) * max(level.latency for level in span.levels)
+        return worst + _latency_steps(p) * max(level.latency_for(kind) for level in span.levels)
     if kind == "send_recv":
         # A ring of point-to-point transfers: every step crosses the slowest link of the ring.
         level = max(span.levels, key=lambda lvl: lvl.tier)
         steps = max(1, span.size - 1)
-        return nbytes / level.bandwidth + steps * level.latency
+        return nbytes / level.bandwidth_for(kind) + steps * level.latency_for(kind)
     raise AssertionError(f"unknown collective {kind}")
 
 

@@ -18,6 +18,7 @@ from functools import lru_cache
 import numpy as np
 
 from hwmodel.components import DeviceSpec
+from hwmodel.curves import EfficiencyCurve
 from workloads.ops import ATTENTION, MATRIX, LayerProfile
 
 DTYPE_BYTES = {"fp32": 4, "fp16": 2, "bf16": 2}
@@ -29,10 +30,13 @@ class Roofline:
 
     device: DeviceSpec
     dtype: str
-    peaks: np.ndarray  # FLOP/s by unit: matrix, attention (matrix peak), vector
+    peaks: np.ndarray  # FLOP/s by unit: matrix, attention (matrix peak), vector (times its efficiency)
     memory_bandwidth: float
     kernel_overhead: float
     overlap_slowdown: float
+    matrix_efficiency: EfficiencyCurve
+    matrix_dim_efficiency: EfficiencyCurve
+    attention_efficiency: EfficiencyCurve
 
 
 _ROOFLINES: dict[tuple[int, str], Roofline] = {}
@@ -47,13 +51,17 @@ def roofline(device: DeviceSpec, dtype: str) -> Roofline:
     compute = device.compute
     matrix = compute.peak(dtype, "matrix")
     vector = compute.peak(dtype, "vector")
+    matrix_eff, dim_eff, attention_eff, vector_eff = compute.efficiencies(dtype)
     line = Roofline(
         device=device,
         dtype=dtype,
-        peaks=np.array([matrix, matrix, vector * compute.vector_efficiency]),
+        peaks=np.array([matrix, matrix, vector * vector_eff]),
         memory_bandwidth=device.memory.bandwidth,
         kernel_overhead=compute.kernel_overhead,
         overlap_slowdown=compute.comm_overlap_slowdown,
+        matrix_efficiency=matrix_eff,
+        matrix_dim_efficiency=dim_eff,
+        attention_efficiency=attention_eff,
     )
     if len(_ROOFLINES) > 512:  # calibration builds many devices; keep the cache bounded
         _ROOFLINES.clear()
@@ -65,16 +73,15 @@ def op_times(
     flops: np.ndarray, nbytes: np.ndarray, kernels: np.ndarray, unit: np.ndarray, min_dim: np.ndarray, line: Roofline
 ) -> np.ndarray:
     """Seconds per operator."""
-    compute = line.device.compute
     eff = np.ones_like(flops)
     is_matrix = unit == MATRIX
     is_attention = unit == ATTENTION
     if is_matrix.any():
-        eff[is_matrix] = compute.matrix_efficiency.many(flops[is_matrix]) * compute.matrix_dim_efficiency.many(
+        eff[is_matrix] = line.matrix_efficiency.many(flops[is_matrix]) * line.matrix_dim_efficiency.many(
             min_dim[is_matrix]
         )
     if is_attention.any():
-        eff[is_attention] = compute.attention_efficiency.many(flops[is_attention])
+        eff[is_attention] = line.attention_efficiency.many(flops[is_attention])
     t_compute = flops / (line.peaks[unit] * eff)
     mem_eff = line.device.memory.efficiency.many(nbytes)
     t_memory = nbytes / (line.memory_bandwidth * mem_eff)

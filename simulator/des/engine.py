@@ -152,11 +152,13 @@ class Simulation:
     def _make_ports(self, rep: Rep) -> None:
         cluster = self.bound.cluster
         node = cluster.node_of(rep.rank)
+        # A port's capacity is the best any transfer achieves through it; each collective kind's own
+        # (measured) bandwidth caps its flows below that.
         capacities = {
-            "intra": node.intra_node.effective_bandwidth,
-            "pcie": node.host_link.effective_bandwidth,
-            "nic": (node.network.aggregate_bandwidth / node.num_devices) if node.network else float("inf"),
-            "wan": max((w.link.effective_bandwidth for w in cluster.wan), default=float("inf")),
+            "intra": node.intra_node.peak_bandwidth,
+            "pcie": node.host_link.peak_bandwidth,
+            "nic": (node.network.peak_bandwidth * node.network.ports / node.num_devices) if node.network else float("inf"),
+            "wan": max((w.link.peak_bandwidth for w in cluster.wan), default=float("inf")),
         }
         for name, capacity in capacities.items():
             for direction in ("tx", "rx"):
@@ -195,13 +197,13 @@ class Simulation:
         flows, and its latency (mirrors `cost.collectives.collective_time`)."""
         if span.size <= 1 or nbytes <= 0 or not span.levels:
             return [], 0.0
-        latency = _latency_steps(span.size) * max(level.latency for level in span.levels)
+        latency = _latency_steps(span.size) * max(level.latency_for(kind) for level in span.levels)
         if kind in ("all_gather", "reduce_scatter", "all_reduce"):
             phases = []
             share = nbytes
             for level in span.levels:
                 k = level.fanout
-                phases.append([(level.tier, (k - 1) / k * share, level.bandwidth)])
+                phases.append([(level.tier, (k - 1) / k * share, level.bandwidth_for(kind))])
                 share /= k
             if kind == "all_reduce":
                 return phases + phases[::-1], 2 * latency
@@ -209,12 +211,12 @@ class Simulation:
         if kind == "all_to_all":
             flows, inner = [], 1
             for level in span.levels:
-                flows.append((level.tier, inner * (level.fanout - 1) / span.size * nbytes, level.bandwidth))
+                flows.append((level.tier, inner * (level.fanout - 1) / span.size * nbytes, level.bandwidth_for(kind)))
                 inner *= level.fanout
             return [flows], latency
         if kind == "send_recv":
             level = max(span.levels, key=lambda lvl: lvl.tier)
-            return [[(level.tier, nbytes, level.bandwidth)]], max(1, span.size - 1) * level.latency
+            return [[(level.tier, nbytes, level.bandwidth_for(kind))]], max(1, span.size - 1) * level.latency_for(kind)
         raise AssertionError(kind)
 
     def _collective(self, rep: Rep, kind: str, nbytes: float, span: GroupSpan, *, count: int = 1,
