@@ -428,15 +428,18 @@ def demo() -> None:
         out.print(f"  [bold]{name}[/bold]: --plan '{text}'", highlight=False)
     feasible = [r for r in rows if r["report"] and r["report"].fits_memory]
     best = max(feasible, key=lambda r: r["report"].tokens_per_s)
-    out.print("\nThe best candidate in detail:\n")
-    render_report(best["report"], out)
+    out.print("\nThe best candidate in detail, simulated event by event (links shared, memory over time):\n")
+    render_report(_predict(best["report"].plan, wl, cl, "des"), out)
     summary = summarize(validate_llm_foundry())
     out.print(
         f"\nHow far to trust it: on the {len(summary['rows'])} published llm-foundry MPT runs (8-64 A100/H100 GPUs, "
         f"512-65536 tokens) predictions are off by [bold]{summary['mean_abs_pct_error']:.1f}%[/bold] on average "
         f"(worst {summary['max_abs_pct_error']:.1f}%). See `simulate validate llm-foundry`."
     )
-    out.print("\nNext: `simulate run --help`, `simulate compare --help`, `simulate specs list`, `simulate workloads list`.")
+    out.print(
+        "\nNext: `simulate run --help` (add --trace t.json --plot t.png to see the timeline), "
+        "`simulate compare --help`, `simulate specs list`, `simulate workloads list`."
+    )
 
 
 def main() -> None:
