@@ -1,37 +1,233 @@
 """`execute`: run a plan on real devices and report what happened next to the prediction.
 
-This release ships the command's interface only; running plans arrives with the executor issue.
+`execute --workload W --cluster C --plan P` checks the plan (the simulator's `bind`, the features the
+executor can run, the devices, the predicted memory), starts one process per device (or joins a
+torchrun rendezvous), trains for --warmup + --steps iterations on synthetic data and prints the
+measured Report; `--compare` puts the simulator's prediction beside it. `execute calibrate` measures
+this machine and writes a cluster spec.
 """
 
 from __future__ import annotations
 
+import json
+import os
 import sys
+from pathlib import Path
+from typing import Optional
 
 import typer
+from rich.console import Console
+from rich.markup import escape
 
-app = typer.Typer(
-    name="execute",
-    help=(
-        "Run a training plan on real devices (one process per device, or under torchrun across nodes), "
-        "measure iteration time, throughput and memory, and compare with the simulator's prediction.\n\n"
-        "Not available yet in this release: today it only prints this help. Use `simulate run` to predict a plan."
-    ),
-    add_completion=False,
-    pretty_exceptions_enable=False,
+from hwmodel.errors import UserError
+
+from . import calibrate_cli
+
+out = Console()
+err = Console(stderr=True)
+
+HELP = (
+    "Run a training plan on real devices (one process per device, or under torchrun across nodes), "
+    "measure iteration time, throughput and memory, and compare with the simulator's prediction.\n\n"
+    "Example (4 CPU ranks, gloo):  execute --workload my-gpt.yaml --cluster cpu-local --devices-per-node 4 "
+    "--plan 'tp=2,pp=2,micro_batch=1,global_batch=8,dtype=fp32' --steps 5 --compare\n\n"
+    "What runs: tp (DTensor), sequence_parallel, pp with gpipe/1f1b/interleaved (torch.distributed.pipelining), "
+    "dp with ddp (FSDP2 replicate), zero1 (DDP + ZeroRedundancyOptimizer), zero2/zero3 (FSDP2 fully_shard), "
+    "recompute selective/full (checkpoint_wrapper), dtype fp32/bf16, gpt and llama workloads. Refused with the "
+    "reason: cp > 1, ep > 1, offload, model-state pages, tasks, federated, fp16, stages with their own tp or "
+    "device groups, zero1 with tp > 1.\n\n"
+    "Measured: median iteration time after --warmup (the slowest rank's), tokens/s, samples/s, MFU/HFU (shared "
+    "definitions), the loss per iteration (in --json), peak memory: on CUDA torch.cuda.max_memory_allocated; on CPU "
+    "an account of parameter, gradient and optimizer-state bytes plus the peak of saved activations tracked with "
+    "saved-tensor hooks (no allocator there: temporaries and communication buffers are not counted).\n\n"
+    "Faults: a rank that dies stops the others within seconds and execute exits with status 1 naming the rank. "
+    "Drill: HETPLAN_FAIL_AT_STEP=K [HETPLAN_FAIL_RANK=R] [HETPLAN_FAIL_MODE=kill|raise] kills (or fails) rank R at "
+    "the start of iteration K."
 )
+WORKLOAD_HELP = "Workload name (see `simulate workloads list`), a workload YAML or a Hugging Face config.json (gpt or llama family)."
+CLUSTER_HELP = "Cluster name (see `simulate specs list`) or YAML; its devices say what runs: cpu devices with gloo, GPUs with NCCL."
+PLAN_HELP = (
+    "Plan YAML/JSON file or shorthand such as 'tp=2,pp=2,micro_batch=1,global_batch=8,dtype=fp32'. dp left out fills "
+    "the cluster; the world size is the plan's device count."
+)
+
+app = typer.Typer(name="execute", help=HELP, add_completion=False, pretty_exceptions_enable=False, rich_markup_mode=None)
+app.command("calibrate")(calibrate_cli.calibrate_command)
+
+
+def _check_options(trace: Optional[Path], checkpoint_dir: Optional[Path], checkpoint_every: Optional[int], resume: bool,
+                   force: bool) -> Optional[str]:
+    """Options a person can get wrong, checked before anything is loaded; returns the absolute trace path."""
+    if checkpoint_every is not None and checkpoint_dir is None:
+        raise UserError("--checkpoint-every needs --checkpoint-dir (where to write the checkpoints)")
+    if resume and checkpoint_dir is None:
+        raise UserError("--resume needs --checkpoint-dir (the folder holding the checkpoints to resume from)")
+    if trace is not None:
+        if trace.exists() and not force:
+            raise UserError(f"{trace} already exists; choose another name or pass --force to replace it")
+        if not trace.parent.exists():
+            raise UserError(f"{trace.parent} does not exist (the folder for --trace {trace})")
+        return str(trace.resolve())
+    return None
+
+
+def _check_checkpoint_dir(job, force: bool) -> None:
+    from . import checkpoint
+
+    if job.checkpoint_dir is None:
+        return
+    root = Path(job.checkpoint_dir)
+    if root.exists() and not root.is_dir():
+        raise UserError(f"--checkpoint-dir {root} is a file, not a folder")
+    if job.resume:
+        step, path = checkpoint.check_resumable(root, job.fingerprint())
+        if step >= job.total_steps:
+            raise UserError(
+                f"--resume: {path} already finished {step} iterations, and --warmup + --steps = {job.total_steps}; "
+                "raise --steps to train further"
+            )
+    elif checkpoint.completed(root) and not force:
+        raise UserError(
+            f"--checkpoint-dir {root} already holds checkpoints; pass --resume to continue from the latest, another "
+            "folder, or --force to write new checkpoints beside (and over) them"
+        )
 
 
 @app.callback(invoke_without_command=True)
-def execute(ctx: typer.Context) -> None:
-    """Print what execute will do and exit."""
-    if ctx.invoked_subcommand is None:
+def execute(
+    ctx: typer.Context,
+    workload: Optional[str] = typer.Option(None, "--workload", "-w", help=WORKLOAD_HELP),
+    cluster: Optional[str] = typer.Option(None, "--cluster", "-c", help=CLUSTER_HELP),
+    plan: Optional[str] = typer.Option(None, "--plan", "-p", help=PLAN_HELP),
+    nodes: Optional[int] = typer.Option(None, "--nodes", "-n", help="Node count for a cluster of identical nodes."),
+    devices_per_node: Optional[int] = typer.Option(
+        None, "--devices-per-node", help="Devices in every node (e.g. 4 ranks on cpu-local)."
+    ),
+    seq_len: Optional[int] = typer.Option(None, "--seq-len", help="Train at this sequence length instead."),
+    steps: int = typer.Option(10, "--steps", min=1, help="Measured iterations (after the warm-up)."),
+    warmup: int = typer.Option(2, "--warmup", min=0, help="Iterations run first and left out of the timing median."),
+    compare: bool = typer.Option(
+        False, "--compare", help="Also predict the plan and show predicted vs measured with the error of each field."
+    ),
+    as_json: bool = typer.Option(
+        False, "--json",
+        help="Print JSON on stdout: the measured Report plus 'losses' and 'execution'; with --compare "
+        "{'predicted': Report, 'measured': Report, 'losses': [...], 'execution': {...}}.",
+    ),
+    trace: Optional[Path] = typer.Option(
+        None, "--trace",
+        help="Write rank 0's torch.profiler Chrome trace of up to 3 measured iterations to this new file (profiling slows them).",
+    ),
+    checkpoint_dir: Optional[Path] = typer.Option(
+        None, "--checkpoint-dir", help="Save model, optimizer and data position with torch.distributed.checkpoint under this folder."
+    ),
+    checkpoint_every: Optional[int] = typer.Option(
+        None, "--checkpoint-every", min=1, help="Save every K iterations (default: once, at the end)."
+    ),
+    resume: bool = typer.Option(False, "--resume", help="Continue from the latest checkpoint in --checkpoint-dir (same job only)."),
+    force: bool = typer.Option(
+        False, "--force",
+        help="Run a plan predicted not to fit in memory; replace an existing --trace file; write into a checkpoint folder "
+        "that has checkpoints.",
+    ),
+    seed: int = typer.Option(0, "--seed", help="Seed of the weights, the synthetic data and dropout."),
+) -> None:
+    """Run a training plan on real devices and measure it."""
+    if ctx.invoked_subcommand is not None:
+        return
+    missing = [name for name, value in (("--workload", workload), ("--cluster", cluster), ("--plan", plan)) if value is None]
+    if len(missing) == 3:
         typer.echo(ctx.get_help())
         raise typer.Exit(0)
+    if missing:
+        raise UserError(f"missing {', '.join(missing)}; see `execute --help`")
+    trace_path = _check_options(trace, checkpoint_dir, checkpoint_every, resume, force)
+    _run(workload, cluster, plan, nodes, devices_per_node, seq_len, steps, warmup, compare, as_json, trace_path,
+         checkpoint_dir, checkpoint_every, resume, force, seed)
+
+
+def _run(workload, cluster, plan, nodes, devices_per_node, seq_len, steps, warmup, compare, as_json, trace_path,
+         checkpoint_dir, checkpoint_every, resume, force, seed) -> None:
+    # Imported here so that `--help` answers without loading torch.
+    from hwmodel.catalog import load_cluster
+    from simulator.analytic import evaluate_bound
+    from simulator.plan import load_plan
+    from workloads.catalog import load_workload
+
+    from .checks import admit
+    from .job import Job
+    from .launch import RankFailure, run, under_torchrun
+    from .render import render_comparison, render_measured
+    from .results import extras, measured_report
+
+    cfg = load_workload(workload, seq_len)
+    cluster_spec = load_cluster(cluster, nodes, devices_per_node)
+    bound, device_type, warnings = admit(load_plan(plan), cfg, cluster_spec, force)
+    job = Job(
+        workload=cfg, cluster_ref=cluster, nodes=nodes, devices_per_node=devices_per_node, plan=bound.plan,
+        steps=steps, warmup=warmup, seed=seed, device_type=device_type,
+        checkpoint_dir=str(checkpoint_dir.resolve()) if checkpoint_dir else None, checkpoint_every=checkpoint_every,
+        resume=resume, trace=trace_path,
+    )
+    _check_checkpoint_dir(job, force)
+    if checkpoint_dir is not None:
+        checkpoint_dir.mkdir(parents=True, exist_ok=True)
+    leader = not under_torchrun() or int(os.environ.get("RANK", "0")) == 0
+    for warning in warnings:
+        if leader:
+            err.print(f"[yellow]warning:[/yellow] {escape(warning)}", highlight=False)
+    try:
+        result = _run_with_progress(job, run, leader)
+    except RankFailure as exc:
+        err.print(f"[bold red]error:[/bold red] {escape(str(exc))}", highlight=False)
+        sys.exit(1)
+    if result is None:  # another torchrun rank: rank 0 reports
+        return
+    measured = measured_report(bound, result, warnings)
+    more = extras(result)
+    if compare:
+        predicted = evaluate_bound(bound)
+        if as_json:
+            print(json.dumps({"predicted": predicted.model_dump(mode="json"), "measured": measured.model_dump(mode="json"),
+                              "losses": result.losses, "execution": more}, indent=2))
+        else:
+            render_measured(measured, result.losses, result.first_step, result.device_name, out)
+            render_comparison(predicted, measured, out)
+    elif as_json:
+        print(json.dumps({**measured.model_dump(mode="json"), "losses": result.losses, "execution": more}, indent=2))
+    else:
+        render_measured(measured, result.losses, result.first_step, result.device_name, out)
+
+
+def _run_with_progress(job, run, leader: bool):
+    """Run the job with a progress bar on stderr (iterations done, time of the last one)."""
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    if not leader:
+        return run(job)
+    with Progress(
+        TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[last]}"),
+        TimeElapsedColumn(), console=err, transient=True,
+    ) as progress:
+        label = f"{job.world_size} rank{'s' if job.world_size > 1 else ''}: starting"
+        task = progress.add_task(label, total=job.total_steps, last="")
+
+        def on_step(done: int, total: int, seconds: float) -> None:
+            progress.update(task, completed=done, description="training", last=f"last iteration {seconds * 1e3:.1f} ms")
+
+        return run(job, on_step)
 
 
 def main() -> None:
-    app()
-    sys.exit(0)
+    """Console entry point: user errors become a message and exit status 2, never a traceback."""
+    try:
+        app()
+    except UserError as exc:
+        err.print(f"[bold red]error:[/bold red] {escape(str(exc))}", highlight=False)
+        sys.exit(2)
+    except KeyboardInterrupt:
+        err.print("interrupted")
+        sys.exit(130)
 
 
 if __name__ == "__main__":

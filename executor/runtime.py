@@ -1,0 +1,267 @@
+"""One rank's run: build its part of the model, train, measure, checkpoint, gather the results.
+
+Every iteration trains on step i's global batch of `SyntheticTokens` (a function of the seed and i, so
+a resumed run sees the same data); the ranks at data-parallel index d take sequence k of the batch when
+(k // micro_batch) % dp == d, and splits its share into the plan's micro-batches in order. Dropout's
+generator is reseeded from (seed, i) at each iteration for the same reason (every rank draws from the
+same seed, so replicated tensor-parallel regions drop the same elements; with dropout, different
+layouts therefore train alike statistically, not bit for bit as they do without it).
+
+Timing: ranks meet at a barrier before each iteration, each times its own iteration to the end of the
+optimizer step (CUDA synchronized), and the iteration's time is the slowest rank's. The reported
+iteration time is the median over the iterations after warm-up. Memory: see `executor.memory`; saved
+activations are tracked during the first iteration this run executes.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import time
+from collections.abc import Callable
+from contextlib import nullcontext
+from dataclasses import dataclass, field
+
+import torch
+import torch.distributed as dist
+
+from workloads.torch_models import SyntheticTokens, loss_fn
+
+from . import checkpoint
+from .job import FAIL_AT_STEP_ENV, FAIL_MODE_ENV, FAIL_RANK_ENV, Job, RunResult
+from .memory import SavedTensorTracker, gradient_bytes, optimizer_bytes, parameter_bytes
+from .parallelize import Layout, RankModel, build_rank_model
+
+# How many measured iterations --trace records (a trace of hundreds of iterations is unreadable).
+TRACE_ITERATIONS = 3
+
+StepCallback = Callable[[int, int, float], None]  # (iterations done, total, seconds of the last one)
+
+
+def _dp_indices(global_batch: int, micro_batch: int, dp: int, dp_rank: int) -> torch.Tensor:
+    """The sequences of the global batch this data-parallel rank trains on, micro-batch by micro-batch."""
+    idx = torch.arange(global_batch)
+    return idx[(idx // micro_batch) % dp == dp_rank]
+
+
+def _maybe_fail(step: int, rank: int, in_process: bool) -> None:
+    """Fault injection (HETPLAN_FAIL_AT_STEP / HETPLAN_FAIL_RANK / HETPLAN_FAIL_MODE)."""
+    at = os.environ.get(FAIL_AT_STEP_ENV)
+    if at is None or int(at) != step or int(os.environ.get(FAIL_RANK_ENV, "0")) != rank:
+        return
+    mode = os.environ.get(FAIL_MODE_ENV, "kill")
+    if mode == "kill" and not in_process:
+        os.kill(os.getpid(), signal.SIGKILL)
+    raise RuntimeError(f"injected failure at step {step} ({FAIL_AT_STEP_ENV}={at})")
+
+
+def _local_loss(loss: torch.Tensor) -> torch.Tensor:
+    """A plain tensor of a loss that may be a replicated DTensor (vocabulary-parallel loss)."""
+    return loss.to_local() if hasattr(loss, "to_local") else loss
+
+
+class Trainer:
+    """Runs iterations of one rank's RankModel."""
+
+    def __init__(self, job: Job, rank_model: RankModel):
+        self.job = job
+        self.rm = rank_model
+        bound = job.bound
+        self.plan = bound.plan
+        layout = rank_model.layout
+        self.micro_batch = self.plan.micro_batch
+        self.data = SyntheticTokens(job.workload, self.plan.global_batch, job.seed)
+        self.indices = _dp_indices(self.plan.global_batch, self.micro_batch, layout.dp, layout.dp_rank)
+        # The loss is computed by the last stage's ranks; tp ranks hold the same value, dp ranks average.
+        self.loss_weight = 1.0 / layout.dp if (rank_model.is_last_stage and layout.tp_rank == 0) else 0.0
+
+    def _batch(self, step: int) -> tuple[torch.Tensor, torch.Tensor]:
+        x, y = self.data.batch(step)
+        device = self.rm.layout.device
+        return x[self.indices].to(device, non_blocking=True), y[self.indices].to(device, non_blocking=True)
+
+    def step(self, step: int) -> torch.Tensor:
+        """One training iteration; returns this rank's mean loss (zero where no loss is computed)."""
+        torch.manual_seed(self.job.seed * 1_000_003 + step)  # dropout: the same masks after a resume
+        x, y = self._batch(step)
+        rm = self.rm
+        if rm.schedule is not None:
+            loss = self._pipeline_step(x, y)
+        else:
+            loss = self._accumulate_step(x, y)
+        rm.sync_tied_gradients()
+        for opt in rm.optimizers:
+            opt.step()
+        return loss
+
+    def _accumulate_step(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        rm = self.rm
+        module = rm.chunks[0].module
+        m = rm.num_micro_batches
+        total = torch.zeros((), device=x.device)
+        for j in range(m):
+            last = j == m - 1
+            xs, ys = x[j * self.micro_batch : (j + 1) * self.micro_batch], y[j * self.micro_batch : (j + 1) * self.micro_batch]
+            if rm.uses_fsdp:
+                # Reduce gradients once, after the last micro-batch (gradient accumulation).
+                module.set_requires_gradient_sync(last)
+                sync = nullcontext()
+            else:
+                sync = module.no_sync() if (hasattr(module, "no_sync") and not last) else nullcontext()
+            with sync, rm.forward_context():
+                loss = loss_fn(module(xs), ys)
+                (loss / m).backward()
+            total += _local_loss(loss).detach()
+        return total / m
+
+    def _pipeline_step(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        rm = self.rm
+        losses: list[torch.Tensor] = []
+        target = y if rm.is_last_stage else None
+        with rm.forward_context():
+            if rm.is_first_stage:
+                rm.schedule.step(x, target=target, losses=losses)
+            else:
+                rm.schedule.step(target=target, losses=losses)
+        if not losses:
+            return torch.zeros((), device=x.device)
+        return torch.stack([_local_loss(v).detach() for v in losses]).mean()
+
+    def zero_grad(self) -> None:
+        for opt in self.rm.optimizers:
+            opt.zero_grad(set_to_none=True)
+
+
+def _synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+@dataclass
+class _Measurements:
+    """What one rank measured, per executed iteration and overall."""
+
+    losses: list[torch.Tensor] = field(default_factory=list)
+    times: list[float] = field(default_factory=list)
+    cpu_times: list[float] = field(default_factory=list)
+    memory: dict[str, float] = field(default_factory=lambda: dict.fromkeys(MEMORY_KEYS, 0.0))
+
+
+MEMORY_KEYS = ("weights", "gradients", "optimizer", "activations", "buffers", "peak")
+
+
+def run_rank(job: Job, rank: int, world_size: int, device: torch.device, on_step: StepCallback | None,
+             in_process: bool = False) -> RunResult | None:
+    """Run `job` as rank `rank` of `world_size` (its process group, if any, is initialized).
+
+    Returns the gathered RunResult on rank 0, None elsewhere.
+    """
+    bound = job.bound
+    layout = Layout.of(bound, rank, world_size, device)
+    rank_model = build_rank_model(bound, layout, job.seed)
+    trainer = Trainer(job, rank_model)
+    start = checkpoint.load_latest(job, rank_model) if job.resume else 0
+    total = job.total_steps
+    executed = list(range(start, total))
+    timed_from = max(0, job.warmup - start)
+    warnings: list[str] = []
+    if executed and timed_from >= len(executed):
+        timed_from = 0
+        warnings.append("every iteration of this run was a warm-up iteration; the median includes them")
+    every = job.checkpoint_every or total  # default: one checkpoint, after the last iteration
+
+    measured = _Measurements()
+    tracker = SavedTensorTracker()
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    profiler = _profiler(job, rank, device)
+    traced = 0
+    for n, step in enumerate(executed):
+        _maybe_fail(step, rank, in_process)
+        if world_size > 1:
+            dist.barrier()  # every rank starts the iteration together: its time is the slowest rank's
+        track = n == 0
+        if profiler is not None and n == timed_from:
+            profiler.__enter__()
+        started, cpu_started = time.perf_counter(), time.process_time()
+        with tracker if track else nullcontext():
+            loss = trainer.step(step)
+        if track:
+            measured.memory["gradients"] = float(gradient_bytes(rank_model.parameters()))
+        trainer.zero_grad()
+        _synchronize(device)
+        measured.times.append(time.perf_counter() - started)
+        measured.cpu_times.append(time.process_time() - cpu_started)
+        measured.losses.append(loss)
+        if profiler is not None and n >= timed_from:
+            traced += 1
+            if traced == TRACE_ITERATIONS or n == len(executed) - 1:
+                profiler.__exit__(None, None, None)
+                profiler.export_chrome_trace(job.trace)
+                profiler = None
+        if on_step is not None and rank == 0:
+            on_step(step + 1, total, measured.times[-1])
+        if job.checkpoint_dir and ((step + 1) % every == 0 or step + 1 == total):
+            checkpoint.save(job, rank_model, step + 1)
+
+    memory = measured.memory
+    memory["weights"] = float(parameter_bytes(rank_model.parameters()))
+    memory["optimizer"] = float(optimizer_bytes(rank_model.optimizers))
+    memory["activations"] = float(tracker.peak_bytes)
+    accounted = memory["weights"] + memory["gradients"] + memory["optimizer"] + memory["activations"]
+    if device.type == "cuda":
+        memory["peak"] = float(torch.cuda.max_memory_allocated(device))
+        memory["buffers"] = max(0.0, memory["peak"] - accounted)
+    else:
+        memory["peak"] = accounted
+    gathered = _gather(layout, trainer.loss_weight, measured)
+    if gathered is None:
+        return None
+    losses, times, per_rank = gathered
+    return RunResult(
+        first_step=start,
+        losses=losses,
+        step_times_s=times,
+        cpu_times_s=list(measured.cpu_times),
+        timed=list(range(timed_from, len(times))),
+        memory=per_rank,
+        device_name=torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+        warnings=warnings,
+    )
+
+
+def _profiler(job: Job, rank: int, device: torch.device):
+    if not job.trace or rank != 0:
+        return None
+    from torch.profiler import ProfilerActivity, profile
+
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    return profile(activities=activities, record_shapes=False)
+
+
+def _gather(layout: Layout, loss_weight: float, measured: _Measurements):
+    """(global losses, the slowest rank's times, every rank's memory) on rank 0; None elsewhere.
+
+    Three collectives at the end of the run, none during it.
+    """
+    device = layout.device
+    losses = measured.losses
+    loss_t = torch.stack(losses).double() * loss_weight if losses else torch.zeros(0, dtype=torch.float64)
+    time_t = torch.tensor(measured.times, dtype=torch.float64)
+    mem_t = torch.tensor([measured.memory[k] for k in MEMORY_KEYS], dtype=torch.float64)
+    if layout.world_size > 1:
+        loss_t, time_t = loss_t.to(device), time_t.to(device)
+        dist.all_reduce(loss_t, op=dist.ReduceOp.SUM)  # last-stage ranks hold the loss, weighted 1/dp
+        dist.all_reduce(time_t, op=dist.ReduceOp.MAX)
+        gathered = [torch.zeros_like(mem_t, device=device) for _ in range(layout.world_size)]
+        dist.all_gather(gathered, mem_t.to(device))
+        per_rank = [g.cpu() for g in gathered]
+    else:
+        per_rank = [mem_t]
+    if layout.rank != 0:
+        return None
+    return (
+        [float(v) for v in loss_t.cpu()],
+        [float(v) for v in time_t.cpu()],
+        [dict(zip(MEMORY_KEYS, t.tolist())) for t in per_rank],
+    )
