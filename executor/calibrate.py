@@ -794,7 +794,7 @@ class _Worker:
                       for d in {d for d, _ in plan} for e in self.sweep.vector_elems}
             items = [(d, op, e) for d, op in plan for e in self.sweep.vector_elems]
             times = self.measure("vector", [lambda d=d, op=op, e=e: self._vector_fn(op, *inputs[(d, e)]) for d, op, e in items])
-            del inputs
+            inputs.clear()  # free the tensors now that they are timed
         # Keep the tick count fixed whatever dtypes were dropped.
         for _ in range((len(VECTOR_OPS) * len(self.job.dtypes) + 1 - len(plan)) * len(self.sweep.vector_elems)):
             self.tick("vector")
