@@ -109,6 +109,9 @@ def execute(
     compare: bool = typer.Option(
         False, "--compare", help="Also predict the plan and show predicted vs measured with the error of each field."
     ),
+    engine: str = typer.Option(
+        "des", "--engine", "-e", help="Engine of the --compare prediction: des (discrete-event, default) or analytic."
+    ),
     as_json: bool = typer.Option(
         False, "--json",
         help="Print JSON on stdout: the measured Report plus 'losses' and 'execution'; with --compare "
@@ -141,16 +144,29 @@ def execute(
         raise typer.Exit(0)
     if missing:
         raise UserError(f"missing {', '.join(missing)}; see `execute --help`")
+    if engine not in ("des", "analytic"):
+        raise UserError(f"--engine must be des or analytic, got {engine!r}")
     trace_path = _check_options(trace, checkpoint_dir, checkpoint_every, resume, force)
     _run(workload, cluster, plan, nodes, devices_per_node, seq_len, steps, warmup, compare, as_json, trace_path,
-         checkpoint_dir, checkpoint_every, resume, force, seed)
+         checkpoint_dir, checkpoint_every, resume, force, seed, engine)
+
+
+def _predict(bound, engine: str):
+    """The simulator's Report of the bound plan, with the chosen engine."""
+    if engine == "analytic":
+        from simulator.analytic import evaluate_bound
+
+        return evaluate_bound(bound)
+    from simulator.des import des_report
+    from simulator.des.engine import Simulation
+
+    return des_report(Simulation(bound).run())
 
 
 def _run(workload, cluster, plan, nodes, devices_per_node, seq_len, steps, warmup, compare, as_json, trace_path,
-         checkpoint_dir, checkpoint_every, resume, force, seed) -> None:
+         checkpoint_dir, checkpoint_every, resume, force, seed, engine="des") -> None:
     # Imported here so that `--help` answers without loading torch.
     from hwmodel.catalog import load_cluster
-    from simulator.analytic import evaluate_bound
     from simulator.plan import load_plan
     from workloads.catalog import load_workload
 
@@ -186,7 +202,7 @@ def _run(workload, cluster, plan, nodes, devices_per_node, seq_len, steps, warmu
     measured = measured_report(bound, result, warnings)
     more = extras(result)
     if compare:
-        predicted = evaluate_bound(bound)
+        predicted = _predict(bound, engine)
         if as_json:
             print(json.dumps({"predicted": predicted.model_dump(mode="json"), "measured": measured.model_dump(mode="json"),
                               "losses": result.losses, "execution": more}, indent=2))
