@@ -11,7 +11,6 @@ whichever `main()` runs it.
 
 from __future__ import annotations
 
-import sys
 import time
 from pathlib import Path
 from typing import Optional
@@ -22,7 +21,7 @@ from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from hwmodel.errors import UserError
+from hwmodel.errors import UserError, run_app
 
 out = Console()
 err = Console(stderr=True)
@@ -145,14 +144,7 @@ app.command(name="calibrate", help=HELP)(calibrate_command)
 
 def main() -> None:
     """Console entry point: user errors become a message and exit status 2, never a traceback."""
-    try:
-        app()
-    except UserError as exc:
-        err.print(f"[bold red]error:[/bold red] {escape(str(exc))}", highlight=False)
-        sys.exit(2)
-    except KeyboardInterrupt:
-        err.print("interrupted")
-        sys.exit(130)
+    run_app(app, err)
 
 
 if __name__ == "__main__":

@@ -19,7 +19,7 @@ import typer
 from rich.console import Console
 from rich.markup import escape
 
-from hwmodel.errors import UserError
+from hwmodel.errors import UserError, run_app
 
 from . import calibrate_cli
 
@@ -236,14 +236,7 @@ def _run_with_progress(job, run, leader: bool):
 
 def main() -> None:
     """Console entry point: user errors become a message and exit status 2, never a traceback."""
-    try:
-        app()
-    except UserError as exc:
-        err.print(f"[bold red]error:[/bold red] {escape(str(exc))}", highlight=False)
-        sys.exit(2)
-    except KeyboardInterrupt:
-        err.print("interrupted")
-        sys.exit(130)
+    run_app(app, err)
 
 
 if __name__ == "__main__":

@@ -10,19 +10,17 @@ from __future__ import annotations
 import csv
 import io
 import json
-import sys
 import time
 from pathlib import Path
 from typing import Optional
 
 import typer
 from rich.console import Console
-from rich.markup import escape
 from rich.progress import Progress
 from rich.table import Table
 
 from hwmodel.catalog import cluster_names, device_names, load_cluster, load_device
-from hwmodel.errors import SpecError, UserError
+from hwmodel.errors import SpecError, UserError, run_app
 from hwmodel.loading import read_mapping, validate
 from hwmodel.units import format_bandwidth, format_bytes, format_flop_rate, format_seconds, parse_quantity
 from hwmodel.whatif import LINK_FIELDS, with_device_everywhere, with_link_bandwidth
@@ -444,14 +442,7 @@ def demo() -> None:
 
 def main() -> None:
     """Console entry point: user errors become a message and exit status 2, never a traceback."""
-    try:
-        app()
-    except UserError as exc:
-        err.print(f"[bold red]error:[/bold red] {escape(str(exc))}", highlight=False)
-        sys.exit(2)
-    except KeyboardInterrupt:
-        err.print("interrupted")
-        sys.exit(130)
+    run_app(app, err)
 
 
 if __name__ == "__main__":
