@@ -93,6 +93,8 @@ from typing import Any
 import numpy as np
 import yaml
 
+from hwmodel.units import format_bandwidth, format_bytes, format_flop_rate, format_flops, format_seconds
+
 from hwmodel.catalog import clear_caches, load_cluster
 from hwmodel.cluster import ClusterSpec
 from hwmodel.components import DeviceSpec
@@ -1678,34 +1680,25 @@ def threads_per_rank(ranks: int) -> int:
 # ================================================================================================
 # Human units for the YAML
 # ================================================================================================
-def _fmt(value: float, steps: Sequence[tuple[float, str]], digits: int = 4) -> str:
-    for factor, unit in steps:
-        if abs(value) >= factor:
-            return f"{value / factor:.{digits}g} {unit}"
-    factor, unit = steps[-1]
-    return f"{value / factor:.{digits}g} {unit}"
-
-
+# Four significant digits: a measured spec keeps what was measured (hwmodel.units' formatters).
 def fmt_flop_rate(v: float) -> str:
-    return _fmt(v, [(1e15, "PFLOPS"), (1e12, "TFLOPS"), (1e9, "GFLOPS"), (1e6, "MFLOPS"), (1.0, "FLOPS")])
+    return format_flop_rate(v, digits=4)
 
 
 def fmt_flops(v: float) -> str:
-    return _fmt(v, [(1e15, "PFLOP"), (1e12, "TFLOP"), (1e9, "GFLOP"), (1e6, "MFLOP"), (1e3, "KFLOP"), (1.0, "FLOP")])
+    return format_flops(v, digits=4)
 
 
 def fmt_bandwidth(v: float) -> str:
-    return _fmt(v, [(1e12, "TB/s"), (1e9, "GB/s"), (1e6, "MB/s"), (1e3, "KB/s"), (1.0, "B/s")])
+    return format_bandwidth(v, digits=4)
 
 
 def fmt_bytes(v: float) -> str:
-    return _fmt(v, [(GiB * 1024, "TiB"), (GiB, "GiB"), (MiB, "MiB"), (KiB, "KiB"), (1.0, "B")])
+    return format_bytes(v, digits=4)
 
 
 def fmt_seconds(v: float) -> str:
-    if v == 0:
-        return "0 s"
-    return _fmt(v, [(1.0, "s"), (1e-3, "ms"), (1e-6, "us"), (1e-9, "ns")], digits=3)
+    return format_seconds(v, digits=3)
 
 
 class _Flow(list):

@@ -181,27 +181,33 @@ def _fmt(value: float, steps: list[tuple[float, str]], digits: int = 3) -> str:
     return f"{value / factor:.{digits}g} {unit}"
 
 
-def format_bytes(value: float, binary: bool = True) -> str:
+def format_bytes(value: float, binary: bool = True, digits: int = 3) -> str:
     """80 * 2**30 -> '80 GiB'."""
     if binary:
         steps = [(2.0**50, "PiB"), (2.0**40, "TiB"), (2.0**30, "GiB"), (2.0**20, "MiB"), (2.0**10, "KiB"), (1, "B")]
     else:
         steps = [(1e15, "PB"), (1e12, "TB"), (1e9, "GB"), (1e6, "MB"), (1e3, "KB"), (1, "B")]
-    return _fmt(value, steps)
+    return _fmt(value, steps, digits)
 
 
-def format_bandwidth(value: float) -> str:
+def format_bandwidth(value: float, digits: int = 3) -> str:
     """25e9 -> '25 GB/s'."""
-    return _fmt(value, [(1e12, "TB/s"), (1e9, "GB/s"), (1e6, "MB/s"), (1e3, "KB/s"), (1, "B/s")])
+    return _fmt(value, [(1e12, "TB/s"), (1e9, "GB/s"), (1e6, "MB/s"), (1e3, "KB/s"), (1, "B/s")], digits)
 
 
-def format_flop_rate(value: float) -> str:
+def format_flop_rate(value: float, digits: int = 3) -> str:
     """312e12 -> '312 TFLOPS'."""
-    return _fmt(value, [(1e15, "PFLOPS"), (1e12, "TFLOPS"), (1e9, "GFLOPS"), (1e6, "MFLOPS"), (1, "FLOPS")])
+    return _fmt(value, [(1e15, "PFLOPS"), (1e12, "TFLOPS"), (1e9, "GFLOPS"), (1e6, "MFLOPS"), (1, "FLOPS")], digits)
 
 
-def format_seconds(value: float) -> str:
+def format_flops(value: float, digits: int = 3) -> str:
+    """1e10 -> '10 GFLOP'."""
+    steps = [(1e15, "PFLOP"), (1e12, "TFLOP"), (1e9, "GFLOP"), (1e6, "MFLOP"), (1e3, "KFLOP"), (1, "FLOP")]
+    return _fmt(value, steps, digits)
+
+
+def format_seconds(value: float, digits: int = 3) -> str:
     """0.0123 -> '12.3 ms'."""
     if value == 0:
         return "0 s"
-    return _fmt(value, [(1.0, "s"), (1e-3, "ms"), (1e-6, "us"), (1e-9, "ns")])
+    return _fmt(value, [(1.0, "s"), (1e-3, "ms"), (1e-6, "us"), (1e-9, "ns")], digits)
