@@ -87,6 +87,11 @@ class RunCost:
         return self.run.count
 
     @property
+    def dp_span(self) -> GroupSpan:
+        """The widest data-parallel group of the run (mixed stages: the one that waits longest)."""
+        return max(self.spans["dp"], key=lambda s: s.size)
+
+    @property
     def forward(self) -> float:
         """Critical-path time of the layer's forward, communication and stalls included."""
         fwd = overlapped(self.times.forward, self.gather, self.sigma)

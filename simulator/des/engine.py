@@ -256,7 +256,7 @@ class Simulation:
         """Process: `count` layers of a run forward for one micro-batch."""
         start = self.env.now
         side = []
-        dp_span = max(rc.spans["dp"], key=lambda s: s.size)
+        dp_span = rc.dp_span
         if rc.gather:
             side.append(self.env.process(self._collective(
                 rep, "all_gather", rc.gather_bytes, dp_span, count=count, slows_compute=True,
@@ -269,11 +269,7 @@ class Simulation:
         self._account(rep, "compute", count * rc.times.forward)
         self._account(rep, "overlap", self.env.now - start - count * rc.times.forward, rc)
         self._record(rep, f"F mb{mb} {self._layers(rc, count)}", "forward", "compute", start)
-        t = self.env.now
-        yield from self._blocking(rep, rc.profile.fwd_comm, rc, count, f"fwd mb{mb}")
-        if rc.cp_forward:
-            yield self.env.timeout(count * rc.cp_forward)
-        self._account(rep, "comm", self.env.now - t)
+        yield from self._communicate(rep, rc.profile.fwd_comm, rc, count, f"fwd mb{mb}", rc.cp_forward)
         self._memory(rep, count * rc.saved)
         self.num_tasks += 1
 
@@ -282,7 +278,7 @@ class Simulation:
         start = self.env.now
         self._memory(rep, rc.transient)
         side = []
-        dp_span = max(rc.spans["dp"], key=lambda s: s.size)
+        dp_span = rc.dp_span
         if rc.gather:
             side.append(self.env.process(self._zero3_backward(rep, rc, dp_span, count)))
         if rc.offload_copy:
@@ -295,13 +291,18 @@ class Simulation:
         self._account(rep, "recompute", count * rc.recompute)
         self._account(rep, "overlap", self.env.now - start - busy, rc)
         self._record(rep, f"B mb{mb} {self._layers(rc, count)}", "backward", "compute", start)
-        t = self.env.now
-        yield from self._blocking(rep, rc.profile.bwd_comm, rc, count, f"bwd mb{mb}")
-        if rc.cp_backward:
-            yield self.env.timeout(count * rc.cp_backward)
-        self._account(rep, "comm", self.env.now - t)
+        yield from self._communicate(rep, rc.profile.bwd_comm, rc, count, f"bwd mb{mb}", rc.cp_backward)
         self._memory(rep, -rc.transient - count * rc.saved)
         self.num_tasks += 1
+
+    def _communicate(self, rep: Rep, collectives, rc: RunCost, count: int, name: str, cp_exposed: float):
+        """Process: the blocking communication after a run's compute (tp/ep collectives, then the
+        context-parallel ring time the attention did not hide)."""
+        t = self.env.now
+        yield from self._blocking(rep, collectives, rc, count, name)
+        if cp_exposed:
+            yield self.env.timeout(count * cp_exposed)
+        self._account(rep, "comm", self.env.now - t)
 
     def _zero3_backward(self, rep: Rep, rc: RunCost, span: GroupSpan, count: int):
         gather = self.env.process(self._collective(rep, "all_gather", rc.gather_bytes, span, count=count,
@@ -404,7 +405,7 @@ class Simulation:
         t = self.env.now
         for rc in rep.cost.runs:
             if rc.regather:
-                span = max(rc.spans["dp"], key=lambda s: s.size)
+                span = rc.dp_span
                 yield from self._collective(rep, "all_gather", rc.profile.params_local * self._weight_bytes(), span,
                                             count=rc.count, name="gather updated weights", category="reduce")
         self._account(rep, "tail", self.env.now - t)
@@ -424,7 +425,7 @@ class Simulation:
     def _reduce(self, rep: Rep, rc: RunCost):
         """Process: one layer's gradient reduction (ddp all-reduce, ZeRO-1/2 reduce-scatter), queued
         behind the earlier layers' on the data-parallel communicator (NCCL runs them in order)."""
-        span = max(rc.spans["dp"], key=lambda s: s.size)
+        span = rc.dp_span
         with rep.grad_stream.request() as turn:
             yield turn
             yield from self._reduce_now(rep, rc, span)
