@@ -56,6 +56,10 @@ app.add_typer(specs_app, name="specs")
 app.add_typer(workloads_app, name="workloads")
 app.add_typer(validate_app, name="validate")
 
+from .search.cli import search_app  # noqa: E402  (the planners add their commands there)
+
+app.add_typer(search_app, name="search")
+
 out = Console()
 err = Console(stderr=True)
 
