@@ -1,0 +1,85 @@
+"""Credentials of a VFL job: a job CA and one certificate per party, made with the `openssl` command.
+
+`make_keys(out)` writes into `out`:
+
+    ca.crt, ca.key            the job's certificate authority (keep ca.key with whoever admits parties)
+    active.crt, active.key    the active party (CN=vfl-active), signed by the CA
+    passive.crt, passive.key  the passive party (CN=vfl-passive), signed by the CA
+
+Each party gets ca.crt and its own pair; private keys are written mode 0600. Keys are EC P-256; certificates
+allow both TLS server and client use, since either party may listen. The channel accepts a peer only if its
+certificate chains to this CA and names the other party (see `channel.py`).
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import tempfile
+from pathlib import Path
+
+from hwmodel.errors import UserError
+
+PARTIES = ("active", "passive")
+FILES = ("ca.crt", "ca.key", "active.crt", "active.key", "passive.crt", "passive.key")
+
+
+def common_name(party: str) -> str:
+    """The certificate subject CN of a party."""
+    return f"vfl-{party}"
+
+
+def _openssl(*args: str, cwd: Path) -> None:
+    if shutil.which("openssl") is None:
+        raise UserError("the `openssl` command is needed to make certificates; install OpenSSL (e.g. apt-get install openssl)")
+    proc = subprocess.run(["openssl", *args], cwd=cwd, capture_output=True, text=True)
+    if proc.returncode != 0:
+        raise UserError(f"openssl {args[0]} failed: {proc.stderr.strip()[-500:]}")
+
+
+def make_keys(out: str | Path, days: int = 30, force: bool = False) -> list[Path]:
+    """Make the CA and both parties' certificates in `out`; returns the files written."""
+    out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise UserError(f"--out {out} is a file, not a folder")
+    existing = [name for name in FILES if (out / name).exists()]
+    if existing and not force:
+        raise UserError(f"{out} already holds {', '.join(existing)}; choose another folder or pass --force to replace them")
+    if days < 1:
+        raise UserError(f"--days must be at least 1, got {days}")
+    out.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(prefix="vfl-keys-") as tmp:
+        work = Path(tmp)
+        ext = work / "party.ext"
+        ext.write_text(
+            "basicConstraints=critical,CA:FALSE\n"
+            "keyUsage=critical,digitalSignature,keyAgreement\n"
+            "extendedKeyUsage=serverAuth,clientAuth\n"
+        )
+        _openssl("ecparam", "-name", "prime256v1", "-genkey", "-noout", "-out", "ca.key", cwd=work)
+        _openssl("req", "-x509", "-new", "-key", "ca.key", "-sha256", "-days", str(days), "-subj", "/CN=hetplan-vfl-job-ca",
+                 "-addext", "basicConstraints=critical,CA:TRUE", "-addext", "keyUsage=critical,keyCertSign,cRLSign",
+                 "-out", "ca.crt", cwd=work)
+        for party in PARTIES:
+            _openssl("ecparam", "-name", "prime256v1", "-genkey", "-noout", "-out", f"{party}.key", cwd=work)
+            _openssl("req", "-new", "-key", f"{party}.key", "-subj", f"/CN={common_name(party)}", "-out", f"{party}.csr", cwd=work)
+            _openssl("x509", "-req", "-in", f"{party}.csr", "-CA", "ca.crt", "-CAkey", "ca.key", "-CAcreateserial",
+                     "-days", str(days), "-sha256", "-extfile", "party.ext", "-out", f"{party}.crt", cwd=work)
+        written = []
+        for name in FILES:
+            target = out / name
+            shutil.copyfile(work / name, target)
+            os.chmod(target, 0o600 if name.endswith(".key") else 0o644)
+            written.append(target)
+    return written
+
+
+def party_files(certs: str | Path, party: str) -> tuple[Path, Path, Path]:
+    """(ca.crt, PARTY.crt, PARTY.key) in `certs`, checked to exist."""
+    certs = Path(certs)
+    files = (certs / "ca.crt", certs / f"{party}.crt", certs / f"{party}.key")
+    missing = [str(p) for p in files if not p.is_file()]
+    if missing:
+        raise UserError(f"--certs {certs}: missing {', '.join(missing)}; make them with `execute vfl keys --out {certs}`")
+    return files
