@@ -197,7 +197,8 @@ def make_sweep(quick: bool, device_type: str) -> Sweep:
         )
     return Sweep(
         "default", 7, 0.01, 0.5, (32, 64, 128, 256, 512, 1024, 2048),
-        tuple((t, 1024, 4096) for t in (8, 32, 128, 512)) + tuple((t, 256, 1024) for t in (8, 32, 128)),
+        # Training micro-batches of one or a few short sequences live at 64-256 tokens: measure them there.
+        tuple((t, 1024, 4096) for t in (8, 32, 64, 128, 256, 512)) + tuple((t, 256, 1024) for t in (8, 32, 64, 128)),
         tuple((1, 8, s, 64) for s in (128, 256, 512, 1024, 2048)) + tuple((1, 4, s, 128) for s in (512, 1024)),
         tuple(4 * KiB * 4**i for i in range(9)),  # 4 KiB .. 256 MiB: L1, L2, L3 and DRAM
         tuple(2**i for i in range(14, 23, 2)), 1024,

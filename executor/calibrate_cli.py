@@ -60,12 +60,19 @@ def calibrate_command(
         None, "--baseline", help="Catalog cluster to compare with in the summary (default cpu-local on CPU; none on GPUs)."
     ),
     raw_out: Optional[Path] = typer.Option(None, "--raw", help="Also write every timing as JSON to this new file."),
+    framework: Optional[bool] = typer.Option(
+        None, "--framework/--no-framework",
+        help="CPU, 2+ ranks: also run a probe GPT with `execute` (single, tensor and data parallel, ~1 min) to measure "
+             "what the framework adds around kernels on the compute cores (sharded-tensor dispatch, gradient packing). "
+             "Default: on, except with --quick.",
+    ),
     timeout: float = typer.Option(900.0, "--timeout", help="Give up when the benchmark ranks take longer (seconds)."),
     force: bool = typer.Option(False, "--force", help="Replace existing output files."),
 ) -> None:
     """Measure this machine and write its cluster spec."""
     try:
-        _calibrate(out_file, device_out, name, ranks, quick, storage_dir, curve_dtype, baseline, raw_out, timeout, force)
+        _calibrate(out_file, device_out, name, ranks, quick, storage_dir, curve_dtype, baseline, raw_out, timeout, force,
+                   framework)
     except UserError as exc:
         err.print(f"[bold red]error:[/bold red] {escape(str(exc))}", highlight=False)
         raise typer.Exit(2) from None
@@ -74,7 +81,8 @@ def calibrate_command(
 calibrate_command.__doc__ = HELP
 
 
-def _calibrate(out_file, device_out, name, ranks, quick, storage_dir, curve_dtype, baseline, raw_out, timeout, force) -> None:
+def _calibrate(out_file, device_out, name, ranks, quick, storage_dir, curve_dtype, baseline, raw_out, timeout, force,
+               framework=False) -> None:
     # Imported here so that `--help` answers without loading torch.
     from hwmodel.catalog import load_cluster
 
@@ -96,6 +104,9 @@ def _calibrate(out_file, device_out, name, ranks, quick, storage_dir, curve_dtyp
             ranks=ranks, quick=quick, storage_dir=storage_dir, name=name or cal_mod.DEFAULT_NAME,
             curve_dtype=curve_dtype, timeout_s=timeout, progress=cal_mod.RichProgress(progress),
         )
+        num_ranks = cal.cluster.node_groups[0].node.num_devices
+        if (framework if framework is not None else not quick) and cal.device.kind == "cpu" and num_ranks >= 2:
+            _calibrate_framework(cal, num_ranks, cal_mod.threads_per_rank(num_ranks), progress, timeout)
     cal_mod.write_calibration(cal, out_file, device_out, force, raw_out)
     if baseline_cluster is None and cal.device.kind == "cpu":
         baseline_cluster = load_cluster("cpu-local")
@@ -104,6 +115,37 @@ def _calibrate(out_file, device_out, name, ranks, quick, storage_dir, curve_dtyp
     written = [str(out_file)] + ([str(device_out)] if device_out else []) + ([str(raw_out)] if raw_out else [])
     out.print(f"wrote {', '.join(written)} in {time.monotonic() - start:.0f} s; "
               f"use it with: simulate run --cluster {out_file} --workload ... --plan ...", highlight=False)
+
+
+def _calibrate_framework(cal, ranks: int, threads: int, progress: Progress, timeout: float) -> None:
+    """Add the framework's costs on the compute cores to the calibrated device (executor/calibrate_framework.py)."""
+    from hwmodel.cluster import ClusterSpec
+    from hwmodel.loading import validate
+    from hwmodel.units import format_bandwidth, format_seconds
+
+    from . import calibrate_framework as fw
+
+    task = progress.add_task("framework overhead", total=fw.probe_count())
+    fit = fw.calibrate_framework(cal.cluster_mapping, ranks, threads, lambda: progress.advance(task), timeout)
+    values = {"blocking_collectives": True,
+              "sharded_kernel_overhead": format_seconds(fit.sharded_kernel_overhead, digits=3),
+              "dp_layer_overhead": format_seconds(fit.dp_layer_overhead, digits=3)}
+    if fit.grad_pack_bandwidth is not None:
+        values["grad_pack_bandwidth"] = format_bandwidth(fit.grad_pack_bandwidth, digits=4)
+    for mapping in {id(m): m for m in (cal.device_mapping, cal.cluster_mapping["node_groups"][0]["node"]["device"])}.values():
+        mapping["compute"].update(values)
+        for key in values:
+            mapping.setdefault("sources", {})[f"compute.{key}"] = (
+                fw.BLOCKING_SOURCE if key == "blocking_collectives"
+                else fit.source(time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()))
+            )
+    cal.cluster = validate(ClusterSpec, cal.cluster_mapping, "calibrated cluster")
+    cal.device = cal.cluster.node_groups[0].node.device
+    for row in fit.rows:
+        cal.notes.append(
+            f"framework probe {row['probe']} {row['plan']}: measured {row['measured_s'] * 1e3:.0f} ms, predicted "
+            f"{row['predicted_before_s'] * 1e3:.0f} ms without framework costs, {row['predicted_after_s'] * 1e3:.0f} ms with them"
+        )
 
 
 def _print_summary(cal, cal_mod, base_device, baseline_cluster) -> None:

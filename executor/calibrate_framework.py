@@ -43,6 +43,9 @@ PROBES = (
 )
 BATCH = 8  # sequences per iteration in every probe run
 FIELDS = ("sharded_kernel_overhead", "grad_pack_bandwidth", "dp_layer_overhead")
+BLOCKING_SOURCE = ("set by `execute calibrate` on a CPU: FSDP2 calls its collectives without async_op and a CPU has no "
+                   "stream to run them on, so the compute thread waits for each "
+                   "(torch/distributed/fsdp/_fully_shard/_fsdp_collectives.py)")
 
 
 @dataclass

@@ -23,8 +23,9 @@ from workloads.torch_models import check_executable
 
 SUPPORTED = (
     "supported: tp, pp (gpipe, 1f1b, interleaved), dp with dp_type ddp/zero1/zero2/zero3, sequence_parallel, "
-    "recompute none/selective/full (also per layer), dtype fp32/bf16, attention flash/naive, optimizer adam/sgd, "
-    "explicit stages with the plan's tp and an even share of consecutive devices"
+    "recompute none/selective/full/tokenwise (MEMO, with offload), offload with recompute none or tokenwise, per-layer tp/sequence_parallel/dp_type (not zero1) and recompute, dtype fp32/bf16, "
+    "attention flash/naive, optimizer adam/sgd, explicit stages (uneven layer counts) with the plan's tp and an even "
+    "share of consecutive devices"
 )
 
 
@@ -61,8 +62,7 @@ def check_features(plan: Plan, device_type: str) -> None:
         raise _refuse(f"cp={plan.cp} (context parallel)", why)
     if plan.ep > 1:
         raise _refuse(f"ep={plan.ep} (expert parallel)", "mixture-of-experts models cannot be executed yet")
-    if plan.offload > 0:
-        raise _refuse(f"offload={plan.offload:g} (activation offload to host)", "activation offload is not implemented yet")
+    _check_offload(plan, plan.recompute, plan.offload, "")
     if plan.dtype == "fp16":
         raise _refuse("dtype=fp16", "fp16 training needs loss scaling, which this executor does not implement; use bf16 or fp32")
     if plan.grad_reduce_dtype not in (None, "fp32") and plan.dp_type == "zero1":
@@ -73,14 +73,18 @@ def check_features(plan: Plan, device_type: str) -> None:
     if plan.grad_reduce_dtype == "fp16":
         raise _refuse("grad_reduce_dtype=fp16", "use fp32 or bf16")
     for i, layer in enumerate(plan.layers):
-        for key in ("tp", "dp_type", "sequence_parallel"):
-            value = getattr(layer, key)
-            if value is not None and value != getattr(plan, key):
-                raise _refuse(
-                    f"layers[{i}].{key}={value}", f"per-layer {key} differs from the plan's; only per-layer recompute is executable"
-                )
-        if layer.offload:
-            raise _refuse(f"layers[{i}].offload={layer.offload:g}", "activation offload is not implemented yet")
+        # Per-layer tp / sequence_parallel / dp_type run as mixed layouts (executor.mixed_layout), except
+        # ZeRO-1: DistributedDataParallel + ZeroRedundancyOptimizer hold a whole chunk, not single blocks.
+        differs = [key for key in ("tp", "dp_type", "sequence_parallel")
+                   if getattr(layer, key) is not None and getattr(layer, key) != getattr(plan, key)]
+        if differs and "zero1" in (layer.dp_type, plan.dp_type):
+            raise _refuse(
+                f"layers[{i}] with {', '.join(f'{k}={getattr(layer, k)}' for k in differs)} and dp_type=zero1",
+                "ZeRO-1 (DistributedDataParallel + ZeroRedundancyOptimizer) wraps a whole stage and cannot mix with "
+                "per-layer layouts; use zero2 (gradients and optimizer state sharded), ddp or zero3 for these layers",
+            )
+        _check_offload(plan, layer.recompute or plan.recompute, plan.offload if layer.offload is None else layer.offload,
+                       f"layers[{i}].")
     if plan.schedule == "interleaved" and plan.pp < 2:
         raise _refuse("schedule=interleaved with pp=1", "ScheduleInterleaved1F1B needs at least two pipeline ranks")
     if plan.tp > 1 and plan.dp_type == "zero1" and (plan.dp or 0) != 1:
@@ -93,6 +97,20 @@ def check_features(plan: Plan, device_type: str) -> None:
             "torch's ZeroRedundancyOptimizer and DistributedDataParallel cannot hold tensor-parallel (DTensor) "
             "parameters; use dp_type=zero2 (gradients sharded too) or ddp",
         )
+
+
+def _check_offload(plan: Plan, recompute: str, offload: float, where: str) -> None:
+    """Swapping by token (executor.offload) runs with recompute none (plain swapping) or tokenwise (MEMO)."""
+    if offload > 0 and recompute in ("full", "selective"):
+        raise _refuse(f"{where}offload={offload:g} with recompute={recompute}",
+                      "swapping runs with recompute=none (plain swapping) or recompute=tokenwise (MEMO)")
+    if (offload > 0 or recompute == "tokenwise") and plan.sequence_parallel:
+        raise _refuse(f"{where}offload/tokenwise with sequence_parallel",
+                      "token slices of a sequence-parallel shard are not cut yet; use tp without sequence_parallel")
+    if (offload > 0 or recompute == "tokenwise") and plan.layers and any(
+        getattr(layer, k) not in (None, getattr(plan, k)) for layer in plan.layers for k in ("tp", "dp_type", "sequence_parallel")
+    ):
+        raise _refuse(f"{where}offload/tokenwise with per-layer layouts", "swapping is wired into uniform layouts only")
 
 
 def check_stages(bound: BoundPlan) -> None:

@@ -22,6 +22,7 @@ from rich.markup import escape
 from hwmodel.errors import UserError, run_app
 
 from . import calibrate_cli
+from .vfl.cli import vfl_app
 
 out = Console()
 err = Console(stderr=True)
@@ -33,9 +34,11 @@ HELP = (
     "--plan 'tp=2,pp=2,micro_batch=1,global_batch=8,dtype=fp32' --steps 5 --compare\n\n"
     "What runs: tp (DTensor), sequence_parallel, pp with gpipe/1f1b/interleaved (torch.distributed.pipelining), "
     "dp with ddp (FSDP2 replicate), zero1 (DDP + ZeroRedundancyOptimizer), zero2/zero3 (FSDP2 fully_shard), "
-    "recompute selective/full (checkpoint_wrapper), dtype fp32/bf16, gpt and llama workloads. Refused with the "
-    "reason: cp > 1, ep > 1, offload, model-state pages, tasks, federated, fp16, stages with their own tp or "
-    "device groups, zero1 with tp > 1.\n\n"
+    "recompute selective/full (checkpoint_wrapper), per-layer tp/dp_type/recompute layouts (activations redistributed "
+    "between them), uneven pipeline stages, activation offload to host and MEMO token-wise recompute "
+    "(recompute=tokenwise with offload=alpha), dtype fp32/bf16, gpt and llama workloads; vfl-wdl runs its two "
+    "parties (see `execute vfl --help`). Refused with the reason: cp > 1, ep > 1, model-state pages, tasks, fp16, "
+    "stages with their own tp or device groups, zero1 with tp > 1 or with per-layer layouts.\n\n"
     "Measured: median iteration time after --warmup (the slowest rank's), tokens/s, samples/s, MFU/HFU (shared "
     "definitions), the loss per iteration (in --json), peak memory: on CUDA torch.cuda.max_memory_allocated; on CPU "
     "an account of parameter, gradient and optimizer-state bytes plus the peak of saved activations tracked with "
@@ -53,6 +56,7 @@ PLAN_HELP = (
 
 app = typer.Typer(name="execute", help=HELP, add_completion=False, pretty_exceptions_enable=False, rich_markup_mode=None)
 app.command("calibrate")(calibrate_cli.calibrate_command)
+app.add_typer(vfl_app, name="vfl")
 
 
 def _check_options(trace: Optional[Path], checkpoint_dir: Optional[Path], checkpoint_every: Optional[int], resume: bool,
@@ -134,6 +138,9 @@ def execute(
         "that has checkpoints.",
     ),
     seed: int = typer.Option(0, "--seed", help="Seed of the weights, the synthetic data and dropout."),
+    party: Optional[str] = typer.Option(
+        None, "--party", help="Federated workloads (vfl-wdl): run this party, active or passive; see `execute vfl run --help`."
+    ),
 ) -> None:
     """Run a training plan on real devices and measure it."""
     if ctx.invoked_subcommand is not None:
@@ -144,6 +151,12 @@ def execute(
         raise typer.Exit(0)
     if missing:
         raise UserError(f"missing {', '.join(missing)}; see `execute --help`")
+    from workloads.vfl import is_vfl_workload
+
+    if party is not None or is_vfl_workload(workload):
+        from .vfl.cli import run_from_execute
+
+        return run_from_execute(workload, cluster, plan, party)
     if engine not in ("des", "analytic"):
         raise UserError(f"--engine must be des or analytic, got {engine!r}")
     trace_path = _check_options(trace, checkpoint_dir, checkpoint_every, resume, force)

@@ -30,6 +30,10 @@ The order (as torchtitan composes the same PyTorch pieces):
    e. **Mixed precision**: for `bf16`, FSDP2's `MixedPrecisionPolicy(param_dtype=bf16, reduce_dtype=fp32)`
       when FSDP2/replicate hold the chunk, else `torch.autocast(bf16)` around forward; master weights,
       gradients and optimizer state stay fp32 in both. `fp32` runs everything in fp32.
+   Plans whose blocks have their own tp, sequence parallelism or dp_type (`plan.layers`, as a
+   Galvatron-style search writes them) take `executor.mixed_layout` for a-e instead: each block is split
+   and wrapped on its own layout's mesh, the edges on the plan's, and activations are redistributed
+   between layouts in forward and backward.
    f. **Materialize and initialize**: `to_empty` on the device, then every parameter gets the shard a
       rank owns of the full tensor `workloads.torch_models.full_init_tensor` gives for its name, so
       every plan starts from exactly the weights of the single-process model.
@@ -53,7 +57,9 @@ import torch.distributed as dist
 from torch import nn
 
 from simulator.binding import BoundPlan
+from executor import mixed_layout
 from executor.memory import count_checkpoint_inputs
+from executor.offload import apply_offload, arena_for
 from workloads.torch_models import CausalLM, build_model, canonical_name, full_init_tensor, loss_fn
 
 # Fixed optimizer hyper-parameters: every plan of a job trains with the same ones.
@@ -357,17 +363,27 @@ def build_rank_model(bound: BoundPlan, layout: Layout, seed: int) -> RankModel:
     whole = build_model(cfg, "meta", attention=plan.attention)  # 1
     chunks_spec = stage_chunks(bound, layout.pp_rank)  # 2
     recompute = {i: run.recompute for stage in bound.stages for run in stage.runs for i in run.indices}
+    offload = {i: run.offload for stage in bound.stages for run in stage.runs for i in run.indices}
     dp_type = plan.dp_type
     use_fsdp = layout.dp > 1 and dp_type != "zero1"
     use_ddp = layout.dp > 1 and dp_type == "zero1"
     num_stages = len(bound.stages) * plan.virtual_stages
+    # Per-layer tp / sequence parallel / dp_type: executor.mixed_layout does steps 3a-3e for each chunk.
+    mixed = mixed_layout.make_meshes(bound, layout.device.type, layout.mesh) if mixed_layout.is_mixed(bound) else None
     chunks: list[Chunk] = []
     for stage_index, indices in chunks_spec:
         part = split_chunk(whole, indices)
+        if mixed is not None:
+            stage_rank = layout.rank % len(bound.stages[0].ranks)
+            use_fsdp = mixed_layout.parallelize_chunk(part, bound, mixed, stage_rank, lambda block: recompute[block + 1])
+            materialize(part, part, layout.device, seed)  # 3f
+            chunks.append(Chunk(stage_index, indices, part, part, part.embed is not None, part.head is not None))
+            continue
         if layout.tp > 1:  # 3a
             apply_tensor_parallel(part, layout.submesh("tp"), plan.sequence_parallel)
         part.tie_weights()  # 3b
         apply_recompute(part, lambda block: recompute[block + 1])  # 3c
+        apply_offload(part, lambda block: (recompute[block + 1], offload[block + 1]), arena_for(plan, layout.device))  # 3c: MEMO
         module: nn.Module = part
         if use_fsdp:  # 3d, 3e
             apply_fsdp(part, layout, dp_type, plan.dtype, plan.grad_reduce_dtype)
@@ -378,7 +394,7 @@ def build_rank_model(bound: BoundPlan, layout: Layout, seed: int) -> RankModel:
 
     zero1 = use_ddp
     optimizers = [make_optimizer(list(c.module.parameters()), plan.optimizer, layout, zero1) for c in chunks]
-    autocast = DTYPES[plan.dtype] if plan.dtype != "fp32" and not use_fsdp else None
+    autocast = DTYPES[plan.dtype] if plan.dtype != "fp32" and (not use_fsdp or mixed is not None) else None
     rank_model = RankModel(layout, chunks, optimizers, num_stages, bound.num_micro_batches, dp_type, use_fsdp, autocast)
     if layout.pp > 1:  # 4
         rank_model.schedule = _make_schedule(rank_model, plan.schedule)

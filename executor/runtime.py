@@ -24,6 +24,7 @@ from dataclasses import dataclass, field
 
 import torch
 import torch.distributed as dist
+from torch.distributed.fsdp import FSDPModule
 
 from workloads.torch_models import SyntheticTokens, loss_fn
 
@@ -103,8 +104,10 @@ class Trainer:
             last = j == m - 1
             xs, ys = x[j * self.micro_batch : (j + 1) * self.micro_batch], y[j * self.micro_batch : (j + 1) * self.micro_batch]
             if rm.uses_fsdp:
-                # Reduce gradients once, after the last micro-batch (gradient accumulation).
-                module.set_requires_gradient_sync(last)
+                # Reduce gradients once, after the last micro-batch (gradient accumulation). Each FSDP2
+                # module by itself: with per-layer layouts the chunk's root may not be one.
+                for fsdp in (sub for sub in module.modules() if isinstance(sub, FSDPModule)):
+                    fsdp.set_requires_gradient_sync(last, recurse=False)
                 sync = nullcontext()
             else:
                 sync = module.no_sync() if (hasattr(module, "no_sync") and not last) else nullcontext()

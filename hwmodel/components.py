@@ -84,6 +84,25 @@ class ComputeSpec(Frozen):
     per_dtype: dict[Dtype, DtypeEfficiency] = Field(
         default_factory=dict, description="efficiency curves that differ for a dtype (measured by calibration)"
     )
+    # What the training framework adds around the kernels of a parallel plan. On GPUs it runs on the host
+    # ahead of the device and hides; on a CPU device it runs on the same cores as the kernels, so
+    # `execute calibrate` measures it there (executor/calibrate_framework.py).
+    sharded_kernel_overhead: NonNegativeSeconds = Field(
+        0.0, description="extra cost per kernel of a tensor-parallel layer (sharded-tensor dispatch), on top of kernel_overhead"
+    )
+    grad_pack_bandwidth: Bandwidth | None = Field(
+        None,
+        description="data-parallel gradient bytes (and ZeRO-3 gathered weight bytes) per second that the framework copies "
+                    "into and out of communication buffers on the compute cores; left out, the copies are not costed",
+    )
+    dp_layer_overhead: NonNegativeSeconds = Field(
+        0.0, description="fixed framework cost per layer and gradient reduction (hooks, buffer setup)"
+    )
+    blocking_collectives: bool = Field(
+        False,
+        description="the framework waits for each data-parallel collective on the compute thread instead of "
+                    "overlapping it with compute (PyTorch FSDP2 on CPU issues them synchronously)",
+    )
 
     def efficiencies(self, dtype: str) -> tuple[EfficiencyCurve, EfficiencyCurve, EfficiencyCurve, float]:
         """(matrix, matrix_dim, attention, vector) efficiencies for `dtype`."""

@@ -52,15 +52,22 @@ def recompute_model_flops_per_sample(bound: BoundPlan) -> float:
     """Forward model FLOPs that the plan's recomputation repeats, per sample."""
     cfg = bound.workload
     shape = ShardShape(micro_batch=1, seq_len=cfg.seq_len)
-    counts: dict[tuple[str, str], int] = {}
+    counts: dict[tuple[str, str, float], int] = {}
     for stage in bound.stages:
         for run in stage.runs:
             if run.recompute != "none":
-                counts[(run.kind, run.recompute)] = counts.get((run.kind, run.recompute), 0) + run.count
+                key = (run.kind, run.recompute, run.offload)
+                counts[key] = counts.get(key, 0) + run.count
     total = 0.0
-    for (kind, mode), n in counts.items():
+    for (kind, mode, offload), n in counts.items():
         prof = layer_profile(cfg, kind, shape)
-        total += n * (prof.model_fwd_flops if mode == "full" else prof.model_fwd_flops_selective)
+        if mode == "full":
+            total += n * prof.model_fwd_flops
+        elif mode == "tokenwise":
+            # MEMO re-runs everything but the attention core for the tokens it did not swap to host.
+            total += n * (1.0 - offload) * (prof.model_fwd_flops - prof.model_fwd_flops_selective)
+        else:
+            total += n * prof.model_fwd_flops_selective
     return total
 
 

@@ -181,7 +181,11 @@ def bind(plan: Plan, workload: WorkloadConfig, cluster: ClusterSpec) -> BoundPla
     if plan.tasks:
         raise UnsupportedPlan("plan.tasks (multi-task wavefront schedules) is not simulated by this engine yet")
     if plan.federated is not None:
-        raise UnsupportedPlan("plan.federated (vertical federated parties) is not simulated by this engine yet")
+        raise UnsupportedPlan(
+            "plan.federated (vertical federated parties) applies to two-party VFL workloads (e.g. vfl-wdl), not to "
+            f"{workload.name!r}; `simulate run --workload vfl-wdl --plan ...` predicts it and `simulate search vfl` "
+            "chooses its workset W and local updates R"
+        )
     if plan.model_states is not None and plan.model_states.gpu < 1.0:
         raise UnsupportedPlan("plan.model_states with CPU/SSD pages is not simulated by this engine yet")
     if plan.ep > 1 and cfg.family != "moe":
@@ -310,8 +314,13 @@ def bind(plan: Plan, workload: WorkloadConfig, cluster: ClusterSpec) -> BoundPla
         runs: list[LayerRun] = []
         for span in spans:
             if not plan.layers:
-                # Without per-layer strategies a chunk of blocks shares one strategy.
-                runs.append(LayerRun(span.start, len(span), *strategy_of(stage_index, span.start)))
+                # Without per-layer strategies a chunk's blocks share one strategy; a run still ends where the
+                # block kind changes (T5's encoder then decoder blocks).
+                first = span.start
+                for idx in range(span.start + 1, span.stop + 1):
+                    if idx == span.stop or kinds[idx] != kinds[first]:
+                        runs.append(LayerRun(first, idx - first, *strategy_of(stage_index, first)))
+                        first = idx
                 continue
             key, first, count = None, span.start, 0
             for idx in span:

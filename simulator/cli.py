@@ -149,6 +149,13 @@ def run(
     """Predict one plan: time, throughput, MFU, memory, and where the time goes."""
     if out_file is not None:
         _check_new_file(out_file, force)
+    from workloads.vfl import is_vfl_workload
+
+    if is_vfl_workload(workload):  # two parties over a WAN: rounds, predicted by the VFL engine
+        from .vfl.cli import simulate_run_vfl
+
+        return simulate_run_vfl(workload, load_cluster(cluster, nodes, devices_per_node), load_plan(plan), engine,
+                                trace, plot, as_json, out_file, force)
     report = _predict(load_plan(plan), load_workload(workload, seq_len), load_cluster(cluster, nodes, devices_per_node),
                       engine, trace, plot, force)
     if out_file is not None:
@@ -210,6 +217,12 @@ def compare(
     force: bool = typer.Option(False, "--force", help="Allow --csv to replace an existing file."),
 ) -> None:
     """Run one workload and plan across several clusters, or sweep one field, and print a table."""
+    from workloads.vfl import is_vfl_workload
+
+    if is_vfl_workload(workload):  # two parties over a WAN: the VFL planner's speedups, sweeping the link
+        from .vfl.cli import compare_vfl
+
+        return compare_vfl(workload, cluster, sweep, as_json, csv_file, force)
     base_plan = load_plan(plan)
     key, values = _parse_sweep(sweep) if sweep else (None, [None])
     rows = []

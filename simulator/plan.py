@@ -25,7 +25,8 @@ from hwmodel.loading import parse_mapping, read_mapping, validate
 from hwmodel.units import Bytes
 
 DpType = Literal["ddp", "zero1", "zero2", "zero3"]
-Recompute = Literal["none", "selective", "full"]
+# tokenwise: MEMO, the `offload` share of tokens swapped to host, the rest recomputed token-wise (workloads.activations)
+Recompute = Literal["none", "selective", "full", "tokenwise"]
 Schedule = Literal["gpipe", "1f1b", "interleaved"]
 PlanDtype = Literal["fp32", "fp16", "bf16"]
 Attention = Literal["flash", "naive"]
@@ -94,6 +95,17 @@ class FederatedSpec(_Frozen):
     parties: tuple[str, ...] = Field(min_length=2)
     workset: int = Field(1, gt=0)
     local_updates: int = Field(1, gt=0)
+    # vanilla: one update per batch; fedbcd: R updates on the latest batch, in turn with the WAN; celu: the
+    # workset, its R uses per batch overlapped with the WAN (R counts the fresh update: W=1, R=1 is vanilla)
+    mode: Literal["vanilla", "fedbcd", "celu"] = "celu"
+
+
+class MemoryPlanSpec(_Frozen):
+    """A static activation memory plan (MEMO's MIP): the planned peak and where the offsets are kept."""
+
+    peak_bytes: int = Field(ge=0, description="planned peak of the activation arena per device, in bytes")
+    greedy_peak_bytes: int | None = Field(None, ge=0, description="best-fit peak for the same tensors, in bytes")
+    offsets: str | None = Field(None, description="file holding tensor -> offset (written by `simulate search memo`)")
 
 
 class Plan(_Frozen):
@@ -123,6 +135,7 @@ class Plan(_Frozen):
     model_states: ModelStatePlacement | None = None
     tasks: tuple[TaskSpec, ...] = ()
     federated: FederatedSpec | None = None
+    memory_plan: MemoryPlanSpec | None = None
 
     @model_validator(mode="after")
     def _self_consistent(self) -> "Plan":
@@ -136,7 +149,7 @@ class Plan(_Frozen):
 
     def shorthand(self) -> str:
         """The one-line form of the uniform keys (sections such as `stages` are left out)."""
-        data = self.model_dump(exclude_defaults=True, exclude={"layers", "stages", "model_states", "tasks", "federated"})
+        data = self.model_dump(exclude_defaults=True, exclude={"layers", "stages", "model_states", "tasks", "federated", "memory_plan"})
         return ",".join(f"{k}={str(v).lower() if isinstance(v, bool) else v}" for k, v in data.items()) or "tp=1"
 
 

@@ -96,4 +96,7 @@ class Report(BaseModel):
         default_factory=dict, description="des: busy share of each port with traffic (bytes moved / capacity / time)"
     )
     peak_memory_time_s: float | None = Field(None, description="des: when the peak happens, from iteration start")
+    host_memory_bytes: float | None = Field(
+        None, description="host DRAM of the most loaded node filled with swapped activations (offload); None: not computed"
+    )
     warnings: list[str] = Field(default_factory=list)

@@ -94,7 +94,6 @@ def refused(result: Result, *fragments: str) -> None:
         ("tp=3,dtype=fp32", ["tp=3 does not divide num_heads=4"]),
         ("dp=4,dtype=fp32", ["but cluster 'cpu-local' has 2 devices"]),  # the world size is the cluster's
         ("cp=2,dtype=fp32", ["cp=2 (context parallel) cannot be executed", "supported:"]),
-        ("offload=0.5,dtype=fp32", ["offload=0.5", "cannot be executed", "not implemented"]),
         ("dtype=fp16", ["dtype=fp16 cannot be executed", "loss scaling"]),
     ],
 )
@@ -105,12 +104,6 @@ def test_refuses_plans_it_cannot_run(execute, no_launch, tiny, plan, fragments):
 def test_refuses_zero1_with_tensor_parallel_naming_the_torch_limitation(execute, no_launch, tiny):
     result = execute("--workload", tiny, "--cluster", "cpu-local", "--devices-per-node", "4", "--plan", "tp=2,dp_type=zero1,dtype=fp32")
     refused(result, "dp_type=zero1 with tp > 1", "ZeroRedundancyOptimizer", "DTensor", "zero2")
-
-
-def test_refuses_per_layer_strategies_other_than_recompute(execute, no_launch, tiny, tmp_path):
-    plan = tmp_path / "plan.yaml"
-    plan.write_text(yaml.safe_dump({"dp": 2, "dtype": "fp32", "layers": [{"layers": [0, 1], "dp_type": "zero3"}]}))
-    refused(execute("--workload", tiny, "--cluster", "cpu-local", "--plan", plan), "layers[0].dp_type=zero3", "only per-layer recompute")
 
 
 def test_refuses_interleaved_on_one_pipeline_rank(execute, no_launch, tiny):

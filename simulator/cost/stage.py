@@ -14,10 +14,12 @@ from dataclasses import dataclass, field
 
 from hwmodel.cluster import ClusterSpec, GroupSpan
 from hwmodel.components import DeviceSpec, LinkSpec
+from workloads.activations import block_activations, supports_tokenwise
 from workloads.ops import Collective, LayerProfile, ShardShape
 from workloads.transformer import layer_profile
 
 from ..binding import BoundPlan, BoundStage, LayerRun
+from ..errors import InfeasiblePlan, UnsupportedPlan
 from .collectives import collective_time
 from .compute import DTYPE_BYTES, LayerTimes, Roofline, layer_times, optimizer_time, roofline
 from .memory import OPTIMIZER_TRAFFIC, micro_batches_in_flight, model_state_memory, state_bytes
@@ -81,6 +83,15 @@ class RunCost:
     saved: float  # activation bytes kept per layer (after offload)
     transient: float  # what backward re-materializes for one layer (dropped by recompute)
     sigma: float
+    host: float = 0.0  # activation bytes per layer swapped to host memory (offload, MEMO)
+    # A CPU device has no copy engine: the swap is a copy on its own cores, and fetching back is free
+    # (host memory is its memory).
+    copy_on_compute: bool = False
+    # The framework's data-parallel work on the compute cores (ComputeSpec.grad_pack_bandwidth, dp_layer_overhead):
+    dp_copy_forward: float = 0.0  # ZeRO-3: copying the gathered weights out of the flat buffer
+    dp_copy_backward: float = 0.0  # ZeRO-3: the same before backward, gradients into the flat buffer, hooks
+    reduce_copy: float = 0.0  # ddp / ZeRO-1/2: gradients into the flat buffer and hooks, once per iteration
+    blocking_dp: bool = False  # data-parallel collectives hold the compute stream (ComputeSpec.blocking_collectives)
 
     @property
     def count(self) -> int:
@@ -94,19 +105,39 @@ class RunCost:
     @property
     def forward(self) -> float:
         """Critical-path time of the layer's forward, communication and stalls included."""
-        fwd = overlapped(self.times.forward, self.gather, self.sigma)
-        return fwd + self.tp_forward + self.cp_forward + max(0.0, self.offload_copy - self.times.forward)
+        if self.blocking_dp:
+            fwd = self.times.forward + self.dp_copy_forward + self.gather
+        else:
+            fwd = overlapped(self.times.forward + self.dp_copy_forward, self.gather, self.sigma)
+        return fwd + self.tp_forward + self.cp_forward + self.forward_stall
 
     @property
     def backward(self) -> float:
         """Critical-path time of the layer's backward, recompute, communication and stalls included."""
-        busy = self.times.backward + self.recompute
-        bwd = overlapped(busy, self.gather + self.scatter, self.sigma)
-        return bwd + self.tp_backward + self.cp_backward + max(0.0, self.offload_copy - self.times.backward)
+        busy = self.times.backward + self.recompute + self.dp_copy_backward
+        if self.blocking_dp:
+            bwd = busy + self.gather + self.scatter
+        else:
+            bwd = overlapped(busy, self.gather + self.scatter, self.sigma)
+        return bwd + self.tp_backward + self.cp_backward + self.backward_stall
+
+    @property
+    def forward_stall(self) -> float:
+        """The device-to-host copy beyond the forward it hides behind (all of it on a CPU device)."""
+        if self.copy_on_compute:
+            return self.offload_copy
+        return max(0.0, self.offload_copy - self.times.forward)
+
+    @property
+    def backward_stall(self) -> float:
+        """The host-to-device prefetch beyond the backward it hides behind (none on a CPU device)."""
+        if self.copy_on_compute:
+            return 0.0
+        return max(0.0, self.offload_copy - self.times.backward)
 
     @property
     def stall(self) -> float:
-        return max(0.0, self.offload_copy - self.times.forward) + max(0.0, self.offload_copy - self.times.backward)
+        return self.forward_stall + self.backward_stall
 
 
 @dataclass
@@ -132,6 +163,7 @@ class StageCost:
     gradients: float = 0.0
     optimizer_states: float = 0.0
     saved_activations: float = 0.0  # bytes one micro-batch keeps for backward on this stage
+    host_activations: float = 0.0  # bytes one micro-batch swaps to host memory on this stage
     comm_buffer: float = 0.0  # unsharded gradients (ZeRO-2/3) and gathered weights (ZeRO-3) in flight
     extra: dict = field(default_factory=dict)
 
@@ -148,6 +180,10 @@ class StageCost:
         With v interleaved model chunks, a device's last backwards are spread over v chunks, 1/v of them
         in the final stretch.
         """
+        copies = sum(rc.count * rc.reduce_copy for rc in self.runs)
+        if any(rc.blocking_dp for rc in self.runs):
+            # Each reduction holds the compute stream: nothing hides, the last backward is longer by all of them.
+            return copies + self.tied_reduce + sum(rc.count * rc.reduce for rc in self.runs)
         scale = 1.0 / virtual_stages
         reductions = [(rc.backward * scale, rc.reduce, rc.count) for rc in reversed(self.runs)]  # backward order
         if self.tied_reduce:
@@ -162,7 +198,8 @@ class StageCost:
             best = max(best, f + f_after - c_after, n * f + f_after - (n - 1) * c - c_after)
             f_after += n * f
             c_after += n * c
-        return best
+        # The copies run on the compute stream during the last backward and push everything after them.
+        return best + copies
 
 
 def _stage_key(bound: BoundPlan, stage: BoundStage, rank: int, span_sets: dict) -> tuple:
@@ -197,6 +234,13 @@ def stage_cost(bound: BoundPlan, stage: BoundStage, rank: int, memo: dict | None
     per_param = state_bytes(plan.dtype, plan.optimizer)
     reduce_bytes = DTYPE_BYTES[plan.grad_reduce_dtype or ("fp16" if plan.dtype == "fp16" else "fp32")]
     sigma = line.overlap_slowdown
+    framework = device.compute
+
+    def _copy(nbytes: float) -> float:
+        """The framework copying a layer's data-parallel buffers on the compute cores."""
+        bw = framework.grad_pack_bandwidth
+        return nbytes / bw if bw else 0.0
+
     host_bw = node.host_link.effective_bandwidth
     multi_stage = len(bound.stages) > 1
     cost = StageCost(device=device, host_link=node.host_link)
@@ -217,6 +261,8 @@ def stage_cost(bound: BoundPlan, stage: BoundStage, rank: int, memo: dict | None
         )
         prof = layer_profile(cfg, run.kind, shape)
         times = layer_times(prof, line)
+        if run.tp > 1 and framework.sharded_kernel_overhead > 0:
+            times = _with_sharded_dispatch(times, prof, framework.sharded_kernel_overhead)
         spans = span_sets[run.tp]
         tp_fwd = comm_time(prof.fwd_comm, spans, cp=False)
         tp_bwd = comm_time(prof.bwd_comm, spans, cp=False)
@@ -227,10 +273,18 @@ def stage_cost(bound: BoundPlan, stage: BoundStage, rank: int, memo: dict | None
             recompute = times.recompute_full + tp_fwd + cp_fwd
         elif run.recompute == "selective":
             recompute = times.recompute_selective
+        elif run.recompute == "tokenwise":
+            why = supports_tokenwise(cfg, run.kind)
+            if why:
+                raise UnsupportedPlan(f"recompute=tokenwise (MEMO): {why}")
+            # MEMO: the (1 - alpha) share of tokens re-runs everything but the attention core, with the
+            # tensor-parallel collectives of those tokens.
+            recompute = (1.0 - run.offload) * (times.forward - times.recompute_selective + tp_fwd)
         else:
             recompute = 0.0
         gather = scatter = gather_bytes = scatter_bytes = 0.0
         reduce = regather = grad_bytes = 0.0
+        dp_copy_forward = dp_copy_backward = reduce_copy = 0.0
         reduce_kind = "all_reduce" if run.dp_type == "ddp" else "reduce_scatter"
         if dp > 1:
             if run.dp_type == "zero3":
@@ -238,9 +292,13 @@ def stage_cost(bound: BoundPlan, stage: BoundStage, rank: int, memo: dict | None
                 scatter_bytes = prof.params_local * reduce_bytes
                 gather = max(collective_time("all_gather", gather_bytes, s) for s in spans["dp"])
                 scatter = max(collective_time("reduce_scatter", scatter_bytes, s) for s in spans["dp"])
+                # The framework copies gathered weights out of, and gradients into, flat buffers.
+                dp_copy_forward = _copy(gather_bytes)
+                dp_copy_backward = _copy(gather_bytes) + _copy(scatter_bytes) + framework.dp_layer_overhead
             else:
                 grad_bytes = prof.params_local * reduce_bytes
                 reduce = max(collective_time(reduce_kind, grad_bytes, s) for s in spans["dp"])
+                reduce_copy = _copy(grad_bytes) + framework.dp_layer_overhead
                 if run.dp_type != "ddp":
                     regather = max(
                         collective_time("all_gather", prof.params_local * per_param.weights, s) for s in spans["dp"]
@@ -250,11 +308,21 @@ def stage_cost(bound: BoundPlan, stage: BoundStage, rank: int, memo: dict | None
                 # weights of the layer it computes and of the one it prefetches.
                 gathered = 2 * per_param.weights if run.dp_type == "zero3" else 0.0
                 cost.comm_buffer = max(cost.comm_buffer, prof.params_local * (gathered + reduce_bytes))
-        saved = prof.saved_bytes[run.recompute]
-        copy = 0.0
-        if run.offload > 0:
-            copy = run.offload * saved / host_bw
-            saved *= 1.0 - run.offload
+        copy = host = 0.0
+        if run.recompute == "tokenwise":
+            # Nothing stays on the device between forward and backward: the attention core's tensors and the
+            # alpha share of token-wise ones go to host, with the block input and attention output of the
+            # tokens that backward recomputes (workloads.activations).
+            host = block_activations(cfg, run.kind, shape).host_bytes(run.offload)
+            copy = host / host_bw
+            saved = 0.0
+        else:
+            saved = prof.saved_bytes[run.recompute]
+            # Under a MEMO plan alpha is the blocks' token share; the input and output layers keep theirs.
+            if run.offload > 0 and not (plan.recompute == "tokenwise" and run.kind in ("embedding", "patch_embedding", "head")):
+                host = run.offload * saved
+                copy = host / host_bw
+                saved *= 1.0 - run.offload
         rc = RunCost(
             run=run, profile=prof, times=times, spans=spans, dp=dp, recompute=recompute,
             tp_forward=tp_fwd, tp_backward=tp_bwd, cp_forward=cp_fwd, cp_backward=cp_bwd,
@@ -262,7 +330,9 @@ def stage_cost(bound: BoundPlan, stage: BoundStage, rank: int, memo: dict | None
             reduce=reduce, reduce_bytes=grad_bytes, reduce_kind=reduce_kind, regather=regather,
             offload_copy=copy, saved=saved,
             # Backward re-materializes, for one layer at a time, what its recompute mode dropped.
-            transient=prof.saved_bytes["none"] - prof.saved_bytes[run.recompute], sigma=sigma,
+            transient=_transient(prof, run.recompute, host), sigma=sigma, host=host, copy_on_compute=device.kind == "cpu",
+            dp_copy_forward=dp_copy_forward, dp_copy_backward=dp_copy_backward, reduce_copy=reduce_copy,
+            blocking_dp=framework.blocking_collectives,
         )
         runs.append(rc)
         cost.compute += n * (times.forward + times.backward)
@@ -272,6 +342,7 @@ def stage_cost(bound: BoundPlan, stage: BoundStage, rank: int, memo: dict | None
         cost.backward += n * rc.backward
         cost.stall += n * rc.stall
         cost.saved_activations += n * saved
+        cost.host_activations += n * host
         cost.regather += n * regather
         states = model_state_memory(n * prof.params_local, plan.dtype, plan.optimizer, run.dp_type, dp)
         cost.weights += states.weights
@@ -290,11 +361,51 @@ def stage_cost(bound: BoundPlan, stage: BoundStage, rank: int, memo: dict | None
                 cost.tied_reduce_bytes = prof.tied_params_local * reduce_bytes
                 cost.tied_reduce = max(collective_time("all_reduce", cost.tied_reduce_bytes, s) for s in spans["dp"])
     cost.runs = tuple(runs)
+    if cost.host_activations:
+        _check_host_memory(bound, stage, node, cost.host_activations)
     cost.comm = cost.forward + cost.backward - cost.compute - cost.recompute - cost.stall
     cost.optimizer = optimizer_time(opt_params, OPTIMIZER_TRAFFIC[(plan.optimizer, plan.dtype != "fp32")], line)
     if memo is not None:
         memo[key] = cost
     return cost
+
+
+def _with_sharded_dispatch(times: LayerTimes, prof: LayerProfile, per_kernel: float) -> LayerTimes:
+    """A tensor-parallel layer's times with the framework's per-kernel cost of sharded tensors added."""
+    fwd = float(prof.fwd_kernels.sum()) * per_kernel
+    return LayerTimes(
+        forward=times.forward + fwd,
+        backward=times.backward + float(prof.bwd_kernels.sum()) * per_kernel,
+        recompute_selective=times.recompute_selective + float(prof.fwd_kernels[prof.selective].sum()) * per_kernel,
+        recompute_full=times.recompute_full + fwd,
+    )
+
+
+def _transient(prof: LayerProfile, recompute: str, host: float) -> float:
+    """What backward re-materializes for one layer: what its recompute mode dropped and what it fetches back
+    from host, plus the next layer's swapped tensors prefetched beside it; under MEMO the whole layer."""
+    if recompute == "tokenwise":
+        return prof.saved_bytes["none"] + host
+    return prof.saved_bytes["none"] - prof.saved_bytes[recompute] + 2 * host
+
+
+def host_memory_per_device(bound: BoundPlan, stage: BoundStage, host_activations: float) -> float:
+    """Host bytes one device of `stage` fills with swapped activations at the schedule's peak."""
+    plan = bound.plan
+    k = micro_batches_in_flight(plan.schedule, stage.index, len(bound.stages), bound.num_micro_batches, plan.virtual_stages)
+    return k * host_activations
+
+
+def _check_host_memory(bound: BoundPlan, stage: BoundStage, node, host_activations: float) -> None:
+    """Swapped activations share the node's DRAM with its other devices (taken to swap as much)."""
+    per_device = host_memory_per_device(bound, stage, host_activations)
+    need = per_device * node.num_devices
+    if need > node.host.memory:
+        raise InfeasiblePlan(
+            f"host memory: stage {stage.index} swaps {per_device / 2**30:.1f} GiB of activations per device to host, "
+            f"{need / 2**30:.1f} GiB for the node's {node.num_devices} devices, but the node has "
+            f"{node.host.memory / 2**30:.1f} GiB of host memory; lower offload (alpha) or add devices"
+        )
 
 
 def static_memory(cost: StageCost, num_stages: int) -> float:

@@ -257,15 +257,23 @@ class Simulation:
         start = self.env.now
         side = []
         dp_span = rc.dp_span
-        if rc.gather:
+        if rc.gather and rc.blocking_dp:
+            # The framework waits for the gather before computing (ComputeSpec.blocking_collectives).
+            yield from self._collective(rep, "all_gather", rc.gather_bytes, dp_span, count=count,
+                                        name=f"gather L{rc.run.first}", category="zero3")
+        elif rc.gather:
             side.append(self.env.process(self._collective(
                 rep, "all_gather", rc.gather_bytes, dp_span, count=count, slows_compute=True,
                 name=f"gather L{rc.run.first}", category="zero3")))
-        if rc.offload_copy:
+        if rc.offload_copy and not rc.copy_on_compute:
             side.append(self.net.transfer(count * rc.offload_copy * rep.cost.host_link.effective_bandwidth,
                                           (rep.ports["pcie.tx"],)))
-        work = self.net.compute(rep, count * rc.times.forward, rc.sigma)
+        busy = count * (rc.times.forward + rc.dp_copy_forward)
+        work = self.net.compute(rep, busy, rc.sigma)
         yield simpy.AllOf(self.env, [work, *side])
+        if rc.offload_copy and rc.copy_on_compute:
+            # A CPU device copies the swapped share on its own cores after computing it (RunCost.copy_on_compute).
+            yield self.env.timeout(count * rc.offload_copy)
         self._account(rep, "compute", count * rc.times.forward)
         self._account(rep, "overlap", self.env.now - start - count * rc.times.forward, rc)
         self._record(rep, f"F mb{mb} {self._layers(rc, count)}", "forward", "compute", start)
@@ -279,17 +287,24 @@ class Simulation:
         self._memory(rep, rc.transient)
         side = []
         dp_span = rc.dp_span
-        if rc.gather:
+        if rc.gather and rc.blocking_dp:
+            yield from self._collective(rep, "all_gather", rc.gather_bytes, dp_span, count=count,
+                                        name=f"gather L{rc.run.first}", category="zero3")
+        elif rc.gather:
             side.append(self.env.process(self._zero3_backward(rep, rc, dp_span, count)))
-        if rc.offload_copy:
+        if rc.offload_copy and not rc.copy_on_compute:
             side.append(self.net.transfer(count * rc.offload_copy * rep.cost.host_link.effective_bandwidth,
                                           (rep.ports["pcie.rx"],)))
-        busy = count * (rc.times.backward + rc.recompute)
+        busy = count * (rc.times.backward + rc.recompute + rc.dp_copy_backward)
         work = self.net.compute(rep, busy, rc.sigma)
         yield simpy.AllOf(self.env, [work, *side])
+        if rc.gather and rc.blocking_dp:
+            yield from self._collective(rep, "reduce_scatter", rc.scatter_bytes, dp_span, count=count,
+                                        name=f"scatter L{rc.run.first}", category="zero3")
+        compute = count * (rc.times.backward + rc.recompute)
         self._account(rep, "compute", count * rc.times.backward)
         self._account(rep, "recompute", count * rc.recompute)
-        self._account(rep, "overlap", self.env.now - start - busy, rc)
+        self._account(rep, "overlap", self.env.now - start - compute, rc)
         self._record(rep, f"B mb{mb} {self._layers(rc, count)}", "backward", "compute", start)
         yield from self._communicate(rep, rc.profile.bwd_comm, rc, count, f"bwd mb{mb}", rc.cp_backward)
         self._memory(rep, -rc.transient - count * rc.saved)
@@ -386,7 +401,13 @@ class Simulation:
                         # that layer is done, behind the backward of the layers before it.
                         for _ in range(rc.count):
                             yield from self._run_backward(rep, rc, op.micro_batch, 1)
-                            reductions.append(self.env.process(self._reduce(rep, rc)))
+                            yield from self._reduce_copy(rep, rc)
+                            if rc.blocking_dp:
+                                t = self.env.now
+                                yield from self._reduce_now(rep, rc, rc.dp_span)
+                                self._account(rep, "comm", self.env.now - t)
+                            else:
+                                reductions.append(self.env.process(self._reduce(rep, rc)))
                     else:
                         yield from self._run_backward(rep, rc, op.micro_batch, rc.count)
             yield from self._sync(siblings, rep, (op.kind, op.micro_batch, g))
@@ -421,6 +442,14 @@ class Simulation:
 
     def _last_backward_micro_batch(self) -> int:
         return self.m - 1
+
+    def _reduce_copy(self, rep: Rep, rc: RunCost):
+        """Process: the framework packing one layer's gradients for reduction on the compute stream."""
+        if rc.reduce_copy:
+            t = self.env.now
+            yield self.net.compute(rep, rc.reduce_copy)
+            self._account(rep, "comm", self.env.now - t)
+            self._record(rep, f"pack grads L{rc.run.first}", "reduce", "compute", t)
 
     def _reduce(self, rep: Rep, rc: RunCost):
         """Process: one layer's gradient reduction (ddp all-reduce, ZeRO-1/2 reduce-scatter), queued

@@ -16,3 +16,7 @@ search_app = typer.Typer(
 )
 
 # Planners register below, one line each: search_app.command("name")(command_function)
+from ..memo.cli import memo_command  # noqa: E402
+search_app.command("memo")(memo_command)
+from ..vfl.cli import vfl_command  # noqa: E402
+search_app.command("vfl")(vfl_command)
