@@ -20,3 +20,5 @@ from ..memo.cli import memo_command  # noqa: E402
 search_app.command("memo")(memo_command)
 from ..vfl.cli import vfl_command  # noqa: E402
 search_app.command("vfl")(vfl_command)
+from .galvatron_cli import galvatron_command  # noqa: E402
+search_app.command("galvatron")(galvatron_command)
