@@ -619,7 +619,8 @@ def test_quick_calibration_writes_a_spec_simulate_uses(monkeypatch, tmp_path, si
     for kind, fit in by_kind.items():
         rows = [r for r in timings["collectives"] if r["kind"] == kind]
         rel = [abs(collective_time(kind, r["bytes"], cluster.span(range(r["group_size"]))) / r["seconds"] - 1) for r in rows]
-        assert max(rel) <= fit.errors[kind][1] + 5e-3, kind
+        # The spec writes 3-4 significant digits: allow their rounding on top of the fit's own residual.
+        assert max(rel) <= fit.errors[kind][1] * 1.01 + 5e-3, kind
         assert float(np.median(rel)) == pytest.approx(fit.errors[kind][0], abs=5e-3), kind
     assert "per_dtype:" in out.read_text() and "collectives:" in out.read_text()
 
