@@ -93,33 +93,6 @@ def test_celu_stalls_the_round_when_local_work_cannot_keep_up():
     assert celu.round_time_s >= 0.99 * (0.004 + 0.006 + 7 * 0.05)
 
 
-def test_simulator_workset_makes_the_executor_s_choices():
-    from executor.vfl.workset import Workset as ExecutorWorkset
-
-    from simulator.vfl.workset import Workset
-
-    for seed in range(40):
-        rng = __import__("random").Random(seed)
-        size, uses, sampling = rng.randint(1, 5), rng.randint(1, 6), rng.choice(["uniform", "latest"])
-        ours, theirs = Workset(size, uses, seed, sampling), ExecutorWorkset(size, uses, sampling, seed)
-        batch = 0
-        for _ in range(120):
-            if rng.random() < 0.3 and ours.has_room():
-                assert theirs.has_room()
-                ours.add(batch)
-                theirs.add(batch, None)
-                batch += 1
-                continue
-            mine, other = ours.choose(), theirs.choose()
-            assert (mine and mine.batch_id) == (other and other.batch_id)
-            if mine is None:
-                continue
-            staleness = ours.use(mine)
-            if staleness > size * uses:
-                break  # the executor asserts here (see simulator/vfl/workset.py)
-            assert theirs.use(other) == staleness
-
-
 # ---- properties -------------------------------------------------------------------------------------------
 party = st.builds(PartyCompute, st.floats(1e-4, 0.05), st.floats(1e-4, 0.05), st.floats(1e-4, 0.1))
 modes = st.sampled_from([("vanilla", 1, 1), ("fedbcd", 1, 2), ("fedbcd", 1, 4), ("celu", 1, 2), ("celu", 3, 3),

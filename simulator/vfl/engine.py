@@ -19,8 +19,8 @@ batch gets R-1 local updates and W=1, R=1 is vanilla VFL.
 - vanilla: nothing else; the round is strictly sequential.
 - FedBCD: after its fresh step each party runs R-1 local steps on the same batch's (stale) statistics in
   its main loop; the passive party starts the next round only after them.
-- CELU-VFL: each party keeps a workset with the executor's rules (`workset.py` mirrors
-  `executor.vfl.workset.Workset`: at most W batches, each used R times then evicted, a new batch waits for
+- CELU-VFL: each party keeps a workset with the executor's rules (`workset.py` is the
+  executor's `Workset` too: at most W batches, each used R times then evicted, a new batch waits for
   room, sampling uniform among the batches not used in the last W-1 updates, late batches first). A
   background worker runs a local update whenever a cached batch is eligible: local updates cost the round
   nothing while the main loop waits on the network, delay it when the lock is busy as it needs it, and stall
@@ -170,7 +170,7 @@ class RoundSimulation:
 
         # A party's model lock: one update (or forward) at a time, main loop and background worker alike.
         def party(name: str, compute: PartyCompute, offset: int) -> PartyTimeline:
-            return PartyTimeline(name, compute, simpy.Resource(self.env, capacity=1), Workset(self.w, self.r, seed + offset, sampling))
+            return PartyTimeline(name, compute, simpy.Resource(self.env, capacity=1), Workset(self.w, self.r, sampling=sampling, seed=seed + offset))
 
         self.active = party("active", model.active, 0)
         self.passive = party("passive", model.passive, 1)
