@@ -259,12 +259,9 @@ class Simulation:
         dp_span = rc.dp_span
         if rc.gather and rc.blocking_dp:
             # The framework waits for the gather before computing (ComputeSpec.blocking_collectives).
-            yield from self._collective(rep, "all_gather", rc.gather_bytes, dp_span, count=count,
-                                        name=f"gather L{rc.run.first}", category="zero3")
+            yield from self._zero3(rep, rc, "all_gather", dp_span, count)
         elif rc.gather:
-            side.append(self.env.process(self._collective(
-                rep, "all_gather", rc.gather_bytes, dp_span, count=count, slows_compute=True,
-                name=f"gather L{rc.run.first}", category="zero3")))
+            side.append(self.env.process(self._zero3(rep, rc, "all_gather", dp_span, count, slows_compute=True)))
         if rc.offload_copy and not rc.copy_on_compute:
             side.append(self.net.transfer(count * rc.offload_copy * rep.cost.host_link.effective_bandwidth,
                                           (rep.ports["pcie.tx"],)))
@@ -288,8 +285,7 @@ class Simulation:
         side = []
         dp_span = rc.dp_span
         if rc.gather and rc.blocking_dp:
-            yield from self._collective(rep, "all_gather", rc.gather_bytes, dp_span, count=count,
-                                        name=f"gather L{rc.run.first}", category="zero3")
+            yield from self._zero3(rep, rc, "all_gather", dp_span, count)
         elif rc.gather:
             side.append(self.env.process(self._zero3_backward(rep, rc, dp_span, count)))
         if rc.offload_copy and not rc.copy_on_compute:
@@ -299,8 +295,7 @@ class Simulation:
         work = self.net.compute(rep, busy, rc.sigma)
         yield simpy.AllOf(self.env, [work, *side])
         if rc.gather and rc.blocking_dp:
-            yield from self._collective(rep, "reduce_scatter", rc.scatter_bytes, dp_span, count=count,
-                                        name=f"scatter L{rc.run.first}", category="zero3")
+            yield from self._zero3(rep, rc, "reduce_scatter", dp_span, count)
         compute = count * (rc.times.backward + rc.recompute)
         self._account(rep, "compute", count * rc.times.backward)
         self._account(rep, "recompute", count * rc.recompute)
@@ -319,11 +314,16 @@ class Simulation:
             yield self.env.timeout(count * cp_exposed)
         self._account(rep, "comm", self.env.now - t)
 
+    def _zero3(self, rep: Rep, rc: RunCost, kind: str, span: GroupSpan, count: int, slows_compute: bool = False):
+        """Process: a run's ZeRO-3 weight gather (all_gather) or gradient reduce-scatter."""
+        gather = kind == "all_gather"
+        nbytes = rc.gather_bytes if gather else rc.scatter_bytes
+        yield from self._collective(rep, kind, nbytes, span, count=count, slows_compute=slows_compute,
+                                    name=f"{'gather' if gather else 'scatter'} L{rc.run.first}", category="zero3")
+
     def _zero3_backward(self, rep: Rep, rc: RunCost, span: GroupSpan, count: int):
-        gather = self.env.process(self._collective(rep, "all_gather", rc.gather_bytes, span, count=count,
-                                                   slows_compute=True, name=f"gather L{rc.run.first}", category="zero3"))
-        scatter = self.env.process(self._collective(rep, "reduce_scatter", rc.scatter_bytes, span, count=count,
-                                                    slows_compute=True, name=f"scatter L{rc.run.first}", category="zero3"))
+        gather = self.env.process(self._zero3(rep, rc, "all_gather", span, count, slows_compute=True))
+        scatter = self.env.process(self._zero3(rep, rc, "reduce_scatter", span, count, slows_compute=True))
         yield simpy.AllOf(self.env, [gather, scatter])
 
     @staticmethod
