@@ -21,15 +21,15 @@ from __future__ import annotations
 
 import argparse
 import copy
-import json
-import os
-import subprocess
 import sys
 import tempfile
 from pathlib import Path
 
 import pandas as pd
 import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from executor_accuracy import calibrate, measure  # noqa: E402  (the issue-4 benchmark's calibration and runs)
 
 from executor.memory import SavedTensorTracker
 from executor.offload import STATS, apply_offload
@@ -93,32 +93,13 @@ def hooks_table() -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
-def calibrate(out: Path) -> Path:
-    spec = out / "calibrated.yaml"
-    print(f"calibrating this machine into {spec} (execute calibrate --ranks 2) ...", flush=True)
-    subprocess.run([sys.executable, "-m", "executor.cli", "calibrate", "--ranks", "2", "--out", str(spec), "--force"],
-                   check=True, stdout=subprocess.DEVNULL)
-    return spec
-
-
-def run_plan(spec: Path, plan: str, steps: int, warmup: int) -> dict:
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    command = [sys.executable, "-m", "executor.cli", "--workload", WORKLOAD, "--cluster", str(spec),
-               "--devices-per-node", "1", "--plan", plan, "--steps", str(steps), "--warmup", str(warmup),
-               "--json", "--force"]
-    result = subprocess.run(command, capture_output=True, text=True, env=env)
-    if result.returncode != 0:
-        raise SystemExit(f"execute failed for {plan!r}:\n{result.stderr}")
-    return json.loads(result.stdout)
-
-
 def timing_table(spec: Path, steps: int, warmup: int) -> pd.DataFrame:
     workload = load_workload(WORKLOAD)
     cluster = load_cluster(str(spec), devices_per_node=1)
     rows = []
     for name, text in PLANS.items():
         plan = parse_shorthand(text)
-        measured = run_plan(spec, text, steps, warmup)["iteration_time_s"]
+        measured = measure(spec, 1, text, steps, warmup)["iteration_time_s"]
         des = evaluate_des(plan, workload, cluster)
         analytic = evaluate(plan, workload, cluster)
         rows.append({"plan": name, "measured s": measured, "des s": des.iteration_time_s,
