@@ -1,11 +1,18 @@
 #!/usr/bin/env bash
-# One command for a CUDA machine: the GPU-marked tests, then predicted vs measured for a ~1B-parameter
-# GPT (gpt3-1.3b, seq 2048, bf16) on one GPU under a few plans, printed as a table. Within 8 minutes.
+# One command for a CUDA machine, within about 8 minutes:
+#   1. the GPU-marked tests;
+#   2. fused attention efficiency against sequence length (benchmarks/attention_gpu.py);
+#   3. MEMO on one GPU: longest trainable sequence and MFU of tinyllama-1.1b with no recompute, full
+#      recompute and MEMO, measured and predicted (benchmarks/memo_gpu.py);
+#   4. predicted vs measured for gpt3-1.3b (seq 2048, bf16) under a few plans, printed as a table.
 #
 #   scripts/gpu_check.sh            (uses .venv/bin/python when present, else python3; PYTHON=... overrides)
+#   RESULTS_DIR=DIR scripts/gpu_check.sh    also keeps the JSON of parts 2-4 in DIR
 #
-# The cluster spec is a one-node copy of dgx-h100 with the catalog device that matches this GPU (so MFU
-# and the prediction use its peaks); unknown GPUs fall back to h100-sxm, said in the output.
+# The cluster spec is a one-node copy of dgx-h100 with the catalog device that matches this GPU and this
+# machine's RAM as host memory (scripts/one_gpu_cluster.py). On a machine without a package registry, a
+# folder .whl of wheels (simpy, pydantic, pulp, ...) next to this repo's root is installed to a temporary
+# site first.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY="${PYTHON:-}"
@@ -17,40 +24,33 @@ if ! "$PY" -c 'import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1
   echo "gpu_check: run it on a machine with an NVIDIA GPU and a CUDA build of torch." >&2
   exit 2
 fi
+if [ -d .whl ] && ! "$PY" -c 'import simpy, pydantic, pulp' 2>/dev/null; then
+  "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/hetplan-site .whl/*.whl
+  export PYTHONPATH="/tmp/hetplan-site${PYTHONPATH:+:$PYTHONPATH}"
+fi
+export PYTHONUNBUFFERED=1
 START=$(date +%s)
 WORK=$(mktemp -d)
 trap 'rm -rf "$WORK"' EXIT
 
-echo "== GPU tests (pytest -m gpu) =="
-timeout 240 "$PY" -m pytest -q -m gpu tests -p no:cacheprovider || { echo "gpu_check: GPU tests failed" >&2; exit 1; }
+RESULTS="${RESULTS_DIR:-$WORK}"
+mkdir -p "$RESULTS"
 
-echo "== accuracy: gpt3-1.3b on one GPU, predicted vs measured =="
+echo "== 1. GPU tests (pytest -m gpu) =="
+timeout 150 "$PY" -m pytest -q -m gpu tests -p no:cacheprovider 2>&1 | tee "$RESULTS/gpu_tests.log" || echo "gpu_check: GPU tests failed (see above)" >&2
+
 CLUSTER="$WORK/one-gpu.yaml"
-"$PY" - "$CLUSTER" <<'PYEOF'
-import sys, torch, yaml
-from hwmodel.catalog import cluster_file
-name = torch.cuda.get_device_name(0)
-memory_gib = torch.cuda.get_device_properties(0).total_memory / 2**30
-upper = name.upper()
-rules = [("H200", "h200"), ("H800", "h800"), ("H100 PCIE", "h100-pcie"), ("H100", "h100-sxm"), ("B200", "b200"),
-         ("A800", "a800-80g"), ("A100", "a100-80g" if memory_gib > 48 else "a100-40g"), ("L40S", "l40s"),
-         ("A10", "a10"), ("4090", "rtx-4090"), ("3090", "rtx-3090"), ("TITAN RTX", "titan-rtx"), ("V100", "v100-32g"),
-         ("MI300X", "mi300x"), ("MI250X", "mi250x")]
-device = next((d for key, d in rules if key in upper), None)
-if device is None:
-    device = "h100-sxm"
-    print(f"note: no catalog device for {name!r}; using h100-sxm peaks for MFU and the prediction")
-data = yaml.safe_load(cluster_file("dgx-h100").read_text())
-data["name"] = f"one-{device}"
-data["description"] = f"one {name} ({memory_gib:.0f} GiB) as found by gpu_check.sh"
-group = data["node_groups"][0]
-group["count"] = 1
-group["node"]["device"] = device
-group["node"]["num_devices"] = 1
-open(sys.argv[1], "w").write(yaml.safe_dump(data, sort_keys=False))
-print(f"GPU: {name} ({memory_gib:.0f} GiB) -> catalog device {device}")
-PYEOF
+"$PY" scripts/one_gpu_cluster.py "$CLUSTER"
+cp "$CLUSTER" "$RESULTS/one-gpu.yaml"
 
+echo "== 2. fused attention efficiency against sequence length =="
+timeout 90 "$PY" benchmarks/attention_gpu.py --out "$RESULTS/attention.json" || echo "gpu_check: attention sweep failed" >&2
+
+echo "== 3. MEMO on one GPU: longest sequence and MFU, no recompute / full recompute / MEMO =="
+timeout 360 "$PY" benchmarks/memo_gpu.py --cluster "$CLUSTER" --budget-s "${MEMO_BUDGET_S:-240}" --out "$RESULTS/memo_gpu.json" \
+  || echo "gpu_check: MEMO sweep failed" >&2
+
+echo "== 4. accuracy: gpt3-1.3b on one GPU, predicted vs measured =="
 PLANS=(
   "micro_batch=4,global_batch=16,dtype=bf16"
   "micro_batch=4,global_batch=16,dtype=bf16,recompute=selective"
@@ -60,16 +60,16 @@ PLANS=(
 i=0
 for plan in "${PLANS[@]}"; do
   i=$((i + 1))
-  left=$(( 470 - ($(date +%s) - START) ))
+  left=$(( 540 - ($(date +%s) - START) ))
   if [ "$left" -lt 40 ]; then echo "gpu_check: time budget spent; skipping the remaining plans" >&2; break; fi
   echo "plan $i: $plan"
   if ! timeout "$left" "$PY" -m executor.cli --workload gpt3-1.3b --cluster "$CLUSTER" --plan "$plan" \
-      --steps 5 --warmup 2 --compare --json > "$WORK/run$i.json" 2> "$WORK/run$i.err"; then
-    tail -n 3 "$WORK/run$i.err" | sed 's/^/  /'
+      --steps 5 --warmup 2 --compare --json > "$RESULTS/run$i.json" 2> "$RESULTS/run$i.err"; then
+    tail -n 3 "$RESULTS/run$i.err" | sed 's/^/  /'
   fi
 done
 
-"$PY" - "$WORK" "${PLANS[@]}" <<'PYEOF'
+"$PY" - "$RESULTS" "${PLANS[@]}" <<'PYEOF'
 import json, sys, pathlib
 from rich.console import Console
 from rich.table import Table
