@@ -76,22 +76,27 @@ class _HostCopy:
     (when backward reaches the block after this one, see `_Frame`) into the planned arena when there is one.
     """
 
-    __slots__ = ("host", "device", "event", "nbytes", "frame", "ready", "ready_event", "__weakref__")
+    __slots__ = ("host", "device", "event", "nbytes", "frame", "ready", "ready_event", "source", "__weakref__")
 
     def __init__(self, t: torch.Tensor, stream: "torch.cuda.Stream | None", frame: "_Frame | None" = None):
         self.device = t.device
         self.nbytes = t.numel() * t.element_size()
         self.frame = frame
-        self.ready = self.ready_event = None
+        self.ready = self.ready_event = self.source = None
         if t.is_cuda:
             self.host = torch.empty(t.shape, dtype=t.dtype, pin_memory=True)
             assert stream is not None
             stream.wait_stream(torch.cuda.current_stream(t.device))
             with torch.cuda.stream(stream):
                 self.host.copy_(t, non_blocking=True)
-                t.record_stream(stream)
                 self.event = torch.cuda.Event()
                 self.event.record(stream)
+            # Not `record_stream`: the allocator would then free `t` only once the copy's event has passed
+            # when the CPU next allocates, and the CPU runs a whole forward ahead of the GPU, so nothing
+            # swapped would be freed before backward. Instead `t` is held until `release`, which makes the
+            # compute stream wait for the copy (MEMO's stall when PCIe falls behind) and then lets the
+            # allocator reuse the memory in the compute stream's order.
+            self.source = t
         else:
             # A separate host buffer: the device account (and the autograd graph) no longer holds `t`.
             self.host = _HOST_POOL.take(t.shape, t.dtype).copy_(t)
@@ -102,15 +107,26 @@ class _HostCopy:
         STATS.host_live += self.nbytes
         STATS.host_peak = max(STATS.host_peak, STATS.host_live)
 
+    def release(self) -> None:
+        """Drop the device tensor once the compute stream has waited for its copy to host (CUDA)."""
+        if self.source is not None:
+            torch.cuda.current_stream(self.device).wait_event(self.event)
+            self.source = None
+
     def prefetch(self, stream, arena: "PlannedArena | None", slot: int) -> None:
         """Start the copy back on `stream` (CUDA), into the arena's `slot` when it has room."""
         if self.device.type != "cuda" or self.ready is not None:
             return
+        # The destination belongs to the compute stream (it is freed there after backward uses it), so the
+        # copy waits for the compute work queued so far: memory the compute stream freed, and an arena slot
+        # it may still be reading, are reused only after that work is done.
+        main = torch.cuda.current_stream(self.device)
         dst = arena.allocate(slot, self.host.shape, self.host.dtype) if arena is not None else None
+        if dst is None:
+            dst = torch.empty(self.host.shape, dtype=self.host.dtype, device=self.device)
         with torch.cuda.stream(stream):
+            stream.wait_stream(main)
             stream.wait_event(self.event)
-            if dst is None:
-                dst = torch.empty(self.host.shape, dtype=self.host.dtype, device=self.device)
             dst.copy_(self.host, non_blocking=True)
             self.ready_event = torch.cuda.Event()
             self.ready_event.record(stream)
@@ -121,6 +137,7 @@ class _HostCopy:
         if self.frame is not None:
             self.frame.reached()
         if self.device.type == "cuda":
+            self.release()
             if self.ready is None:
                 assert self.event is not None
                 torch.cuda.current_stream(self.device).wait_event(self.event)
@@ -131,6 +148,8 @@ class _HostCopy:
 
     def __del__(self):
         STATS.host_live -= self.nbytes
+        if self.source is not None:
+            self.release()
         if self.device.type != "cuda":
             _HOST_POOL.give(self.host)
 
@@ -140,10 +159,21 @@ class _Frame:
     next), whose copies back start as soon as backward reaches this one."""
 
     last: "weakref.ref | None" = None  # the most recent frame of this process (forward order)
+    # Frames whose device tensors may still be held for their copies to host (CUDA), oldest first. A
+    # block's copies may run behind the compute of the next block; when the block after that starts, the
+    # compute stream waits for them and their tensors are freed (see `_HostCopy.release`).
+    in_flight: "list[weakref.ref]" = []
+    COPY_LAG_BLOCKS = 1
 
     def __init__(self, stream, arena: "PlannedArena | None", block: int):
         self.copies: list = []
         self.stream, self.arena, self.block = stream, arena, block
+        if stream is not None:
+            while len(_Frame.in_flight) > _Frame.COPY_LAG_BLOCKS:
+                old = _Frame.in_flight.pop(0)()
+                if old is not None:
+                    old.release()
+            _Frame.in_flight.append(weakref.ref(self))
         before = _Frame.last() if _Frame.last is not None else None
         # Only the block just before in the same forward pass (another micro-batch's pass breaks the chain).
         self.previous = _Frame.last if before is not None and before.block == block - 1 else None
@@ -170,6 +200,12 @@ class _Frame:
                 self.by_storage.put(_storage_key(t), t, (t, done))
         self.seen.put(key, t, done)
         return done
+
+    def release(self) -> None:
+        for ref in self.copies:
+            copy = ref()
+            if copy is not None:
+                copy.release()
 
     def reached(self) -> None:
         if self.started:

@@ -75,6 +75,12 @@ class ComputeSpec(Frozen):
         default_factory=lambda: EfficiencyCurve.flat(0.5),
         description="fraction of the matrix peak reached by fused (flash) attention, keyed by its FLOPs",
     )
+    attention_seq_efficiency: DimensionCurve = Field(
+        default_factory=lambda: EfficiencyCurve.flat(1.0),
+        description="further factor on fused attention keyed by the key/value length one kernel runs over: "
+                    "flash attention's efficiency keeps rising with that length well past the point its FLOPs "
+                    "alone say (its inner loop over keys amortizes each query block's start and end)",
+    )
     vector_efficiency: float = Field(0.5, gt=0, le=1, description="fraction of the vector peak reached")
     kernel_overhead: NonNegativeSeconds = Field(5e-6, description="launch and tail cost per kernel")
     comm_overlap_slowdown: float = Field(

@@ -64,7 +64,7 @@ class LayerProfile:
     bwd_bytes: np.ndarray
     fwd_kernels: np.ndarray
     bwd_kernels: np.ndarray
-    min_dim: np.ndarray  # smallest GEMM dimension of a matmul op (0 for other ops)
+    min_dim: np.ndarray  # smallest GEMM dimension of a matmul op; keys per call of a fused attention op; else 0
     selective: np.ndarray  # bool: op is recomputed under selective recompute
     saved_bytes: dict[str, float]  # recompute mode -> activation bytes kept for backward
     params_local: float  # parameters held by this device (after tp/ep sharding)
@@ -125,7 +125,8 @@ class OpTableBuilder:
                 1x FLOPs / 2x bytes for elementwise work.
             selective: the op is part of the attention core that selective recompute re-runs.
             model_flops: its FLOPs in the MFU convention (whole layer, dense attention).
-            min_dim: for a matmul, its smallest dimension (m, k or n).
+            min_dim: for a matmul, its smallest dimension (m, k or n); for fused attention, the key/value
+                length one kernel call runs over.
         """
         if bwd_flops is None:
             bwd_flops = 2.0 * fwd_flops if unit == MATRIX else fwd_flops

@@ -285,7 +285,10 @@ def canonical_name(name: str, cfg: WorkloadConfig) -> str:
 
 def full_init_tensor(name: str, shape: torch.Size | tuple[int, ...], cfg: WorkloadConfig, seed: int,
                      device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32) -> torch.Tensor:
-    """The initial value of the whole parameter `name` (canonical name), the same for any plan."""
+    """The initial value of the whole parameter `name` (canonical name), the same for any plan and device.
+
+    Drawn on the CPU and then moved: CUDA's generator gives other numbers for the same seed, and a GPU
+    run must start from the weights a CPU run (or a run on another GPU) starts from."""
     leaf = name.rsplit(".", 1)[-1]
     owner = name.rsplit(".", 2)[-2] if name.count(".") >= 1 else ""
     if "norm" in owner:
@@ -293,12 +296,12 @@ def full_init_tensor(name: str, shape: torch.Size | tuple[int, ...], cfg: Worklo
     if leaf == "bias":
         return torch.zeros(shape, device=device, dtype=dtype)
     std = INIT_STD / math.sqrt(2 * cfg.num_layers) if name.endswith(RESIDUAL_PROJECTIONS) else INIT_STD
-    generator = torch.Generator(device=device)
+    generator = torch.Generator()
     # crc32: a stable hash of the name (Python's hash() changes between processes).
     generator.manual_seed((seed * 1_000_003 + zlib.crc32(name.encode())) % 2**63)
-    out = torch.empty(shape, device=device, dtype=torch.float32)
+    out = torch.empty(shape, dtype=torch.float32)
     out.normal_(0.0, std, generator=generator)
-    return out.to(dtype)
+    return out.to(device=device, dtype=dtype)
 
 
 @torch.no_grad()

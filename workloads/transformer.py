@@ -146,6 +146,7 @@ class _LayerBuilder:
             self.b.op(
                 f"{prefix}flash_attention", ATTENTION, core, io,
                 bwd_flops=2.5 * core, bwd_bytes=2.5 * io, bwd_kernels=2, selective=True, model_flops=model_core,
+                min_dim=seq_kv / c,  # keys one kernel call runs over (a ring step's chunk under cp)
             )
             self.b.keep(q_bytes + 2 * kv_bytes_local)  # q, k, v
             self.b.keep(tq * heads * 4, dropped_by_selective=True)  # fp32 log-sum-exp per row

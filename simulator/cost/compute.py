@@ -37,6 +37,7 @@ class Roofline:
     matrix_efficiency: EfficiencyCurve
     matrix_dim_efficiency: EfficiencyCurve
     attention_efficiency: EfficiencyCurve
+    attention_seq_efficiency: EfficiencyCurve
 
 
 _ROOFLINES: dict[tuple[int, str], Roofline] = {}
@@ -62,6 +63,7 @@ def roofline(device: DeviceSpec, dtype: str) -> Roofline:
         matrix_efficiency=matrix_eff,
         matrix_dim_efficiency=dim_eff,
         attention_efficiency=attention_eff,
+        attention_seq_efficiency=compute.attention_seq_efficiency,
     )
     if len(_ROOFLINES) > 512:  # calibration builds many devices; keep the cache bounded
         _ROOFLINES.clear()
@@ -81,7 +83,10 @@ def op_times(
             min_dim[is_matrix]
         )
     if is_attention.any():
-        eff[is_attention] = line.attention_efficiency.many(flops[is_attention])
+        # Attention ops carry the key/value length of one kernel call in `min_dim` (0: unknown, no factor).
+        seq = min_dim[is_attention]
+        seq_eff = np.where(seq > 0, line.attention_seq_efficiency.many(np.maximum(seq, 1.0)), 1.0)
+        eff[is_attention] = line.attention_efficiency.many(flops[is_attention]) * seq_eff
     t_compute = flops / (line.peaks[unit] * eff)
     mem_eff = line.device.memory.efficiency.many(nbytes)
     t_memory = nbytes / (line.memory_bandwidth * mem_eff)
