@@ -251,15 +251,18 @@ def test_validate_csv_with_an_a100_40gb_row(simulate, tmp_path):
     with builtin_csv().open(newline="") as handle:
         reader = csv.DictReader(handle)
         fields = reader.fieldnames
-        source = next(r for r in reader if r["gpu"] == "a100_80gb" and r["model"] == "mpt-125m")
+        source = next(r for r in reader if r["gpu"] == "a100_80gb" and r["model"] == "mpt-1b" and r["seq_len"] == "1024")
     path = tmp_path / "a100_40.csv"
     with path.open("w", newline="") as handle:
         writer = csv.DictWriter(handle, fieldnames=fields)
         writer.writeheader()
-        writer.writerow({**source, "gpu": "a100_40gb"})
+        # Half the card: a quarter of the 80 GB run's micro-batch, the rest of the row as published.
+        micro = max(1, int(source["micro_batch"]) // 4)
+        global_batch = micro * int(source["grad_accum"]) * int(source["gpus"])
+        writer.writerow({**source, "gpu": "a100_40gb", "micro_batch": micro, "global_batch": global_batch})
     summary = json.loads(ok(simulate("validate", "llm-foundry", "--csv", path, "--json")).out)
     (row,) = summary["rows"]
-    assert row["gpu"] == "a100_40gb" and row["model"] == "mpt-125m"
+    assert row["gpu"] == "a100_40gb" and row["model"] == "mpt-1b"
     assert row["predicted_tokens_per_s"] > 0
     assert 0 < row["predicted_peak_memory_gib"] < 40
 

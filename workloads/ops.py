@@ -75,6 +75,9 @@ class LayerProfile:
     bwd_comm: tuple[Collective, ...]
     output_bytes: float  # activation sent to the next pipeline stage, per device
     tied_params_local: float = 0.0  # a tied output layer's copy of the embedding, held when on another stage
+    # Temporaries backward allocates beside the saved tensors (per device), gone before the next layer's
+    # backward: counted once, at the moment backward passes this layer.
+    backward_workspace: float = 0.0
 
     def recompute_flops(self, mode: str) -> float:
         if mode == "full":
@@ -102,6 +105,7 @@ class OpTableBuilder:
         self.bwd_comm: list[Collective] = []
         self.output_bytes = 0.0
         self.tied_params_local = 0.0
+        self.backward_workspace = 0.0
 
     def op(
         self,
@@ -180,4 +184,5 @@ class OpTableBuilder:
             bwd_comm=tuple(self.bwd_comm),
             output_bytes=self.output_bytes,
             tied_params_local=self.tied_params_local,
+            backward_workspace=self.backward_workspace,
         )

@@ -383,10 +383,11 @@ def _with_sharded_dispatch(times: LayerTimes, prof: LayerProfile, per_kernel: fl
 
 def _transient(prof: LayerProfile, recompute: str, host: float) -> float:
     """What backward re-materializes for one layer: what its recompute mode dropped and what it fetches back
-    from host, plus the next layer's swapped tensors prefetched beside it; under MEMO the whole layer."""
+    from host, plus the next layer's swapped tensors prefetched beside it (under MEMO the whole layer), and
+    the temporaries its backward makes."""
     if recompute == "tokenwise":
-        return prof.saved_bytes["none"] + host
-    return prof.saved_bytes["none"] - prof.saved_bytes[recompute] + 2 * host
+        return prof.saved_bytes["none"] + host + prof.backward_workspace
+    return prof.saved_bytes["none"] - prof.saved_bytes[recompute] + 2 * host + prof.backward_workspace
 
 
 def host_memory_per_device(bound: BoundPlan, stage: BoundStage, host_activations: float) -> float:
