@@ -62,8 +62,9 @@ def calibrate_command(
     raw_out: Optional[Path] = typer.Option(None, "--raw", help="Also write every timing as JSON to this new file."),
     framework: Optional[bool] = typer.Option(
         None, "--framework/--no-framework",
-        help="CPU, 2+ ranks: also run a probe GPT with `execute` (single, tensor and data parallel, ~1 min) to measure "
-             "what the framework adds around kernels on the compute cores (sharded-tensor dispatch, gradient packing). "
+        help="CPU, 2+ ranks: also run a probe GPT with `execute` (single with large and small micro-batches, tensor and data "
+             "parallel, ~1 min) to measure what the framework adds around kernels on the compute cores (per-layer calls, "
+             "sharded-tensor dispatch, gradient packing). "
              "Default: on, except with --quick.",
     ),
     timeout: float = typer.Option(900.0, "--timeout", help="Give up when the benchmark ranks take longer (seconds)."),
@@ -129,7 +130,8 @@ def _calibrate_framework(cal, ranks: int, threads: int, progress: Progress, time
     fit = fw.calibrate_framework(cal.cluster_mapping, ranks, threads, lambda: progress.advance(task), timeout)
     values = {"blocking_collectives": True,
               "sharded_kernel_overhead": format_seconds(fit.sharded_kernel_overhead, digits=3),
-              "dp_layer_overhead": format_seconds(fit.dp_layer_overhead, digits=3)}
+              "dp_layer_overhead": format_seconds(fit.dp_layer_overhead, digits=3),
+              "layer_call_overhead": format_seconds(fit.layer_call_overhead, digits=3)}
     if fit.grad_pack_bandwidth is not None:
         values["grad_pack_bandwidth"] = format_bandwidth(fit.grad_pack_bandwidth, digits=4)
     for mapping in {id(m): m for m in (cal.device_mapping, cal.cluster_mapping["node_groups"][0]["node"]["device"])}.values():

@@ -104,6 +104,12 @@ class ComputeSpec(Frozen):
     dp_layer_overhead: NonNegativeSeconds = Field(
         0.0, description="fixed framework cost per layer and gradient reduction (hooks, buffer setup)"
     )
+    layer_call_overhead: NonNegativeSeconds = Field(
+        0.0,
+        description="framework cost per layer per micro-batch, charged once in forward and once in backward (and in a "
+                    "full recompute's forward), on the compute thread: Python module calls, autograd graph building, "
+                    "hooks; what makes many small micro-batches slower than their kernels on a CPU",
+    )
     blocking_collectives: bool = Field(
         False,
         description="the framework waits for each data-parallel collective on the compute thread instead of "

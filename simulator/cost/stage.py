@@ -263,6 +263,12 @@ def stage_cost(bound: BoundPlan, stage: BoundStage, rank: int, memo: dict | None
         times = layer_times(prof, line)
         if run.tp > 1 and framework.sharded_kernel_overhead > 0:
             times = _with_sharded_dispatch(times, prof, framework.sharded_kernel_overhead)
+        if framework.layer_call_overhead > 0:
+            times = _with_layer_call(times, framework.layer_call_overhead)
+        if bound.num_micro_batches > 1 and prof.params_local > 0:
+            # ZeRO-3 reduce-scatters every micro-batch's gradients (see `scatter`), so it accumulates its shard.
+            accumulated = prof.params_local * per_param.gradients / (dp if run.dp_type == "zero3" else 1)
+            times = _with_gradient_accumulation(times, accumulated, device, bound.num_micro_batches)
         spans = span_sets[run.tp]
         tp_fwd = comm_time(prof.fwd_comm, spans, cp=False)
         tp_bwd = comm_time(prof.bwd_comm, spans, cp=False)
@@ -378,6 +384,33 @@ def _with_sharded_dispatch(times: LayerTimes, prof: LayerProfile, per_kernel: fl
         backward=times.backward + float(prof.bwd_kernels.sum()) * per_kernel,
         recompute_selective=times.recompute_selective + float(prof.fwd_kernels[prof.selective].sum()) * per_kernel,
         recompute_full=times.recompute_full + fwd,
+    )
+
+
+def _with_layer_call(times: LayerTimes, per_call: float) -> LayerTimes:
+    """A layer's times with the framework's fixed cost of calling it once per micro-batch (module call,
+    autograd graph, hooks) in forward, in backward and in a full recompute's forward. Selective recompute
+    re-runs only the attention core inside the layer's call, so it does not pay it again."""
+    return LayerTimes(
+        forward=times.forward + per_call,
+        backward=times.backward + per_call,
+        recompute_selective=times.recompute_selective,
+        recompute_full=times.recompute_full + per_call,
+    )
+
+
+def _with_gradient_accumulation(times: LayerTimes, grad_bytes: float, device, micro_batches: int) -> LayerTimes:
+    """A layer's backward with the gradient accumulation of a multi-micro-batch iteration: every micro-batch
+    after the first adds its gradients into the layer's `.grad` (read both, write one: 3x its bytes, memory
+    bound), spread evenly over the micro-batches as the engines cost every micro-batch alike. Data-parallel
+    plans accumulate unsharded gradients, since the executor reduces once, after the last micro-batch."""
+    nbytes = 3.0 * grad_bytes
+    seconds = nbytes / (device.memory.bandwidth * device.memory.efficiency(nbytes))
+    return LayerTimes(
+        forward=times.forward,
+        backward=times.backward + seconds * (micro_batches - 1) / micro_batches,
+        recompute_selective=times.recompute_selective,
+        recompute_full=times.recompute_full,
     )
 
 
