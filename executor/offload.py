@@ -65,8 +65,15 @@ STATS = OffloadStats()
 
 
 def _is_weight(t: torch.Tensor) -> bool:
+    """A parameter, a view of one, or autocast's lower-precision copy of one (or a view of that copy):
+    autocast keeps its casts of the weights for the whole forward, so swapping them would only move bytes."""
     base = t._base if t._base is not None else t
-    return isinstance(t, nn.Parameter) or isinstance(base, nn.Parameter)
+    if isinstance(t, nn.Parameter) or isinstance(base, nn.Parameter):
+        return True
+    fn = base.grad_fn
+    if fn is None or fn.name() != "ToCopyBackward0":
+        return False
+    return any(type(node).__name__ == "AccumulateGrad" for node, _ in fn.next_functions if node is not None)
 
 
 class _HostCopy:

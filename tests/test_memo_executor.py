@@ -93,6 +93,36 @@ def test_device_bytes_held_between_forward_and_backward_fall_by_alpha(setup):
     assert held("tokenwise", 0.5) <= everything_swapped
 
 
+@pytest.mark.parametrize("recompute", ["tokenwise", "none"])
+def test_autocast_weight_copies_stay_on_the_device(monkeypatch, recompute):
+    """Under autocast the blocks save bf16 casts of their weights; those are weights, not activations: none
+    is copied to host (autocast keeps them for the whole forward anyway), and gradients match the plain run."""
+    from executor import offload
+
+    torch.manual_seed(0)
+    model = build_model(LLAMA, "cpu")
+    # One sequence of 48 tokens: no activation (48 rows) has a weight's shape (rows 32, 64, 96 or 256).
+    tokens = torch.randint(0, LLAMA.vocab_size, (1, LLAMA.seq_len))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        reference = _grads(copy.deepcopy(model), tokens)
+    weight_shapes = {tuple(p.shape) for p in model.parameters()} | {tuple(p.shape[::-1]) for p in model.parameters()}
+    copied: list[tuple] = []
+    original = offload._HostCopy.__init__
+
+    def recording(self, t, *args, **kwargs):
+        copied.append((tuple(t.shape), t.dtype))
+        original(self, t, *args, **kwargs)
+
+    monkeypatch.setattr(offload._HostCopy, "__init__", recording)
+    memo = copy.deepcopy(model)
+    apply_offload(memo, lambda block: (recompute, 0.5))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        grads = _grads(memo, tokens)
+    assert copied, "nothing was swapped"
+    assert not [shape for shape, dtype in copied if shape in weight_shapes and dtype == torch.bfloat16]
+    assert _relative(grads, reference) < 1e-2  # bf16: recompute rounds as forward did, up to kernel order
+
+
 def test_no_grad_forward_is_the_plain_block(setup):
     cfg, model, tokens, _ = setup
     memo = copy.deepcopy(model)
