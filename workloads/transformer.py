@@ -316,10 +316,13 @@ class _LayerBuilder:
         # Cross-entropy upcasts logits to fp32 and keeps the softmax for backward.
         self.b.op("cross_entropy", VECTOR, 5 * logits, logits * (e + 8), bwd_bytes=logits * (4 + e))
         self.b.keep(4 * logits)
-        # Its backward makes the fp32 gradient of the log-softmax and of the logits beside the kept softmax: at
-        # long sequences and large vocabularies this is the iteration's peak (measured on an H200: the
-        # unexplained peak of tinyllama-1.1b with full recompute grows by about 8 bytes per logit).
-        self.b.backward_workspace = 8 * logits
+        # PyTorch's cross-entropy backward makes the fp32 gradient of the log-softmax and of the logits beside
+        # the kept softmax: at long sequences and large vocabularies this is the iteration's peak (measured on
+        # an H200: the unexplained peak of tinyllama-1.1b with full recompute grows by about 8 bytes per
+        # logit). Vocabulary-parallel losses (Megatron's, under tp) write the gradient into the softmax's
+        # own buffer instead.
+        if t == 1:
+            self.b.backward_workspace = 8 * logits
         if t > 1:
             self.b.fwd_comm.append(Collective("all_reduce", 3 * 4 * tokens, "tp"))
         return self.b.build(full_saved=tsp * h * e)
