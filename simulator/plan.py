@@ -120,6 +120,11 @@ class Plan(_Frozen):
     sequence_parallel: bool = False
     recompute: Recompute = "none"
     micro_batch: int = Field(1, gt=0, description="sequences per data-parallel replica per micro-step")
+    batch_split: tuple[int, ...] | None = Field(
+        None,
+        description="sequences each data-parallel replica takes per micro-step, in replica order, when replicas "
+                    "differ in speed (sums to micro_batch * dp); left out, micro_batch each. Shorthand: 3+1",
+    )
     global_batch: int | None = Field(None, gt=0, description="sequences per iteration; default micro_batch*dp")
     schedule: Schedule = "1f1b"
     virtual_stages: int = Field(1, gt=0, description="model chunks per device (interleaved schedule)")
@@ -145,11 +150,21 @@ class Plan(_Frozen):
             raise ValueError(f"virtual_stages={self.virtual_stages} needs schedule=interleaved (got {self.schedule})")
         if self.stages and len(self.stages) != self.pp:
             raise ValueError(f"stages lists {len(self.stages)} stages but pp={self.pp}")
+        if self.batch_split is not None:
+            if any(n < 1 for n in self.batch_split):
+                raise ValueError(f"batch_split {'+'.join(map(str, self.batch_split))}: every replica takes at least 1 sequence")
+            if self.dp is not None and len(self.batch_split) != self.dp:
+                raise ValueError(f"batch_split lists {len(self.batch_split)} replicas but dp={self.dp}")
+            if self.dp is not None and sum(self.batch_split) != self.micro_batch * self.dp:
+                raise ValueError(f"batch_split {'+'.join(map(str, self.batch_split))} sums to {sum(self.batch_split)}, "
+                                 f"not micro_batch * dp = {self.micro_batch * self.dp}")
         return self
 
     def shorthand(self) -> str:
         """The one-line form of the uniform keys (sections such as `stages` are left out)."""
         data = self.model_dump(exclude_defaults=True, exclude={"layers", "stages", "model_states", "tasks", "federated", "memory_plan"})
+        if "batch_split" in data:
+            data["batch_split"] = "+".join(str(n) for n in data["batch_split"])
         return ",".join(f"{k}={str(v).lower() if isinstance(v, bool) else v}" for k, v in data.items()) or "tp=1"
 
 
@@ -165,7 +180,7 @@ ALIASES = {
 }
 SHORTHAND_KEYS = (
     "tp", "pp", "dp", "cp", "ep", "dp_type", "sequence_parallel", "recompute", "micro_batch", "global_batch",
-    "schedule", "virtual_stages", "dtype", "grad_reduce_dtype", "attention", "optimizer", "offload",
+    "schedule", "virtual_stages", "dtype", "grad_reduce_dtype", "attention", "optimizer", "offload", "batch_split",
 )
 
 
@@ -199,6 +214,13 @@ def parse_shorthand(text: str) -> Plan:
             raise SpecError(f"--plan: unknown key {key!r}.{hint} Accepted keys: {', '.join(SHORTHAND_KEYS)}")
         if key in data:
             raise SpecError(f"--plan: key {key!r} is given twice")
+        if key == "batch_split":
+            counts = value.split("+")
+            if not all(c.strip().isdigit() for c in counts):
+                raise SpecError(f"--plan: batch_split={value!r}: give each replica's sequences per micro-step "
+                                "joined by '+', e.g. batch_split=3+1")
+            data[key] = tuple(int(c) for c in counts)
+            continue
         data[key] = _scalar(value)
     return validate(Plan, data, "--plan")
 
