@@ -397,13 +397,27 @@ def build_rank_model(bound: BoundPlan, layout: Layout, seed: int) -> RankModel:
     autocast = DTYPES[plan.dtype] if plan.dtype != "fp32" and (not use_fsdp or mixed is not None) else None
     rank_model = RankModel(layout, chunks, optimizers, num_stages, bound.num_micro_batches, dp_type, use_fsdp, autocast)
     if layout.pp > 1:  # 4
-        rank_model.schedule = _make_schedule(rank_model, plan.schedule)
+        rank_model.schedule = _make_schedule(rank_model, plan.schedule, replica_loss_scale(plan, layout.dp_rank))
         if cfg.tied_embeddings:
             _tie_across_stages(rank_model)
     return rank_model
 
 
-def _make_schedule(rank_model: RankModel, schedule: str):
+def replica_sequences(plan, dp_rank: int) -> int:
+    """Sequences this data-parallel replica takes per micro-step (`plan.batch_split`, else micro_batch)."""
+    return plan.batch_split[dp_rank] if plan.batch_split else plan.micro_batch
+
+
+def replica_loss_scale(plan, dp_rank: int) -> float:
+    """Factor on this replica's mean loss so that the data-parallel average of the gradients (a plain mean
+    over dp replicas) is the gradient of the mean over every sequence: dp * its share of the micro-step.
+    1 for an even split."""
+    if not plan.batch_split:
+        return 1.0
+    return len(plan.batch_split) * plan.batch_split[dp_rank] / sum(plan.batch_split)
+
+
+def _make_schedule(rank_model: RankModel, schedule: str, loss_scale: float = 1.0):
     from torch.distributed.pipelining import PipelineStage, Schedule1F1B, ScheduleGPipe, ScheduleInterleaved1F1B
 
     layout = rank_model.layout
@@ -413,10 +427,11 @@ def _make_schedule(rank_model: RankModel, schedule: str):
         for c in rank_model.chunks
     ]
     m = rank_model.num_micro_batches
+    scaled = loss_fn if loss_scale == 1.0 else (lambda logits, targets: loss_fn(logits, targets) * loss_scale)
     if schedule == "interleaved":
-        return ScheduleInterleaved1F1B(stages, m, loss_fn=loss_fn, scale_grads=True)
+        return ScheduleInterleaved1F1B(stages, m, loss_fn=scaled, scale_grads=True)
     cls = Schedule1F1B if schedule == "1f1b" else ScheduleGPipe
-    return cls(stages[0], m, loss_fn=loss_fn, scale_grads=True)
+    return cls(stages[0], m, loss_fn=scaled, scale_grads=True)
 
 
 def _tie_across_stages(rank_model: RankModel) -> None:

@@ -31,7 +31,7 @@ from workloads.torch_models import SyntheticTokens, loss_fn
 from . import checkpoint
 from .job import FAIL_AT_STEP_ENV, FAIL_MODE_ENV, FAIL_RANK_ENV, Job, RunResult
 from .memory import SavedTensorTracker, gradient_bytes, optimizer_bytes, parameter_bytes
-from .parallelize import Layout, RankModel, build_rank_model
+from .parallelize import Layout, RankModel, build_rank_model, replica_loss_scale, replica_sequences
 
 # How many measured iterations --trace records (a trace of hundreds of iterations is unreadable).
 TRACE_ITERATIONS = 3
@@ -39,10 +39,19 @@ TRACE_ITERATIONS = 3
 StepCallback = Callable[[int, int, float], None]  # (iterations done, total, seconds of the last one)
 
 
-def _dp_indices(global_batch: int, micro_batch: int, dp: int, dp_rank: int) -> torch.Tensor:
-    """The sequences of the global batch this data-parallel rank trains on, micro-batch by micro-batch."""
+def _dp_indices(global_batch: int, micro_batch: int, dp: int, dp_rank: int,
+                split: tuple[int, ...] | None = None) -> torch.Tensor:
+    """The sequences of the global batch this data-parallel rank trains on, micro-batch by micro-batch.
+
+    Each micro-step takes the next micro_batch * dp sequences: replica d the d-th micro_batch of them, or,
+    with an uneven `split`, the split[d] sequences after those of replicas 0..d-1."""
     idx = torch.arange(global_batch)
-    return idx[(idx // micro_batch) % dp == dp_rank]
+    if not split:
+        return idx[(idx // micro_batch) % dp == dp_rank]
+    step = sum(split)
+    start = sum(split[:dp_rank])
+    offset = idx % step
+    return idx[(offset >= start) & (offset < start + split[dp_rank])]
 
 
 def _maybe_fail(step: int, rank: int, in_process: bool) -> None:
@@ -70,11 +79,16 @@ class Trainer:
         bound = job.bound
         self.plan = bound.plan
         layout = rank_model.layout
-        self.micro_batch = self.plan.micro_batch
+        self.micro_batch = replica_sequences(self.plan, layout.dp_rank)
         self.data = SyntheticTokens(job.workload, self.plan.global_batch, job.seed)
-        self.indices = _dp_indices(self.plan.global_batch, self.micro_batch, layout.dp, layout.dp_rank)
-        # The loss is computed by the last stage's ranks; tp ranks hold the same value, dp ranks average.
-        self.loss_weight = 1.0 / layout.dp if (rank_model.is_last_stage and layout.tp_rank == 0) else 0.0
+        self.indices = _dp_indices(self.plan.global_batch, self.plan.micro_batch, layout.dp, layout.dp_rank,
+                                   self.plan.batch_split)
+        # An uneven batch_split weighs each replica's loss by its share (see replica_loss_scale).
+        self.loss_scale = replica_loss_scale(self.plan, layout.dp_rank)
+        # The loss is computed by the last stage's ranks; tp ranks hold the same value; dp ranks average,
+        # each weighted by its share of the sequences.
+        share = self.micro_batch / (self.plan.micro_batch * layout.dp)
+        self.loss_weight = share if (rank_model.is_last_stage and layout.tp_rank == 0) else 0.0
 
     def _batch(self, step: int) -> tuple[torch.Tensor, torch.Tensor]:
         x, y = self.data.batch(step)
@@ -113,7 +127,7 @@ class Trainer:
                 sync = module.no_sync() if (hasattr(module, "no_sync") and not last) else nullcontext()
             with sync, rm.forward_context():
                 loss = loss_fn(module(xs), ys)
-                (loss / m).backward()
+                (loss * (self.loss_scale / m)).backward()
             total += _local_loss(loss).detach()
         return total / m
 
@@ -128,7 +142,8 @@ class Trainer:
                 rm.schedule.step(target=target, losses=losses)
         if not losses:
             return torch.zeros((), device=x.device)
-        return torch.stack([_local_loss(v).detach() for v in losses]).mean()
+        # The schedule's loss function carries the replica's scale; the reported loss is the plain mean.
+        return torch.stack([_local_loss(v).detach() for v in losses]).mean() / self.loss_scale
 
     def zero_grad(self) -> None:
         for opt in self.rm.optimizers:
