@@ -35,7 +35,7 @@ HELP = (
     "What runs: tp (DTensor), sequence_parallel, pp with gpipe/1f1b/interleaved (torch.distributed.pipelining), "
     "dp with ddp (FSDP2 replicate), zero1 (DDP + ZeroRedundancyOptimizer), zero2/zero3 (FSDP2 fully_shard), "
     "recompute selective/full (checkpoint_wrapper), per-layer tp/dp_type/recompute layouts (activations redistributed "
-    "between them), uneven pipeline stages, activation offload to host and MEMO token-wise recompute "
+    "between them), uneven pipeline stages, uneven data-parallel batch splits (batch_split=3+1), activation offload to host and MEMO token-wise recompute "
     "(recompute=tokenwise with offload=alpha), dtype fp32/bf16, gpt and llama workloads; vfl-wdl runs its two "
     "parties (see `execute vfl --help`). Refused with the reason: cp > 1, ep > 1, model-state pages, tasks, fp16, "
     "stages with their own tp or device groups, zero1 with tp > 1 or with per-layer layouts.\n\n"
