@@ -27,13 +27,26 @@ from .plan import Plan
 from .assemble import DeviceMemory, StageTiming, assemble_report
 from .report import MemoryBreakdown, Report, TimeBreakdown
 
-def representative_ranks(cluster: ClusterSpec, stage: BoundStage) -> list[int]:
-    """One rank per distinct device type in the stage (mixed stages wait for their slowest type)."""
+def representatives(cluster: ClusterSpec, stage: BoundStage) -> dict[int, int]:
+    """One rank per distinct device type in the stage (mixed stages wait for their slowest type), and how
+    many of the stage's ranks each stands for. With an uneven batch split (plan.batch_split) a device's
+    work also depends on its replica's share, so one rank per distinct (device type, share): the slowest
+    replica can be any of them."""
     devices = cluster.topology.devices
-    seen: dict[int, int] = {}
-    for r in stage.ranks:
-        seen.setdefault(id(devices[r]), r)
-    return list(seen.values())
+    shares = stage.replica_batches
+    per_replica = stage.tp * stage.cp  # with a split every run of the stage has the same dp (binding)
+    seen: dict[object, int] = {}
+    counts: dict[int, int] = {}
+    for position, r in enumerate(stage.ranks):
+        key = id(devices[r]) if shares is None else (id(devices[r]), shares[position // per_replica])
+        rep = seen.setdefault(key, r)
+        counts[rep] = counts.get(rep, 0) + 1
+    return counts
+
+
+def representative_ranks(cluster: ClusterSpec, stage: BoundStage) -> list[int]:
+    """The ranks that stand for the stage's devices (see `representatives`)."""
+    return list(representatives(cluster, stage))
 
 
 def stage_memory(cost: StageCost, bound: BoundPlan, stage: BoundStage) -> MemoryBreakdown:
@@ -65,6 +78,8 @@ def evaluate_bound(bound: BoundPlan) -> Report:
     stage_costs: list[StageCost] = []
     # (stage index, representative rank, cost, memory) for every distinct device type of every stage
     all_costs: list[tuple[int, int, StageCost, MemoryBreakdown]] = []
+    # the largest activation a stage hands on (replicas of an uneven batch split send different sizes)
+    output_bytes: list[float] = []
     memo: dict = {}
     for stage in bound.stages:
         costs = []
@@ -73,10 +88,11 @@ def evaluate_bound(bound: BoundPlan) -> Report:
             all_costs.append((stage.index, rank, cost, stage_memory(cost, bound, stage)))
             costs.append(cost)
         stage_costs.append(max(costs, key=lambda c: c.per_micro_batch))
+        output_bytes.append(max(c.output_bytes for c in costs))
 
     stage_times = [c.per_micro_batch for c in stage_costs]
     pipe = pipeline_time(stage_times, m, plan.schedule, v)
-    p2p = [stage_p2p(bound, i, stage_costs[i].output_bytes) for i in range(p - 1)]
+    p2p = [stage_p2p(bound, i, output_bytes[i]) for i in range(p - 1)]
     # Fill and drain wait for each boundary's activation and gradient once; the steady state overlaps them.
     p2p_exposed = 2.0 * sum(p2p)
 

@@ -58,10 +58,22 @@ class BoundStage:
     cp: int
     runs: tuple[LayerRun, ...]
     micro_step_batch: int  # sequences per micro-step across all data-parallel replicas of the stage
+    # Sequences each data-parallel replica takes per micro-step (plan.batch_split); None: an even share each.
+    replica_batches: tuple[int, ...] | None = None
 
     @property
     def num_devices(self) -> int:
         return len(self.ranks)
+
+    def replica_of(self, rank: int, tp: int) -> int:
+        """The data-parallel replica (index) `rank` belongs to in a run of tensor-parallel degree `tp`."""
+        return self.ranks.index(rank) // (tp * self.cp)
+
+    def micro_batch_of(self, rank: int, tp: int) -> int:
+        """Sequences the device at `rank` runs per micro-step in a run of tensor-parallel degree `tp`."""
+        if self.replica_batches is None:
+            return self.micro_step_batch // self.dp_for(tp)
+        return self.replica_batches[self.replica_of(rank, tp)]
 
     def dp_for(self, tp: int) -> int:
         return self.num_devices // (tp * self.cp)
@@ -168,6 +180,33 @@ def _layer_overrides(plan: Plan, num_blocks: int) -> list[LayerStrategy | None]:
     return per_block
 
 
+def _split_text(split: tuple[int, ...]) -> str:
+    return "+".join(str(n) for n in split)
+
+
+def _check_batch_split(plan: Plan, dp: int, stage_ranks: list[Sequence[int]], stage_tps: list[int]) -> None:
+    """An uneven micro-batch split names one share per data-parallel replica, so every stage must have the
+    same replicas: dp equal across stages (and, checked per layer, across layers)."""
+    split = plan.batch_split
+    text = _split_text(split)
+    if len(split) != dp:
+        raise InfeasiblePlan(f"batch_split {text} lists {len(split)} replicas, but the plan has dp={dp}; "
+                             f"give one share per data-parallel replica ({dp} numbers joined by '+')")
+    if sum(split) != plan.micro_batch * dp:
+        raise InfeasiblePlan(f"batch_split {text} sums to {sum(split)}, but a micro-step takes micro_batch*dp = "
+                             f"{plan.micro_batch}*{dp} = {plan.micro_batch * dp} sequences; the shares must sum to that")
+    for i, (ranks, tp) in enumerate(zip(stage_ranks, stage_tps)):
+        stage_dp = len(ranks) // (tp * plan.cp)
+        if stage_dp != dp:
+            raise InfeasiblePlan(
+                f"stages[{i}]: {len(ranks)} devices with tp={tp}, cp={plan.cp} make dp={stage_dp} replicas, but "
+                f"batch_split {text} is for dp={dp}; with batch_split every stage needs the same dp"
+            )
+    if plan.ep > 1:
+        raise UnsupportedPlan(f"batch_split {text} with ep={plan.ep}: expert parallelism over replicas of uneven "
+                              "batches is not simulated; use ep=1 or leave batch_split out")
+
+
 def bind(plan: Plan, workload: WorkloadConfig, cluster: ClusterSpec) -> BoundPlan:
     """Check `plan` against `workload` and `cluster` and resolve its stages.
 
@@ -265,6 +304,8 @@ def bind(plan: Plan, workload: WorkloadConfig, cluster: ClusterSpec) -> BoundPla
             raise InfeasiblePlan(f"ep={plan.ep} does not divide dp={dp}")
         if cfg.num_experts % plan.ep:
             raise InfeasiblePlan(f"ep={plan.ep} does not divide num_experts={cfg.num_experts}")
+    if plan.batch_split is not None:
+        _check_batch_split(plan, dp, stage_ranks, stage_tps)
     micro_step = plan.micro_batch * dp
     global_batch = plan.global_batch if plan.global_batch is not None else micro_step
     if global_batch % micro_step:
@@ -304,6 +345,12 @@ def bind(plan: Plan, workload: WorkloadConfig, cluster: ClusterSpec) -> BoundPla
             if len(ranks) % (tp_layer * plan.cp):
                 raise InfeasiblePlan(f"{where}tp={tp_layer} x cp={plan.cp} does not divide the stage's {len(ranks)} devices")
             dp_layer = len(ranks) // (tp_layer * plan.cp)
+            if plan.batch_split is not None and dp_layer != dp:
+                raise InfeasiblePlan(
+                    f"{where}tp={tp_layer} gives the stage's {len(ranks)} devices dp={dp_layer} replicas, but batch_split "
+                    f"{_split_text(plan.batch_split)} is for dp={dp}; with batch_split every layer of every stage needs "
+                    "the same dp (per-layer tp that changes dp is accepted only without batch_split)"
+                )
             if micro_step % dp_layer:
                 raise InfeasiblePlan(f"{where}a micro-step of {micro_step} sequences does not split over dp={dp_layer} replicas")
             checked.add((stage_index, tp_layer))
@@ -350,7 +397,7 @@ def bind(plan: Plan, workload: WorkloadConfig, cluster: ClusterSpec) -> BoundPla
             spans = [range(0, 1)] + spans
         if i == plan.pp - 1:
             spans = spans + [range(len(kinds) - 1, len(kinds))]
-        stages.append(BoundStage(i, stage_ranks[i], plan.cp, runs_of(i, spans), micro_step))
+        stages.append(BoundStage(i, stage_ranks[i], plan.cp, runs_of(i, spans), micro_step, plan.batch_split))
 
     for name in cluster.device_types():
         device = next(g.node.device for g in cluster.node_groups if g.node.device.name == name)

@@ -213,6 +213,8 @@ def _stage_key(bound: BoundPlan, stage: BoundStage, rank: int, span_sets: dict) 
         # Spans are interned per cluster, so their identity names their shape.
         tuple((tp, tuple(id(x) for v in spans.values() for x in v)) for tp, spans in sorted(span_sets.items())),
         len(bound.stages) > 1,
+        # An uneven batch split (plan.batch_split): the rank's own replica share, per tensor-parallel degree.
+        None if stage.replica_batches is None else tuple(stage.micro_batch_of(rank, tp) for tp in sorted(span_sets)),
     )
 
 
@@ -250,7 +252,7 @@ def stage_cost(bound: BoundPlan, stage: BoundStage, rank: int, memo: dict | None
         n = run.count
         dp = stage.dp_for(run.tp)
         shape = ShardShape(
-            micro_batch=stage.micro_step_batch // dp,
+            micro_batch=stage.micro_batch_of(rank, run.tp),  # the rank's replica's share (plan.batch_split)
             seq_len=cfg.seq_len,
             tp=run.tp,
             sequence_parallel=run.sequence_parallel,

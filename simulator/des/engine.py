@@ -2,7 +2,8 @@
 
 Model. Ranks that do identical work on identical hardware behave identically, so each pipeline stage
 is simulated by one representative device per device type it contains (a 1,024-GPU uniform plan with
-16 stages simulates 16 devices; a stage mixing A100s and V100s keeps both). Each representative has a
+16 stages simulates 16 devices; a stage mixing A100s and V100s keeps both; replicas of an uneven batch
+split keep one per distinct share). Each representative has a
 compute stream and ports: intra-node fabric, its share of the NICs, PCIe to the host (the
 device-to-host and host-to-device copy engines) and the WAN, each in two directions, and its share of
 the node's SSD bandwidth (read and write). All transfers are flows sharing those ports (`fluid.py`), so a gradient reduction
@@ -122,17 +123,15 @@ class Simulation:
         self.p = len(bound.stages)
         self.v = self.plan.virtual_stages
         memo: dict = {}
-        from ..analytic import representative_ranks  # the same collapse as the analytic model
+        from ..analytic import representatives  # the same collapse as the analytic model
 
         self.stage_reps: list[list[Rep]] = []
         self.reps: list[Rep] = []
         cluster = bound.cluster
-        devices = cluster.topology.devices
         for stage in bound.stages:
             reps = []
-            for rank in representative_ranks(cluster, stage):
+            for rank, same in representatives(cluster, stage).items():
                 cost = stage_cost(bound, stage, rank, memo)
-                same = sum(1 for r in stage.ranks if devices[r] is devices[rank])
                 rep = Rep(len(self.reps), stage, rank, cost, same)
                 rep.grad_stream = simpy.Resource(self.env, capacity=1)
                 self._make_ports(rep)
@@ -482,14 +481,15 @@ class Simulation:
         """Send the operation's output on to the neighbouring model chunk."""
         if op.kind == "F" and g < self.p * self.v - 1:
             dst, _ = self._where(g + 1)
-            self.env.process(self._send(rep, dst, rep.cost.output_bytes, ("F", op.micro_batch, g)))
+            self.env.process(self._send(rep, dst, self._output_of(g), ("F", op.micro_batch, g)))
         elif op.kind == "B" and g > 0:
             dst, _ = self._where(g - 1)
             self.env.process(self._send(rep, dst, self._output_of(g - 1), ("B", op.micro_batch, g)))
 
     def _output_of(self, g: int) -> float:
         stage, _ = self._where(g)
-        return self.stage_reps[stage][0].cost.output_bytes
+        # The largest of the stage's (replicas of an uneven batch split hand on different sizes).
+        return max(rep.cost.output_bytes for rep in self.stage_reps[stage])
 
     # ---- run -----------------------------------------------------------------------------------------
     def total_operations(self) -> int:

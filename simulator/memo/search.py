@@ -77,9 +77,8 @@ def choose_alpha(plan: Plan, workload: WorkloadConfig, cluster: ClusterSpec) -> 
             for run in stage.runs:
                 if run.kind not in ("decoder", "encoder"):
                     continue
-                dp = stage.dp_for(run.tp)
                 shape = ShardShape(
-                    micro_batch=stage.micro_step_batch // dp, seq_len=cfg.seq_len, tp=run.tp,
+                    micro_batch=stage.micro_batch_of(rank, run.tp), seq_len=cfg.seq_len, tp=run.tp,
                     sequence_parallel=run.sequence_parallel, cp=stage.cp, ep=bp.ep,
                     dtype_bytes=DTYPE_BYTES[bp.dtype], attention=bp.attention,
                 )

@@ -52,6 +52,7 @@ from ..report import Report
 from .baselines import BaselineOutcome, evaluate_baselines
 from .galvatron_costs import CostTables, LayerFigures
 from .galvatron_dp import INF, ChainElement, ChainResult, chain_dp, partition
+from .galvatron_split import split_candidates
 from .galvatron_space import (
     StageGroup,
     Strategy,
@@ -719,6 +720,10 @@ def search_galvatron(
         if progress is not None:
             progress(len(configs) + balanced - 1, total, f"balancing pp={search.p} stages")
         _balance(search, counts, speed, pool, workload, cluster)
+    # Mixed clusters: replicas of different GPU types take micro-batch shares by speed (kept when faster).
+    split_plans = split_candidates(pool.ranked(), workload, cluster, memory_budget_bytes)
+    for plan, report in split_plans:
+        pool.add(plan, report)
     if progress is not None:
         progress(total, total, "ranking")
 
@@ -754,6 +759,7 @@ def search_galvatron(
             "plans_feasible": len(pool.entries),
             "layer_cost_probes": ctx.tables.probes,
             "stage_programs": ctx.dp_runs,
+            "batch_split_plans": len(split_plans),
             # Analytic samples/s of the search's own best plan and of the best baseline configuration.
             "search_best_samples_per_s": pool.search_best,
             "baseline_best_samples_per_s": max(
