@@ -559,7 +559,12 @@ class MemoBlock(Block):
             return _Split(dim, head, lambda: kept.tensor)
 
         with torch.autograd.graph.saved_tensors_hooks(_distributed_aware(pack), _unpack):
-            return Block.forward(self, x)
+            out = Block.forward(self, x)
+        # Every tensor packed above keeps `pack` alive until backward, and with it these registries, which
+        # hold the whole tensors whose token slices were split: empty them, or nothing split is ever freed.
+        packed.clear()
+        by_storage.clear()
+        return out
 
     def _tokenwise(self, x: torch.Tensor) -> torch.Tensor:
         b, s = x.shape[0], x.shape[1]
@@ -609,7 +614,8 @@ class MemoBlock(Block):
             seg2_tail = _RecomputeGroup(self._seg2, [x[:, n:], o[:, n:]], stream, frame)
             with torch.autograd.graph.saved_tensors_hooks(seg2_tail.pack, _unpack):
                 outs.append(self._seg2(x[:, n:], o[:, n:]))
-        frame.seen = frame.by_storage = _Seen()  # forward is over: release the tensors the registries held
+        # Forward is over: release the tensors the registries held (the saved tensors keep `frame` alive).
+        frame.seen = frame.by_storage = _Seen()
         return outs[0] if len(outs) == 1 else torch.cat(outs, dim=1)
 
 
@@ -628,6 +634,9 @@ class _Seen:
 
     def put(self, key, t: torch.Tensor, value) -> None:
         self._entries[key] = (weakref.ref(t), value)
+
+    def clear(self) -> None:
+        self._entries.clear()
 
 
 def _key(t: torch.Tensor) -> tuple:
