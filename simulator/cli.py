@@ -156,8 +156,14 @@ def run(
 
         return simulate_run_vfl(workload, load_cluster(cluster, nodes, devices_per_node), load_plan(plan), engine,
                                 trace, plot, as_json, out_file, force)
-    report = _predict(load_plan(plan), load_workload(workload, seq_len), load_cluster(cluster, nodes, devices_per_node),
-                      engine, trace, plot, force)
+    the_plan, the_workload = load_plan(plan), load_workload(workload, seq_len)
+    the_cluster = load_cluster(cluster, nodes, devices_per_node)
+    report = _predict(the_plan, the_workload, the_cluster, engine, trace, plot, force)
+    if the_plan.offload > 0 or any(layer.offload for layer in the_plan.layers):
+        from .memo.search import host_memory_used
+
+        # Swapped activations fill the node's DRAM: say how much (what `simulate search memo` reports too).
+        report = report.model_copy(update={"host_memory_bytes": host_memory_used(the_plan, the_workload, the_cluster)})
     if out_file is not None:
         _write_new_file(out_file, report.model_dump_json(indent=2), force)
     if as_json:

@@ -44,6 +44,8 @@ def render_report(report: Report, console: Console) -> None:
         f"peak memory [bold]{format_bytes(report.peak_memory_bytes)}[/bold] of "
         f"{format_bytes(report.memory_capacity_bytes)} per device: {fits}"
     )
+    if report.host_memory_bytes:
+        headline += f"\nhost memory for swapped activations {format_bytes(report.host_memory_bytes)} on the fullest node"
     console.print(Panel(headline, title=f"prediction ({report.engine})", expand=False))
 
     times = Table(title="Where the iteration time goes", show_edge=False)

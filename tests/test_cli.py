@@ -347,3 +347,12 @@ def test_demo_prints_a_prediction(simulate):
     assert "tokens/s" in result.out and "MFU" in result.out
     assert "best candidate" in result.out
     assert "llm-foundry" in result.out
+
+
+def test_run_reports_host_memory_of_swapped_activations(simulate):
+    args = ("run", "-w", "llama2-7b", "-c", "hgx-a800", "--seq-len", "65536", "-e", "analytic", "--json")
+    swapped = json.loads(ok(simulate(*args, "-p", "dp=2,cp=4,recompute=tokenwise,offload=1.0")).out)
+    half = json.loads(ok(simulate(*args, "-p", "dp=2,cp=4,recompute=tokenwise,offload=0.5")).out)
+    plain = json.loads(ok(simulate(*args, "-p", "dp=2,cp=4,recompute=full")).out)
+    assert swapped["host_memory_bytes"] > half["host_memory_bytes"] > 0
+    assert plain["host_memory_bytes"] is None
