@@ -19,6 +19,7 @@ import numpy as np
 
 from hwmodel import EfficiencyCurve, load_cluster
 from simulator.analytic import evaluate
+from simulator.fitting import nelder_mead
 from simulator.validation import GPU_CLUSTERS, builtin_csv, read_rows, row_inputs
 
 DIM_POINTS = (256, 1024, 2048, 4096, 8192)
@@ -43,36 +44,6 @@ def clamp(params: np.ndarray) -> np.ndarray:
     lo = np.array([0.3, 0.05, 0.05, 0.05, 0.05, 0.05, 0.05, 0.0])
     hi = np.array([1.0, 1.0, 1.0, 1.0, 1.0, 1.0, 1.0, 1.0])
     return np.clip(params, lo, hi)
-
-
-def nelder_mead(f, x0: np.ndarray, iterations: int, step: float = 0.08) -> np.ndarray:
-    n = len(x0)
-    simplex = [x0] + [x0 + step * np.eye(n)[i] for i in range(n)]
-    values = [f(x) for x in simplex]
-    for _ in range(iterations):
-        order = np.argsort(values)
-        simplex = [simplex[i] for i in order]
-        values = [values[i] for i in order]
-        centroid = np.mean(simplex[:-1], axis=0)
-        worst = simplex[-1]
-        reflected = centroid + (centroid - worst)
-        fr = f(reflected)
-        if fr < values[0]:
-            expanded = centroid + 2 * (centroid - worst)
-            fe = f(expanded)
-            simplex[-1], values[-1] = (expanded, fe) if fe < fr else (reflected, fr)
-        elif fr < values[-2]:
-            simplex[-1], values[-1] = reflected, fr
-        else:
-            contracted = centroid + 0.5 * (worst - centroid)
-            fc = f(contracted)
-            if fc < values[-1]:
-                simplex[-1], values[-1] = contracted, fc
-            else:
-                best = simplex[0]
-                simplex = [best] + [best + 0.5 * (x - best) for x in simplex[1:]]
-                values = [values[0]] + [f(x) for x in simplex[1:]]
-    return simplex[int(np.argmin(values))]
 
 
 def main() -> None:
@@ -109,7 +80,7 @@ def main() -> None:
     if len(c.matrix_dim_efficiency.sizes) == len(DIM_POINTS) and len(c.matrix_efficiency.sizes) == 3:
         starts.insert(0, np.array([c.matrix_efficiency.efficiencies[-1], *c.matrix_dim_efficiency.efficiencies,
                                    c.attention_efficiency.efficiencies[0], c.comm_overlap_slowdown]))
-    fits = [clamp(nelder_mead(objective, x0, args.iterations)) for x0 in starts]
+    fits = [clamp(nelder_mead(objective, x0, [0.08] * len(x0), args.iterations, tol=0.0)) for x0 in starts]
     best = min(fits, key=objective)
     err = errors(best)
     device = device_from(best, base)

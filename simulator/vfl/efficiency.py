@@ -43,6 +43,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from hwmodel.errors import UserError
 
+from ..fitting import nelder_mead
 from .engine import Timeline
 
 DATA_DIR = Path(str(resources.files("simulator"))) / "vfl" / "data"
@@ -194,42 +195,6 @@ def load_efficiency(workload: str) -> EfficiencyModel:
 
 
 # ---- fitting ------------------------------------------------------------------------------------------------
-def nelder_mead(f, x0: Sequence[float], step: Sequence[float], iterations: int = 600, tol: float = 1e-12) -> np.ndarray:
-    """Minimize `f` from `x0` (deterministic simplex search; numpy only, the project has no scipy)."""
-    n = len(x0)
-    simplex = [np.asarray(x0, dtype=float)]
-    for i in range(n):
-        x = np.asarray(x0, dtype=float).copy()
-        x[i] += step[i]
-        simplex.append(x)
-    values = [f(x) for x in simplex]
-    for _ in range(iterations):
-        order = np.argsort(values, kind="stable")
-        simplex = [simplex[i] for i in order]
-        values = [values[i] for i in order]
-        if abs(values[-1] - values[0]) < tol:
-            break
-        centroid = np.mean(simplex[:-1], axis=0)
-        reflected = centroid + (centroid - simplex[-1])
-        fr = f(reflected)
-        if fr < values[0]:
-            expanded = centroid + 2.0 * (centroid - simplex[-1])
-            fe = f(expanded)
-            simplex[-1], values[-1] = (expanded, fe) if fe < fr else (reflected, fr)
-        elif fr < values[-2]:
-            simplex[-1], values[-1] = reflected, fr
-        else:
-            contracted = centroid + 0.5 * (simplex[-1] - centroid)
-            fc = f(contracted)
-            if fc < values[-1]:
-                simplex[-1], values[-1] = contracted, fc
-            else:
-                best = simplex[0]
-                simplex = [best] + [best + 0.5 * (x - best) for x in simplex[1:]]
-                values = [values[0]] + [f(x) for x in simplex[1:]]
-    return simplex[int(np.argmin(values))]
-
-
 def fit_curve(rounds: Sequence[float], auc: Sequence[float]) -> AucCurve:
     """Least-squares fit of the vanilla curve to (rounds, AUC) points; A_0 is 0.5 (an untrained ranker)."""
     e, a = np.asarray(rounds, dtype=float), np.asarray(auc, dtype=float)
