@@ -109,13 +109,28 @@ class Placement:
     offset: int
 
 
-def _avoided(greedy: int, planned: int) -> tuple[int, float]:
-    saved = greedy - planned
-    return saved, (100.0 * saved / greedy if greedy else 0.0)
+class _PlanFigures:
+    """What both plans derive from their offsets, planned peak and greedy peak."""
+
+    offsets: dict[str, int]
+    peak_bytes: int
+    greedy_peak_bytes: int
+
+    @property
+    def fragmentation_avoided_bytes(self) -> int:
+        return self.greedy_peak_bytes - self.peak_bytes
+
+    @property
+    def fragmentation_avoided_pct(self) -> float:
+        saved = self.fragmentation_avoided_bytes
+        return 100.0 * saved / self.greedy_peak_bytes if self.greedy_peak_bytes else 0.0
+
+    def placements(self) -> list[Placement]:
+        return [Placement(name, offset) for name, offset in self.offsets.items()]
 
 
 @dataclass(frozen=True)
-class LayerMemoryPlan:
+class LayerMemoryPlan(_PlanFigures):
     """Offsets (bytes) of one set of tensors and the figures that judge them.
 
     peak_bytes: end of the highest tensor (sizes aligned). greedy_peak_bytes: the same for greedy
@@ -131,20 +146,9 @@ class LayerMemoryPlan:
     solve_time_s: float
     cbc_called: bool = False  # False when a greedy order already reached the lower bound
 
-    @property
-    def fragmentation_avoided_bytes(self) -> int:
-        return _avoided(self.greedy_peak_bytes, self.peak_bytes)[0]
-
-    @property
-    def fragmentation_avoided_pct(self) -> float:
-        return _avoided(self.greedy_peak_bytes, self.peak_bytes)[1]
-
-    def placements(self) -> list[Placement]:
-        return [Placement(name, offset) for name, offset in self.offsets.items()]
-
 
 @dataclass(frozen=True)
-class ModelMemoryPlan:
+class ModelMemoryPlan(_PlanFigures):
     """The bi-level plan of a whole model: offsets of every tensor on one timeline.
 
     layer_plans[l] is the level-one plan of layer l's frame (its workspace and the cross-layer tensors it
@@ -164,17 +168,6 @@ class ModelMemoryPlan:
     layer_plans: tuple[LayerMemoryPlan, ...]
     layer_bases: tuple[int, ...]
     distinct_layer_plans: int
-
-    @property
-    def fragmentation_avoided_bytes(self) -> int:
-        return _avoided(self.greedy_peak_bytes, self.peak_bytes)[0]
-
-    @property
-    def fragmentation_avoided_pct(self) -> float:
-        return _avoided(self.greedy_peak_bytes, self.peak_bytes)[1]
-
-    def placements(self) -> list[Placement]:
-        return [Placement(name, offset) for name, offset in self.offsets.items()]
 
 
 # ---- checks and bounds -------------------------------------------------------------------------------
