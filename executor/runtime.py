@@ -86,9 +86,8 @@ class Trainer:
         # An uneven batch_split weighs each replica's loss by its share (see replica_loss_scale).
         self.loss_scale = replica_loss_scale(self.plan, layout.dp_rank)
         # The loss is computed by the last stage's ranks; tp ranks hold the same value; dp ranks average,
-        # each weighted by its share of the sequences.
-        share = self.micro_batch / (self.plan.micro_batch * layout.dp)
-        self.loss_weight = share if (rank_model.is_last_stage and layout.tp_rank == 0) else 0.0
+        # each weighted by its share of the sequences (loss_scale / dp: 1 / dp for an even split).
+        self.loss_weight = self.loss_scale / layout.dp if (rank_model.is_last_stage and layout.tp_rank == 0) else 0.0
 
     def _batch(self, step: int) -> tuple[torch.Tensor, torch.Tensor]:
         x, y = self.data.batch(step)
