@@ -239,8 +239,11 @@ def test_local_runs_both_parties_as_processes(tmp_path):
 # ----------------------------------------------------------------------------- the shaped WAN (test tooling)
 
 _ECHO_SERVER = r"""
-import socket
-s = socket.create_server(("127.0.0.1", 47000)); c, _ = s.accept()
+import socket, sys
+host, port = sys.argv[1].rsplit(":", 1)
+s = socket.create_server((host, int(port)))
+print("listening", flush=True)  # the relay resets a client that arrives before this (it cannot reach us yet)
+c, _ = s.accept()
 c.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
 while True:
     h = c.recv(8, socket.MSG_WAITALL)
@@ -278,7 +281,9 @@ def test_shaped_link_has_the_rate_and_the_delay():
     rate, delay = 50e6, 0.015
     with ShapedLink(rate, delay) as link:
         namespaces = set(link.ns.values())
-        server = link.run_in("active", [sys.executable, "-c", _ECHO_SERVER])
+        server = link.run_in("active", [sys.executable, "-c", _ECHO_SERVER, link.active_listen],
+                             stdout=subprocess.PIPE, text=True)
+        assert server.stdout.readline().strip() == "listening"
         client = link.run_in("passive", [sys.executable, "-c", _PING_CLIENT, link.active_address],
                              stdout=subprocess.PIPE, text=True)
         out, _ = client.communicate(timeout=60)
