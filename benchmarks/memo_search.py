@@ -10,9 +10,10 @@ context parallel, full or selective recompute), the DeepSpeed-style baseline and
 ratio over the lengths and MEMO's MFU at the longest length against the published 52.30% (MEMO, SIGMOD
 2025: 7B at 1M tokens on 8 A800s; 1.97x Megatron-LM on average).
 
---what-if-attention repeats the table with the device's fused-attention efficiency replaced (a what-if on
-a derived device, never written to the specs): the spec's 0.317 was calibrated on llm-foundry's short
-sequences, while long-sequence training is almost all attention, so it bounds every plan's MFU here.
+--what-if-attention repeats the table with the device's FlashAttention-2 efficiency replaced (a what-if on a
+derived device, never written to the specs). The A800 spec's 0.606 is FlashAttention-2's published A100
+figure (189 TFLOP/s forward+backward at 16K tokens, causal, head dim 128); long-sequence training is almost
+all attention, so it bounds every plan's MFU here (0.606 x 3/3.5 = 52%).
 """
 
 from __future__ import annotations

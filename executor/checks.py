@@ -62,6 +62,9 @@ def check_features(plan: Plan, device_type: str) -> None:
         raise _refuse(f"cp={plan.cp} (context parallel)", why)
     if plan.ep > 1:
         raise _refuse(f"ep={plan.ep} (expert parallel)", "mixture-of-experts models cannot be executed yet")
+    if plan.attention == "flash_triton":
+        raise _refuse("attention=flash_triton", "it names MPT's Triton kernel, which this executor does not ship (the "
+                      "simulator models it for published runs of that stack); use attention=flash")
     _check_offload(plan, plan.recompute, plan.offload, "")
     if plan.dtype == "fp16":
         raise _refuse("dtype=fp16", "fp16 training needs loss scaling, which this executor does not implement; use bf16 or fp32")

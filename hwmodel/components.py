@@ -73,13 +73,21 @@ class ComputeSpec(Frozen):
     )
     attention_efficiency: ComputeCurve = Field(
         default_factory=lambda: EfficiencyCurve.flat(0.5),
-        description="fraction of the matrix peak reached by fused (flash) attention, keyed by its FLOPs",
+        description="fraction of the matrix peak reached by fused FlashAttention-2-class attention (plans with "
+                    "attention=flash: flash-attn 2, PyTorch's flash SDPA backend), keyed by its FLOPs",
     )
     attention_seq_efficiency: DimensionCurve = Field(
         default_factory=lambda: EfficiencyCurve.flat(1.0),
         description="further factor on fused attention keyed by the key/value length one kernel runs over: "
                     "flash attention's efficiency keeps rising with that length well past the point its FLOPs "
                     "alone say (its inner loop over keys amortizes each query block's start and end)",
+    )
+    triton_attention_efficiency: ComputeCurve | None = Field(
+        None,
+        description="fraction of the matrix peak reached by the FlashAttention-1-era Triton kernel (MPT's "
+                    "attn_impl: triton, as llm-foundry's published benchmarks ran), for plans with "
+                    "attention=flash_triton; no attention_seq_efficiency factor applies to it. Left out: "
+                    "attention_efficiency",
     )
     vector_efficiency: float = Field(0.5, gt=0, le=1, description="fraction of the vector peak reached")
     kernel_overhead: NonNegativeSeconds = Field(5e-6, description="launch and tail cost per kernel")

@@ -29,7 +29,11 @@ DpType = Literal["ddp", "zero1", "zero2", "zero3"]
 Recompute = Literal["none", "selective", "full", "tokenwise"]
 Schedule = Literal["gpipe", "1f1b", "interleaved"]
 PlanDtype = Literal["fp32", "fp16", "bf16"]
-Attention = Literal["flash", "naive"]
+# flash: a FlashAttention-2-class fused kernel (flash-attn 2 or PyTorch's flash SDPA backend; what the executor
+# runs). flash_triton: the FlashAttention-1-era Triton kernel (MPT's `attn_impl: triton`, which llm-foundry's
+# published benchmarks ran): the same operators and memory, the device's `triton_attention_efficiency`;
+# simulator only (for published runs of that stack). naive: the score matrix materialized.
+Attention = Literal["flash", "flash_triton", "naive"]
 
 
 class _Frozen(BaseModel):

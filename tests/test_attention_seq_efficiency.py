@@ -1,6 +1,7 @@
 """Fused attention's efficiency factor keyed by the keys one kernel call runs over (ComputeSpec.
-attention_seq_efficiency): the calibrated short-sequence value is kept, long sequences get faster by the
-measured factor, a flat curve changes nothing, and context parallelism keys it by the ring step's chunk."""
+attention_seq_efficiency): short and long sequences run at what was measured on the H200, a flat curve
+changes nothing, and context parallelism keys it by the ring step's chunk. And the attention kernel a plan
+names: flash_triton runs at the device's triton_attention_efficiency, without the FlashAttention-2 curve."""
 
 from __future__ import annotations
 
@@ -31,33 +32,48 @@ def _flat(device):
     return device.model_copy(update={"compute": compute})
 
 
-def _attention(seq_len: int, device, cp: int = 1) -> tuple[float, float]:
+def _attention(seq_len: int, device, cp: int = 1, kernel: str = "flash") -> tuple[float, float]:
     """(forward FLOPs, forward seconds) of the flash attention op of one tinyllama layer, one sequence."""
     shape = ShardShape(micro_batch=1, seq_len=seq_len, tp=1, sequence_parallel=False, cp=cp, ep=1, dtype_bytes=2,
                        attention="flash")
     prof = layer_profile(LLAMA.with_seq_len(seq_len), "decoder", shape)
     i = int(np.flatnonzero(prof.unit == ATTENTION)[0])
     seconds = op_times(prof.fwd_flops[i:i + 1], prof.fwd_bytes[i:i + 1], prof.fwd_kernels[i:i + 1],
-                       prof.unit[i:i + 1], prof.min_dim[i:i + 1], roofline(device, "bf16"))
+                       prof.unit[i:i + 1], prof.min_dim[i:i + 1], roofline(device, "bf16", kernel))
     return float(prof.fwd_flops[i]), float(seconds[0])
 
 
-def test_short_sequences_keep_the_calibrated_efficiency():
+def _efficiency(seq_len: int, device, kernel: str = "flash") -> float:
+    flops, seconds = _attention(seq_len, device, kernel=kernel)
+    return flops / (seconds * device.compute.peak("bf16"))
+
+
+def test_short_and_long_sequences_run_at_the_measured_efficiency():
     h200 = _device("h200")
-    # llm-foundry calibrated 0.174 flat at 2K; the plateau times the factor gives it back.
-    calibrated = _device("h200", attention_efficiency=EfficiencyCurve.flat(0.174),
-                         attention_seq_efficiency=EfficiencyCurve.flat(1.0))
-    assert _attention(2048, h200)[1] == pytest.approx(_attention(2048, calibrated)[1], rel=2e-3)
+    # Measured with SDPA's flash backend on the H200: 0.180 at 2K keys, 0.318 at 16K, 0.330 at 64K.
+    assert _efficiency(2048, h200) == pytest.approx(0.180, rel=5e-3)
+    assert _efficiency(16384, h200) == pytest.approx(0.318, rel=5e-3)
+    assert _efficiency(65536, h200) == pytest.approx(0.330, rel=1e-3)
     # Below the curve's first point the factor holds its first value: shorter kernels keep the 2K value too.
-    assert _attention(1024, h200)[1] * 0.543 == pytest.approx(_attention(1024, _flat(h200))[1], rel=1e-6)
-
-
-def test_long_sequences_run_at_the_measured_plateau():
-    h200 = _device("h200")
-    flops, seconds = _attention(65536, h200)
-    assert flops / (seconds * h200.compute.peak("bf16")) == pytest.approx(0.32, rel=1e-3)
+    assert _attention(1024, h200)[1] * 0.545 == pytest.approx(_attention(1024, _flat(h200))[1], rel=1e-6)
     # With the factor flat the op is faster by exactly the factor's value at 16K keys.
     assert _attention(16384, h200)[1] * 0.962 == pytest.approx(_attention(16384, _flat(h200))[1], rel=1e-6)
+
+
+def test_the_triton_kernel_runs_at_its_own_flat_efficiency():
+    # llm-foundry's runs (MPT's Triton flash attention) calibrated 0.174 on GH100 at every length.
+    h200 = _device("h200")
+    for seq in (2048, 16384, 65536):
+        assert _efficiency(seq, h200, "flash_triton") == pytest.approx(0.174, rel=1e-3)
+    a800 = _device("a800-80g")
+    assert _efficiency(65536, a800, "flash_triton") == pytest.approx(0.317, rel=1e-3)
+    assert _efficiency(65536, a800) == pytest.approx(0.606, rel=1e-3)  # FlashAttention-2's published A100 figure
+
+
+def test_a_device_without_a_triton_figure_runs_the_triton_kernel_as_flash():
+    v100 = _device("v100-32g")
+    assert v100.compute.triton_attention_efficiency is None
+    assert _attention(8192, v100, kernel="flash_triton") == _attention(8192, v100)
 
 
 def test_devices_without_a_curve_are_unchanged():

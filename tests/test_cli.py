@@ -356,3 +356,12 @@ def test_run_reports_host_memory_of_swapped_activations(simulate):
     plain = json.loads(ok(simulate(*args, "-p", "dp=2,cp=4,recompute=full")).out)
     assert swapped["host_memory_bytes"] > half["host_memory_bytes"] > 0
     assert plain["host_memory_bytes"] is None
+
+
+def test_search_tables_show_slow_sample_rates_with_significant_digits():
+    # A million-token sample takes minutes: "0.00" samples/s would hide the figure the row is about.
+    from simulator.search.render import _rate
+
+    assert _rate(0.00142) == "0.00142"
+    assert _rate(5004.354) == "5,004.35"
+    assert _rate(1.0) == "1.00"

@@ -95,6 +95,7 @@ def refused(result: Result, *fragments: str) -> None:
         ("dp=4,dtype=fp32", ["but cluster 'cpu-local' has 2 devices"]),  # the world size is the cluster's
         ("cp=2,dtype=fp32", ["cp=2 (context parallel) cannot be executed", "supported:"]),
         ("dtype=fp16", ["dtype=fp16 cannot be executed", "loss scaling"]),
+        ("attention=flash_triton,dtype=fp32", ["attention=flash_triton cannot be executed", "use attention=flash"]),
     ],
 )
 def test_refuses_plans_it_cannot_run(execute, no_launch, tiny, plan, fragments):

@@ -87,3 +87,10 @@ def test_mpt_parameter_counts_equal_the_llm_foundry_table():
     for line, row in enumerate(read_rows(builtin_csv()), start=2):
         workload, _, _, _ = row_inputs(row, "table", line)
         assert parameter_count(workload) == int(row["num_params"]), row["model"]
+
+
+def test_llm_foundry_rows_are_predicted_with_the_kernel_they_ran():
+    # Their runs used MPT's Triton flash attention (llm-foundry submit_benchmarks.py: --attn_impl triton),
+    # not FlashAttention-2: the validation must not judge one kernel's figures by the other's runs.
+    plans = {row_inputs(row, "table", line)[3].attention for line, row in enumerate(read_rows(builtin_csv()), start=2)}
+    assert plans == {"flash_triton"}

@@ -110,7 +110,7 @@ def cases(draw, schedules=("gpipe", "1f1b", "interleaved")) -> Case:
         global_batch=micro_batch * dp * num_micro_batches,
         schedule=schedule,
         virtual_stages=virtual_stages,
-        attention=draw(st.sampled_from(("flash", "naive"))),
+        attention=draw(st.sampled_from(("flash", "flash_triton", "naive"))),
     )
     return Case(workload_name, cluster_key, plan)
 

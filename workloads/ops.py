@@ -44,6 +44,12 @@ class ShardShape:
     attention: Literal["flash", "naive"] = "flash"
 
 
+def kernel_family(attention: str) -> Literal["flash", "naive"]:
+    """The operators and saved tensors of a plan's attention kernel: every fused kernel (flash, flash_triton)
+    has flash attention's; they differ only in how fast the device runs them (simulator.cost.compute)."""
+    return "naive" if attention == "naive" else "flash"
+
+
 @dataclass(frozen=True)
 class Collective:
     kind: Literal["all_reduce", "all_gather", "reduce_scatter", "all_to_all", "send_recv"]

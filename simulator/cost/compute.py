@@ -40,12 +40,12 @@ class Roofline:
     attention_seq_efficiency: EfficiencyCurve
 
 
-_ROOFLINES: dict[tuple[int, str], Roofline] = {}
+_ROOFLINES: dict[tuple[int, str, str], Roofline] = {}
 
 
-def roofline(device: DeviceSpec, dtype: str) -> Roofline:
-    """The (cached) roofline of `device` for plan dtype `dtype`."""
-    key = (id(device), dtype)
+def roofline(device: DeviceSpec, dtype: str, attention: str = "flash") -> Roofline:
+    """The (cached) roofline of `device` for plan dtype `dtype` and the plan's attention kernel."""
+    key = (id(device), dtype, attention)
     cached = _ROOFLINES.get(key)
     if cached is not None and cached.device is device:
         return cached
@@ -53,6 +53,10 @@ def roofline(device: DeviceSpec, dtype: str) -> Roofline:
     matrix = compute.peak(dtype, "matrix")
     vector = compute.peak(dtype, "vector")
     matrix_eff, dim_eff, attention_eff, vector_eff = compute.efficiencies(dtype)
+    seq_eff = compute.attention_seq_efficiency
+    if attention == "flash_triton" and compute.triton_attention_efficiency is not None:
+        # A different kernel: its own efficiency; the key-length curve was measured for FlashAttention-2.
+        attention_eff, seq_eff = compute.triton_attention_efficiency, EfficiencyCurve.flat(1.0)
     line = Roofline(
         device=device,
         dtype=dtype,
@@ -63,7 +67,7 @@ def roofline(device: DeviceSpec, dtype: str) -> Roofline:
         matrix_efficiency=matrix_eff,
         matrix_dim_efficiency=dim_eff,
         attention_efficiency=attention_eff,
-        attention_seq_efficiency=compute.attention_seq_efficiency,
+        attention_seq_efficiency=seq_eff,
     )
     if len(_ROOFLINES) > 512:  # calibration builds many devices; keep the cache bounded
         _ROOFLINES.clear()

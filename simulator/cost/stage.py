@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from hwmodel.cluster import ClusterSpec, GroupSpan
 from hwmodel.components import DeviceSpec, LinkSpec
 from workloads.activations import block_activations, supports_tokenwise
-from workloads.ops import Collective, LayerProfile, ShardShape
+from workloads.ops import Collective, LayerProfile, ShardShape, kernel_family
 from workloads.transformer import layer_profile
 
 from ..binding import BoundPlan, BoundStage, LayerRun
@@ -231,7 +231,7 @@ def stage_cost(bound: BoundPlan, stage: BoundStage, rank: int, memo: dict | None
         return memo[key]
     device = cluster.topology.devices[rank]
     node = cluster.node_of(rank)
-    line: Roofline = roofline(device, plan.dtype)
+    line: Roofline = roofline(device, plan.dtype, plan.attention)
     e = DTYPE_BYTES[plan.dtype]
     per_param = state_bytes(plan.dtype, plan.optimizer)
     reduce_bytes = DTYPE_BYTES[plan.grad_reduce_dtype or ("fp16" if plan.dtype == "fp16" else "fp32")]
@@ -259,7 +259,7 @@ def stage_cost(bound: BoundPlan, stage: BoundStage, rank: int, memo: dict | None
             cp=stage.cp,
             ep=plan.ep,
             dtype_bytes=e,
-            attention=plan.attention,
+            attention=kernel_family(plan.attention),
         )
         prof = layer_profile(cfg, run.kind, shape)
         times = layer_times(prof, line)

@@ -34,7 +34,7 @@ from hwmodel.cluster import ClusterSpec
 from hwmodel.errors import UserError
 from workloads.activations import block_activations
 from workloads.config import WorkloadConfig
-from workloads.ops import ShardShape
+from workloads.ops import ShardShape, kernel_family
 from workloads.transformer import layer_profile
 
 from ..analytic import evaluate
@@ -70,7 +70,7 @@ def choose_alpha(plan: Plan, workload: WorkloadConfig, cluster: ClusterSpec) -> 
         for rank in {stage.ranks[0], stage.ranks[-1]}:
             node = cluster.node_of(rank)
             device = cluster.topology.devices[rank]
-            line = roofline(device, bp.dtype)
+            line = roofline(device, bp.dtype, bp.attention)
             bw = node.host_link.effective_bandwidth
             k = micro_batches_in_flight(bp.schedule, stage.index, len(bound.stages), bound.num_micro_batches, bp.virtual_stages)
             fixed = per_alpha = 0.0  # host bytes per device at alpha = 0, and per unit of alpha
@@ -80,7 +80,7 @@ def choose_alpha(plan: Plan, workload: WorkloadConfig, cluster: ClusterSpec) -> 
                 shape = ShardShape(
                     micro_batch=stage.micro_batch_of(rank, run.tp), seq_len=cfg.seq_len, tp=run.tp,
                     sequence_parallel=run.sequence_parallel, cp=stage.cp, ep=bp.ep,
-                    dtype_bytes=DTYPE_BYTES[bp.dtype], attention=bp.attention,
+                    dtype_bytes=DTYPE_BYTES[bp.dtype], attention=kernel_family(bp.attention),
                 )
                 acts = block_activations(cfg, run.kind, shape)
                 fwd = layer_times(layer_profile(cfg, run.kind, shape), line).forward

@@ -12,6 +12,11 @@ from ..report import Report
 from .result import SearchResult
 
 
+def _rate(per_s: float) -> str:
+    """Samples per second readable at every scale: a million-token sample takes minutes (0.00142, not 0.00)."""
+    return f"{per_s:,.2f}" if per_s >= 1 else f"{per_s:.3g}"
+
+
 def render_search(result: SearchResult, console: Console, title: str) -> None:
     best = result.best.report
     assert isinstance(best, Report), "render_search draws training Reports; planners with other reports draw their own"
@@ -26,7 +31,7 @@ def render_search(result: SearchResult, console: Console, title: str) -> None:
             return
         speedup = best.samples_per_s / report.samples_per_s if report.samples_per_s > 0 else float("inf")
         table.add_row(
-            label, shorthand, format_seconds(report.iteration_time_s), f"{report.samples_per_s:,.2f}",
+            label, shorthand, format_seconds(report.iteration_time_s), _rate(report.samples_per_s),
             f"{100 * report.mfu:.1f}%", format_bytes(report.peak_memory_bytes), f"{speedup:.2f}x", style=style,
         )
 
