@@ -115,11 +115,17 @@ def main() -> None:
     parser.add_argument("--cluster", required=True, help="one-GPU cluster YAML (scripts/one_gpu_cluster.py)")
     parser.add_argument("--workload", default="tinyllama-1.1b")
     parser.add_argument("--seq-lens", default="16384,32768,65536,131072")
-    parser.add_argument("--budget-s", type=float, default=240.0, help="wall time for all three modes together")
+    parser.add_argument("--budget-s", type=float, default=240.0, help="wall time for all the modes together")
+    parser.add_argument("--modes", default=",".join(MODES),
+                        help=f"comma-separated subset of {','.join(MODES)} (e.g. memo: spend the device time on one mode)")
     parser.add_argument("--out", type=Path)
     parser.add_argument("--climb", choices=MODES, help=argparse.SUPPRESS)  # one mode, in a child process
     args = parser.parse_args()
     seq_lens = [int(s) for s in args.seq_lens.split(",")]
+    modes = [m.strip() for m in args.modes.split(",") if m.strip()]
+    unknown = [m for m in modes if m not in MODES]
+    if unknown or not modes:
+        parser.error(f"--modes: unknown {', '.join(unknown) or '(empty)'}; accepted: {', '.join(MODES)}")
     if args.climb:
         climb(args.climb, args.workload, args.cluster, seq_lens, args.budget_s)
         return
@@ -133,8 +139,8 @@ def main() -> None:
     capacity = torch.cuda.get_device_properties(0).total_memory
     rows: list[dict] = []
     start = time.monotonic()
-    for i, mode in enumerate(MODES):
-        share = (args.budget_s - (time.monotonic() - start)) / (len(MODES) - i)
+    for i, mode in enumerate(modes):
+        share = (args.budget_s - (time.monotonic() - start)) / (len(modes) - i)
         cmd = [sys.executable, __file__, "--climb", mode, "--cluster", args.cluster, "--workload", args.workload,
                "--seq-lens", args.seq_lens, "--budget-s", str(share)]
         proc = subprocess.run(cmd, capture_output=True, text=True, timeout=share + 120)
@@ -160,7 +166,7 @@ def main() -> None:
     console = Console(width=170)
     console.print(table)
     summary = {}
-    for mode in MODES:
+    for mode in modes:
         mine = [r for r in rows if r["mode"] == mode]
         ran = [r for r in mine if r.get("status") == "ran"]
         stop = next((r["status"] for r in mine if r.get("status") != "ran"), "ran every length")

@@ -174,11 +174,12 @@ NonNegativeSeconds = _quantity_type("time", positive=False)
 
 
 def _fmt(value: float, steps: list[tuple[float, str]], digits: int = 3) -> str:
-    for factor, unit in steps:
-        if abs(value) >= factor:
-            return f"{value / factor:.{digits}g} {unit}"
-    factor, unit = steps[-1]
-    return f"{value / factor:.{digits}g} {unit}"
+    factor, unit = next(((f, u) for f, u in steps if abs(value) >= f), steps[-1])
+    scaled = value / factor
+    text = f"{scaled:.{digits}g}"
+    if "e" in text:  # 1000-1023 of a binary unit (or rounding up to 1000): "1022 GiB", not "1.02e+03 GiB";
+        text = f"{scaled:.0f}"  # no digit grouping, so parse_quantity reads it back
+    return f"{text} {unit}"
 
 
 def format_bytes(value: float, binary: bool = True, digits: int = 3) -> str:

@@ -8,6 +8,8 @@
 #
 #   scripts/gpu_check.sh            (uses .venv/bin/python when present, else python3; PYTHON=... overrides)
 #   RESULTS_DIR=DIR scripts/gpu_check.sh    also keeps the JSON of parts 2-4 in DIR
+#   PARTS="1 3" scripts/gpu_check.sh        runs only those parts (device time is scarce: spend it on
+#                                           what is still unmeasured); MEMO_MODES=memo narrows part 3
 #
 # The cluster spec is a one-node copy of dgx-h100 with the catalog device that matches this GPU and this
 # machine's RAM as host memory (scripts/one_gpu_cluster.py). On a machine without a package registry, a
@@ -35,21 +37,30 @@ trap 'rm -rf "$WORK"' EXIT
 
 RESULTS="${RESULTS_DIR:-$WORK}"
 mkdir -p "$RESULTS"
+PARTS="${PARTS:-1 2 3 4}"
+want() { [[ " $PARTS " == *" $1 "* ]]; }
 
+if want 1; then
 echo "== 1. GPU tests (pytest -m gpu) =="
 timeout 150 "$PY" -m pytest -q -m gpu tests -p no:cacheprovider 2>&1 | tee "$RESULTS/gpu_tests.log" || echo "gpu_check: GPU tests failed (see above)" >&2
+fi
 
 CLUSTER="$WORK/one-gpu.yaml"
 "$PY" scripts/one_gpu_cluster.py "$CLUSTER"
 cp "$CLUSTER" "$RESULTS/one-gpu.yaml"
 
+if want 2; then
 echo "== 2. fused attention efficiency against sequence length =="
 timeout 90 "$PY" benchmarks/attention_gpu.py --out "$RESULTS/attention.json" || echo "gpu_check: attention sweep failed" >&2
+fi
 
+if want 3; then
 echo "== 3. MEMO on one GPU: longest sequence and MFU, no recompute / full recompute / MEMO =="
-timeout 360 "$PY" benchmarks/memo_gpu.py --cluster "$CLUSTER" --budget-s "${MEMO_BUDGET_S:-240}" --out "$RESULTS/memo_gpu.json" \
+timeout 360 "$PY" benchmarks/memo_gpu.py --cluster "$CLUSTER" --budget-s "${MEMO_BUDGET_S:-240}" --modes "${MEMO_MODES:-none,full,memo}" --out "$RESULTS/memo_gpu.json" \
   || echo "gpu_check: MEMO sweep failed" >&2
+fi
 
+if want 4; then
 echo "== 4. accuracy: gpt3-1.3b on one GPU, predicted vs measured =="
 PLANS=(
   "micro_batch=4,global_batch=16,dtype=bf16"
@@ -93,4 +104,5 @@ for i, plan in enumerate(plans, start=1):
                   gib(p["peak_memory_bytes"]), gib(m["peak_memory_bytes"]), err(p["peak_memory_bytes"], m["peak_memory_bytes"]))
 Console(width=160).print(table)
 PYEOF
+fi
 echo "gpu_check: done in $(( $(date +%s) - START )) s"

@@ -314,3 +314,9 @@ def test_curve_parse_strict_needs_units():
     with pytest.raises(UnitError):
         EfficiencyCurve.parse([[1e9, 0.4], [1e12, 0.8]], "flops", strict=True)
     assert EfficiencyCurve.parse([[1e9, 0.4], [1e12, 0.8]], "flops", strict=False).sizes == (1e9, 1e12)
+
+
+@pytest.mark.parametrize("value, expected", [(1022 * 2**30, "1022 GiB"), (999.7 * 2**30, "1000 GiB"), (80 * 2**30, "80 GiB")])
+def test_format_bytes_never_prints_scientific_notation(value, expected):
+    # 1000-1023 GiB is below one TiB: three significant digits would print "1.02e+03 GiB".
+    assert format_bytes(value) == expected
