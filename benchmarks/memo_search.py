@@ -56,6 +56,7 @@ def table(workload: str, cluster, seq_lens: list[int]) -> pd.DataFrame:
             "alpha": best.plan.offload,
             "MEMO plan": best.plan.shorthand(),
             "MEMO MFU %": 100 * best.report.mfu,
+            "same, causal in full %": 100 * best.report.mfu_causal_in_full,  # Megatron-LM's formula, for papers
             "Megatron full %": _mfu(baselines.get("megatron-tp-sp-cp-full")),
             "Megatron selective %": _mfu(baselines.get("megatron-tp-sp-cp-selective")),
             "DeepSpeed %": _mfu(ds),

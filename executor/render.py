@@ -7,6 +7,7 @@ from rich.panel import Panel
 from rich.table import Table
 
 from hwmodel.units import format_bytes, format_seconds
+from simulator.render import causal_in_full_note
 from simulator.report import Report
 
 # (label, how to read the field from a Report, how to print it)
@@ -42,7 +43,7 @@ def render_measured(report: Report, losses: list[float], first_step: int, device
         f"iteration [bold]{format_seconds(report.iteration_time_s)}[/bold] (median) for {report.global_batch} sequences "
         f"of {report.seq_len} tokens ({report.num_micro_batches} micro-batches)\n"
         f"throughput [bold]{report.tokens_per_s:,.0f} tokens/s[/bold] = {report.samples_per_s:,.2f} samples/s   "
-        f"MFU [bold]{100 * report.mfu:.2f}%[/bold]   HFU {100 * report.hfu:.2f}%\n"
+        f"MFU [bold]{100 * report.mfu:.2f}%[/bold]{causal_in_full_note(report)}   HFU {100 * report.hfu:.2f}%\n"
         f"peak memory [bold]{format_bytes(report.peak_memory_bytes)}[/bold] on rank {report.peak_memory_device} "
         f"(weights {format_bytes(mem.weights)}, gradients {format_bytes(mem.gradients)}, optimizer "
         f"{format_bytes(mem.optimizer)}, activations {format_bytes(mem.activations)}, buffers {format_bytes(mem.buffers)})\n"

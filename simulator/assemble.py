@@ -132,6 +132,7 @@ def assemble_report(
         samples_per_s=global_batch / iteration,
         mfu=metrics.mfu(model_flops, iteration, peak_total),
         hfu=metrics.hfu(hardware_flops, iteration, peak_total),
+        mfu_causal_in_full=metrics.mfu(global_batch * model_flops_per_sample(cfg, causal_in_full=True), iteration, peak_total),
         model_flops_per_iteration=model_flops,
         hardware_flops_per_iteration=hardware_flops,
         peak_memory_bytes=peak.memory.total,

@@ -298,14 +298,17 @@ def validate_llm_foundry_cmd(
         title=f"llm-foundry: measured vs predicted tokens/s ({csv_path or 'built-in table'}, {engine} engine)",
         show_edge=False,
     )
-    for col in ("model", "gpu", "gpus", "seq", "mb", "ckpt", "measured", "predicted", "error", "pred. MFU", "pred. memory"):
+    # MFU as the source counts it (causal attention in full), measured beside predicted.
+    for col in ("model", "gpu", "gpus", "seq", "mb", "ckpt", "measured", "predicted", "error", "MFU meas.", "MFU pred.",
+                "pred. memory"):
         table.add_column(col, justify="left" if col in ("model", "gpu") else "right")
     for r in rows:
         color = "green" if abs(r.error_pct) <= 10 else ("yellow" if abs(r.error_pct) <= 25 else "red")
         table.add_row(
             r.model, r.gpu, str(r.gpus), str(r.seq_len), str(r.micro_batch), "yes" if r.act_ckpt else "no",
             f"{r.measured_tokens_per_s:,.0f}", f"{r.predicted_tokens_per_s:,.0f}", f"[{color}]{r.error_pct:+.1f}%[/{color}]",
-            f"{100 * r.predicted_mfu:.1f}%", f"{r.predicted_peak_memory_gib:.1f} GiB",
+            f"{100 * r.measured_mfu:.1f}%" if r.measured_mfu is not None else "-", f"{100 * r.predicted_mfu:.1f}%",
+            f"{r.predicted_peak_memory_gib:.1f} GiB",
         )
     out.print(table)
     groups = Table(title="Error by group (signed: + means predicted faster than measured)", show_edge=False)

@@ -6,9 +6,10 @@ Model FLOPs per sample:
     causal, and no recomputation. (3 = forward + backward, backward being twice forward.)
 
     Megatron-LM, PaLM and llm-foundry count causal attention in full. We count the half a causal mask
-    leaves, because that is the work the model needs and what flash attention executes; with it MFU
-    can never exceed 1. At long sequences our MFU therefore reads lower than theirs for the same run
-    (compare throughput, not MFU, across conventions).
+    leaves, because that is the work the model needs and what flash attention executes (FlashAttention's
+    own benchmarks count it so too); with it MFU can never exceed 1. At long sequences our MFU therefore
+    reads lower than theirs for the same run: Report.mfu_causal_in_full gives the same run in their
+    convention (it can exceed 1 at long sequences), for comparing with figures published that way.
 
 Hardware FLOPs per sample:
     model FLOPs plus the forward FLOPs that activation recomputation repeats (the whole block for

@@ -22,6 +22,15 @@ BREAKDOWN_LABELS = {
 }
 
 
+
+def causal_in_full_note(report: Report) -> str:
+    """' (causal scores in full, as Megatron-LM counts: 62.7%)' where that convention (Megatron-LM's, PaLM's,
+    llm-foundry's, and most papers') reads differently from ours (long causal sequences); '' otherwise."""
+    full = report.mfu_causal_in_full
+    if full is None or abs(full - report.mfu) < 0.0005:
+        return ""
+    return f" (causal scores in full, as Megatron-LM counts: {100 * full:.1f}%)"
+
 def _pct(part: float, whole: float) -> str:
     return f"{100 * part / whole:5.1f}%" if whole > 0 else "  -  "
 
@@ -40,7 +49,7 @@ def render_report(report: Report, console: Console) -> None:
         f"{report.seq_len} tokens ({report.num_micro_batches} micro-batches)\n"
         f"throughput [bold]{report.tokens_per_s:,.0f} tokens/s[/bold] = {report.samples_per_s:,.2f} samples/s, "
         f"{report.tokens_per_s / report.num_devices:,.0f} tokens/s per device\n"
-        f"MFU [bold]{100 * report.mfu:.1f}%[/bold]   HFU {100 * report.hfu:.1f}%   "
+        f"MFU [bold]{100 * report.mfu:.1f}%[/bold]{causal_in_full_note(report)}   HFU {100 * report.hfu:.1f}%   "
         f"peak memory [bold]{format_bytes(report.peak_memory_bytes)}[/bold] of "
         f"{format_bytes(report.memory_capacity_bytes)} per device: {fits}"
     )

@@ -83,6 +83,10 @@ class Report(BaseModel):
     samples_per_s: float
     mfu: float
     hfu: float
+    mfu_causal_in_full: float | None = Field(
+        None, description="MFU with causal score matrices counted in full, as Megatron-LM's, PaLM's and llm-foundry's "
+                          "formulas count them (simulator.metrics); for comparing with figures published that way"
+    )
     model_flops_per_iteration: float
     hardware_flops_per_iteration: float
     peak_memory_bytes: float = Field(description="the largest over devices")

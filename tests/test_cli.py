@@ -72,6 +72,15 @@ def test_run_human_output_mentions_throughput_and_mfu(simulate):
     assert result.err == ""
 
 
+def test_run_shows_the_megatron_mfu_convention_where_it_differs(simulate):
+    # At 128K causal tokens the full-matrix count (what papers quote) reads far above ours: both are shown.
+    long = ok(simulate("run", "-w", "llama2-7b", "-c", "hgx-a800", "--seq-len", "131072", "--engine", "analytic",
+                       "--plan", "tp=8,sequence_parallel=true,recompute=full"))
+    assert "as Megatron-LM counts" in long.out
+    encoder = ok(simulate("run", "-w", "bert-huge-32", "-c", "dgx-a100-80g", "--engine", "analytic", "--plan", "dp=8"))
+    assert "as Megatron-LM counts" not in encoder.out
+
+
 def test_run_seq_len_changes_the_workload(simulate):
     args = ("run", "-w", "llama2-7b", "-c", "dgx-a100-80g", "--plan", "micro_batch=1,global_batch=64", "--json")
     default = json.loads(ok(simulate(*args)).out)

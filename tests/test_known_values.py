@@ -94,3 +94,27 @@ def test_llm_foundry_rows_are_predicted_with_the_kernel_they_ran():
     # not FlashAttention-2: the validation must not judge one kernel's figures by the other's runs.
     plans = {row_inputs(row, "table", line)[3].attention for line, row in enumerate(read_rows(builtin_csv()), start=2)}
     assert plans == {"flash_triton"}
+
+
+def test_megatron_convention_adds_the_masked_half_of_causal_scores():
+    # Megatron-LM's formula counts 12 * L * h * s FLOPs of attention per token (the full score matrix, forward
+    # and backward); ours counts half of it under a causal mask. The difference is that half: 6 * L * h * s.
+    from workloads.transformer import model_flops_per_sample
+
+    cfg = load_workload("llama2-7b", 1048576)
+    s, h, layers = cfg.seq_len, cfg.hidden_size, cfg.num_layers
+    extra = model_flops_per_sample(cfg, causal_in_full=True) - model_flops_per_sample(cfg)
+    assert extra == pytest.approx(s * 6 * layers * h * s, rel=1e-12)
+    bert = load_workload("bert-huge-32")
+    assert model_flops_per_sample(bert, causal_in_full=True) == model_flops_per_sample(bert)
+
+
+def test_llm_foundry_mfu_is_predicted_in_the_sources_convention():
+    # llm-foundry's MFU counts causal attention in full: the predicted MFU beside it must too, so the two
+    # differ as the predicted and measured tokens/s differ (up to their parameter-count convention).
+    from simulator.validation import validate_llm_foundry
+
+    for row in validate_llm_foundry():
+        ratio_mfu = row.predicted_mfu / row.measured_mfu
+        ratio_tps = row.predicted_tokens_per_s / row.measured_tokens_per_s
+        assert ratio_mfu == pytest.approx(ratio_tps, rel=0.04), (row.model, row.gpu, row.seq_len)

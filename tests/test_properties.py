@@ -248,6 +248,11 @@ def test_utilization_bounds(case):
         assert report.hfu == report.mfu
     else:
         assert report.hfu > report.mfu
+    # Counting causal score matrices in full (Megatron-LM's convention) only ever adds FLOPs, at most doubling
+    # the attention share; encoders (no causal mask) read the same in both conventions.
+    assert report.mfu <= report.mfu_causal_in_full < 2 * report.mfu
+    if WORKLOADS[case.workload_name].family in ("bert", "vit"):
+        assert report.mfu_causal_in_full == report.mfu
 
 
 @SETTINGS

@@ -75,7 +75,7 @@ class LayerProfile:
     saved_bytes: dict[str, float]  # recompute mode -> activation bytes kept for backward
     params_local: float  # parameters held by this device (after tp/ep sharding)
     params_total: float  # parameters of the whole layer
-    model_fwd_flops: float  # model FLOPs of the whole layer for this micro-batch (unsharded, dense attention)
+    model_fwd_flops: float  # model FLOPs of the whole layer for this micro-batch (unsharded; causal scores halved)
     model_fwd_flops_selective: float  # the part of it selective recompute re-runs (the attention core)
     fwd_comm: tuple[Collective, ...]
     bwd_comm: tuple[Collective, ...]
@@ -84,6 +84,9 @@ class LayerProfile:
     # Temporaries backward allocates beside the saved tensors (per device), gone before the next layer's
     # backward: counted once, at the moment backward passes this layer.
     backward_workspace: float = 0.0
+    # The half of causal score matrices a mask removes: not in model_fwd_flops, but Megatron-LM's, PaLM's
+    # and llm-foundry's MFU formulas count it (simulator.metrics).
+    model_fwd_flops_masked: float = 0.0
 
     def recompute_flops(self, mode: str) -> float:
         if mode == "full":
@@ -107,6 +110,7 @@ class OpTableBuilder:
         self.params_total = 0.0
         self.model_flops = 0.0
         self.model_flops_selective = 0.0
+        self.model_flops_masked = 0.0
         self.fwd_comm: list[Collective] = []
         self.bwd_comm: list[Collective] = []
         self.output_bytes = 0.0
@@ -134,7 +138,7 @@ class OpTableBuilder:
             bwd_flops, bwd_bytes: default to 2x forward for matmuls (input and weight gradients) and
                 1x FLOPs / 2x bytes for elementwise work.
             selective: the op is part of the attention core that selective recompute re-runs.
-            model_flops: its FLOPs in the MFU convention (whole layer, dense attention).
+            model_flops: its FLOPs in the MFU convention (whole layer; a causal score matrix counts half).
             min_dim: for a matmul, its smallest dimension (m, k or n); for fused attention, the key/value
                 length one kernel call runs over.
         """
@@ -186,6 +190,7 @@ class OpTableBuilder:
             params_total=self.params_total,
             model_fwd_flops=self.model_flops,
             model_fwd_flops_selective=self.model_flops_selective,
+            model_fwd_flops_masked=self.model_flops_masked,
             fwd_comm=tuple(self.fwd_comm),
             bwd_comm=tuple(self.bwd_comm),
             output_bytes=self.output_bytes,

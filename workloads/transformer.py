@@ -139,6 +139,8 @@ class _LayerBuilder:
         kv_bytes_local = tkv * kvh * d / t * e  # one of k or v, this rank's tokens
         # Model FLOPs count the score matrix a causal mask leaves: half of it (see simulator.metrics).
         model_core = 4 * mb * seq_q * seq_kv * a * d * (0.5 if causal else 1.0)
+        if causal:
+            self.b.model_flops_masked += model_core  # the masked half, for the full-matrix convention
         if self.shape.attention == "flash":
             frac = 0.5 if causal else 1.0
             core = 4 * score_elems * d * frac
@@ -351,7 +353,9 @@ def parameter_count(cfg: WorkloadConfig) -> int:
 
 
 @lru_cache(maxsize=256)
-def model_flops_per_sample(cfg: WorkloadConfig) -> float:
-    """Training FLOPs of one sample in the MFU convention: 3 x forward (no recompute)."""
+def model_flops_per_sample(cfg: WorkloadConfig, causal_in_full: bool = False) -> float:
+    """Training FLOPs of one sample in the MFU convention: 3 x forward (no recompute). With
+    `causal_in_full`, causal score matrices count in full, as Megatron-LM's and PaLM's formulas count them."""
     shape = ShardShape(micro_batch=1, seq_len=cfg.seq_len)
-    return 3.0 * sum(layer_profile(cfg, kind, shape).model_fwd_flops for kind in layer_kinds(cfg))
+    profiles = [layer_profile(cfg, kind, shape) for kind in layer_kinds(cfg)]
+    return 3.0 * sum(p.model_fwd_flops + (p.model_fwd_flops_masked if causal_in_full else 0.0) for p in profiles)

@@ -172,3 +172,9 @@ def memo_command(
             f"greedy best-fit {format_bytes(d['memory_plan_greedy_peak_bytes'])}, fragmentation avoided "
             f"{format_bytes(d['fragmentation_avoided_bytes'])} ({d['memory_plan_status']}, {d['memory_plan_solve_time_s']:.2f} s)"
         )
+    best = result.best.report
+    if best.mfu_causal_in_full is not None and abs(best.mfu_causal_in_full - best.mfu) >= 0.0005:
+        console.print(
+            f"MFU counts the causal half of each score matrix (what FlashAttention computes; simulator/metrics.py). "
+            f"Counted in full, as Megatron-LM's formula does, the chosen plan reads {100 * best.mfu_causal_in_full:.1f}%."
+        )
