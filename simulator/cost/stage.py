@@ -10,7 +10,7 @@ figures into tasks and flows on a timeline. Neither recomputes a cost on its own
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from hwmodel.cluster import ClusterSpec, GroupSpan
 from hwmodel.components import DeviceSpec, LinkSpec
@@ -23,6 +23,7 @@ from ..errors import InfeasiblePlan, UnsupportedPlan
 from .collectives import collective_time
 from .compute import DTYPE_BYTES, LayerTimes, Roofline, layer_times, optimizer_time, roofline
 from .memory import OPTIMIZER_TRAFFIC, micro_batches_in_flight, model_state_memory, state_bytes
+from .relayout import NONE, Layout, Relayout, relayout
 
 
 def overlapped(compute: float, comm: float, sigma: float) -> float:
@@ -92,6 +93,10 @@ class RunCost:
     dp_copy_backward: float = 0.0  # ZeRO-3: the same before backward, gradients into the flat buffer, hooks
     reduce_copy: float = 0.0  # ddp / ZeRO-1/2: gradients into the flat buffer and hooks, once per iteration
     blocking_dp: bool = False  # data-parallel collectives hold the compute stream (ComputeSpec.blocking_collectives)
+    # Per-layer mixed layouts: moving the micro-batch's activations into this run's layout before its first
+    # layer, and back to the stage's home layout after its last one (a chunk's end); once per run.
+    relayout_in: Relayout = NONE
+    relayout_out: Relayout = NONE
 
     @property
     def count(self) -> int:
@@ -368,6 +373,11 @@ def stage_cost(bound: BoundPlan, stage: BoundStage, rank: int, memo: dict | None
             if dp > 1:
                 cost.tied_reduce_bytes = prof.tied_params_local * reduce_bytes
                 cost.tied_reduce = max(collective_time("all_reduce", cost.tied_reduce_bytes, s) for s in spans["dp"])
+    runs = _with_relayouts(bound, stage, rank, runs)
+    for rc in runs:
+        for move in (rc.relayout_in, rc.relayout_out):
+            cost.forward += move.forward_s
+            cost.backward += move.backward_s
     cost.runs = tuple(runs)
     if cost.host_activations:
         _check_host_memory(bound, stage, node, cost.host_activations)
@@ -376,6 +386,35 @@ def stage_cost(bound: BoundPlan, stage: BoundStage, rank: int, memo: dict | None
     if memo is not None:
         memo[key] = cost
     return cost
+
+
+def _layout(run: LayerRun) -> Layout:
+    return Layout(run.tp, bool(run.sequence_parallel and run.tp > 1))
+
+
+def _with_relayouts(bound: BoundPlan, stage: BoundStage, rank: int, runs: list[RunCost]) -> list[RunCost]:
+    """The runs with the activation moves between their layouts (`cost.relayout`), as the executor makes
+    them: each model chunk starts and ends in the stage's home layout (the plan's tp, or the stage's, and
+    the plan's sequence parallelism), the layout of its embedding and head. A stage whose layers all share
+    one layout moves nothing."""
+    if len({_layout(rc.run) for rc in runs}) < 2:
+        return runs
+    plan, cfg = bound.plan, bound.workload
+    home_tp = (plan.stages[stage.index].tp or plan.tp) if plan.stages else plan.tp
+    home = Layout(home_tp, bool(plan.sequence_parallel and home_tp > 1))
+    per_sequence = cfg.seq_len / stage.cp * cfg.hidden_size * DTYPE_BYTES[plan.dtype]
+    out: list[RunCost] = []
+    previous, end = home, None
+    for i, rc in enumerate(runs):
+        if end is not None and rc.run.first != end:  # a new model chunk (interleaved schedule): from home
+            previous = home
+        layout = _layout(rc.run)
+        entry = relayout(bound.cluster, stage, rank, previous, layout, per_sequence)
+        chunk_ends = i + 1 == len(runs) or runs[i + 1].run.first != rc.run.first + rc.run.count
+        leave = relayout(bound.cluster, stage, rank, layout, home, per_sequence) if chunk_ends else NONE
+        out.append(replace(rc, relayout_in=entry, relayout_out=leave) if entry or leave else rc)
+        previous, end = layout, rc.run.first + rc.run.count
+    return out
 
 
 def _with_sharded_dispatch(times: LayerTimes, prof: LayerProfile, per_kernel: float) -> LayerTimes:

@@ -313,6 +313,16 @@ class Simulation:
             yield self.env.timeout(count * cp_exposed)
         self._account(rep, "comm", self.env.now - t)
 
+    def _relayout(self, rep: Rep, moves, name: str):
+        """Process: a per-layer layout change's collectives (`cost.relayout`), one after the other, on the
+        critical path (the next layer needs the moved activations)."""
+        if not moves:
+            return
+        t = self.env.now
+        for kind, nbytes, span in moves:
+            yield from self._collective(rep, kind, nbytes, span, name=f"{name} {kind}")
+        self._account(rep, "comm", self.env.now - t)
+
     def _zero3(self, rep: Rep, rc: RunCost, kind: str, span: GroupSpan, count: int, slows_compute: bool = False):
         """Process: a run's ZeRO-3 weight gather (all_gather) or gradient reduce-scatter."""
         gather = kind == "all_gather"
@@ -388,13 +398,16 @@ class Simulation:
                     yield self._event(self.arrived, ("F", op.micro_batch, g - 1))
                 self._account(rep, "idle", self.env.now - wait_start)
                 for rc in runs:
+                    yield from self._relayout(rep, rc.relayout_in.forward, f"relayout in F mb{op.micro_batch}")
                     yield from self._run_forward(rep, rc, op.micro_batch, rc.count)
+                    yield from self._relayout(rep, rc.relayout_out.forward, f"relayout out F mb{op.micro_batch}")
             else:
                 if g < last_chunks:
                     yield self._event(self.arrived, ("B", op.micro_batch, g + 1))
                 self._account(rep, "idle", self.env.now - wait_start)
                 last = op.micro_batch == self._last_backward_micro_batch()
                 for rc in reversed(runs):
+                    yield from self._relayout(rep, rc.relayout_out.backward, f"relayout out B mb{op.micro_batch}")
                     if last and (rc.reduce or self._tied(rc)):
                         # The last backward of the iteration: reduce each layer's gradients as soon as
                         # that layer is done, behind the backward of the layers before it.
@@ -409,6 +422,7 @@ class Simulation:
                                 reductions.append(self.env.process(self._reduce(rep, rc)))
                     else:
                         yield from self._run_backward(rep, rc, op.micro_batch, rc.count)
+                    yield from self._relayout(rep, rc.relayout_in.backward, f"relayout in B mb{op.micro_batch}")
             yield from self._sync(siblings, rep, (op.kind, op.micro_batch, g))
             if rep is siblings[0]:
                 self._after_op(rep, op, g)

@@ -256,12 +256,11 @@ class _ConfigSearch:
 
         def transition_matrix() -> np.ndarray:
             mat = np.zeros((len(layouts), len(layouts)))
-            nbytes = out_bytes
             for a, la in enumerate(layouts):
                 for b, lb in enumerate(layouts):
                     sa = Strategy(la[0], la[1], "ddp", "none")
                     sb = Strategy(lb[0], lb[1], "ddp", "none")
-                    mat[a, b] = ctx.tables.transition(group, self.micro_step, sa, sb, nbytes)
+                    mat[a, b] = ctx.tables.transition(group, self.micro_step, sa, sb)
             return mat
 
         trans = transition_matrix()

@@ -16,7 +16,8 @@ from workloads.config import WorkloadConfig
 
 from ..analytic import representative_ranks
 from ..binding import BoundPlan, BoundStage, LayerRun
-from ..cost.collectives import collective_time
+from ..cost.compute import DTYPE_BYTES
+from ..cost.relayout import Layout, relayout
 from ..cost.stage import stage_cost
 from ..errors import InfeasiblePlan, UnsupportedPlan
 from ..plan import Plan
@@ -106,21 +107,18 @@ class CostTables:
         self._figures[key] = worst
         return worst
 
-    def transition(self, group: StageGroup, micro_step: int, a: Strategy, b: Strategy, nbytes: float) -> float:
-        """Seconds to move one micro-batch's activations (and their gradients back) from layout `a` to `b`.
-
-        Changing tp (or sequence parallel) between adjacent layers changes which devices hold which
-        sequences and tokens: every device of the wider tensor-parallel group exchanges its share with the
-        others, an all-to-all of the activation, once forward and once backward (Galvatron's
-        redistribution cost).
-        """
+    def transition(self, group: StageGroup, micro_step: int, a: Strategy, b: Strategy) -> float:
+        """Seconds to move one micro-step's activations (and their gradients back) from layout `a` to `b`:
+        the collectives the executor's redistribution runs (`cost.relayout`), as the engines cost them."""
         if a.layout == b.layout:
             return 0.0
-        key = (group.first, group.size, micro_step, a.layout, b.layout, nbytes)
+        key = (group.first, group.size, micro_step, a.layout, b.layout)
         hit = self._transitions.get(key)
         if hit is None:
-            width = max(a.tp, b.tp)
-            span = self.cluster.span(range(group.first, group.first + width))
-            hit = 2.0 * collective_time("all_to_all", nbytes, span)
+            stage = BoundStage(0, group.ranks, 1, (), micro_step)
+            per_sequence = self.workload.seq_len * self.workload.hidden_size * DTYPE_BYTES[self.base_plan.dtype]
+            move = relayout(self.cluster, stage, group.first, Layout(a.tp, a.sequence_parallel and a.tp > 1),
+                            Layout(b.tp, b.sequence_parallel and b.tp > 1), per_sequence)
+            hit = move.forward_s + move.backward_s
             self._transitions[key] = hit
         return hit
