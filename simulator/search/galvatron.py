@@ -9,7 +9,8 @@ The method (Miao et al., "Galvatron-BMW", 2023), as implemented here:
    of the same layout are dropped.
 2. Dynamic programming over layers (`galvatron_dp.chain_dp`): per stage, the cheapest strategy per layer
    under the stage's memory budget (the budget, or the device's capacity if smaller), with a transition
-   cost where adjacent layers change layout (an activation redistribution). Memory counts model states,
+   cost where adjacent layers change layout (the executor's activation redistribution, costed as the
+   engines cost it: `simulator.cost.relayout`). Memory counts model states,
    the activations of the micro-batches a 1F1B stage keeps in flight, buffers and the largest transient.
 3. Stage partition: layers are split unevenly by what each stage can do in time and memory (the best
    bottleneck, then the least sum), and then the bi-objective balancing loop moves one layer at a time
