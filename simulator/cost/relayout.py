@@ -32,6 +32,11 @@ class Layout:
     tp: int
     sp: bool
 
+    @classmethod
+    def of(cls, tp: int, sequence_parallel: bool) -> "Layout":
+        """Sequence parallelism means nothing without tensor parallelism: tp 1 is one layout either way."""
+        return cls(tp, bool(sequence_parallel and tp > 1))
+
 
 @dataclass(frozen=True)
 class Relayout:

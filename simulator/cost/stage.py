@@ -388,27 +388,23 @@ def stage_cost(bound: BoundPlan, stage: BoundStage, rank: int, memo: dict | None
     return cost
 
 
-def _layout(run: LayerRun) -> Layout:
-    return Layout(run.tp, bool(run.sequence_parallel and run.tp > 1))
-
-
 def _with_relayouts(bound: BoundPlan, stage: BoundStage, rank: int, runs: list[RunCost]) -> list[RunCost]:
     """The runs with the activation moves between their layouts (`cost.relayout`), as the executor makes
     them: each model chunk starts and ends in the stage's home layout (the plan's tp, or the stage's, and
     the plan's sequence parallelism), the layout of its embedding and head. A stage whose layers all share
     one layout moves nothing."""
-    if len({_layout(rc.run) for rc in runs}) < 2:
+    if len({Layout.of(rc.run.tp, rc.run.sequence_parallel) for rc in runs}) < 2:
         return runs
     plan, cfg = bound.plan, bound.workload
     home_tp = (plan.stages[stage.index].tp or plan.tp) if plan.stages else plan.tp
-    home = Layout(home_tp, bool(plan.sequence_parallel and home_tp > 1))
+    home = Layout.of(home_tp, plan.sequence_parallel)
     per_sequence = cfg.seq_len / stage.cp * cfg.hidden_size * DTYPE_BYTES[plan.dtype]
     out: list[RunCost] = []
     previous, end = home, None
     for i, rc in enumerate(runs):
         if end is not None and rc.run.first != end:  # a new model chunk (interleaved schedule): from home
             previous = home
-        layout = _layout(rc.run)
+        layout = Layout.of(rc.run.tp, rc.run.sequence_parallel)
         entry = relayout(bound.cluster, stage, rank, previous, layout, per_sequence)
         chunk_ends = i + 1 == len(runs) or runs[i + 1].run.first != rc.run.first + rc.run.count
         leave = relayout(bound.cluster, stage, rank, layout, home, per_sequence) if chunk_ends else NONE

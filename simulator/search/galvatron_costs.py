@@ -117,8 +117,8 @@ class CostTables:
         if hit is None:
             stage = BoundStage(0, group.ranks, 1, (), micro_step)
             per_sequence = self.workload.seq_len * self.workload.hidden_size * DTYPE_BYTES[self.base_plan.dtype]
-            move = relayout(self.cluster, stage, group.first, Layout(a.tp, a.sequence_parallel and a.tp > 1),
-                            Layout(b.tp, b.sequence_parallel and b.tp > 1), per_sequence)
+            move = relayout(self.cluster, stage, group.first, Layout.of(a.tp, a.sequence_parallel),
+                            Layout.of(b.tp, b.sequence_parallel), per_sequence)
             hit = move.forward_s + move.backward_s
             self._transitions[key] = hit
         return hit
