@@ -21,6 +21,12 @@ def dgx_a100():
 
 
 @pytest.fixture(scope="session")
+def mixed():
+    """2 nodes of 8 A100 (ranks 0-15), then 2 nodes of 8 V100 (ranks 16-31)."""
+    return load_cluster("mixed-a100-v100")
+
+
+@pytest.fixture(scope="session")
 def llama7b():
     return load_workload("llama2-7b")
 

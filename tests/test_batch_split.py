@@ -29,12 +29,6 @@ def dgx():
     return load_cluster("dgx-a100-40g")
 
 
-@pytest.fixture(scope="module")
-def mixed():
-    """2 nodes of 8 A100 (ranks 0-15), then 2 nodes of 8 V100 (ranks 16-31)."""
-    return load_cluster("mixed-a100-v100")
-
-
 # ---- binding refuses splits that do not match the replicas -----------------------------------------------
 def test_split_length_must_match_dp(gpt30m, dgx):
     # dp is left out, so the plan itself cannot check: bind fills dp=4 and refuses two shares.

@@ -41,11 +41,6 @@ def small_cluster():
     return load_cluster("titan-rtx-8", devices_per_node=4)
 
 
-@pytest.fixture(scope="module")
-def mixed():
-    return load_cluster("mixed-a100-v100")
-
-
 _cache: dict = {}
 
 

@@ -21,11 +21,6 @@ def dgx4():
 
 
 @pytest.fixture(scope="module")
-def mixed():
-    return load_cluster("mixed-a100-v100")
-
-
-@pytest.fixture(scope="module")
 def wan():
     return load_cluster("two-sites-wan")
 
