@@ -16,15 +16,15 @@ from pathlib import Path
 from typing import Optional
 
 import typer
-from rich.console import Console
 from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
+from hwmodel.console import make_console
 from hwmodel.errors import UserError, run_app
 
-out = Console()
-err = Console(stderr=True)
+out = make_console()
+err = make_console(stderr=True)
 
 HELP = (
     "Measure this machine -- matmul throughput and efficiency over sizes, attention and elementwise ops, "

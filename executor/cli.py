@@ -16,16 +16,16 @@ from pathlib import Path
 from typing import Optional
 
 import typer
-from rich.console import Console
 from rich.markup import escape
 
+from hwmodel.console import make_console
 from hwmodel.errors import UserError, run_app
 
 from . import calibrate_cli
 from .vfl.cli import vfl_app
 
-out = Console()
-err = Console(stderr=True)
+out = make_console()
+err = make_console(stderr=True)
 
 HELP = (
     "Run a training plan on real devices (one process per device, or under torchrun across nodes), "

@@ -15,11 +15,11 @@ from pathlib import Path
 from typing import Optional
 
 import typer
-from rich.console import Console
 from rich.progress import Progress
 from rich.table import Table
 
 from hwmodel.catalog import cluster_names, device_names, load_cluster, load_device
+from hwmodel.console import make_console
 from hwmodel.errors import SpecError, UserError, run_app
 from hwmodel.loading import read_mapping, validate
 from hwmodel.units import format_bandwidth, format_bytes, format_flop_rate, format_seconds, parse_quantity
@@ -29,10 +29,10 @@ from workloads.transformer import model_flops_per_sample, parameter_count
 
 from .analytic import evaluate
 from .binding import bind
-from .report import Report
 from .errors import InfeasiblePlan
 from .plan import SHORTHAND_KEYS, Plan, load_plan, parse_shorthand
 from .render import render_comparison, render_report
+from .report import Report
 from .validation import summarize, validate_llm_foundry
 
 app = typer.Typer(
@@ -60,8 +60,8 @@ from .search.cli import search_app  # noqa: E402  (the planners add their comman
 
 app.add_typer(search_app, name="search")
 
-out = Console()
-err = Console(stderr=True)
+out = make_console()
+err = make_console(stderr=True)
 
 WORKLOAD_HELP = "Workload name (see `simulate workloads list`), a workload YAML or a Hugging Face config.json."
 CLUSTER_HELP = "Cluster name (see `simulate specs list`) or a cluster YAML file."

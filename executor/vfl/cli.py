@@ -26,10 +26,11 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
+from hwmodel.console import make_console
 from hwmodel.errors import UserError, run_app
 
-out = Console()
-err = Console(stderr=True)
+out = make_console()
+err = make_console(stderr=True)
 
 vfl_app = typer.Typer(
     name="vfl", add_completion=False, pretty_exceptions_enable=False, rich_markup_mode=None,

@@ -13,6 +13,7 @@ from rich.table import Table
 
 from hwmodel.catalog import load_cluster
 from hwmodel.cluster import ClusterSpec
+from hwmodel.console import make_console
 from hwmodel.errors import UserError
 from hwmodel.units import format_bytes, parse_quantity
 from hwmodel.whatif import with_link_bandwidth
@@ -124,7 +125,7 @@ def memo_command(
 
     from ..cli import _write_new_file
 
-    console = Console()
+    console = make_console()
     try:
         micro_batches = tuple(int(v) for v in micro_batch.split(",") if v.strip())
     except ValueError:

@@ -9,10 +9,10 @@ from typing import Optional
 
 import typer
 import yaml
-from rich.console import Console
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
 from hwmodel.catalog import load_cluster
+from hwmodel.console import make_console
 from hwmodel.errors import UserError
 from hwmodel.units import DIMENSIONS, format_bytes, parse_quantity
 from workloads.catalog import load_workload
@@ -66,7 +66,7 @@ def galvatron_command(
         _check_new_file(out_file, force)
     wl = load_workload(workload)
     cl = load_cluster(cluster, nodes, devices_per_node)
-    err = Console(stderr=True)
+    err = make_console(stderr=True)
     if as_json:
         result = search_galvatron(wl, cl, budget, global_batch, max_global_batch, top, engine_rerank)
     else:
@@ -83,7 +83,7 @@ def galvatron_command(
     if as_json:
         print(result.to_json())
         return
-    console = Console()
+    console = make_console()
     d = result.details
     render_search(result, console, f"Galvatron-BMW on {cl.name} ({cl.num_devices} devices): {wl.name}, "
                                    f"budget {format_bytes(budget)} per device, {d['engine']} engine")
