@@ -2,7 +2,7 @@
 
 Usage:
     python benchmarks/memo_search.py [--workload llama2-7b] [--cluster hgx-a800] [--seq-lens 65536,...]
-                                     [--what-if-attention 0.55,0.62]
+                                     [--what-if-attention 0.55,0.62] [--what-if-fragmentation 0.1,0.15]
 
 For each sequence length it runs `simulate search memo`'s planner (`simulator.memo.search.search_memo`)
 and prints the chosen alpha and layout, MEMO's MFU, the best Megatron-style baseline (tp + sequence +
@@ -14,6 +14,11 @@ ratio over the lengths and MEMO's MFU at the longest length against the publishe
 derived device, never written to the specs). The A800 spec's 0.606 is FlashAttention-2's published A100
 figure (189 TFLOP/s forward+backward at 16K tokens, causal, head dim 128); long-sequence training is almost
 all attention, so it bounds every plan's MFU here (0.606 x 3/3.5 = 52%).
+
+--what-if-fragmentation asks whether fragmentation alone could explain the published ratio: the baselines
+(no memory plan) are searched on devices with that share of memory taken away, MEMO (its MIP plan leaves
+none) on the full devices. An allocator placing the same tensors as they come (`online_best_fit`) needs
+8-15% more than the plan for Megatron-style full recompute (`benchmarks/memo_memory_plan.py`).
 """
 
 from __future__ import annotations
@@ -42,12 +47,24 @@ def with_attention_efficiency(cluster, efficiency: float):
     return cluster
 
 
-def table(workload: str, cluster, seq_lens: list[int]) -> pd.DataFrame:
+def with_memory_taken(cluster, share: float):
+    """The cluster with `share` of every device's memory taken away (what-if)."""
+    for name in cluster.device_types():
+        device = next(g.node.device for g in cluster.node_groups if g.node.device.name == name)
+        memory = device.memory.model_copy(update={"capacity": device.memory.capacity * (1.0 - share)})
+        cluster = cluster.with_device(name, device.model_copy(update={"memory": memory}))
+    return cluster
+
+
+def table(workload: str, cluster, seq_lens: list[int], baseline_cluster=None) -> pd.DataFrame:
+    """One row per length; the baselines run on `baseline_cluster` when given (else on `cluster`)."""
     rows = []
     for seq in seq_lens:
         started = time.perf_counter()
         result = search_memo(load_workload(workload, seq), cluster, (1, 2), top=1)
         best = result.best
+        if baseline_cluster is not None:
+            result = search_memo(load_workload(workload, seq), baseline_cluster, (1, 2), top=1)
         megatron = best_megatron_mfu(result)
         baselines = {b.name: b for b in result.baselines}
         ds = baselines.get("deepspeed-ulysses-zero3-full")
@@ -87,6 +104,8 @@ def main() -> None:
     parser.add_argument("--cluster", default="hgx-a800")
     parser.add_argument("--seq-lens", default="65536,131072,262144,524288,1048576")
     parser.add_argument("--what-if-attention", default="", help="comma-separated fused-attention efficiencies")
+    parser.add_argument("--what-if-fragmentation", default="",
+                        help="comma-separated shares of device memory the baselines lose to fragmentation")
     args = parser.parse_args()
     seq_lens = [int(v) for v in args.seq_lens.split(",") if v.strip()]
     cluster = load_cluster(args.cluster)
@@ -95,6 +114,9 @@ def main() -> None:
     for value in (float(v) for v in args.what_if_attention.split(",") if v.strip()):
         print(f"what-if (not the spec): fused-attention efficiency {value:g}")
         summary(table(args.workload, with_attention_efficiency(cluster, value), seq_lens), f"attention efficiency {value:g}")
+    for share in (float(v) for v in args.what_if_fragmentation.split(",") if v.strip()):
+        print(f"what-if (not the spec): the baselines lose {share:.0%} of device memory to fragmentation, MEMO none")
+        summary(table(args.workload, cluster, seq_lens, with_memory_taken(cluster, share)), f"baselines {share:.0%} fragmented")
 
 
 if __name__ == "__main__":
