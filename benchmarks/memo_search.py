@@ -38,22 +38,25 @@ PUBLISHED_MFU_1M = 0.5230
 PUBLISHED_RATIO = 1.97
 
 
-def with_attention_efficiency(cluster, efficiency: float):
-    """The cluster with every device's fused-attention efficiency set to `efficiency` (what-if)."""
+def _with_every_device(cluster, change):
+    """The cluster with every device type replaced by `change(device)` (a what-if, never written to specs)."""
     for name in cluster.device_types():
         device = next(g.node.device for g in cluster.node_groups if g.node.device.name == name)
-        compute = device.compute.model_copy(update={"attention_efficiency": EfficiencyCurve.flat(efficiency), "per_dtype": {}})
-        cluster = cluster.with_device(name, device.model_copy(update={"compute": compute}))
+        cluster = cluster.with_device(name, change(device))
     return cluster
+
+
+def with_attention_efficiency(cluster, efficiency: float):
+    """The cluster with every device's fused-attention efficiency set to `efficiency` (what-if)."""
+    curve = EfficiencyCurve.flat(efficiency)
+    return _with_every_device(cluster, lambda device: device.model_copy(update={
+        "compute": device.compute.model_copy(update={"attention_efficiency": curve, "per_dtype": {}})}))
 
 
 def with_memory_taken(cluster, share: float):
     """The cluster with `share` of every device's memory taken away (what-if)."""
-    for name in cluster.device_types():
-        device = next(g.node.device for g in cluster.node_groups if g.node.device.name == name)
-        memory = device.memory.model_copy(update={"capacity": device.memory.capacity * (1.0 - share)})
-        cluster = cluster.with_device(name, device.model_copy(update={"memory": memory}))
-    return cluster
+    return _with_every_device(cluster, lambda device: device.model_copy(update={
+        "memory": device.memory.model_copy(update={"capacity": device.memory.capacity * (1.0 - share)})}))
 
 
 def table(workload: str, cluster, seq_lens: list[int], baseline_cluster=None) -> pd.DataFrame:
