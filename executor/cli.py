@@ -179,7 +179,7 @@ def _predict(bound, engine: str):
 def _run(workload, cluster, plan, nodes, devices_per_node, seq_len, steps, warmup, compare, as_json, trace_path,
          checkpoint_dir, checkpoint_every, resume, force, seed, engine="des") -> None:
     # Imported here so that `--help` answers without loading torch.
-    from hwmodel.catalog import load_cluster
+    from hwmodel.catalog import cluster_names, load_cluster
     from simulator.plan import load_plan
     from workloads.catalog import load_workload
 
@@ -222,6 +222,11 @@ def _run(workload, cluster, plan, nodes, devices_per_node, seq_len, steps, warmu
         else:
             render_measured(measured, result.losses, result.first_step, result.device_name, out)
             render_comparison(predicted, measured, out)
+            if device_type == "cpu" and cluster in cluster_names():
+                # The catalog's CPU figures are a generic estimate; on CPUs they miss by tens of percent.
+                out.print(f"{cluster} describes a generic CPU core, not this machine: to predict this machine, run "
+                          "`execute calibrate --out my-machine.yaml` once and pass `--cluster my-machine.yaml`.",
+                          highlight=False)
     elif as_json:
         print(json.dumps({**measured.model_dump(mode="json"), "losses": result.losses, "execution": more}, indent=2))
     else:

@@ -17,6 +17,7 @@ from rich.console import Console
 
 import executor.cli as cli
 import executor.launch as launch
+import specs
 from executor.job import Job
 from simulator.plan import LayerStrategy, Plan, parse_shorthand
 from workloads import WorkloadConfig
@@ -188,6 +189,18 @@ def test_compare_json_and_table(execute, tiny):
     for fragment in ("predicted vs measured", "iteration time", "tokens/s", "MFU", "activations", "error"):
         assert fragment in table.out
     assert "measured" in table.out and "loss" in table.out
+    # A catalog CPU spec is a generic estimate: the table says how to predict this machine instead.
+    assert "executecalibrate--out" in re.sub(r"\s+", "", table.out)  # wherever the console wrapped
+
+
+def test_a_spec_file_gets_no_calibration_hint(execute, tiny, tmp_path):
+    """A cluster given as a file (what `execute calibrate` writes) is taken as the user's own description."""
+    spec = tmp_path / "mine.yaml"
+    spec.write_text((Path(specs.__file__).parent / "clusters" / "cpu-local.yaml").read_text())
+    table = execute("--workload", tiny, "--cluster", spec, "--devices-per-node", "1", "--plan",
+                    "micro_batch=4,global_batch=8,dtype=fp32", "--steps", "2", "--warmup", "1", "--compare")
+    assert table.code == 0, table.err
+    assert "predicted vs measured" in table.out and "executecalibrate" not in re.sub(r"\s+", "", table.out)
 
 
 def test_trace_is_a_chrome_trace(execute, tiny, tmp_path):
