@@ -133,7 +133,7 @@ def fit_framework(measured: dict[tuple[str, str], float], predict: Callable[[dic
     logged before it existed; the per-call cost is then 0). Each parallel plan's excess is its measured time
     minus its prediction times the single-process ratio (measured / predicted) of the same probe.
     """
-    from executor.calibrate import nnls
+    from executor.calibrate_fit import nnls
 
     plans = probe_plans(ranks)
     tp_name, dp_name = f"tp{ranks}", f"dp{ranks}"

@@ -24,16 +24,14 @@ import yaml
 from rich.console import Console
 
 import executor.calibrate_cli as cli
-from executor.calibrate import (
+from executor.calibrate import attention_flops, build_specs, check_outputs
+from executor.calibrate_fit import (
     COLLECTIVE_KINDS,
     RESOLVABLE,
-    MatmulFit,
     VECTOR_COUNTS,
     VECTOR_OPS,
     CalibrationError,
-    attention_flops,
-    build_specs,
-    check_outputs,
+    MatmulFit,
     collective_coefficients,
     decade_nodes,
     fit_alpha_beta,
