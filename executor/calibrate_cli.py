@@ -88,6 +88,7 @@ def _calibrate(out_file, device_out, name, ranks, quick, storage_dir, curve_dtyp
     from hwmodel.catalog import load_cluster
 
     from . import calibrate as cal_mod
+    from .calibrate_measure import RichProgress
 
     # Every option is checked before the first measurement: a typo costs nothing.
     cal_mod.check_outputs(out_file, device_out, force)
@@ -103,7 +104,7 @@ def _calibrate(out_file, device_out, name, ranks, quick, storage_dir, curve_dtyp
     ) as progress:
         cal = cal_mod.calibrate(
             ranks=ranks, quick=quick, storage_dir=storage_dir, name=name or cal_mod.DEFAULT_NAME,
-            curve_dtype=curve_dtype, timeout_s=timeout, progress=cal_mod.RichProgress(progress),
+            curve_dtype=curve_dtype, timeout_s=timeout, progress=RichProgress(progress),
         )
         num_ranks = cal.cluster.node_groups[0].node.num_devices
         if (framework if framework is not None else not quick) and cal.device.kind == "cpu" and num_ranks >= 2:

@@ -24,7 +24,7 @@ import yaml
 from rich.console import Console
 
 import executor.calibrate_cli as cli
-from executor.calibrate import attention_flops, build_specs, check_outputs
+from executor.calibrate import build_specs, check_outputs
 from executor.calibrate_fit import (
     COLLECTIVE_KINDS,
     RESOLVABLE,
@@ -47,6 +47,7 @@ from executor.calibrate_fit import (
     overlap_slowdown,
     roofline_time,
 )
+from executor.calibrate_measure import attention_flops
 from hwmodel import ClusterSpec, EfficiencyCurve, load_cluster, load_device
 from hwmodel.catalog import clear_caches
 from hwmodel.components import CollectiveFit, ComputeSpec, DeviceSpec, DtypeEfficiency, MemorySpec
