@@ -25,6 +25,13 @@ def test_columns_wins_over_the_pipe_width(monkeypatch):
     assert make_console().width == 97
 
 
+def test_columns_that_is_not_a_width_is_ignored(monkeypatch):
+    monkeypatch.setattr(sys, "stdout", io.StringIO())
+    for junk in ("abc", "0", "-5", ""):
+        monkeypatch.setenv("COLUMNS", junk)
+        assert make_console().width == PIPE_WIDTH
+
+
 def test_a_piped_search_table_keeps_plan_strings_whole():
     """The MEMO planner's table through a pipe: each plan stays on one line instead of being folded into
     cells nine characters wide."""
