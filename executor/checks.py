@@ -24,7 +24,7 @@ from workloads.torch_models import check_executable
 SUPPORTED = (
     "supported: tp, pp (gpipe, 1f1b, interleaved), dp with dp_type ddp/zero1/zero2/zero3, sequence_parallel, "
     "recompute none/selective/full/tokenwise (MEMO, with offload), offload with recompute none or tokenwise, per-layer tp/sequence_parallel/dp_type (not zero1) and recompute, dtype fp32/bf16, "
-    "attention flash/naive, optimizer adam/sgd, explicit stages (uneven layer counts) with the plan's tp and an even "
+    "cp (context parallel) with dp and recompute on uniform plans (tp=1, pp=1), attention flash/naive, optimizer adam/sgd, explicit stages (uneven layer counts) with the plan's tp and an even "
     "share of consecutive devices"
 )
 
@@ -51,15 +51,7 @@ def check_features(plan: Plan, device_type: str) -> None:
     if plan.model_states is not None and plan.model_states.gpu < 1.0:
         raise _refuse("plan.model_states with CPU/SSD pages", "page-based model-state placement is not implemented yet")
     if plan.cp > 1:
-        if device_type == "cpu":
-            # Measured with torch 2.13 on CPU/gloo: context_parallel's ring attention has no CPU path
-            # ("aten._scaled_dot_product_flash_attention_for_cpu.default does not have a sharding
-            # strategy registered"; the math kernel fails on mixed Tensor/DTensor inputs).
-            why = ("torch's context_parallel (ring attention) has no CPU kernel: the CPU flash SDPA operator has no "
-                   "sharding strategy in torch 2.13, so it cannot run on gloo")
-        else:
-            why = "torch's context_parallel is not wired into this executor yet (it would need CUDA flash/efficient SDPA)"
-        raise _refuse(f"cp={plan.cp} (context parallel)", why)
+        _check_context_parallel(plan)
     if plan.ep > 1:
         raise _refuse(f"ep={plan.ep} (expert parallel)", "mixture-of-experts models cannot be executed yet")
     if plan.attention == "flash_triton":
@@ -100,6 +92,28 @@ def check_features(plan: Plan, device_type: str) -> None:
             "torch's ZeroRedundancyOptimizer and DistributedDataParallel cannot hold tensor-parallel (DTensor) "
             "parameters; use dp_type=zero2 (gradients sharded too) or ddp",
         )
+
+
+def _check_context_parallel(plan: Plan) -> None:
+    """Context parallelism (executor.context_parallel) runs with data parallelism and recompute, on whole
+    uniform stages; what else it would have to compose with is refused, naming it."""
+    cp = f"cp={plan.cp}"
+    if plan.tp > 1 or any((layer.tp or 1) > 1 for layer in plan.layers):
+        raise _refuse(f"{cp} with tp > 1", "context parallelism runs with tp=1 (its gathered keys and values are not "
+                      "tensor-parallel shards yet); use dp and cp")
+    if plan.pp > 1:
+        raise _refuse(f"{cp} with pp={plan.pp}", "pipeline stages would pass a context-parallel share of each sequence, "
+                      "which the pipelining schedules are not given yet; use pp=1")
+    if plan.layers or plan.stages:
+        raise _refuse(f"{cp} with per-layer strategies or explicit stages", "context parallelism runs on uniform plans")
+    if plan.offload > 0 or plan.recompute == "tokenwise":
+        raise _refuse(f"{cp} with offload/tokenwise (MEMO)", "the MEMO blocks split tokens themselves and do not gather "
+                      "keys across cp ranks yet; use recompute none/selective/full")
+    if plan.batch_split:
+        raise _refuse(f"{cp} with batch_split", "uneven replica batches are not combined with context parallelism")
+    if plan.dp_type == "zero1":
+        raise _refuse(f"{cp} with dp_type=zero1", "ZeRO-1's DistributedDataParallel averages over the dp group only, "
+                      "not dp x cp; use ddp, zero2 or zero3")
 
 
 def _check_offload(plan: Plan, recompute: str, offload: float, where: str) -> None:
@@ -184,6 +198,10 @@ def admit(plan: Plan, workload: WorkloadConfig, cluster: ClusterSpec, force: boo
     check_executable(workload)
     device_type = device_type_of(cluster)
     check_features(plan, device_type)
+    if plan.cp > 1 and workload.seq_len % (2 * plan.cp):
+        # The load-balanced split gives each cp rank two of 2*cp equal chunks (executor.context_parallel).
+        raise _refuse(f"cp={plan.cp} with seq_len={workload.seq_len}",
+                      f"the sequence is cut into 2*cp = {2 * plan.cp} equal chunks; use a seq_len divisible by it")
     bound = bind(plan, workload, cluster)
     check_stages(bound)
     check_pipeline(bound)

@@ -16,6 +16,9 @@ The order (as torchtitan composes the same PyTorch pieces):
       on sequence shards (`SequenceParallel`), blocks all-gather their input before attention/MLP and
       reduce-scatter their output. (The embedding's output is all-reduced and then split along the
       sequence, since learned positions are added to the full sequence.)
+   a'. **Context parallel** (cp > 1, `executor.context_parallel`): the embedding, the rotary angles and
+      the attention cores learn which of each sequence's tokens this rank holds, and attention gathers
+      keys and values over the mesh's `cp` axis.
    b. **Tied embeddings** are re-tied after the tensor-parallel split (both halves are sharded the same
       way, along the vocabulary). When a pipeline puts the embedding and the head on different stages,
       each holds a copy; their gradients are summed between the first and the last stage before the
@@ -23,7 +26,8 @@ The order (as torchtitan composes the same PyTorch pieces):
    c. **Activation checkpointing**: `full` wraps each block with `checkpoint_wrapper` (non-reentrant
       `torch.utils.checkpoint`); `selective` wraps the attention core only (scores, softmax, dropout,
       context); per-layer `recompute` overrides of the plan are honoured.
-   d. **Data parallel** (dp > 1) on the mesh's `dp` axis: `ddp` is FSDP2's `replicate`; `zero2` is
+   d. **Data parallel** (dp x cp > 1) on the mesh's `dp` axis, or on `dp` and `cp` flattened into one when
+      cp > 1 (context-parallel ranks hold the same weights, so their gradients are averaged too): `ddp` is FSDP2's `replicate`; `zero2` is
       FSDP2 `fully_shard(reshard_after_forward=False)`; `zero3` is `fully_shard` resharding after
       forward; both per block and on the chunk's root. `zero1` is `DistributedDataParallel` with a
       `ZeroRedundancyOptimizer` (optimizer state sharded, gradients all-reduced in full).
@@ -58,6 +62,7 @@ from torch import nn
 
 from simulator.binding import BoundPlan
 from executor import mixed_layout
+from executor.context_parallel import apply_context_parallel
 from executor.memory import count_checkpoint_inputs
 from executor.offload import apply_offload, arena_for
 from workloads.torch_models import CausalLM, build_model, canonical_name, full_init_tensor, loss_fn
@@ -71,7 +76,7 @@ DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 @dataclass
 class Layout:
-    """Where this rank sits: its coordinates on the (pp, dp, tp) mesh and the groups it talks in."""
+    """Where this rank sits: its coordinates on the (pp, dp, cp, tp) mesh and the groups it talks in."""
 
     rank: int
     world_size: int
@@ -81,32 +86,47 @@ class Layout:
     pp_rank: int
     dp_rank: int
     tp_rank: int
-    mesh: object | None  # DeviceMesh with axes ("pp", "dp", "tp"); None for a single process
+    mesh: object | None  # DeviceMesh with axes ("pp", "dp", "tp"), and "cp" when cp > 1; None for one process
     device: torch.device
+    cp: int = 1
+    cp_rank: int = 0
 
     @classmethod
     def of(cls, bound: BoundPlan, rank: int, world_size: int, device: torch.device) -> "Layout":
         plan = bound.plan
-        pp, dp, tp = plan.pp, plan.dp or 1, plan.tp
-        assert pp * dp * tp == world_size, (pp, dp, tp, world_size)
-        # bind's rank layout: tp innermost, then (cp = 1) dp, pipeline stages outermost.
+        pp, dp, cp, tp = plan.pp, plan.dp or 1, plan.cp, plan.tp
+        assert pp * dp * cp * tp == world_size, (pp, dp, cp, tp, world_size)
+        # bind's rank layout: tp innermost, then cp, then dp, pipeline stages outermost.
         tp_rank, rest = rank % tp, rank // tp
+        cp_rank, rest = rest % cp, rest // cp
         dp_rank, pp_rank = rest % dp, rest // dp
         mesh = None
         if world_size > 1:
             from torch.distributed.device_mesh import init_device_mesh
 
-            mesh = init_device_mesh(device.type, (pp, dp, tp), mesh_dim_names=("pp", "dp", "tp"))
-        return cls(rank, world_size, pp, dp, tp, pp_rank, dp_rank, tp_rank, mesh, device)
+            shape, names = ((pp, dp, cp, tp), ("pp", "dp", "cp", "tp")) if cp > 1 else ((pp, dp, tp), ("pp", "dp", "tp"))
+            mesh = init_device_mesh(device.type, shape, mesh_dim_names=names)
+        return cls(rank, world_size, pp, dp, tp, pp_rank, dp_rank, tp_rank, mesh, device, cp, cp_rank)
 
     def group(self, axis: str):
-        """The process group of this rank's `axis` ('pp', 'dp' or 'tp')."""
+        """The process group of this rank's `axis` ('pp', 'dp', 'cp' or 'tp')."""
         assert self.mesh is not None
         return self.mesh.get_group(axis)
 
     def submesh(self, axis: str):
         assert self.mesh is not None
         return self.mesh[axis]
+
+    @property
+    def grad_replicas(self) -> int:
+        """Ranks of one stage holding the same weights, whose gradients are averaged: dp x cp."""
+        return self.dp * self.cp
+
+    def grad_mesh(self):
+        """The mesh those gradients are averaged over: 'dp', or 'dp' and 'cp' flattened into one axis."""
+        if self.cp == 1:
+            return self.submesh("dp")
+        return self.mesh["dp", "cp"]._flatten("dp_cp")
 
 
 @dataclass
@@ -136,6 +156,7 @@ class RankModel:
     schedule: object | None = None  # the pipeline schedule when pp > 1
     tied_group: object | None = None  # first + last stage group that sums the tied embedding's gradients
     tied_params: list[nn.Parameter] = field(default_factory=list)
+    token_positions: torch.Tensor | None = None  # the sequence positions this rank holds (cp > 1)
 
     @property
     def is_first_stage(self) -> bool:
@@ -297,7 +318,7 @@ def apply_fsdp(model: CausalLM, layout: Layout, dp_type: str, dtype: str, grad_r
         param_dtype=DTYPES[dtype] if dtype != "fp32" else None,
         reduce_dtype=DTYPES[grad_reduce_dtype or "fp32"],
     )
-    dp_mesh = layout.submesh("dp")
+    dp_mesh = layout.grad_mesh()
     if dp_type == "ddp":
         from torch.distributed._composable.replicate_with_fsdp import replicate
 
@@ -365,12 +386,13 @@ def build_rank_model(bound: BoundPlan, layout: Layout, seed: int) -> RankModel:
     recompute = {i: run.recompute for stage in bound.stages for run in stage.runs for i in run.indices}
     offload = {i: run.offload for stage in bound.stages for run in stage.runs for i in run.indices}
     dp_type = plan.dp_type
-    use_fsdp = layout.dp > 1 and dp_type != "zero1"
-    use_ddp = layout.dp > 1 and dp_type == "zero1"
+    use_fsdp = layout.grad_replicas > 1 and dp_type != "zero1"
+    use_ddp = layout.grad_replicas > 1 and dp_type == "zero1"  # zero1 with cp > 1 is refused (checks)
     num_stages = len(bound.stages) * plan.virtual_stages
     # Per-layer tp / sequence parallel / dp_type: executor.mixed_layout does steps 3a-3e for each chunk.
     mixed = mixed_layout.make_meshes(bound, layout.device.type, layout.mesh) if mixed_layout.is_mixed(bound) else None
     chunks: list[Chunk] = []
+    token_positions = None
     for stage_index, indices in chunks_spec:
         part = split_chunk(whole, indices)
         if mixed is not None:
@@ -382,6 +404,8 @@ def build_rank_model(bound: BoundPlan, layout: Layout, seed: int) -> RankModel:
         if layout.tp > 1:  # 3a
             apply_tensor_parallel(part, layout.submesh("tp"), plan.sequence_parallel)
         part.tie_weights()  # 3b
+        if layout.cp > 1:  # before recompute wraps the blocks: the positions and the gather live on them
+            token_positions = apply_context_parallel(part, layout.group("cp"), layout.cp, layout.cp_rank, layout.device)
         apply_recompute(part, lambda block: recompute[block + 1])  # 3c
         apply_offload(part, lambda block: (recompute[block + 1], offload[block + 1]), arena_for(plan, layout.device))  # 3c: MEMO
         module: nn.Module = part
@@ -395,7 +419,8 @@ def build_rank_model(bound: BoundPlan, layout: Layout, seed: int) -> RankModel:
     zero1 = use_ddp
     optimizers = [make_optimizer(list(c.module.parameters()), plan.optimizer, layout, zero1) for c in chunks]
     autocast = DTYPES[plan.dtype] if plan.dtype != "fp32" and (not use_fsdp or mixed is not None) else None
-    rank_model = RankModel(layout, chunks, optimizers, num_stages, bound.num_micro_batches, dp_type, use_fsdp, autocast)
+    rank_model = RankModel(layout, chunks, optimizers, num_stages, bound.num_micro_batches, dp_type, use_fsdp, autocast,
+                           token_positions=token_positions)
     if layout.pp > 1:  # 4
         rank_model.schedule = _make_schedule(rank_model, plan.schedule, replica_loss_scale(plan, layout.dp_rank))
         if cfg.tied_embeddings:

@@ -2,7 +2,8 @@
 
 Every iteration trains on step i's global batch of `SyntheticTokens` (a function of the seed and i, so
 a resumed run sees the same data); the ranks at data-parallel index d take sequence k of the batch when
-(k // micro_batch) % dp == d, and splits its share into the plan's micro-batches in order. Dropout's
+(k // micro_batch) % dp == d, and splits its share into the plan's micro-batches in order; under
+context parallelism each of its cp ranks takes its own columns (token positions) of those sequences. Dropout's
 generator is reseeded from (seed, i) at each iteration for the same reason (every rank draws from the
 same seed, so replicated tensor-parallel regions drop the same elements; with dropout, different
 layouts therefore train alike statistically, not bit for bit as they do without it).
@@ -87,12 +88,17 @@ class Trainer:
         self.loss_scale = replica_loss_scale(self.plan, layout.dp_rank)
         # The loss is computed by the last stage's ranks; tp ranks hold the same value; dp ranks average,
         # each weighted by its share of the sequences (loss_scale / dp: 1 / dp for an even split).
-        self.loss_weight = self.loss_scale / layout.dp if (rank_model.is_last_stage and layout.tp_rank == 0) else 0.0
+        # Under context parallelism each of the cp ranks holds the mean over its equal share of the tokens.
+        self.loss_weight = (self.loss_scale / (layout.dp * layout.cp)
+                            if (rank_model.is_last_stage and layout.tp_rank == 0) else 0.0)
 
     def _batch(self, step: int) -> tuple[torch.Tensor, torch.Tensor]:
         x, y = self.data.batch(step)
+        x, y = x[self.indices], y[self.indices]
+        if self.rm.token_positions is not None:  # context parallelism: this rank's share of the tokens
+            x, y = x[:, self.rm.token_positions], y[:, self.rm.token_positions]
         device = self.rm.layout.device
-        return x[self.indices].to(device, non_blocking=True), y[self.indices].to(device, non_blocking=True)
+        return x.to(device, non_blocking=True), y.to(device, non_blocking=True)
 
     def step(self, step: int) -> torch.Tensor:
         """One training iteration; returns this rank's mean loss (zero where no loss is computed)."""

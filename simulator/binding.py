@@ -86,7 +86,14 @@ class BoundStage:
 
     def dp_groups(self, tp: int) -> list[Sequence[int]]:
         """The first and the last data-parallel group (enough to find the slowest on mixed hardware)."""
-        stride = tp * self.cp
+        return self._strided_groups(tp * self.cp)
+
+    def grad_groups(self, tp: int) -> list[Sequence[int]]:
+        """The first and the last group whose ranks hold the same weights: dp x cp of them (context-parallel
+        ranks hold the whole layer too), over which gradients are averaged and ZeRO shards."""
+        return self._strided_groups(tp)
+
+    def _strided_groups(self, stride: int) -> list[Sequence[int]]:
         first = self.ranks[0::stride]
         last = self.ranks[stride - 1 :: stride]
         return [first] if first == last else [first, last]

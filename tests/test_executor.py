@@ -94,13 +94,21 @@ def refused(result: Result, *fragments: str) -> None:
     [
         ("tp=3,dtype=fp32", ["tp=3 does not divide num_heads=4"]),
         ("dp=4,dtype=fp32", ["but cluster 'cpu-local' has 2 devices"]),  # the world size is the cluster's
-        ("cp=2,dtype=fp32", ["cp=2 (context parallel) cannot be executed", "supported:"]),
+        ("cp=2,tp=2,dtype=fp32", ["cp=2 with tp > 1 cannot be executed", "use dp and cp", "supported:"]),
+        ("cp=2,pp=2,dtype=fp32", ["cp=2 with pp=2 cannot be executed", "use pp=1"]),
+        ("cp=2,dp_type=zero1,dtype=fp32", ["cp=2 with dp_type=zero1 cannot be executed", "use ddp, zero2 or zero3"]),
+        ("cp=2,recompute=tokenwise,offload=0.5,dtype=fp32", ["cp=2 with offload/tokenwise (MEMO) cannot be executed"]),
         ("dtype=fp16", ["dtype=fp16 cannot be executed", "loss scaling"]),
         ("attention=flash_triton,dtype=fp32", ["attention=flash_triton cannot be executed", "use attention=flash"]),
     ],
 )
 def test_refuses_plans_it_cannot_run(execute, no_launch, tiny, plan, fragments):
     refused(execute("--workload", tiny, "--cluster", "cpu-local", "--plan", plan), *fragments)
+
+
+def test_refuses_context_parallel_when_the_sequence_does_not_cut_into_2cp_chunks(execute, no_launch, tiny):
+    result = execute("--workload", tiny, "--cluster", "cpu-local", "--seq-len", "34", "--plan", "cp=2,dtype=fp32")
+    refused(result, "cp=2 with seq_len=34 cannot be executed", "2*cp = 4 equal chunks")
 
 
 def test_refuses_zero1_with_tensor_parallel_naming_the_torch_limitation(execute, no_launch, tiny):

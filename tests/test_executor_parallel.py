@@ -36,11 +36,17 @@ TWO_RANKS = {
     # Explicit stages with an uneven split (1 + 3 blocks), as a heterogeneous planner writes them.
     "pp2 uneven stages": (Plan(pp=2, stages=(StageSpec(num_layers=1), StageSpec(num_layers=3)), micro_batch=2,
                                global_batch=8, dtype="fp32"), GPT),
+    # Context parallelism: each rank holds two of four token chunks of every sequence (learned positions,
+    # rotary angles, the causal mask by position), keys and values gathered across the two ranks.
+    "cp2 (learned positions)": ("cp=2,micro_batch=2", GPT),
+    "cp2 naive attention": ("cp=2,attention=naive,micro_batch=2", GPT),
+    "llama cp2 selective recompute (rotary, GQA)": ("cp=2,recompute=selective,micro_batch=2", LLAMA),
 }
 FOUR_RANKS = {
     "pp2 dp2": ("pp=2,dp=2,micro_batch=1", GPT),
     "pp2 tp2 sequence parallel, full recompute": ("pp=2,tp=2,sequence_parallel=true,recompute=full,micro_batch=2", GPT),
     "dp2 tp2 zero3 (llama)": ("dp=2,tp=2,dp_type=zero3,micro_batch=2", LLAMA),
+    "dp2 cp2 zero3 full recompute (llama)": ("dp=2,cp=2,dp_type=zero3,recompute=full,micro_batch=2", LLAMA),
 }
 
 

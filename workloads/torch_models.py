@@ -87,9 +87,14 @@ def _rotate_half(x: torch.Tensor) -> torch.Tensor:
     return torch.cat((-b, a), dim=-1)
 
 
-def apply_rope(x: torch.Tensor) -> torch.Tensor:
-    """Rotary position embedding of x, (batch, heads, seq, head_dim), positions 0..seq-1."""
-    cos, sin = _rope_tables(x.shape[-2], x.shape[-1], x.device, x.dtype)
+def apply_rope(x: torch.Tensor, positions: torch.Tensor | None = None, num_positions: int = 0) -> torch.Tensor:
+    """Rotary position embedding of x, (batch, heads, seq, head_dim): positions 0..seq-1, or `positions`
+    (of a sequence of `num_positions` tokens) when x holds a context-parallel share of the tokens."""
+    if positions is None:
+        cos, sin = _rope_tables(x.shape[-2], x.shape[-1], x.device, x.dtype)
+    else:
+        cos, sin = _rope_tables(num_positions, x.shape[-1], x.device, x.dtype)
+        cos, sin = cos[positions], sin[positions]
     return x * cos + _rotate_half(x) * sin
 
 
@@ -98,7 +103,9 @@ class AttentionCore(nn.Module):
 
     A module of its own so selective recompute can checkpoint exactly this part. `flash` uses
     flash-attn when importable on CUDA, else `scaled_dot_product_attention`; `naive` materializes the
-    score matrix as the simulator's naive attention assumes.
+    score matrix as the simulator's naive attention assumes. Under context parallelism `context`
+    (`executor.context_parallel.SequenceContext`) gathers every rank's keys and values and says which
+    of them each local query may see.
     """
 
     def __init__(self, causal: bool, dropout: float, attention: str = "flash"):
@@ -106,9 +113,13 @@ class AttentionCore(nn.Module):
         self.causal = causal
         self.dropout = dropout
         self.attention = attention
+        self.context = None
 
     def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         p = self.dropout if self.training else 0.0
+        context = self.context
+        if context is not None:
+            k, v = context.gather(k), context.gather(v)  # before the GQA repeat: fewer bytes
         if k.shape[1] != q.shape[1]:
             # Grouped-query attention: each k/v head serves q.heads / kv.heads query heads.
             repeat = q.shape[1] // k.shape[1]
@@ -116,12 +127,16 @@ class AttentionCore(nn.Module):
             v = v.repeat_interleave(repeat, dim=1)
         if self.attention == "naive":
             scores = (q @ k.transpose(-2, -1)) / math.sqrt(q.shape[-1])
-            if self.causal:
+            if context is not None and context.mask is not None:
+                scores = scores.masked_fill(~context.mask, float("-inf"))
+            elif self.causal:
                 s = q.shape[-2]
                 mask = torch.ones(s, s, dtype=torch.bool, device=q.device).triu(1)
                 scores = scores.masked_fill(mask, float("-inf"))
             probs = F.dropout(scores.softmax(dim=-1), p)
             return probs @ v
+        if context is not None:  # queries see keys by position, not by index: an explicit mask
+            return F.scaled_dot_product_attention(q, k, v, attn_mask=context.mask, dropout_p=p)
         flash = _flash_attn_func() if q.is_cuda and q.dtype in (torch.float16, torch.bfloat16) else None
         if flash is not None:
             # flash-attn takes (batch, seq, heads, head_dim).
@@ -142,6 +157,9 @@ class Attention(nn.Module):
         self.wv = nn.Linear(h, cfg.kv_heads * d, bias=qkv_bias)
         self.core = AttentionCore(bool(cfg.causal), DROPOUT_P if cfg.dropout else 0.0, attention)
         self.wo = nn.Linear(cfg.num_heads * d, h, bias=bool(cfg.bias))
+        # Under context parallelism: the places of this rank's tokens in a sequence of num_positions.
+        self.positions: torch.Tensor | None = None
+        self.num_positions = 0
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         b, s, _ = x.shape
@@ -150,7 +168,7 @@ class Attention(nn.Module):
         k = self.wk(x).view(b, s, -1, self.head_dim).transpose(1, 2)
         v = self.wv(x).view(b, s, -1, self.head_dim).transpose(1, 2)
         if self.rope:
-            q, k = apply_rope(q), apply_rope(k)
+            q, k = apply_rope(q, self.positions, self.num_positions), apply_rope(k, self.positions, self.num_positions)
         out = self.core(q, k, v)
         return self.wo(out.transpose(1, 2).reshape(b, s, -1))
 
@@ -199,11 +217,13 @@ class InputLayer(nn.Module):
         self.tok = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
         self.pos = nn.Embedding(cfg.position_rows, cfg.hidden_size) if cfg.position_embedding == "learned" else None
         self.dropout = nn.Dropout(DROPOUT_P if cfg.dropout else 0.0)
+        self.positions: torch.Tensor | None = None  # the tokens' places under context parallelism
 
     def forward(self, tokens: torch.Tensor) -> torch.Tensor:
         x = self.tok(tokens)
         if self.pos is not None:
-            x = x + self.pos(torch.arange(tokens.shape[-1], device=tokens.device))
+            positions = self.positions if self.positions is not None else torch.arange(tokens.shape[-1], device=tokens.device)
+            x = x + self.pos(positions)
         return self.dropout(x)
 
 

@@ -40,12 +40,13 @@ def overlapped(compute: float, comm: float, sigma: float) -> float:
 
 
 def _spans(cluster: ClusterSpec, stage: BoundStage, tp: int, ep: int) -> dict[str, list[GroupSpan]]:
-    dp_groups = stage.dp_groups(tp)
+    # "dp": the ranks that hold the same weights (data- and context-parallel alike), whose gradients are
+    # averaged and over which ZeRO shards; experts are split over the data-parallel ranks only.
     return {
         "tp": [cluster.span(stage.tp_group(tp))],
         "cp": [cluster.span(stage.cp_group(tp))],
-        "dp": [cluster.span(g) for g in dp_groups],
-        "ep": [cluster.span(g[:ep]) for g in dp_groups],
+        "dp": [cluster.span(g) for g in stage.grad_groups(tp)],
+        "ep": [cluster.span(g[:ep]) for g in stage.dp_groups(tp)],
     }
 
 
@@ -66,7 +67,7 @@ class RunCost:
     profile: LayerProfile
     times: LayerTimes
     spans: dict[str, list[GroupSpan]]
-    dp: int
+    dp: int  # ranks holding the same weights (dp x cp): gradients are averaged and ZeRO shards over them
     recompute: float  # extra forward work repeated in backward (seconds)
     tp_forward: float  # blocking collectives after the forward (tp, ep), seconds
     tp_backward: float
@@ -255,7 +256,10 @@ def stage_cost(bound: BoundPlan, stage: BoundStage, rank: int, memo: dict | None
     opt_params = 0.0
     for run in stage.runs:
         n = run.count
-        dp = stage.dp_for(run.tp)
+        # Context-parallel ranks hold the whole layer as data-parallel ones do: gradients are averaged, and
+        # ZeRO shards, over dp x cp (Megatron-LM's data-parallel group with context parallelism; the
+        # executor's flattened ("dp", "cp") mesh).
+        dp = stage.dp_for(run.tp) * stage.cp
         shape = ShardShape(
             micro_batch=stage.micro_batch_of(rank, run.tp),  # the rank's replica's share (plan.batch_split)
             seq_len=cfg.seq_len,
@@ -279,9 +283,12 @@ def stage_cost(bound: BoundPlan, stage: BoundStage, rank: int, memo: dict | None
         spans = span_sets[run.tp]
         tp_fwd = comm_time(prof.fwd_comm, spans, cp=False)
         tp_bwd = comm_time(prof.bwd_comm, spans, cp=False)
-        # Ring attention hides its k/v passes behind the attention core.
-        cp_fwd = max(0.0, comm_time(prof.fwd_comm, spans, cp=True) - times.recompute_selective)
-        cp_bwd = max(0.0, comm_time(prof.bwd_comm, spans, cp=True) - 2.5 * times.recompute_selective)
+        # Ring attention hides its k/v passes behind the attention core, where the device runs collectives
+        # beside compute; a device whose collectives block it (a CPU, see ComputeSpec.blocking_collectives)
+        # waits for them, as it waits for the executor's k/v all-gather (executor.context_parallel).
+        hidden = 0.0 if framework.blocking_collectives else 1.0
+        cp_fwd = max(0.0, comm_time(prof.fwd_comm, spans, cp=True) - hidden * times.recompute_selective)
+        cp_bwd = max(0.0, comm_time(prof.bwd_comm, spans, cp=True) - hidden * 2.5 * times.recompute_selective)
         if run.recompute == "full":
             recompute = times.recompute_full + tp_fwd + cp_fwd
         elif run.recompute == "selective":

@@ -44,7 +44,7 @@ from ..cost.memory import micro_batches_in_flight
 from ..cost.stage import host_memory_per_device, stage_cost
 from ..errors import InfeasiblePlan, UnsupportedPlan
 from ..plan import MemoryPlanSpec, Plan
-from ..report import MemoryBreakdown, Report
+from ..report import Report
 from ..search.result import Baseline, Candidate, SearchResult
 
 
@@ -143,7 +143,8 @@ def layouts(workload: WorkloadConfig, cluster: ClusterSpec, micro_batches: Itera
                 continue
             dp = n // (tp * cp)
             for mb in micro_batches:
-                for dp_type in (("ddp", "zero1", "zero3") if dp > 1 else ("ddp",)):
+                # ZeRO shards over the ranks holding the same weights: dp x cp (simulator.cost.stage).
+                for dp_type in (("ddp", "zero1", "zero3") if dp * cp > 1 else ("ddp",)):
                     plans.append(Plan(tp=tp, cp=cp, dp=dp, sequence_parallel=tp > 1, micro_batch=mb, dp_type=dp_type))
     return plans
 
@@ -176,43 +177,31 @@ def _deepspeed(workload: WorkloadConfig, cluster: ClusterSpec) -> Baseline:
     """DeepSpeed-Ulysses + ZeRO-3 + full recompute.
 
     Ulysses splits the sequence over all N devices and turns it into a head split for attention with
-    all-to-alls; its ZeRO-3 shards the model states over those same N devices. The plan contract shards
-    ZeRO over data parallelism only, so this is approximated: the sequence split is context parallel over
-    N devices (ring k/v passes instead of the all-to-alls; at these lengths both hide behind attention)
-    and the model states, evaluated unsharded, are divided by N afterwards, with two layers' gathered
-    weights as the ZeRO-3 buffer. The ZeRO-3 gathers' time is left out (they hide behind long-sequence
-    layers).
+    all-to-alls; its ZeRO-3 shards the model states over those same N devices. Approximated as context
+    parallel over the N devices (ring k/v passes instead of the all-to-alls; at these lengths both hide
+    behind attention) with ZeRO-3, which shards over the dp x cp = N ranks holding the same weights.
     """
     n = cluster.num_devices
     name = "deepspeed-ulysses-zero3-full"
     if workload.num_heads % n:
         return Baseline(name=name, reason=f"Ulysses needs num_heads={workload.num_heads} divisible by {n} devices")
     plan = Plan(tp=1, cp=n, dp=1, recompute="full", dp_type="zero3")
+    reason = "approximation: Ulysses as context parallel over all devices (ring k/v passes instead of all-to-alls)"
     try:
         report = evaluate(plan, workload, cluster)
     except (InfeasiblePlan, UnsupportedPlan) as exc:
         return Baseline(name=name, plan=plan, reason=str(exc))
-    mem = report.memory_bytes
-    per_layer_weights = mem.weights / max(workload.num_layers, 1)
-    sharded = MemoryBreakdown(
-        weights=mem.weights / n, gradients=mem.gradients / n, optimizer=mem.optimizer / n,
-        activations=mem.activations, buffers=mem.buffers + 2 * per_layer_weights,
-    )
-    capacity = report.memory_capacity_bytes
-    fits = sharded.total <= capacity
-    report = report.model_copy(update={"memory_bytes": sharded, "peak_memory_bytes": sharded.total, "fits_memory": fits})
-    reason = ("approximation: Ulysses as context parallel over all devices, ZeRO-3 states divided over them "
-              "(the plan contract shards ZeRO over data parallel only); gather time left out")
-    if not fits:
-        return Baseline(name=name, plan=plan, reason=f"out of memory: {sharded.total / 2**30:.1f} GiB > {capacity / 2**30:.1f} GiB ({reason})")
+    if not report.fits_memory:
+        return Baseline(name=name, plan=plan, reason=f"out of memory: {report.peak_memory_bytes / 2**30:.1f} GiB > "
+                        f"{report.memory_capacity_bytes / 2**30:.1f} GiB ({reason})")
     return Baseline(name=name, plan=plan, report=report, reason=reason)
 
 
 def megatron_baselines(workload: WorkloadConfig, cluster: ClusterSpec, micro_batches: Iterable[int] = (1,)) -> list[Baseline]:
     """Megatron-LM style: tp + sequence parallel + context parallel, distributed optimizer (ZeRO-1)."""
     out = []
-    base = [p.model_copy(update={"dp_type": "zero1" if (p.dp or 1) > 1 else "ddp"}) for p in layouts(workload, cluster, micro_batches)
-            if p.dp_type == "ddp"]
+    base = [p.model_copy(update={"dp_type": "zero1" if (p.dp or 1) * p.cp > 1 else "ddp"})
+            for p in layouts(workload, cluster, micro_batches) if p.dp_type == "ddp"]
     for recompute in ("full", "selective"):
         plans = [p.model_copy(update={"recompute": recompute}) for p in base]
         plan, report, reason = _best(plans, workload, cluster)
