@@ -460,14 +460,14 @@ def _make_schedule(rank_model: RankModel, schedule: str, loss_scale: float = 1.0
 
 
 def _tie_across_stages(rank_model: RankModel) -> None:
-    """Group the first and the last stage of each (dp, tp) coordinate to sum the tied weight's gradients.
+    """Group the first and the last stage of each (dp, cp, tp) coordinate to sum the tied weight's gradients.
 
     Every rank creates every pair group (new_group is collective), then keeps its own.
     """
     layout = rank_model.layout
     if layout.pp == 2:
         rank_model.tied_group = layout.group("pp")
-    per_stage = layout.dp * layout.tp
+    per_stage = layout.dp * layout.cp * layout.tp
     mine = rank_model.tied_group
     for offset in range(per_stage if layout.pp > 2 else 0):
         ranks = [offset, (layout.pp - 1) * per_stage + offset]

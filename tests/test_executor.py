@@ -94,8 +94,7 @@ def refused(result: Result, *fragments: str) -> None:
     [
         ("tp=3,dtype=fp32", ["tp=3 does not divide num_heads=4"]),
         ("dp=4,dtype=fp32", ["but cluster 'cpu-local' has 2 devices"]),  # the world size is the cluster's
-        ("cp=2,tp=2,dtype=fp32", ["cp=2 with tp > 1 cannot be executed", "use dp and cp", "supported:"]),
-        ("cp=2,pp=2,dtype=fp32", ["cp=2 with pp=2 cannot be executed", "use pp=1"]),
+        ("cp=2,batch_split=1+1,dp=2,dtype=fp32", ["cp=2 with batch_split cannot be executed", "supported:"]),
         ("cp=2,dp_type=zero1,dtype=fp32", ["cp=2 with dp_type=zero1 cannot be executed", "use ddp, zero2 or zero3"]),
         ("cp=2,recompute=tokenwise,offload=0.5,dtype=fp32", ["cp=2 with offload/tokenwise (MEMO) cannot be executed"]),
         ("dtype=fp16", ["dtype=fp16 cannot be executed", "loss scaling"]),

@@ -47,6 +47,8 @@ FOUR_RANKS = {
     "pp2 tp2 sequence parallel, full recompute": ("pp=2,tp=2,sequence_parallel=true,recompute=full,micro_batch=2", GPT),
     "dp2 tp2 zero3 (llama)": ("dp=2,tp=2,dp_type=zero3,micro_batch=2", LLAMA),
     "dp2 cp2 zero3 full recompute (llama)": ("dp=2,cp=2,dp_type=zero3,recompute=full,micro_batch=2", LLAMA),
+    "tp2 cp2 sequence parallel (llama)": ("tp=2,cp=2,sequence_parallel=true,micro_batch=2", LLAMA),
+    "pp2 cp2 1f1b": ("pp=2,cp=2,micro_batch=1", GPT),
 }
 
 
