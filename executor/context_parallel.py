@@ -10,7 +10,11 @@ Attention all-gathers the rank's keys and values over the cp group (in backward 
 reduce-scattered back) and lets each query attend to every gathered key at or before its own position.
 This moves the bytes ring attention moves (each rank receives the other ranks' keys and values once in
 forward and returns their gradients once in backward) without overlapping them with the attention
-compute, as the simulator's blocking-collective CPU model assumes.
+compute, as the simulator's blocking-collective CPU model assumes. One difference to know at long
+sequences: the attention's backward reads the gathered keys and values, so every layer holds all cp
+ranks' keys and values from its forward to its backward (unless recompute drops them), where ring
+attention holds its own and passes the others around again in backward; the simulator counts the ring's
+memory, so a long-sequence cp plan without recompute needs more memory here than predicted.
 
 Gradients of the weights are averaged over the data-parallel and context-parallel ranks together (the
 flattened ("dp", "cp") mesh, see `executor.parallelize`): every rank's loss is the mean over its own
