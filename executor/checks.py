@@ -24,7 +24,7 @@ from workloads.torch_models import check_executable
 SUPPORTED = (
     "supported: tp, pp (gpipe, 1f1b, interleaved), dp with dp_type ddp/zero1/zero2/zero3, sequence_parallel, "
     "recompute none/selective/full/tokenwise (MEMO, with offload), offload with recompute none or tokenwise, per-layer tp/sequence_parallel/dp_type (not zero1) and recompute, dtype fp32/bf16, "
-    "cp (context parallel) with tp, pp, dp and recompute on uniform plans, attention flash/naive, optimizer adam/sgd, explicit stages (uneven layer counts) with the plan's tp and an even "
+    "cp (context parallel) with tp, pp, dp, recompute and MEMO on uniform plans, attention flash/naive, optimizer adam/sgd, explicit stages (uneven layer counts) with the plan's tp and an even "
     "share of consecutive devices"
 )
 
@@ -95,14 +95,11 @@ def check_features(plan: Plan, device_type: str) -> None:
 
 
 def _check_context_parallel(plan: Plan) -> None:
-    """Context parallelism (executor.context_parallel) composes with tp (and sequence parallel), pp, dp and
-    recompute on uniform plans; what else it would have to compose with is refused, naming it."""
+    """Context parallelism (executor.context_parallel) composes with tp (and sequence parallel), pp, dp,
+    recompute and MEMO on uniform plans; what else it would have to compose with is refused, naming it."""
     cp = f"cp={plan.cp}"
     if plan.layers or plan.stages:
         raise _refuse(f"{cp} with per-layer strategies or explicit stages", "context parallelism runs on uniform plans")
-    if plan.offload > 0 or plan.recompute == "tokenwise":
-        raise _refuse(f"{cp} with offload/tokenwise (MEMO)", "the MEMO blocks split tokens themselves and do not gather "
-                      "keys across cp ranks yet; use recompute none/selective/full")
     if plan.batch_split:
         raise _refuse(f"{cp} with batch_split", "uneven replica batches are not combined with context parallelism")
     if plan.dp_type == "zero1":

@@ -20,7 +20,8 @@ Gradients of the weights are averaged over the data-parallel and context-paralle
 flattened ("dp", "cp") mesh, see `executor.parallelize`): every rank's loss is the mean over its own
 tokens and every rank holds as many tokens, so that average is the gradient of the mean over all tokens.
 
-It composes with tensor parallelism (the attention sees this rank's heads as plain tensors, so the
+It composes with MEMO (`executor.offload`: the rank's tokens are split again by alpha; the gathered keys
+and values are saved tensors of the attention core and go to host whole), with tensor parallelism (the attention sees this rank's heads as plain tensors, so the
 gather runs on them unchanged; sequence parallelism gathers the rank's tokens back before attention) and
 with pipelining (stages pass hidden states of the rank's tokens; the schedules infer their shape).
 """

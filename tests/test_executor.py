@@ -96,7 +96,6 @@ def refused(result: Result, *fragments: str) -> None:
         ("dp=4,dtype=fp32", ["but cluster 'cpu-local' has 2 devices"]),  # the world size is the cluster's
         ("cp=2,batch_split=1+1,dp=2,dtype=fp32", ["cp=2 with batch_split cannot be executed", "supported:"]),
         ("cp=2,dp_type=zero1,dtype=fp32", ["cp=2 with dp_type=zero1 cannot be executed", "use ddp, zero2 or zero3"]),
-        ("cp=2,recompute=tokenwise,offload=0.5,dtype=fp32", ["cp=2 with offload/tokenwise (MEMO) cannot be executed"]),
         ("dtype=fp16", ["dtype=fp16 cannot be executed", "loss scaling"]),
         ("attention=flash_triton,dtype=fp32", ["attention=flash_triton cannot be executed", "use attention=flash"]),
     ],

@@ -249,6 +249,9 @@ TWO_RANKS = {
     "tp2 tokenwise": "tp=2,micro_batch=2,recompute=tokenwise,offload=0.25",
     "pp2 tokenwise": "pp=2,micro_batch=2,recompute=tokenwise,offload=0.5",
     "dp2 zero3 plain swapping": "dp=2,dp_type=zero3,micro_batch=2,offload=0.5",
+    # What `simulate search memo` picks at long sequences: tokens split over cp ranks, then by alpha.
+    "cp2 tokenwise (rotary positions of the rank's chunks)": "cp=2,micro_batch=2,recompute=tokenwise,offload=0.5",
+    "cp2 plain swapping": "cp=2,micro_batch=2,offload=0.5",
 }
 
 
