@@ -52,7 +52,7 @@ def test_fp32_gpu_run_matches_the_cpu_run():
 
 
 @needs_two
-@pytest.mark.parametrize("plan", ["dp=2,dp_type=zero3", "tp=2,sequence_parallel=true", "pp=2"])
+@pytest.mark.parametrize("plan", ["dp=2,dp_type=zero3", "tp=2,sequence_parallel=true", "pp=2", "cp=2"])
 def test_nccl_plans_match_one_gpu(plan):
     base = "micro_batch=2,global_batch=8,dtype=fp32"
     (single,) = run_jobs([gpu_job(base, 1)])
