@@ -12,7 +12,8 @@ swapping the blocks' device bytes must fall to (1 - alpha) of the plain run's; w
 nothing on the device (swapped or recomputed). Byte counts are deterministic: one run each.
 
 Part 2 (timing): each plan runs with `execute --json` (one thread per rank, as the spec was measured) and
-is predicted on the same spec by both engines. Without --spec the script first runs `execute calibrate
+is predicted on the same spec by both engines; the cp2 rows run on two ranks (`--only cp2` times just
+them and the reference row). Without --spec the script first runs `execute calibrate
 --ranks 2` (about two minutes) as `benchmarks/executor_accuracy.py` does, so the lead can rerun both on a
 quiet machine with one calibration.
 """
@@ -42,13 +43,16 @@ from workloads.torch_models import build_model, loss_fn
 
 WORKLOAD = "gpt-30m"
 BASE = "micro_batch=8,global_batch=8,dtype=fp32"
-PLANS = {
-    "no recompute": BASE,
-    "full recompute": f"{BASE},recompute=full",
-    "MEMO alpha=0 (all token-wise recompute)": f"{BASE},recompute=tokenwise,offload=0",
-    "MEMO alpha=0.5": f"{BASE},recompute=tokenwise,offload=0.5",
-    "MEMO alpha=1 (all swapped)": f"{BASE},recompute=tokenwise,offload=1",
-    "plain swapping alpha=0.5": f"{BASE},offload=0.5",
+PLANS = {  # name: (ranks, plan)
+    "no recompute": (1, BASE),
+    "full recompute": (1, f"{BASE},recompute=full"),
+    "MEMO alpha=0 (all token-wise recompute)": (1, f"{BASE},recompute=tokenwise,offload=0"),
+    "MEMO alpha=0.5": (1, f"{BASE},recompute=tokenwise,offload=0.5"),
+    "MEMO alpha=1 (all swapped)": (1, f"{BASE},recompute=tokenwise,offload=1"),
+    "plain swapping alpha=0.5": (1, f"{BASE},offload=0.5"),
+    # Two ranks, each half of every sequence's tokens (context parallel), as MEMO's long-sequence plans run.
+    "cp2, no recompute": (2, f"cp=2,{BASE}"),
+    "MEMO cp2 alpha=0.5": (2, f"cp=2,{BASE},recompute=tokenwise,offload=0.5"),
 }
 
 
@@ -93,13 +97,15 @@ def hooks_table() -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
-def timing_table(spec: Path, steps: int, warmup: int) -> pd.DataFrame:
+def timing_table(spec: Path, steps: int, warmup: int, only: str = "") -> pd.DataFrame:
     workload = load_workload(WORKLOAD)
-    cluster = load_cluster(str(spec), devices_per_node=1)
     rows = []
-    for name, text in PLANS.items():
+    for name, (ranks, text) in PLANS.items():
+        if only and only not in name and name != "no recompute":  # the ratio column divides by that row
+            continue
+        cluster = load_cluster(str(spec), devices_per_node=ranks)
         plan = parse_shorthand(text)
-        measured = measure(spec, 1, text, steps, warmup)["iteration_time_s"]
+        measured = measure(spec, ranks, text, steps, warmup)["iteration_time_s"]
         des = evaluate_des(plan, workload, cluster)
         analytic = evaluate(plan, workload, cluster)
         rows.append({"plan": name, "measured s": measured, "des s": des.iteration_time_s,
@@ -124,6 +130,7 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--out", type=Path, default=None, help="where to write the calibration (default: a temp dir)")
     parser.add_argument("--skip-timing", action="store_true", help="only the hooks table (no calibration, no execute)")
+    parser.add_argument("--only", default="", help="time only the plans whose name contains this (and 'no recompute')")
     args = parser.parse_args()
     fmt = {"float_format": lambda v: f"{v:,.3f}"}
     print(f"{WORKLOAD}: bytes saved for backward alive at the end of forward, fp32, 2 x 256 tokens")
@@ -131,8 +138,8 @@ def main() -> None:
     if args.skip_timing:
         return
     spec = args.spec or calibrate(args.out or Path(tempfile.mkdtemp(prefix="hetplan-memo-")))
-    print(f"\n{WORKLOAD} on {spec}, one rank, {args.steps} measured iterations after {args.warmup} warm-up")
-    table = timing_table(spec, args.steps, args.warmup)
+    print(f"\n{WORKLOAD} on {spec}, one rank (cp2: two), {args.steps} measured iterations after {args.warmup} warm-up")
+    table = timing_table(spec, args.steps, args.warmup, args.only)
     print(table.to_string(index=False, **fmt))
     memo = table[table["plan"].str.startswith("MEMO")]
     print(f"worst |error| over the MEMO plans (des): {memo['des error %'].abs().max():.1f}%")
