@@ -7,7 +7,9 @@ causal score matrix. Everything outside attention is token-wise and runs on the 
 positions (learned embeddings, rotary angles) are the tokens' places in the whole sequence.
 
 Attention all-gathers the rank's keys and values over the cp group (in backward their gradients are
-reduce-scattered back) and lets each query attend to every gathered key at or before its own position.
+reduce-scattered back), puts them in sequence order, and runs each of the rank's two query chunks over
+the keys up to its own end with a causal mask aligned there: every query sees exactly the keys at or
+before its position, and key chunks after a query chunk are never computed.
 This moves the bytes ring attention moves (each rank receives the other ranks' keys and values once in
 forward and returns their gradients once in backward) without overlapping them with the attention
 compute, as the simulator's blocking-collective CPU model assumes. One difference to know at long
@@ -65,18 +67,38 @@ class _GatherSequence(torch.autograd.Function):
 
 
 class SequenceContext:
-    """What a context-parallel attention core needs: the cp group and which key each query may see."""
+    """What a context-parallel attention core needs: the cp group, and for each of the rank's two chunks of
+    queries the keys it may see. Keys are put back in sequence order after the gather, so chunk g's queries
+    attend to the prefix of (g + 1) chunks with a causal mask aligned to its end: the chunks after g are
+    never computed, and every rank computes the same (2 * cp + 1) chunk pairs."""
 
     def __init__(self, group, size: int, rank_positions: list[torch.Tensor], cp_rank: int, causal: bool):
         self.group, self.size = group, size
         keys = torch.cat(rank_positions)  # the gathered keys' positions, in cp-rank order
+        self.order = torch.argsort(keys)  # gathered index of each position, in sequence order
         queries = rank_positions[cp_rank]
-        # True where the query may attend to the key (scaled_dot_product_attention's boolean mask).
-        self.mask = (keys[None, :] <= queries[:, None]) if causal else None
+        seq = len(keys)
+        chunk = seq // (2 * size)
+        self.blocks: list[tuple[slice, int, torch.Tensor | None]] = []  # (query rows, keys seen, mask)
+        if not causal:
+            self.blocks.append((slice(0, len(queries)), seq, None))
+            return
+        for start in range(0, len(queries), chunk):
+            first = int(queries[start])  # a chunk's positions are consecutive
+            end = first + chunk
+            # True where the query at position first + i may see the key at position j: j <= first + i.
+            mask = torch.ones(chunk, end, dtype=torch.bool, device=queries.device).tril(diagonal=first)
+            self.blocks.append((slice(start, start + chunk), end, mask))
 
     def gather(self, t: torch.Tensor) -> torch.Tensor:
-        """Keys or values of all cp ranks, (batch, heads, seq, head_dim)."""
-        return _GatherSequence.apply(t, self.group, self.size)
+        """Keys or values of all cp ranks, (batch, heads, seq, head_dim), in sequence order."""
+        return _GatherSequence.apply(t, self.group, self.size)[:, :, self.order]
+
+    def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attention) -> torch.Tensor:
+        """`attention(q, k, v, mask)` of the rank's queries, block by block, over the gathered keys."""
+        k, v = self.gather(k), self.gather(v)  # before the GQA repeat: fewer bytes
+        outs = [attention(q[:, :, rows], k[:, :, :end], v[:, :, :end], mask) for rows, end, mask in self.blocks]
+        return outs[0] if len(outs) == 1 else torch.cat(outs, dim=2)
 
 
 def apply_context_parallel(model: CausalLM, group, cp: int, cp_rank: int, device: torch.device) -> torch.Tensor:

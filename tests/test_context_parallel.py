@@ -28,16 +28,33 @@ def test_every_rank_gets_the_same_share_of_the_causal_work(cp, chunk):
     assert len(work) == 1
 
 
-@pytest.mark.parametrize("cp", [2, 4])
-def test_the_mask_is_the_causal_mask_of_the_whole_sequence(cp):
+@pytest.mark.parametrize("cp", [1, 2, 4])
+def test_each_query_sees_exactly_the_keys_at_or_before_it(cp):
+    """The blocks cover the rank's queries once; each sees a prefix of the keys in sequence order, masked to
+    the causal mask of the whole sequence, and no block reaches past its own chunk."""
     seq_len = 4 * cp
     positions = [local_positions(seq_len, cp, r) for r in range(cp)]
-    keys = torch.cat(positions)
-    full = torch.ones(seq_len, seq_len, dtype=torch.bool).tril()  # query i sees keys 0..i
     for rank in range(cp):
-        mask = SequenceContext(None, cp, positions, rank, causal=True).mask
-        assert torch.equal(mask, full[positions[rank]][:, keys])
-    assert SequenceContext(None, cp, positions, 0, causal=False).mask is None
+        context = SequenceContext(None, cp, positions, rank, causal=True)
+        assert torch.equal(torch.cat(positions)[context.order], torch.arange(seq_len))  # sequence order
+        rows_seen = []
+        for rows, end, mask in context.blocks:
+            queries = positions[rank][rows]
+            assert end == int(queries.max()) + 1
+            assert torch.equal(mask, torch.arange(end)[None, :] <= queries[:, None])
+            rows_seen += list(range(rows.start, rows.stop))
+        assert rows_seen == list(range(len(positions[rank])))
+    whole = SequenceContext(None, cp, positions, 0, causal=False)
+    assert [(end, mask) for _, end, mask in whole.blocks] == [(seq_len, None)]
+
+
+@given(cp=st.integers(1, 8))
+def test_every_rank_computes_the_same_number_of_chunk_pairs(cp):
+    """2*cp + 1 chunk pairs per rank (against 2*cp*cp chunk pairs if every query met every key)."""
+    seq_len = 2 * cp * 3
+    positions = [local_positions(seq_len, cp, r) for r in range(cp)]
+    work = {sum(end for _, end, _ in SequenceContext(None, cp, positions, r, causal=True).blocks) for r in range(cp)}
+    assert work == {(2 * cp + 1) * 3}
 
 
 def test_a_sequence_that_does_not_cut_into_2cp_chunks_is_refused():

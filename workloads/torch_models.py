@@ -104,8 +104,8 @@ class AttentionCore(nn.Module):
     A module of its own so selective recompute can checkpoint exactly this part. `flash` uses
     flash-attn when importable on CUDA, else `scaled_dot_product_attention`; `naive` materializes the
     score matrix as the simulator's naive attention assumes. Under context parallelism `context`
-    (`executor.context_parallel.SequenceContext`) gathers every rank's keys and values and says which
-    of them each local query may see.
+    (`executor.context_parallel.SequenceContext`) gathers every rank's keys and values and runs this
+    attention on blocks of the local queries against the keys each may see.
     """
 
     def __init__(self, causal: bool, dropout: float, attention: str = "flash"):
@@ -117,9 +117,13 @@ class AttentionCore(nn.Module):
 
     def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         p = self.dropout if self.training else 0.0
-        context = self.context
-        if context is not None:
-            k, v = context.gather(k), context.gather(v)  # before the GQA repeat: fewer bytes
+        if self.context is not None:
+            return self.context.attend(q, k, v, lambda q, k, v, mask: self._attend(q, k, v, p, mask))
+        return self._attend(q, k, v, p, None)
+
+    def _attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, p: float, mask: torch.Tensor | None) -> torch.Tensor:
+        """Attention of q over k, v: causal (when the model is) for mask None, else True where a query may
+        see a key (context parallelism's blocks, whose queries and keys are not aligned)."""
         if k.shape[1] != q.shape[1]:
             # Grouped-query attention: each k/v head serves q.heads / kv.heads query heads.
             repeat = q.shape[1] // k.shape[1]
@@ -127,16 +131,16 @@ class AttentionCore(nn.Module):
             v = v.repeat_interleave(repeat, dim=1)
         if self.attention == "naive":
             scores = (q @ k.transpose(-2, -1)) / math.sqrt(q.shape[-1])
-            if context is not None and context.mask is not None:
-                scores = scores.masked_fill(~context.mask, float("-inf"))
+            if mask is not None:
+                scores = scores.masked_fill(~mask, float("-inf"))
             elif self.causal:
                 s = q.shape[-2]
-                mask = torch.ones(s, s, dtype=torch.bool, device=q.device).triu(1)
-                scores = scores.masked_fill(mask, float("-inf"))
+                hidden = torch.ones(s, s, dtype=torch.bool, device=q.device).triu(1)
+                scores = scores.masked_fill(hidden, float("-inf"))
             probs = F.dropout(scores.softmax(dim=-1), p)
             return probs @ v
-        if context is not None:  # queries see keys by position, not by index: an explicit mask
-            return F.scaled_dot_product_attention(q, k, v, attn_mask=context.mask, dropout_p=p)
+        if mask is not None:
+            return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=p)
         flash = _flash_attn_func() if q.is_cuda and q.dtype in (torch.float16, torch.bfloat16) else None
         if flash is not None:
             # flash-attn takes (batch, seq, heads, head_dim).
