@@ -10,6 +10,7 @@ Attention all-gathers the rank's keys and values over the cp group (in backward 
 reduce-scattered back), puts them in sequence order, and runs each of the rank's two query chunks over
 the keys up to its own end with a causal mask aligned there: every query sees exactly the keys at or
 before its position, and key chunks after a query chunk are never computed.
+
 This moves the bytes ring attention moves (each rank receives the other ranks' keys and values once in
 forward and returns their gradients once in backward) without overlapping them with the attention
 compute, as the simulator's blocking-collective CPU model assumes. One difference to know at long
@@ -23,9 +24,10 @@ flattened ("dp", "cp") mesh, see `executor.parallelize`): every rank's loss is t
 tokens and every rank holds as many tokens, so that average is the gradient of the mean over all tokens.
 
 It composes with MEMO (`executor.offload`: the rank's tokens are split again by alpha; the gathered keys
-and values are saved tensors of the attention core and go to host whole), with tensor parallelism (the attention sees this rank's heads as plain tensors, so the
-gather runs on them unchanged; sequence parallelism gathers the rank's tokens back before attention) and
-with pipelining (stages pass hidden states of the rank's tokens; the schedules infer their shape).
+and values are saved tensors of the attention core and go to host whole), with tensor parallelism (the
+attention sees this rank's heads as plain tensors, so the gather runs on them unchanged; sequence
+parallelism gathers the rank's tokens back before attention) and with pipelining (stages pass hidden
+states of the rank's tokens; the schedules infer their shape).
 """
 
 from __future__ import annotations
