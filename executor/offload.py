@@ -504,13 +504,10 @@ class MemoBlock(Block):
         k = attn.wk(h).view(b, s, -1, attn.head_dim)
         v = attn.wv(h).view(b, s, -1, attn.head_dim)
         if attn.rope:
-            if attn.positions is None:
-                cos, sin = _rope_tables(seq, attn.head_dim, q.device, q.dtype)
-                cos, sin = cos[start:start + s, None], sin[start:start + s, None]
-            else:  # context parallel: this rank's tokens sit at `positions` of the whole sequence
-                cos, sin = _rope_tables(attn.num_positions, attn.head_dim, q.device, q.dtype)
-                where = attn.positions[start:start + s]
-                cos, sin = cos[where][:, None], sin[where][:, None]
+            # Under context parallelism this rank's tokens sit at `positions` of the whole sequence.
+            where = slice(start, start + s) if attn.positions is None else attn.positions[start:start + s]
+            cos, sin = _rope_tables(attn.num_positions or seq, attn.head_dim, q.device, q.dtype)
+            cos, sin = cos[where][:, None], sin[where][:, None]
             q = q * cos + _rotate_half(q) * sin
             k = k * cos + _rotate_half(k) * sin
         return q, k, v
