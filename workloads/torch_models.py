@@ -90,10 +90,8 @@ def _rotate_half(x: torch.Tensor) -> torch.Tensor:
 def apply_rope(x: torch.Tensor, positions: torch.Tensor | None = None, num_positions: int = 0) -> torch.Tensor:
     """Rotary position embedding of x, (batch, heads, seq, head_dim): positions 0..seq-1, or `positions`
     (of a sequence of `num_positions` tokens) when x holds a context-parallel share of the tokens."""
-    if positions is None:
-        cos, sin = _rope_tables(x.shape[-2], x.shape[-1], x.device, x.dtype)
-    else:
-        cos, sin = _rope_tables(num_positions, x.shape[-1], x.device, x.dtype)
+    cos, sin = _rope_tables(num_positions or x.shape[-2], x.shape[-1], x.device, x.dtype)
+    if positions is not None:
         cos, sin = cos[positions], sin[positions]
     return x * cos + _rotate_half(x) * sin
 
