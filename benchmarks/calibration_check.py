@@ -34,7 +34,7 @@ from rich.table import Table
 from torch import nn
 from torch.nn import functional as F
 
-from executor.calibrate_fit import fit_matmul
+from executor.calibrate.fit import fit_matmul
 from hwmodel import load_cluster
 from hwmodel.components import DeviceSpec, DtypeEfficiency
 from simulator.cost.compute import layer_times, roofline

@@ -24,7 +24,7 @@ from rich.table import Table
 
 from executor.job import Job
 from executor.launch import run
-from executor.parallelize import ADAMW
+from executor.parallel.parallelize import ADAMW
 from simulator.plan import parse_shorthand
 from workloads import WorkloadConfig
 from workloads.torch_models import SyntheticTokens, build_model, init_weights, loss_fn

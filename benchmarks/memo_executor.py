@@ -7,7 +7,7 @@ Usage:
 Part 1 (hooks, one process): for `gpt-30m` (8 layers, hidden 512, 2 x 256 tokens, fp32) the bytes saved
 for backward that are alive when forward ends, measured by `executor.memory.SavedTensorTracker` (the
 executor's CPU memory account), with plain swapping (`recompute=none,offload=alpha`) and with MEMO
-(`recompute=tokenwise,offload=alpha`), and the bytes copied to host (`executor.offload.STATS`). With plain
+(`recompute=tokenwise,offload=alpha`), and the bytes copied to host (`executor.offload.memo.STATS`). With plain
 swapping the blocks' device bytes must fall to (1 - alpha) of the plain run's; with MEMO the blocks keep
 nothing on the device (swapped or recomputed). Byte counts are deterministic: one run each.
 
@@ -33,7 +33,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from executor_accuracy import calibrate, measure  # noqa: E402  (the issue-4 benchmark's calibration and runs)
 
 from executor.memory import SavedTensorTracker
-from executor.offload import STATS, apply_offload
+from executor.offload.memo import STATS, apply_offload
 from hwmodel import load_cluster
 from simulator.analytic import evaluate
 from simulator.des import evaluate_des

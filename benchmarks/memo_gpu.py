@@ -35,7 +35,7 @@ LONG_ITERATION_S = 5.0
 
 
 def _plan_for(mode: str, cfg, cluster):
-    from simulator.memo.search import choose_alpha
+    from simulator.search.memo.search import choose_alpha
     from simulator.plan import parse_shorthand
 
     plan = parse_shorthand(BASE_PLAN)

@@ -20,8 +20,8 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from executor import offload  # noqa: E402
-from executor.offload import apply_offload  # noqa: E402
+from executor.offload import memo as offload  # noqa: E402
+from executor.offload.memo import apply_offload  # noqa: E402
 from workloads.catalog import load_workload  # noqa: E402
 from workloads.torch_models import build_model, loss_fn  # noqa: E402
 

@@ -33,7 +33,7 @@ from rich.table import Table
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from simulator.memo.memory_plan import (  # noqa: E402
+from simulator.search.memo.memory_plan import (  # noqa: E402
     TensorLife,
     check_plan,
     online_best_fit,

@@ -4,7 +4,7 @@ Usage:
     python benchmarks/memo_search.py [--workload llama2-7b] [--cluster hgx-a800] [--seq-lens 65536,...]
                                      [--what-if-attention 0.55,0.62] [--what-if-fragmentation 0.1,0.15]
 
-For each sequence length it runs `simulate search memo`'s planner (`simulator.memo.search.search_memo`)
+For each sequence length it runs `simulate search memo`'s planner (`simulator.search.memo.search.search_memo`)
 and prints the chosen alpha and layout, MEMO's MFU, the best Megatron-style baseline (tp + sequence +
 context parallel, full or selective recompute), the DeepSpeed-style baseline and the ratio; then the mean
 ratio over the lengths and MEMO's MFU at the longest length against the published 52.30% (MEMO, SIGMOD
@@ -31,7 +31,7 @@ import pandas as pd
 
 from hwmodel.catalog import load_cluster
 from hwmodel.curves import EfficiencyCurve
-from simulator.memo.search import best_megatron_mfu, search_memo
+from simulator.search.memo.search import best_megatron_mfu, search_memo
 from workloads.catalog import load_workload
 
 PUBLISHED_MFU_1M = 0.5230

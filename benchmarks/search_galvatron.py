@@ -30,7 +30,7 @@ from rich.table import Table  # noqa: E402
 from hwmodel.catalog import load_cluster  # noqa: E402
 from simulator.analytic import evaluate  # noqa: E402
 from simulator.des import evaluate_des  # noqa: E402
-from simulator.search.galvatron import search_galvatron, uniform_view  # noqa: E402
+from simulator.search.galvatron.search import search_galvatron, uniform_view  # noqa: E402
 from workloads.catalog import load_workload  # noqa: E402
 
 GiB = 2**30

@@ -67,7 +67,7 @@ def hand_plans(num_layers: int) -> dict[str, Plan]:
 
 def search_plans(workload, cluster, budget_bytes: float) -> tuple[list[tuple[str, Plan]], list[tuple[str, Plan]], float]:
     """(top-3 candidates, baselines with a plan, search seconds) from `search_galvatron`."""
-    from simulator.search.galvatron import search_galvatron
+    from simulator.search.galvatron.search import search_galvatron
 
     started = time.perf_counter()
     result = search_galvatron(workload, cluster, budget_bytes, global_batch=GLOBAL_BATCH, top_k=3, dtype="fp32")

@@ -3,10 +3,10 @@
 Reads the runs of `benchmarks/results/vfl_measured.json` (from `benchmarks/vfl_wan.py`): the vanilla runs'
 AUC-against-rounds points fit the vanilla curve; each FedBCD and CELU-VFL run is simulated on its own link
 (its mode, W, R, sampling, weighting) to get its local updates' staleness and repeats, and the value of a
-local update (rho, tau, kappa; `simulator/vfl/efficiency.py`) is fitted so that each run's AUC after n rounds
+local update (rho, tau, kappa; `simulator/search/vfl/efficiency.py`) is fitted so that each run's AUC after n rounds
 matches the vanilla curve at its progress (n plus what its local updates were worth): weighted CELU-VFL runs
 fit `local`, FedBCD and the runs without weighting fit `local_unweighted`, all with the curve at once (where
-the runs with local updates level off tells the curve's limit, which a short vanilla run cannot). Writes `simulator/vfl/data/<workload>.json` with the fit's
+the runs with local updates level off tells the curve's limit, which a short vanilla run cannot). Writes `simulator/search/vfl/data/<workload>.json` with the fit's
 provenance (the runs, the file's hash, the residuals) and prints measured against fitted AUC.
 
     .venv/bin/python benchmarks/vfl_fit.py                 # fit and print; --write stores the result
@@ -31,11 +31,11 @@ from rich.table import Table  # noqa: E402
 
 from hwmodel.catalog import load_cluster  # noqa: E402
 from hwmodel.errors import UserError  # noqa: E402
-from simulator.vfl.costs import default_sites, timing_model  # noqa: E402
-from simulator.vfl.efficiency import EfficiencyModel, data_file, fit_jointly, load_efficiency  # noqa: E402
-from simulator.vfl.engine import simulate_mode  # noqa: E402
-from simulator.vfl.measured import MeasuredRun, load_measured  # noqa: E402
-from simulator.vfl.search import with_wan  # noqa: E402
+from simulator.search.vfl.costs import default_sites, timing_model  # noqa: E402
+from simulator.search.vfl.efficiency import EfficiencyModel, data_file, fit_jointly, load_efficiency  # noqa: E402
+from simulator.search.vfl.engine import simulate_mode  # noqa: E402
+from simulator.search.vfl.measured import MeasuredRun, load_measured  # noqa: E402
+from simulator.search.vfl.search import with_wan  # noqa: E402
 
 DEFAULT_MEASURED = ROOT / "benchmarks" / "results" / "vfl_measured.json"
 
@@ -75,7 +75,7 @@ def main() -> None:
     parser.add_argument("--measured", type=Path, default=DEFAULT_MEASURED, help="the runs (default %(default)s)")
     parser.add_argument("--cluster", default="two-sites-wan", help="cluster whose two sites are the parties")
     parser.add_argument("--all-points", action="store_true", help="fit every evaluation, also after a run's best AUC")
-    parser.add_argument("--write", action="store_true", help="store the fit in simulator/vfl/data/<workload>.json")
+    parser.add_argument("--write", action="store_true", help="store the fit in simulator/search/vfl/data/<workload>.json")
     parser.add_argument("--force", action="store_true", help="with --write: replace a stored fitted model")
     args = parser.parse_args()
     global ALL_POINTS

@@ -34,11 +34,11 @@ from rich.table import Table  # noqa: E402
 
 from hwmodel.catalog import load_cluster, load_device  # noqa: E402
 from hwmodel.errors import UserError  # noqa: E402
-from simulator.vfl.costs import default_sites, timing_model  # noqa: E402
-from simulator.vfl.efficiency import load_efficiency  # noqa: E402
-from simulator.vfl.engine import LOCK_POLICIES, simulate_mode  # noqa: E402
-from simulator.vfl.measured import MeasuredRun, load_measured  # noqa: E402
-from simulator.vfl.search import with_wan  # noqa: E402
+from simulator.search.vfl.costs import default_sites, timing_model  # noqa: E402
+from simulator.search.vfl.efficiency import load_efficiency  # noqa: E402
+from simulator.search.vfl.engine import LOCK_POLICIES, simulate_mode  # noqa: E402
+from simulator.search.vfl.measured import MeasuredRun, load_measured  # noqa: E402
+from simulator.search.vfl.search import with_wan  # noqa: E402
 
 DEFAULT_MEASURED = ROOT / "benchmarks" / "results" / "vfl_measured.json"
 TARGET = 0.15

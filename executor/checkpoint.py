@@ -32,7 +32,7 @@ from torch.distributed.checkpoint.state_dict import (
 
 from hwmodel.errors import UserError
 
-from .parallelize import RankModel
+from executor.parallel.parallelize import RankModel
 
 FINGERPRINT = "hetplan.json"
 _STEP_DIR = re.compile(r"step-(\d+)$")

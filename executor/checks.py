@@ -68,7 +68,7 @@ def check_features(plan: Plan, device_type: str) -> None:
     if plan.grad_reduce_dtype == "fp16":
         raise _refuse("grad_reduce_dtype=fp16", "use fp32 or bf16")
     for i, layer in enumerate(plan.layers):
-        # Per-layer tp / sequence_parallel / dp_type run as mixed layouts (executor.mixed_layout), except
+        # Per-layer tp / sequence_parallel / dp_type run as mixed layouts (executor.parallel.mixed_layout), except
         # ZeRO-1: DistributedDataParallel + ZeroRedundancyOptimizer hold a whole chunk, not single blocks.
         differs = [key for key in ("tp", "dp_type", "sequence_parallel")
                    if getattr(layer, key) is not None and getattr(layer, key) != getattr(plan, key)]
@@ -95,7 +95,7 @@ def check_features(plan: Plan, device_type: str) -> None:
 
 
 def _check_context_parallel(plan: Plan) -> None:
-    """Context parallelism (executor.context_parallel) composes with tp (and sequence parallel), pp, dp,
+    """Context parallelism (executor.parallel.context_parallel) composes with tp (and sequence parallel), pp, dp,
     recompute and MEMO on uniform plans; what else it would have to compose with is refused, naming it."""
     cp = f"cp={plan.cp}"
     if plan.layers or plan.stages:
@@ -108,7 +108,7 @@ def _check_context_parallel(plan: Plan) -> None:
 
 
 def _check_offload(plan: Plan, recompute: str, offload: float, where: str) -> None:
-    """Swapping by token (executor.offload) runs with recompute none (plain swapping) or tokenwise (MEMO)."""
+    """Swapping by token (executor.offload.memo) runs with recompute none (plain swapping) or tokenwise (MEMO)."""
     if offload > 0 and recompute in ("full", "selective"):
         raise _refuse(f"{where}offload={offload:g} with recompute={recompute}",
                       "swapping runs with recompute=none (plain swapping) or recompute=tokenwise (MEMO)")
@@ -190,7 +190,7 @@ def admit(plan: Plan, workload: WorkloadConfig, cluster: ClusterSpec, force: boo
     device_type = device_type_of(cluster)
     check_features(plan, device_type)
     if plan.cp > 1 and workload.seq_len % (2 * plan.cp):
-        # The load-balanced split gives each cp rank two of 2*cp equal chunks (executor.context_parallel).
+        # The load-balanced split gives each cp rank two of 2*cp equal chunks (executor.parallel.context_parallel).
         raise _refuse(f"cp={plan.cp} with seq_len={workload.seq_len}",
                       f"the sequence is cut into 2*cp = {2 * plan.cp} equal chunks; use a seq_len divisible by it")
     bound = bind(plan, workload, cluster)

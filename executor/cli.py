@@ -18,11 +18,12 @@ from typing import Optional
 import typer
 from rich.markup import escape
 
-from hwmodel.console import make_console
-from hwmodel.errors import UserError, run_app
+from hwmodel.cli_common import make_console
+from hwmodel.errors import UserError
+from hwmodel.cli_common import run_app
 
-from . import calibrate_cli
-from .vfl.cli import vfl_app
+from executor.calibrate import cli as calibrate_cli
+from executor.vfl.cli import vfl_app
 
 out = make_console()
 err = make_console(stderr=True)
@@ -78,7 +79,7 @@ def _check_options(trace: Optional[Path], checkpoint_dir: Optional[Path], checkp
 
 
 def _check_checkpoint_dir(job, force: bool) -> None:
-    from . import checkpoint
+    from executor import checkpoint
 
     if job.checkpoint_dir is None:
         return
@@ -156,7 +157,7 @@ def execute(
     from workloads.vfl import is_vfl_workload
 
     if party is not None or is_vfl_workload(workload):
-        from .vfl.cli import run_from_execute
+        from executor.vfl.cli import run_from_execute
 
         return run_from_execute(workload, cluster, plan, party)
     if engine not in ("des", "analytic"):
@@ -185,11 +186,11 @@ def _run(workload, cluster, plan, nodes, devices_per_node, seq_len, steps, warmu
     from simulator.plan import load_plan
     from workloads.catalog import load_workload
 
-    from .checks import admit
-    from .job import Job
-    from .launch import RankFailure, run, under_torchrun
-    from .render import render_comparison, render_measured
-    from .results import extras, measured_report
+    from executor.checks import admit
+    from executor.job import Job
+    from executor.launch import RankFailure, run, under_torchrun
+    from executor.render import render_comparison, render_measured
+    from executor.results import extras, measured_report
 
     cfg = load_workload(workload, seq_len)
     cluster_spec = load_cluster(cluster, nodes, devices_per_node)

@@ -30,8 +30,8 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from .job import Job, RunResult
-from .runtime import StepCallback, run_rank
+from executor.job import Job, RunResult
+from executor.runtime import StepCallback, run_rank
 
 TORCHRUN_VARS = ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
 # How long a rank waits in a collective for a peer before giving up (seconds; HETPLAN_PG_TIMEOUT_S).

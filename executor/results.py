@@ -20,7 +20,7 @@ from simulator.assemble import DeviceMemory, assemble_report
 from simulator.binding import BoundPlan
 from simulator.report import MemoryBreakdown, Report, TimeBreakdown
 
-from .job import RunResult
+from executor.job import RunResult
 
 
 def measured_report(bound: BoundPlan, result: RunResult, warnings: list[str]) -> Report:

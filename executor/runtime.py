@@ -29,10 +29,10 @@ from torch.distributed.fsdp import FSDPModule
 
 from workloads.torch_models import SyntheticTokens, loss_fn
 
-from . import checkpoint
-from .job import FAIL_AT_STEP_ENV, FAIL_MODE_ENV, FAIL_RANK_ENV, Job, RunResult
-from .memory import SavedTensorTracker, gradient_bytes, optimizer_bytes, parameter_bytes
-from .parallelize import Layout, RankModel, build_rank_model, replica_loss_scale, replica_sequences
+from executor import checkpoint
+from executor.job import FAIL_AT_STEP_ENV, FAIL_MODE_ENV, FAIL_RANK_ENV, Job, RunResult
+from executor.memory import SavedTensorTracker, gradient_bytes, optimizer_bytes, parameter_bytes
+from executor.parallel.parallelize import Layout, RankModel, build_rank_model, replica_loss_scale, replica_sequences
 
 # How many measured iterations --trace records (a trace of hundreds of iterations is unreadable).
 TRACE_ITERATIONS = 3

@@ -14,10 +14,10 @@ from functools import lru_cache
 from importlib import resources
 from pathlib import Path
 
-from .cluster import ClusterSpec
-from .components import DeviceSpec
-from .errors import SpecError, UnknownNameError
-from .loading import read_mapping, validate
+from hwmodel.cluster import ClusterSpec
+from hwmodel.components import DeviceSpec
+from hwmodel.errors import SpecError, UnknownNameError
+from hwmodel.loading import read_mapping, validate
 
 ENV_VAR = "HETPLAN_SPECS"
 

@@ -20,9 +20,9 @@ from typing import Any
 
 from pydantic import Field, model_validator
 
-from .components import DeviceSpec, Frozen, HostSpec, LinkKind, LinkSpec, StorageSpec
-from .errors import UnknownNameError, UserError
-from .units import NonNegativeSeconds
+from hwmodel.components import DeviceSpec, Frozen, HostSpec, LinkKind, LinkSpec, StorageSpec
+from hwmodel.errors import UnknownNameError, UserError
+from hwmodel.units import NonNegativeSeconds
 
 
 class Tier(IntEnum):

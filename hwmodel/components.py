@@ -12,8 +12,8 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, PlainSerializer, ValidationInfo, model_validator
 
-from .curves import EfficiencyCurve
-from .units import Bandwidth, Bytes, FlopRate, NonNegativeBytes, NonNegativeSeconds
+from hwmodel.curves import EfficiencyCurve
+from hwmodel.units import Bandwidth, Bytes, FlopRate, NonNegativeBytes, NonNegativeSeconds
 
 DTYPES = ("fp32", "tf32", "fp16", "bf16", "fp8")
 Dtype = Literal["fp32", "tf32", "fp16", "bf16", "fp8"]
@@ -100,7 +100,7 @@ class ComputeSpec(Frozen):
     )
     # What the training framework adds around the kernels of a parallel plan. On GPUs it runs on the host
     # ahead of the device and hides; on a CPU device it runs on the same cores as the kernels, so
-    # `execute calibrate` measures it there (executor/calibrate_framework.py).
+    # `execute calibrate` measures it there (executor/calibrate/framework.py).
     sharded_kernel_overhead: NonNegativeSeconds = Field(
         0.0, description="extra cost per kernel of a tensor-parallel layer (sharded-tensor dispatch), on top of kernel_overhead"
     )

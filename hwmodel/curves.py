@@ -15,7 +15,7 @@ from typing import Any
 import numpy as np
 from pydantic import BaseModel, ConfigDict, PrivateAttr, model_validator
 
-from .units import parse_quantity
+from hwmodel.units import parse_quantity
 
 
 class EfficiencyCurve(BaseModel):

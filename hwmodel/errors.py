@@ -36,20 +36,3 @@ class UnknownNameError(UserError):
 def nearest(name: str, known: Iterable[str], n: int = 3) -> list[str]:
     """The known names closest to `name`, best first."""
     return difflib.get_close_matches(name, list(known), n=n, cutoff=0.4)
-
-
-def run_app(app, err_console) -> None:
-    """Run a typer app as a console entry point: a UserError becomes its message on `err_console` and
-    exit status 2, never a traceback; Ctrl-C exits with 130."""
-    import sys
-
-    from rich.markup import escape
-
-    try:
-        app()
-    except UserError as exc:
-        err_console.print(f"[bold red]error:[/bold red] {escape(str(exc))}", highlight=False)
-        sys.exit(2)
-    except KeyboardInterrupt:
-        err_console.print("interrupted")
-        sys.exit(130)

@@ -13,7 +13,7 @@ from typing import Any, TypeVar
 import yaml
 from pydantic import BaseModel, ValidationError
 
-from .errors import SpecError
+from hwmodel.errors import SpecError
 
 M = TypeVar("M", bound=BaseModel)
 

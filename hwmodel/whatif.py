@@ -5,9 +5,9 @@ Each returns a new, validated ClusterSpec; specs are immutable.
 
 from __future__ import annotations
 
-from .catalog import load_device
-from .cluster import ClusterSpec
-from .errors import UserError
+from hwmodel.catalog import load_device
+from hwmodel.cluster import ClusterSpec
+from hwmodel.errors import UserError
 
 LINK_FIELDS = {
     "intra_node_bandwidth": "intra_node",

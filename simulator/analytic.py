@@ -19,13 +19,13 @@ from hwmodel.cluster import ClusterSpec
 from workloads.config import WorkloadConfig
 from workloads.transformer import layer_kinds
 
-from .binding import BoundPlan, BoundStage, bind
-from .cost.collectives import p2p_time
-from .cost.pipeline import finish_slack, pipeline_time
-from .cost.stage import StageCost, buffer_memory, peak_activations, stage_cost
-from .plan import Plan
-from .assemble import DeviceMemory, StageTiming, assemble_report
-from .report import MemoryBreakdown, Report, TimeBreakdown
+from simulator.binding import BoundPlan, BoundStage, bind
+from simulator.cost.collectives import p2p_time
+from simulator.cost.pipeline import finish_slack, pipeline_time
+from simulator.cost.stage import StageCost, buffer_memory, peak_activations, stage_cost
+from simulator.plan import Plan
+from simulator.assemble import DeviceMemory, StageTiming, assemble_report
+from simulator.report import MemoryBreakdown, Report, TimeBreakdown
 
 def representatives(cluster: ClusterSpec, stage: BoundStage) -> dict[int, int]:
     """One rank per distinct device type in the stage (mixed stages wait for their slowest type), and how

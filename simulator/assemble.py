@@ -13,9 +13,9 @@ from hwmodel.components import DeviceSpec
 from workloads.ops import ShardShape
 from workloads.transformer import layer_profile, model_flops_per_sample
 
-from . import metrics
-from .binding import BoundPlan, BoundStage
-from .report import MemoryBreakdown, Report, StageReport, TimeBreakdown
+from simulator import metrics
+from simulator.binding import BoundPlan, BoundStage
+from simulator.report import MemoryBreakdown, Report, StageReport, TimeBreakdown
 
 
 @dataclass(frozen=True)

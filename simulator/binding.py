@@ -19,8 +19,8 @@ from hwmodel.cluster import ClusterSpec
 from workloads.config import WorkloadConfig
 from workloads.transformer import layer_kinds
 
-from .errors import InfeasiblePlan, UnsupportedPlan
-from .plan import LayerStrategy, Plan
+from simulator.errors import InfeasiblePlan, UnsupportedPlan
+from simulator.plan import LayerStrategy, Plan
 
 
 EDGE_KINDS = ("embedding", "patch_embedding", "head")

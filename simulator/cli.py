@@ -19,21 +19,21 @@ from rich.progress import Progress
 from rich.table import Table
 
 from hwmodel.catalog import cluster_names, device_names, load_cluster, load_device
-from hwmodel.console import make_console
-from hwmodel.errors import SpecError, UserError, run_app
+from hwmodel.cli_common import check_new_file, make_console, run_app, write_new_file
+from hwmodel.errors import SpecError, UserError
 from hwmodel.loading import read_mapping, validate
 from hwmodel.units import format_bandwidth, format_bytes, format_flop_rate, format_seconds, parse_quantity
 from hwmodel.whatif import LINK_FIELDS, with_device_everywhere, with_link_bandwidth
 from workloads.catalog import load_workload, workload_names
 from workloads.transformer import model_flops_per_sample, parameter_count
 
-from .analytic import evaluate
-from .binding import bind
-from .errors import InfeasiblePlan
-from .plan import SHORTHAND_KEYS, Plan, load_plan, parse_shorthand
-from .render import render_comparison, render_report
-from .report import Report
-from .validation import summarize, validate_llm_foundry
+from simulator.analytic import evaluate
+from simulator.binding import bind
+from simulator.errors import InfeasiblePlan
+from simulator.plan import SHORTHAND_KEYS, Plan, load_plan, parse_shorthand
+from simulator.render import render_comparison, render_report
+from simulator.report import Report
+from simulator.validation import summarize, validate_llm_foundry
 
 app = typer.Typer(
     name="simulate",
@@ -56,7 +56,7 @@ app.add_typer(specs_app, name="specs")
 app.add_typer(workloads_app, name="workloads")
 app.add_typer(validate_app, name="validate")
 
-from .search.cli import search_app  # noqa: E402  (the planners add their commands there)
+from simulator.search.cli import search_app  # noqa: E402  (the planners register in simulator.search.registry)
 
 app.add_typer(search_app, name="search")
 
@@ -69,20 +69,6 @@ PLAN_HELP = (
     "Plan YAML/JSON file or shorthand such as 'tp=8,pp=2,dp_type=zero1,micro_batch=1,global_batch=512,"
     "recompute=selective'. Keys: " + ", ".join(SHORTHAND_KEYS) + ". dp left out fills the cluster."
 )
-
-
-def _check_new_file(path: Path, force: bool) -> None:
-    """Refuse to replace a file the user already has unless --force; the folder must exist."""
-    if path.exists() and not force:
-        raise UserError(f"{path} already exists; choose another name or pass --force to replace it")
-    if path.parent and not path.parent.exists():
-        raise UserError(f"{path.parent} does not exist")
-
-
-def _write_new_file(path: Path, text: str, force: bool) -> None:
-    """Write `text` to `path`, refusing to replace a file the user already has unless --force."""
-    _check_new_file(path, force)
-    path.write_text(text, encoding="utf-8")
 
 
 # ---- run -----------------------------------------------------------------------------------------
@@ -103,9 +89,9 @@ def _predict(plan: Plan, workload, cluster, engine: str, trace: Path | None = No
         raise UserError(f"--engine must be analytic or des, got {engine!r}")
     for path in (trace, plot):
         if path is not None:
-            _check_new_file(path, force)
-    from .des import des_report
-    from .des.engine import Simulation
+            check_new_file(path, force)
+    from simulator.des import des_report
+    from simulator.des.engine import Simulation
 
     simulation = Simulation(bind(plan, workload, cluster), record_trace=trace is not None or plot is not None)
     total = simulation.total_operations()
@@ -117,11 +103,11 @@ def _predict(plan: Plan, workload, cluster, engine: str, trace: Path | None = No
     else:
         result = simulation.run()
     if trace is not None:
-        from .des.trace import write_trace
+        from simulator.des.trace import write_trace
 
         write_trace(result, trace)
     if plot is not None:
-        from .des.plot import plot_timeline
+        from simulator.des.plot import plot_timeline
 
         plot_timeline(result, plot, f"{workload.name} on {cluster.name}: {plan.shorthand()}")
     return des_report(result)
@@ -148,11 +134,11 @@ def run(
 ) -> None:
     """Predict one plan: time, throughput, MFU, memory, and where the time goes."""
     if out_file is not None:
-        _check_new_file(out_file, force)
+        check_new_file(out_file, force)
     from workloads.vfl import is_vfl_workload
 
     if is_vfl_workload(workload):  # two parties over a WAN: rounds, predicted by the VFL engine
-        from .vfl.cli import simulate_run_vfl
+        from simulator.search.vfl.cli import simulate_run_vfl
 
         return simulate_run_vfl(workload, load_cluster(cluster, nodes, devices_per_node), load_plan(plan), engine,
                                 trace, plot, as_json, out_file, force)
@@ -160,12 +146,12 @@ def run(
     the_cluster = load_cluster(cluster, nodes, devices_per_node)
     report = _predict(the_plan, the_workload, the_cluster, engine, trace, plot, force)
     if the_plan.offload > 0 or any(layer.offload for layer in the_plan.layers):
-        from .memo.search import host_memory_used
+        from simulator.search.memo.search import host_memory_used
 
         # Swapped activations fill the node's DRAM: say how much (what `simulate search memo` reports too).
         report = report.model_copy(update={"host_memory_bytes": host_memory_used(the_plan, the_workload, the_cluster)})
     if out_file is not None:
-        _write_new_file(out_file, report.model_dump_json(indent=2), force)
+        write_new_file(out_file, report.model_dump_json(indent=2), force)
     if as_json:
         print(report.model_dump_json(indent=2))
     else:
@@ -226,7 +212,7 @@ def compare(
     from workloads.vfl import is_vfl_workload
 
     if is_vfl_workload(workload):  # two parties over a WAN: the VFL planner's speedups, sweeping the link
-        from .vfl.cli import compare_vfl
+        from simulator.search.vfl.cli import compare_vfl
 
         return compare_vfl(workload, cluster, sweep, as_json, csv_file, force)
     base_plan = load_plan(plan)
@@ -269,7 +255,7 @@ def compare(
                 + ([rep.iteration_time_s, rep.tokens_per_s, rep.mfu, rep.peak_memory_bytes, rep.fits_memory, ""]
                    if rep else ["", "", "", "", False, r.get("reason", "")])
             )
-        _write_new_file(csv_file, buffer.getvalue(), force)
+        write_new_file(csv_file, buffer.getvalue(), force)
 
 
 # ---- validate ------------------------------------------------------------------------------------

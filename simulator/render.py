@@ -10,7 +10,7 @@ from rich.table import Table
 
 from hwmodel.units import format_bytes, format_seconds
 
-from .report import Report
+from simulator.report import Report
 
 BREAKDOWN_LABELS = {
     "compute": "compute",

@@ -11,7 +11,7 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from .plan import Plan
+from simulator.plan import Plan
 
 
 class MemoryBreakdown(BaseModel):

@@ -15,8 +15,8 @@ from hwmodel.catalog import load_cluster
 from hwmodel.errors import SpecError
 from workloads.config import WorkloadConfig
 
-from .analytic import evaluate
-from .plan import Plan
+from simulator.analytic import evaluate
+from simulator.plan import Plan
 
 GPU_CLUSTERS = {"a100_40gb": "dgx-a100-40g", "a100_80gb": "dgx-a100-80g", "h100_80gb": "dgx-h100"}
 GPUS_PER_NODE = 8

@@ -4,7 +4,6 @@ runs the console entry point in-process."""
 from __future__ import annotations
 
 import sys
-from dataclasses import dataclass
 
 import pytest
 from rich.console import Console
@@ -12,6 +11,7 @@ from rich.console import Console
 import simulator.cli as cli
 
 from hwmodel import load_cluster
+from tests.helpers import CliResult
 from workloads import load_workload
 
 
@@ -36,13 +36,6 @@ def gpt_medium():
     return load_workload("gpt3-350m")
 
 
-@dataclass
-class CliResult:
-    code: int
-    out: str
-    err: str
-
-
 @pytest.fixture
 def simulate(monkeypatch, capsys):
     """Run `simulate ARGS...` through the console entry point (which turns user errors into exit status
@@ -50,6 +43,7 @@ def simulate(monkeypatch, capsys):
     # A standard 80-column terminal (also what a pipe gets), whatever terminal runs the tests.
     monkeypatch.setattr(cli, "out", Console(width=80))
     monkeypatch.setattr(cli, "err", Console(stderr=True, width=80))
+    monkeypatch.setenv("COLUMNS", "80")  # the consoles the planners' commands make for themselves
 
     def invoke(*args) -> CliResult:
         argv = [str(a) for a in args]

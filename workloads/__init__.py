@@ -1,9 +1,9 @@
 """What a job is: transformer families with exact per-layer FLOPs, bytes, parameters and activations."""
 
-from .catalog import load_workload, workload_names
-from .config import FAMILIES, WorkloadConfig
-from .ops import LayerProfile, ShardShape
-from .transformer import layer_kinds, layer_profile, model_flops_per_sample, parameter_count
+from workloads.catalog import load_workload, workload_names
+from workloads.config import FAMILIES, WorkloadConfig
+from workloads.ops import LayerProfile, ShardShape
+from workloads.transformer import layer_kinds, layer_profile, model_flops_per_sample, parameter_count
 
 __all__ = [
     "FAMILIES",

@@ -26,8 +26,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from functools import lru_cache
 
-from .config import WorkloadConfig
-from .ops import ShardShape
+from workloads.config import WorkloadConfig
+from workloads.ops import ShardShape
 
 TOKENWISE_KINDS = ("decoder", "encoder")
 

@@ -15,8 +15,8 @@ from pathlib import Path
 from hwmodel.errors import SpecError, UnknownNameError
 from hwmodel.loading import read_mapping, validate
 
-from .config import WorkloadConfig
-from .hf import from_hf_config, is_hf_config
+from workloads.config import WorkloadConfig
+from workloads.hf import from_hf_config, is_hf_config
 
 
 @lru_cache(maxsize=1)

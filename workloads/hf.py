@@ -10,7 +10,7 @@ from typing import Any
 
 from hwmodel.errors import SpecError
 
-from .config import WorkloadConfig
+from workloads.config import WorkloadConfig
 
 LLAMA_LIKE = ("llama", "mistral", "qwen2", "mixtral")
 SUPPORTED = LLAMA_LIKE + ("gpt2", "gpt_neox")

@@ -34,8 +34,8 @@ from torch import nn
 
 from hwmodel.errors import UserError
 
-from .config import WorkloadConfig
-from .transformer import layer_kinds
+from workloads.config import WorkloadConfig
+from workloads.transformer import layer_kinds
 
 EXECUTABLE_FAMILIES = ("gpt", "llama")
 DROPOUT_P = 0.1  # GPT-2's dropout probability; the workload file says only whether there is dropout
@@ -74,7 +74,7 @@ def _norm(cfg: WorkloadConfig) -> nn.Module:
 
 
 @lru_cache(maxsize=32)
-def _rope_tables(seq_len: int, head_dim: int, device: torch.device, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+def rope_tables(seq_len: int, head_dim: int, device: torch.device, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
     """cos and sin of the rotary angles, (seq_len, head_dim), cached per shape (they never change)."""
     inv_freq = 1.0 / (ROPE_THETA ** (torch.arange(0, head_dim, 2, device=device, dtype=torch.float32) / head_dim))
     angles = torch.outer(torch.arange(seq_len, device=device, dtype=torch.float32), inv_freq)
@@ -82,7 +82,7 @@ def _rope_tables(seq_len: int, head_dim: int, device: torch.device, dtype: torch
     return angles.cos().to(dtype), angles.sin().to(dtype)
 
 
-def _rotate_half(x: torch.Tensor) -> torch.Tensor:
+def rotate_half(x: torch.Tensor) -> torch.Tensor:
     a, b = x.chunk(2, dim=-1)
     return torch.cat((-b, a), dim=-1)
 
@@ -90,10 +90,10 @@ def _rotate_half(x: torch.Tensor) -> torch.Tensor:
 def apply_rope(x: torch.Tensor, positions: torch.Tensor | None = None, num_positions: int = 0) -> torch.Tensor:
     """Rotary position embedding of x, (batch, heads, seq, head_dim): positions 0..seq-1, or `positions`
     (of a sequence of `num_positions` tokens) when x holds a context-parallel share of the tokens."""
-    cos, sin = _rope_tables(num_positions or x.shape[-2], x.shape[-1], x.device, x.dtype)
+    cos, sin = rope_tables(num_positions or x.shape[-2], x.shape[-1], x.device, x.dtype)
     if positions is not None:
         cos, sin = cos[positions], sin[positions]
-    return x * cos + _rotate_half(x) * sin
+    return x * cos + rotate_half(x) * sin
 
 
 class AttentionCore(nn.Module):
@@ -102,7 +102,7 @@ class AttentionCore(nn.Module):
     A module of its own so selective recompute can checkpoint exactly this part. `flash` uses
     flash-attn when importable on CUDA, else `scaled_dot_product_attention`; `naive` materializes the
     score matrix as the simulator's naive attention assumes. Under context parallelism `context`
-    (`executor.context_parallel.SequenceContext`) gathers every rank's keys and values and runs this
+    (`executor.parallel.context_parallel.SequenceContext`) gathers every rank's keys and values and runs this
     attention on blocks of the local queries against the keys each may see.
     """
 

@@ -17,8 +17,8 @@ from __future__ import annotations
 
 from functools import lru_cache
 
-from .config import WorkloadConfig
-from .ops import ATTENTION, MATRIX, VECTOR, Collective, LayerProfile, OpTableBuilder, ShardShape
+from workloads.config import WorkloadConfig
+from workloads.ops import ATTENTION, MATRIX, VECTOR, Collective, LayerProfile, OpTableBuilder, ShardShape
 
 LAYER_KINDS = ("embedding", "patch_embedding", "decoder", "encoder", "cross_decoder", "head")
 

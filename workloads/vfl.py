@@ -169,15 +169,15 @@ def _mlp_dims(inp: int, widths: tuple[int, ...], out: int) -> list[tuple[int, in
     return dims
 
 
-def _passive_dims(cfg: VflWorkloadConfig) -> list[tuple[int, int]]:
+def passive_dims(cfg: VflWorkloadConfig) -> list[tuple[int, int]]:
     return _mlp_dims(cfg.passive_num_fields * cfg.passive_embedding_dim, cfg.passive_mlp_widths, cfg.interface_dim)
 
 
-def _active_dims(cfg: VflWorkloadConfig) -> list[tuple[int, int]]:
+def active_dims(cfg: VflWorkloadConfig) -> list[tuple[int, int]]:
     return _mlp_dims(cfg.active_num_dense, cfg.active_mlp_widths, cfg.active_output_dim)
 
 
-def _top_dims(cfg: VflWorkloadConfig) -> list[tuple[int, int]]:
+def top_dims(cfg: VflWorkloadConfig) -> list[tuple[int, int]]:
     return _mlp_dims(cfg.interface_dim + cfg.active_output_dim, cfg.top_mlp_widths, 1)
 
 
@@ -193,34 +193,34 @@ def _backward_flops(dims: list[tuple[int, int]], batch: int, first_needs_input_g
 
 def passive_forward_flops(cfg: VflWorkloadConfig, batch: int | None = None) -> float:
     """Embedding gather (no FLOPs) + bottom MLP forward of one batch at the passive party."""
-    return _linear_flops(_passive_dims(cfg), batch or cfg.batch_size)
+    return _linear_flops(passive_dims(cfg), batch or cfg.batch_size)
 
 
 def passive_backward_flops(cfg: VflWorkloadConfig, batch: int | None = None) -> float:
     """Bottom MLP backward (no input grad below the first layer) + the embedding scatter-add."""
     b = batch or cfg.batch_size
-    return _backward_flops(_passive_dims(cfg), b, False) + float(b * cfg.passive_num_fields * cfg.passive_embedding_dim)
+    return _backward_flops(passive_dims(cfg), b, False) + float(b * cfg.passive_num_fields * cfg.passive_embedding_dim)
 
 
 def active_forward_flops(cfg: VflWorkloadConfig, batch: int | None = None) -> float:
     """Active bottom MLP + top model forward (and the loss, negligible) of one batch."""
     b = batch or cfg.batch_size
-    return _linear_flops(_active_dims(cfg), b) + _linear_flops(_top_dims(cfg), b)
+    return _linear_flops(active_dims(cfg), b) + _linear_flops(top_dims(cfg), b)
 
 
 def active_backward_flops(cfg: VflWorkloadConfig, batch: int | None = None) -> float:
     """Top backward (with the input grad: dL/dZ_B is what is sent back) + active bottom backward."""
     b = batch or cfg.batch_size
-    return _backward_flops(_top_dims(cfg), b, True) + _backward_flops(_active_dims(cfg), b, False)
+    return _backward_flops(top_dims(cfg), b, True) + _backward_flops(active_dims(cfg), b, False)
 
 
 def passive_parameter_count(cfg: VflWorkloadConfig) -> int:
     table = cfg.passive_num_fields * cfg.passive_hash_buckets * cfg.passive_embedding_dim
-    return table + sum(i * o + o for i, o in _passive_dims(cfg))
+    return table + sum(i * o + o for i, o in passive_dims(cfg))
 
 
 def active_parameter_count(cfg: VflWorkloadConfig) -> int:
-    return sum(i * o + o for i, o in (*_active_dims(cfg), *_top_dims(cfg)))
+    return sum(i * o + o for i, o in (*active_dims(cfg), *top_dims(cfg)))
 
 
 def optimizer_flops(cfg: VflWorkloadConfig, party: Literal["active", "passive"]) -> float:
@@ -234,7 +234,7 @@ def local_update_flops(cfg: VflWorkloadConfig, party: Literal["active", "passive
     """FLOPs of one update on cached statistics (a CELU-VFL / FedBCD local step), optimizer included."""
     b = batch or cfg.batch_size
     if party == "active":
-        extra = _backward_flops(_top_dims(cfg), b, True) if weighting else 0.0
+        extra = _backward_flops(top_dims(cfg), b, True) if weighting else 0.0
         return active_forward_flops(cfg, b) + active_backward_flops(cfg, b) + extra + optimizer_flops(cfg, "active")
     return passive_forward_flops(cfg, b) + passive_backward_flops(cfg, b) + optimizer_flops(cfg, "passive")
 
@@ -366,7 +366,7 @@ def passive_bottom_model(cfg: VflWorkloadConfig):
                 self.embedding.weight.normal_(0.0, 0.05, generator=_seeded(cfg.seed, "passive/embedding"))
             self.register_buffer("field_offset", torch.arange(cfg.passive_num_fields) * cfg.passive_hash_buckets,
                                  persistent=False)
-            self.mlp = _mlp(_passive_dims(cfg), cfg.seed, "passive/mlp")
+            self.mlp = _mlp(passive_dims(cfg), cfg.seed, "passive/mlp")
 
         def forward(self, cats):  # cats: [B, F] int64 bucket ids
             emb = self.embedding(cats + self.field_offset)
@@ -377,7 +377,7 @@ def passive_bottom_model(cfg: VflWorkloadConfig):
 
 def active_bottom_model(cfg: VflWorkloadConfig):
     """Active bottom: MLP over the dense fields -> Z_A."""
-    return _mlp(_active_dims(cfg), cfg.seed, "active/bottom")
+    return _mlp(active_dims(cfg), cfg.seed, "active/bottom")
 
 
 def top_model(cfg: VflWorkloadConfig):
@@ -387,7 +387,7 @@ def top_model(cfg: VflWorkloadConfig):
     class Top(nn.Module):
         def __init__(self) -> None:
             super().__init__()
-            self.mlp = _mlp(_top_dims(cfg), cfg.seed, "top")
+            self.mlp = _mlp(top_dims(cfg), cfg.seed, "top")
 
         def forward(self, z_passive, z_active):
             import torch

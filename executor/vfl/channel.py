@@ -45,7 +45,7 @@ import numpy as np
 
 from hwmodel.errors import UserError
 
-from .keys import common_name, party_files
+from executor.vfl.keys import common_name, party_files
 
 MAGIC = b"HVFL"
 VERSION = 1

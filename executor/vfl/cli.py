@@ -26,8 +26,9 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
-from hwmodel.console import make_console
-from hwmodel.errors import UserError, run_app
+from hwmodel.cli_common import make_console
+from hwmodel.errors import UserError
+from hwmodel.cli_common import run_app
 
 out = make_console()
 err = make_console(stderr=True)
@@ -97,7 +98,7 @@ def resolve_federated(plan: Optional[str], cluster: Optional[str], mode: Optiona
 
 
 def _check_checkpoints(checkpoint_dir: Optional[Path], party: str, resume: bool, force: bool) -> None:
-    from . import checkpoint
+    from executor.vfl import checkpoint
 
     if checkpoint_dir is None:
         return
@@ -117,7 +118,7 @@ def keys_command(
     force: bool = typer.Option(False, "--force", help="Replace certificates already in the folder."),
 ) -> None:
     """Make the job's CA and the active and passive parties' certificates (EC P-256, TLS 1.3, mutual auth)."""
-    from .keys import make_keys
+    from executor.vfl.keys import make_keys
 
     written = make_keys(out_dir, days=days, force=force)
     out.print(f"wrote {', '.join(p.name for p in written)} to {out_dir}")
@@ -158,7 +159,7 @@ def run_command(
     """Run one party of a vertical federated training job."""
     from workloads.vfl import batches_per_epoch, load_vfl_workload
 
-    from .party import PartyConfig, run_party
+    from executor.vfl.party import PartyConfig, run_party
 
     if party not in ("active", "passive"):
         raise UserError(f"--party must be active or passive, got {party!r}")
@@ -185,7 +186,7 @@ def run_command(
     )
     cfg.check()
     _check_checkpoints(checkpoint_dir, party, resume, force)
-    from .keys import party_files
+    from executor.vfl.keys import party_files
 
     party_files(certs, party)
     result = run_party(cfg)
@@ -232,7 +233,7 @@ def local_command(
     as_json: bool = typer.Option(False, "--json", help="Print the active party's result as JSON."),
 ) -> None:
     """Start both parties on this machine, each its own process; any `run` option (e.g. --plan, --epochs) passes through."""
-    from .keys import make_keys
+    from executor.vfl.keys import make_keys
 
     passthrough = list(ctx.args)
     for banned in ("--party", "--listen", "--peer", "--out", "--json"):

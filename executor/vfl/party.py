@@ -36,9 +36,9 @@ import numpy as np
 from hwmodel.errors import UserError
 from workloads import vfl as wl
 
-from . import checkpoint as ckpt
-from .channel import Channel, ChannelError, MsgType, TensorSpec
-from .workset import DEFAULT_WEIGHT_THRESHOLD, Workset, instance_weights
+from executor.vfl import checkpoint as ckpt
+from executor.vfl.channel import Channel, ChannelError, MsgType, TensorSpec
+from executor.vfl.workset import DEFAULT_WEIGHT_THRESHOLD, Workset, instance_weights
 
 Mode = Literal["vanilla", "fedbcd", "celu"]
 # Both parties must agree on these (checked in HELLO) or the run is refused.

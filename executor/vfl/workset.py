@@ -1,4 +1,4 @@
-"""CELU-VFL's per-instance weights; the workset rules themselves are `simulator.vfl.workset.Workset`, shared
+"""CELU-VFL's per-instance weights; the workset rules themselves are `simulator.search.vfl.workset.Workset`, shared
 by the parties and the simulator's timeline.
 
 Per-instance weights: the cosine similarity of the stale statistics (cached) and the fresh ones (computed now),
@@ -7,7 +7,7 @@ zeroed below a threshold (default 0.5), or all ones for the "no weighting" ablat
 
 from __future__ import annotations
 
-from simulator.vfl.workset import Entry, Sampling, Workset
+from simulator.search.vfl.workset import Entry, Sampling, Workset
 
 __all__ = ["DEFAULT_WEIGHT_THRESHOLD", "Entry", "Sampling", "Workset", "instance_weights"]
 

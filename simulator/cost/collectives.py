@@ -23,7 +23,7 @@ from hwmodel.cluster import GroupSpan
 COLLECTIVES = ("all_reduce", "all_gather", "reduce_scatter", "all_to_all", "send_recv")
 
 
-def _latency_steps(p: int) -> int:
+def latency_steps(p: int) -> int:
     """Sequential steps of one reduce-scatter or all-gather over p ranks: a ring takes p - 1, recursive
     halving/doubling log2(p); NCCL picks the cheaper for the message."""
     return min(p - 1, math.ceil(math.log2(p)))
@@ -38,7 +38,7 @@ def _scatter_phase(nbytes: float, span: GroupSpan, kind: str) -> float:
         total += (k - 1) / k * share / level.bandwidth_for(kind)
         share /= k
     # Every step waits for its slowest hop.
-    return total + _latency_steps(span.size) * max(level.latency_for(kind) for level in span.levels)
+    return total + latency_steps(span.size) * max(level.latency_for(kind) for level in span.levels)
 
 
 @lru_cache(maxsize=65536)
@@ -60,7 +60,7 @@ def collective_time(kind: str, nbytes: float, span: GroupSpan) -> float:
             peers = inner * (level.fanout - 1)
             worst = max(worst, peers / p * nbytes / level.bandwidth_for(kind))
             inner *= level.fanout
-        return worst + _latency_steps(p) * max(level.latency_for(kind) for level in span.levels)
+        return worst + latency_steps(p) * max(level.latency_for(kind) for level in span.levels)
     if kind == "send_recv":
         # A ring of point-to-point transfers: every step crosses the slowest link of the ring.
         level = max(span.levels, key=lambda lvl: lvl.tier)

@@ -21,8 +21,8 @@ from dataclasses import dataclass
 
 from hwmodel.cluster import ClusterSpec, GroupSpan
 
-from ..binding import BoundStage
-from .collectives import collective_time
+from simulator.binding import BoundStage
+from simulator.cost.collectives import collective_time
 
 
 @dataclass(frozen=True)

@@ -18,12 +18,12 @@ from workloads.activations import block_activations, supports_tokenwise
 from workloads.ops import Collective, LayerProfile, ShardShape, kernel_family
 from workloads.transformer import layer_profile
 
-from ..binding import BoundPlan, BoundStage, LayerRun
-from ..errors import InfeasiblePlan, UnsupportedPlan
-from .collectives import collective_time
-from .compute import DTYPE_BYTES, LayerTimes, Roofline, layer_times, optimizer_time, roofline
-from .memory import OPTIMIZER_TRAFFIC, micro_batches_in_flight, model_state_memory, state_bytes
-from .relayout import NONE, Layout, Relayout, relayout
+from simulator.binding import BoundPlan, BoundStage, LayerRun
+from simulator.errors import InfeasiblePlan, UnsupportedPlan
+from simulator.cost.collectives import collective_time
+from simulator.cost.compute import DTYPE_BYTES, LayerTimes, Roofline, layer_times, optimizer_time, roofline
+from simulator.cost.memory import OPTIMIZER_TRAFFIC, micro_batches_in_flight, model_state_memory, state_bytes
+from simulator.cost.relayout import NONE, Layout, Relayout, relayout
 
 
 def overlapped(compute: float, comm: float, sigma: float) -> float:
@@ -285,7 +285,7 @@ def stage_cost(bound: BoundPlan, stage: BoundStage, rank: int, memo: dict | None
         tp_bwd = comm_time(prof.bwd_comm, spans, cp=False)
         # Ring attention hides its k/v passes behind the attention core, where the device runs collectives
         # beside compute; a device whose collectives block it (a CPU, see ComputeSpec.blocking_collectives)
-        # waits for them, as it waits for the executor's k/v all-gather (executor.context_parallel).
+        # waits for them, as it waits for the executor's k/v all-gather (executor.parallel.context_parallel).
         hidden = 0.0 if framework.blocking_collectives else 1.0
         cp_fwd = max(0.0, comm_time(prof.fwd_comm, spans, cp=True) - hidden * times.recompute_selective)
         cp_bwd = max(0.0, comm_time(prof.bwd_comm, spans, cp=True) - hidden * 2.5 * times.recompute_selective)

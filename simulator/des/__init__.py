@@ -1,7 +1,7 @@
 """The discrete-event engine: SimPy timelines of plans, with contention, memory over time and traces."""
 
-from .engine import DesResult, Simulation, simulate
-from .results import des_report
+from simulator.des.engine import DesResult, Simulation, simulate
+from simulator.des.results import des_report
 
 __all__ = ["DesResult", "Simulation", "des_report", "evaluate_des", "simulate"]
 

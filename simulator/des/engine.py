@@ -32,11 +32,11 @@ import simpy
 from hwmodel.cluster import GroupSpan, Tier
 from workloads.ops import Collective
 
-from ..binding import BoundPlan, BoundStage, bind
-from ..cost.collectives import _latency_steps
-from ..cost.stage import RunCost, StageCost, buffer_memory, stage_cost
-from ..schedules import Op, stage_order
-from .fluid import FluidNetwork, Port
+from simulator.binding import BoundPlan, BoundStage, bind
+from simulator.cost.collectives import latency_steps
+from simulator.cost.stage import RunCost, StageCost, buffer_memory, stage_cost
+from simulator.schedules import Op, stage_order
+from simulator.des.fluid import FluidNetwork, Port
 
 TIER_PORT = {Tier.NODE: "intra", Tier.SITE: "nic", Tier.WAN: "wan"}
 
@@ -123,7 +123,7 @@ class Simulation:
         self.p = len(bound.stages)
         self.v = self.plan.virtual_stages
         memo: dict = {}
-        from ..analytic import representatives  # the same collapse as the analytic model
+        from simulator.analytic import representatives  # the same collapse as the analytic model
 
         self.stage_reps: list[list[Rep]] = []
         self.reps: list[Rep] = []
@@ -196,7 +196,7 @@ class Simulation:
         flows, and its latency (mirrors `cost.collectives.collective_time`)."""
         if span.size <= 1 or nbytes <= 0 or not span.levels:
             return [], 0.0
-        latency = _latency_steps(span.size) * max(level.latency_for(kind) for level in span.levels)
+        latency = latency_steps(span.size) * max(level.latency_for(kind) for level in span.levels)
         if kind in ("all_gather", "reduce_scatter", "all_reduce"):
             phases = []
             share = nbytes
@@ -446,7 +446,7 @@ class Simulation:
         rep.finish = self.env.now
 
     def _weight_bytes(self) -> float:
-        from ..cost.memory import state_bytes
+        from simulator.cost.memory import state_bytes
 
         return state_bytes(self.plan.dtype, self.plan.optimizer).weights
 

@@ -10,7 +10,7 @@ import matplotlib
 matplotlib.use("Agg")  # files only: works without a display
 import matplotlib.pyplot as plt  # noqa: E402
 
-from .engine import DesResult  # noqa: E402
+from simulator.des.engine import DesResult  # noqa: E402
 
 COLORS = {
     "forward": "#4C72B0",

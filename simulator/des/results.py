@@ -3,9 +3,9 @@ and the moment of the memory peak."""
 
 from __future__ import annotations
 
-from ..assemble import DeviceMemory, StageTiming, assemble_report
-from ..report import MemoryBreakdown, Report, TimeBreakdown
-from .engine import DesResult, Rep
+from simulator.assemble import DeviceMemory, StageTiming, assemble_report
+from simulator.report import MemoryBreakdown, Report, TimeBreakdown
+from simulator.des.engine import DesResult, Rep
 
 
 def _breakdown(rep: Rep, iteration: float) -> TimeBreakdown:

@@ -17,12 +17,12 @@ from hwmodel.cluster import ClusterSpec
 from hwmodel.units import format_bytes
 from workloads.config import WorkloadConfig
 
-from ..analytic import evaluate_bound
-from ..binding import bind
-from ..errors import InfeasiblePlan, UnsupportedPlan
-from ..plan import LayerStrategy, Plan
-from ..report import Report
-from .galvatron_space import powers_of_two, sp_allowed, tp_allowed
+from simulator.analytic import evaluate_bound
+from simulator.binding import bind
+from simulator.errors import InfeasiblePlan, UnsupportedPlan
+from simulator.plan import LayerStrategy, Plan
+from simulator.report import Report
+from simulator.search.galvatron.space import powers_of_two, sp_allowed, tp_allowed
 
 
 @dataclass

@@ -8,8 +8,8 @@ from rich.table import Table
 
 from hwmodel.units import format_bytes, format_seconds
 
-from ..report import Report
-from .result import SearchResult
+from simulator.report import Report
+from simulator.search.result import SearchResult
 
 
 def _rate(per_s: float) -> str:

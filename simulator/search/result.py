@@ -14,7 +14,7 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, SerializeAsAny
 
-from ..plan import Plan
+from simulator.plan import Plan
 
 
 class Candidate(BaseModel):

@@ -1,0 +1,57 @@
+"""Megatron-LM's tensor-parallel split of a causal LM with DTensor, and sequence parallelism on top of it.
+
+The uniform path (`parallelize`) applies it to a whole chunk; the per-layer path (`mixed_layout`) to each group
+of blocks that share a layout, on that layout's mesh.
+"""
+
+from __future__ import annotations
+
+from workloads.torch_models import CausalLM
+
+
+def apply_tensor_parallel(model: CausalLM, tp_mesh, sequence_parallel: bool) -> None:
+    """Megatron-style tensor parallelism (and sequence parallelism) with DTensor."""
+    from torch.distributed.tensor import Replicate, Shard
+    from torch.distributed.tensor.parallel import (
+        ColwiseParallel,
+        PrepareModuleInput,
+        PrepareModuleOutput,
+        RowwiseParallel,
+        SequenceParallel,
+        parallelize_module,
+    )
+
+    sp = sequence_parallel
+    hidden_layout = Shard(1) if sp else Replicate()
+    edge: dict[str, object] = {}
+    if model.embed is not None:
+        edge["embed.tok"] = RowwiseParallel(input_layouts=Replicate(), output_layouts=Replicate())
+        if sp:
+            # Positions are added to the whole sequence; then each rank keeps its sequence shard.
+            edge["embed"] = PrepareModuleOutput(output_layouts=Replicate(), desired_output_layouts=Shard(1))
+    if model.head is not None:
+        if sp:
+            edge["head.norm"] = SequenceParallel()
+        # Logits stay sharded along the vocabulary; loss_parallel computes the cross-entropy on shards.
+        edge["head.lm_head"] = ColwiseParallel(input_layouts=hidden_layout, output_layouts=Shard(-1), use_local_output=False)
+    if edge:
+        parallelize_module(model, tp_mesh, edge)
+    for block in model.blocks.values():
+        plan: dict[str, object] = {
+            "attn.wq": ColwiseParallel(),
+            "attn.wk": ColwiseParallel(),
+            "attn.wv": ColwiseParallel(),
+            "attn.wo": RowwiseParallel(output_layouts=hidden_layout),
+            "mlp.w1": ColwiseParallel(),
+            "mlp.w2": RowwiseParallel(output_layouts=hidden_layout),
+        }
+        if hasattr(block.mlp, "w3"):
+            plan["mlp.w3"] = ColwiseParallel()
+        if sp:
+            plan.update({
+                "attn_norm": SequenceParallel(),
+                "mlp_norm": SequenceParallel(),
+                "attn": PrepareModuleInput(input_layouts=(Shard(1),), desired_input_layouts=(Replicate(),)),
+                "mlp": PrepareModuleInput(input_layouts=(Shard(1),), desired_input_layouts=(Replicate(),)),
+            })
+        parallelize_module(block, tp_mesh, plan)
