@@ -20,28 +20,43 @@ import time
 
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 
-from hwmodel import load_cluster  # noqa: E402
-from simulator.analytic import evaluate  # noqa: E402
-from simulator.cost.collectives import collective_time  # noqa: E402
-from simulator.cost.compute import layer_times  # noqa: E402
-from simulator.errors import InfeasiblePlan  # noqa: E402
-from simulator.plan import Plan  # noqa: E402
-from workloads import load_workload  # noqa: E402
-from workloads.transformer import layer_profile  # noqa: E402
+from hwmodel import load_cluster
+from simulator.analytic import evaluate
+from simulator.cost.collectives import collective_time
+from simulator.cost.compute import layer_times
+from simulator.errors import InfeasiblePlan
+from simulator.plan import Plan
+from workloads import load_workload
+from workloads.transformer import layer_profile
 
 
 def plan_grid(num_devices: int) -> list[Plan]:
     plans = []
     for tp, pp, dp_type, recompute, mb, sp, schedule in itertools.product(
-        (1, 2, 4, 8), (1, 2, 4, 8), ("ddp", "zero1", "zero2", "zero3"), ("none", "selective", "full"),
-        (1, 2, 4), (False, True), ("1f1b", "interleaved"),
+        (1, 2, 4, 8),
+        (1, 2, 4, 8),
+        ("ddp", "zero1", "zero2", "zero3"),
+        ("none", "selective", "full"),
+        (1, 2, 4),
+        (False, True),
+        ("1f1b", "interleaved"),
     ):
         if schedule == "interleaved" and pp == 1:
             continue
         dp = num_devices // (tp * pp)
         plans.append(
-            Plan(tp=tp, pp=pp, dp=dp, dp_type=dp_type, recompute=recompute, micro_batch=mb, global_batch=dp * mb * 16,
-                 sequence_parallel=sp and tp > 1, schedule=schedule, virtual_stages=2 if schedule == "interleaved" else 1)
+            Plan(
+                tp=tp,
+                pp=pp,
+                dp=dp,
+                dp_type=dp_type,
+                recompute=recompute,
+                micro_batch=mb,
+                global_batch=dp * mb * 16,
+                sequence_parallel=sp and tp > 1,
+                schedule=schedule,
+                virtual_stages=2 if schedule == "interleaved" else 1,
+            )
         )
     return plans
 
@@ -83,8 +98,10 @@ def main() -> None:
         cold.append(len(plans) / elapsed)
         elapsed, _ = sweep(plans, workload, cluster)
         warm.append(len(plans) / elapsed)
-    print(f"workload {workload.name} ({workload.num_layers} layers), cluster {cluster.name} x{cluster.num_nodes} "
-          f"({cluster.num_devices} devices), {len(plans)} distinct plans ({feasible} feasible), {args.repeats} repeats")
+    print(
+        f"workload {workload.name} ({workload.num_layers} layers), cluster {cluster.name} x{cluster.num_nodes} "
+        f"({cluster.num_devices} devices), {len(plans)} distinct plans ({feasible} feasible), {args.repeats} repeats"
+    )
     print(f"{'mode':6s} {'median eval/s':>14s} {'min':>10s} {'max':>10s} {'median us/eval':>15s}")
     for name, rates in (("cold", cold), ("warm", warm)):
         med = statistics.median(rates)

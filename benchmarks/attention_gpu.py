@@ -26,9 +26,9 @@ from rich.table import Table
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "scripts"))
-from one_gpu_cluster import catalog_device  # noqa: E402
+from one_gpu_cluster import catalog_device
 
-from hwmodel.catalog import load_device  # noqa: E402
+from hwmodel.catalog import load_device
 
 SEQ_LENS = [1024, 2048, 4096, 8192, 16384, 32768, 65536, 131072]
 
@@ -53,8 +53,9 @@ def measure(seq: int, heads: int, head_dim: int) -> tuple[float, float]:
     from torch.nn.attention import SDPBackend, sdpa_kernel
     from torch.nn.functional import scaled_dot_product_attention as sdpa
 
-    q, k, v = (torch.randn(1, heads, seq, head_dim, device="cuda", dtype=torch.bfloat16, requires_grad=True)
-               for _ in range(3))
+    q, k, v = (
+        torch.randn(1, heads, seq, head_dim, device="cuda", dtype=torch.bfloat16, requires_grad=True) for _ in range(3)
+    )
     reps = 10 if seq <= 16384 else 3
     with sdpa_kernel(SDPBackend.FLASH_ATTENTION):
         forward = _time(lambda: sdpa(q, k, v, is_causal=True), reps)
@@ -82,21 +83,48 @@ def main() -> None:
         except torch.cuda.OutOfMemoryError:
             break
         core = 4 * args.heads * seq * seq * args.head_dim * 0.5
-        rows.append({"seq_len": seq, "forward_flops": core, "forward_s": forward, "backward_s": backward,
-                     "forward_efficiency": core / (forward * peak), "backward_efficiency": 2.5 * core / (backward * peak)})
+        rows.append(
+            {
+                "seq_len": seq,
+                "forward_flops": core,
+                "forward_s": forward,
+                "backward_s": backward,
+                "forward_efficiency": core / (forward * peak),
+                "backward_efficiency": 2.5 * core / (backward * peak),
+            }
+        )
         torch.cuda.empty_cache()
-    table = Table(title=f"causal flash attention (SDPA), {name}, heads {args.heads}, head dim {args.head_dim}, "
-                        f"bf16; efficiency of {device_name}'s {peak / 1e12:.0f} TFLOP/s")
+    table = Table(
+        title=f"causal flash attention (SDPA), {name}, heads {args.heads}, head dim {args.head_dim}, "
+        f"bf16; efficiency of {device_name}'s {peak / 1e12:.0f} TFLOP/s"
+    )
     for col in ("seq", "fwd FLOPs", "fwd ms", "bwd ms", "fwd eff.", "bwd eff."):
         table.add_column(col, justify="right")
     for r in rows:
-        table.add_row(str(r["seq_len"]), f"{r['forward_flops']:.2e}", f"{r['forward_s'] * 1e3:.2f}",
-                      f"{r['backward_s'] * 1e3:.2f}", f"{r['forward_efficiency']:.3f}", f"{r['backward_efficiency']:.3f}")
+        table.add_row(
+            str(r["seq_len"]),
+            f"{r['forward_flops']:.2e}",
+            f"{r['forward_s'] * 1e3:.2f}",
+            f"{r['backward_s'] * 1e3:.2f}",
+            f"{r['forward_efficiency']:.3f}",
+            f"{r['backward_efficiency']:.3f}",
+        )
     Console(width=140).print(table)
     if args.out:
-        args.out.write_text(json.dumps({"gpu": name, "catalog_device": device_name, "peak_flops": peak,
-                                        "heads": args.heads, "head_dim": args.head_dim, "torch": torch.__version__,
-                                        "rows": rows}, indent=1))
+        args.out.write_text(
+            json.dumps(
+                {
+                    "gpu": name,
+                    "catalog_device": device_name,
+                    "peak_flops": peak,
+                    "heads": args.heads,
+                    "head_dim": args.head_dim,
+                    "torch": torch.__version__,
+                    "rows": rows,
+                },
+                indent=1,
+            )
+        )
 
 
 if __name__ == "__main__":

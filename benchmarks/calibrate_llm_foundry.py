@@ -79,14 +79,24 @@ def main() -> None:
     starts = [np.array([0.8, 0.5, 0.7, 0.8, 0.9, 0.95, 0.3, 0.2])]
     c = base.compute
     if len(c.matrix_dim_efficiency.sizes) == len(DIM_POINTS) and len(c.matrix_efficiency.sizes) == 3:
-        starts.insert(0, np.array([c.matrix_efficiency.efficiencies[-1], *c.matrix_dim_efficiency.efficiencies,
-                                   (c.triton_attention_efficiency or c.attention_efficiency).efficiencies[0],
-                                   c.comm_overlap_slowdown]))
+        starts.insert(
+            0,
+            np.array(
+                [
+                    c.matrix_efficiency.efficiencies[-1],
+                    *c.matrix_dim_efficiency.efficiencies,
+                    (c.triton_attention_efficiency or c.attention_efficiency).efficiencies[0],
+                    c.comm_overlap_slowdown,
+                ]
+            ),
+        )
     fits = [clamp(nelder_mead(objective, x0, [0.08] * len(x0), args.iterations, tol=0.0)) for x0 in starts]
     best = min(fits, key=objective)
     err = errors(best)
     device = device_from(best, base)
-    print(f"# {args.gpu} -> {base.name}: {len(cases)} rows, mean |err| {np.abs(err).mean():.2f}%, max {np.abs(err).max():.2f}%")
+    print(
+        f"# {args.gpu} -> {base.name}: {len(cases)} rows, mean |err| {np.abs(err).mean():.2f}%, max {np.abs(err).max():.2f}%"
+    )
     for name, value in zip(NAMES, best):
         print(f"#   {name:18s} {value:.4f}")
     c = device.compute
@@ -99,8 +109,10 @@ def main() -> None:
     print(f"  triton_attention_efficiency: {c.triton_attention_efficiency.efficiencies[0]:.3f}")
     print(f"  comm_overlap_slowdown: {c.comm_overlap_slowdown:.3f}")
     for (row, workload, _, plan, measured), e in zip(cases, err):
-        print(f"{row['model']:9s} gpus={row['gpus']:>2s} seq={workload.seq_len:6d} mb={plan.micro_batch:3d} "
-              f"ckpt={plan.recompute:4s} measured={measured:10.0f} error={e:+6.1f}%")
+        print(
+            f"{row['model']:9s} gpus={row['gpus']:>2s} seq={workload.seq_len:6d} mb={plan.micro_batch:3d} "
+            f"ckpt={plan.recompute:4s} measured={measured:10.0f} error={e:+6.1f}%"
+        )
 
 
 if __name__ == "__main__":

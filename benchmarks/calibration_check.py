@@ -66,8 +66,9 @@ class Block(nn.Module):
 def measure(block: nn.Module, x: torch.Tensor, dtype: str, repeats: int, clock) -> tuple[float, float, float]:
     """(forward, forward + backward, spread of forward + backward) in seconds, medians of `repeats`."""
     params = list(block.parameters())
-    autocast = torch.autocast("cpu", dtype={"bf16": torch.bfloat16, "fp16": torch.float16}.get(dtype, torch.float32),
-                              enabled=dtype != "fp32")
+    autocast = torch.autocast(
+        "cpu", dtype={"bf16": torch.bfloat16, "fp16": torch.float16}.get(dtype, torch.float32), enabled=dtype != "fp32"
+    )
 
     def forward():
         with autocast:
@@ -97,10 +98,15 @@ def shared_curve_device(device: DeviceSpec, raw: dict) -> DeviceSpec:
     """`device` as a calibration before `per_dtype` would have written it from the same timings."""
     mm = fit_matmul(raw["gemm"], raw["curve_dtype"], raw["gemm_zero_s"])
     compute = device.compute
-    vector_only = {d: DtypeEfficiency(vector_efficiency=e.vector_efficiency)
-                   for d, e in compute.per_dtype.items() if e.vector_efficiency is not None}
+    vector_only = {
+        d: DtypeEfficiency(vector_efficiency=e.vector_efficiency)
+        for d, e in compute.per_dtype.items()
+        if e.vector_efficiency is not None
+    }
     matrix = {d: mm.shared_peaks.get(d, peak) for d, peak in compute.matrix.items()}
-    return device.model_copy(update={"compute": compute.model_copy(update={"per_dtype": vector_only, "matrix": matrix})})
+    return device.model_copy(
+        update={"compute": compute.model_copy(update={"per_dtype": vector_only, "matrix": matrix})}
+    )
 
 
 def main() -> None:
@@ -130,11 +136,21 @@ def main() -> None:
 
     block = Block(args.hidden, args.heads, 0.1 if args.dropout else 0.0).train()
     x = torch.randn(args.micro_batch, args.seq, args.hidden, requires_grad=True)
-    cfg = WorkloadConfig(name="check", family="gpt", num_layers=1, hidden_size=args.hidden, num_heads=args.heads,
-                         vocab_size=1024, seq_len=args.seq, dropout=args.dropout)
+    cfg = WorkloadConfig(
+        name="check",
+        family="gpt",
+        num_layers=1,
+        hidden_size=args.hidden,
+        num_heads=args.heads,
+        vocab_size=1024,
+        seq_len=args.seq,
+        dropout=args.dropout,
+    )
 
-    table = Table(title=f"{args.cluster}: GPT layer h={args.hidden} heads={args.heads} seq={args.seq} "
-                        f"mb={args.micro_batch}{' +dropout' if args.dropout else ''}, {threads} thread(s), one spec")
+    table = Table(
+        title=f"{args.cluster}: GPT layer h={args.hidden} heads={args.heads} seq={args.seq} "
+        f"mb={args.micro_batch}{' +dropout' if args.dropout else ''}, {threads} thread(s), one spec"
+    )
     for col in ("dtype", "", "predicted", "measured", "error", "spread") + (("shared curves",) if shared else ()):
         table.add_column(col, justify="left" if col in ("dtype", "") else "right")
     for dtype in dtypes:
@@ -143,12 +159,20 @@ def main() -> None:
         profile = layer_profile(cfg, "decoder", shape)
         pred = layer_times(profile, roofline(device, dtype))
         alt = layer_times(profile, roofline(shared if shared else device, dtype))
-        for label, p, a, m in (("forward", pred.forward, alt.forward, fwd),
-                               ("backward", pred.backward, alt.backward, total - fwd),
-                               ("forward + backward", pred.forward + pred.backward, alt.forward + alt.backward, total)):
-            table.add_row(dtype if label == "forward" else "", label, f"{p * 1e3:.2f} ms", f"{m * 1e3:.2f} ms",
-                          f"{p / m - 1:+.0%}", f"{spread:.0%}" if label == "forward + backward" else "",
-                          *((f"{a / m - 1:+.0%}",) if shared else ()))
+        for label, p, a, m in (
+            ("forward", pred.forward, alt.forward, fwd),
+            ("backward", pred.backward, alt.backward, total - fwd),
+            ("forward + backward", pred.forward + pred.backward, alt.forward + alt.backward, total),
+        ):
+            table.add_row(
+                dtype if label == "forward" else "",
+                label,
+                f"{p * 1e3:.2f} ms",
+                f"{m * 1e3:.2f} ms",
+                f"{p / m - 1:+.0%}",
+                f"{spread:.0%}" if label == "forward + backward" else "",
+                *((f"{a / m - 1:+.0%}",) if shared else ()),
+            )
         table.add_section()
     Console().print(table)
 

@@ -42,12 +42,22 @@ def main() -> None:
     args = parser.parse_args()
 
     print("1. GPT-3 175B, 1,024 A100-80GB, tp=8 pp=16 dp=8, 64 micro-batches, 1F1B")
-    plan = Plan(tp=8, pp=16, dp=8, micro_batch=1, global_batch=512, schedule="1f1b", sequence_parallel=True,
-                recompute="selective")
+    plan = Plan(
+        tp=8,
+        pp=16,
+        dp=8,
+        micro_batch=1,
+        global_batch=512,
+        schedule="1f1b",
+        sequence_parallel=True,
+        recompute="selective",
+    )
     bound = bind(plan, load_workload("gpt3-175b"), load_cluster("dgx-a100-80g", nodes=128))
     seconds, result = timed(bound, args.repeats)
-    print(f"   simulated in {seconds:.2f} s CPU ({len(result.reps)} representatives, {result.num_tasks} tasks and flows); "
-          f"iteration {result.iteration_time:.2f} s")
+    print(
+        f"   simulated in {seconds:.2f} s CPU ({len(result.reps)} representatives, {result.num_tasks} tasks and flows); "
+        f"iteration {result.iteration_time:.2f} s"
+    )
 
     print("\n2. Uniform llama2-70b plans, 16 micro-batches")
     print(f"   {'GPUs':>6s} {'plan':>18s} {'reps':>5s} {'tasks':>7s} {'CPU s':>7s}")
@@ -56,8 +66,16 @@ def main() -> None:
         pp = 8 if gpus >= 64 else 1
         tp = 8
         dp = gpus // (tp * pp)
-        plan = Plan(tp=tp, pp=pp, dp=dp, micro_batch=1, global_batch=dp * 16, recompute="full", dp_type="zero1",
-                    sequence_parallel=True)
+        plan = Plan(
+            tp=tp,
+            pp=pp,
+            dp=dp,
+            micro_batch=1,
+            global_batch=dp * 16,
+            recompute="full",
+            dp_type="zero1",
+            sequence_parallel=True,
+        )
         bound = bind(plan, workload, load_cluster("dgx-h100", nodes=gpus // 8))
         seconds, result = timed(bound, args.repeats)
         print(f"   {gpus:6d} {f'tp{tp} pp{pp} dp{dp}':>18s} {len(result.reps):5d} {result.num_tasks:7d} {seconds:7.3f}")
@@ -66,15 +84,22 @@ def main() -> None:
     workload = load_workload("llama2-7b").with_seq_len(2048)
     cluster = load_cluster("mixed-a100-v100")
     plans = {
-        "A100 stage + V100 stage": Plan(tp=2, pp=2, micro_batch=1, global_batch=64, dtype="fp16",
-                                        stages=(StageSpec(num_layers=20, devices="a100"),
-                                                StageSpec(num_layers=12, devices="v100"))),
+        "A100 stage + V100 stage": Plan(
+            tp=2,
+            pp=2,
+            micro_batch=1,
+            global_batch=64,
+            dtype="fp16",
+            stages=(StageSpec(num_layers=20, devices="a100"), StageSpec(num_layers=12, devices="v100")),
+        ),
         "one stage over both types": Plan(tp=8, micro_batch=1, global_batch=32, dtype="fp16"),
     }
     for name, plan in plans.items():
         seconds, result = timed(bind(plan, workload, cluster), args.repeats)
-        print(f"   {name:28s} simulated in {seconds:.3f} s CPU ({len(result.reps)} representatives, "
-              f"{result.num_tasks} tasks and flows); iteration {result.iteration_time:.2f} s")
+        print(
+            f"   {name:28s} simulated in {seconds:.3f} s CPU ({len(result.reps)} representatives, "
+            f"{result.num_tasks} tasks and flows); iteration {result.iteration_time:.2f} s"
+        )
 
 
 if __name__ == "__main__":

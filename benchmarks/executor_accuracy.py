@@ -41,16 +41,35 @@ PLANS = {
 def calibrate(out: Path) -> Path:
     spec = out / "calibrated.yaml"
     print(f"calibrating this machine into {spec} (execute calibrate --ranks 2) ...", flush=True)
-    subprocess.run([sys.executable, "-m", "executor.cli", "calibrate", "--ranks", "2", "--out", str(spec), "--force"],
-                   check=True, stdout=subprocess.DEVNULL)
+    subprocess.run(
+        [sys.executable, "-m", "executor.cli", "calibrate", "--ranks", "2", "--out", str(spec), "--force"],
+        check=True,
+        stdout=subprocess.DEVNULL,
+    )
     return spec
 
 
 def measure(spec: Path, ranks: int, plan: str, steps: int, warmup: int) -> dict:
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    command = [sys.executable, "-m", "executor.cli", "--workload", WORKLOAD, "--cluster", str(spec),
-               "--devices-per-node", str(ranks), "--plan", plan, "--steps", str(steps), "--warmup", str(warmup),
-               "--json", "--force"]
+    command = [
+        sys.executable,
+        "-m",
+        "executor.cli",
+        "--workload",
+        WORKLOAD,
+        "--cluster",
+        str(spec),
+        "--devices-per-node",
+        str(ranks),
+        "--plan",
+        plan,
+        "--steps",
+        str(steps),
+        "--warmup",
+        str(warmup),
+        "--json",
+        "--force",
+    ]
     result = subprocess.run(command, capture_output=True, text=True, env=env)
     if result.returncode != 0:
         raise SystemExit(f"execute failed for {plan!r}:\n{result.stderr}")
@@ -76,12 +95,19 @@ def main() -> None:
         des = evaluate_des(plan, workload, cluster).iteration_time_s
         analytic = evaluate(plan, workload, cluster).iteration_time_s
         rows.append((name, t, des, analytic))
-        print(f"  {name:30s} measured {t:7.3f} s  des {des:7.3f} s ({100 * (des - t) / t:+6.1f}%)  "
-              f"analytic {analytic:7.3f} s ({100 * (analytic - t) / t:+6.1f}%)", flush=True)
-    print(f"\n{WORKLOAD} on {spec}, fp32, {args.steps} measured iterations after {args.warmup} warm-up, one thread per rank")
+        print(
+            f"  {name:30s} measured {t:7.3f} s  des {des:7.3f} s ({100 * (des - t) / t:+6.1f}%)  "
+            f"analytic {analytic:7.3f} s ({100 * (analytic - t) / t:+6.1f}%)",
+            flush=True,
+        )
+    print(
+        f"\n{WORKLOAD} on {spec}, fp32, {args.steps} measured iterations after {args.warmup} warm-up, one thread per rank"
+    )
     print(f"{'plan':30s} {'measured s':>10s} {'des s':>8s} {'error':>7s} {'analytic s':>10s} {'error':>7s}")
     for name, t, des, analytic in rows:
-        print(f"{name:30s} {t:10.3f} {des:8.3f} {100 * (des - t) / t:+6.1f}% {analytic:10.3f} {100 * (analytic - t) / t:+6.1f}%")
+        print(
+            f"{name:30s} {t:10.3f} {des:8.3f} {100 * (des - t) / t:+6.1f}% {analytic:10.3f} {100 * (analytic - t) / t:+6.1f}%"
+        )
     worst = max(abs(des - t) / t for _, t, des, _ in rows)
     print(f"worst |error| (des): {100 * worst:.1f}%")
 

@@ -29,8 +29,16 @@ from simulator.plan import parse_shorthand
 from workloads import WorkloadConfig
 from workloads.torch_models import SyntheticTokens, build_model, init_weights, loss_fn
 
-MODEL = WorkloadConfig(name="bench-gpt", family="gpt", num_layers=4, hidden_size=256, num_heads=8, vocab_size=8192,
-                       seq_len=128, dropout=False)
+MODEL = WorkloadConfig(
+    name="bench-gpt",
+    family="gpt",
+    num_layers=4,
+    hidden_size=256,
+    num_heads=8,
+    vocab_size=8192,
+    seq_len=128,
+    dropout=False,
+)
 PLAN = "micro_batch=4,global_batch=8,dtype=fp32"
 
 
@@ -73,7 +81,9 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--warmup", type=int, default=3)
-    parser.add_argument("--threads", type=int, default=1, help="torch threads for both (default 1: steadier on a shared box)")
+    parser.add_argument(
+        "--threads", type=int, default=1, help="torch threads for both (default 1: steadier on a shared box)"
+    )
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     import os
@@ -83,7 +93,11 @@ def main() -> None:
     rows = {"plain": ([], []), "execute": ([], [])}
     losses = {}
     for r in range(args.repeats):
-        order = (("plain", plain_loop), ("execute", executor_run)) if r % 2 == 0 else (("execute", executor_run), ("plain", plain_loop))
+        order = (
+            (("plain", plain_loop), ("execute", executor_run))
+            if r % 2 == 0
+            else (("execute", executor_run), ("plain", plain_loop))
+        )
         for name, fn in order:
             cpu, wall, loss = fn(args.steps, args.warmup)
             rows[name][0].append(statistics.median(cpu))
@@ -91,8 +105,10 @@ def main() -> None:
             losses[name] = loss
     same = max(abs(a - b) / abs(b) for a, b in zip(losses["plain"], losses["execute"]))
 
-    table = Table(title=f"execute vs a plain PyTorch loop: {MODEL.num_layers}x{MODEL.hidden_size} GPT, seq {MODEL.seq_len}, "
-                        f"plan {PLAN}, {args.threads} thread(s), median of {args.repeats} repeats x {args.steps} iterations")
+    table = Table(
+        title=f"execute vs a plain PyTorch loop: {MODEL.num_layers}x{MODEL.hidden_size} GPT, seq {MODEL.seq_len}, "
+        f"plan {PLAN}, {args.threads} thread(s), median of {args.repeats} repeats x {args.steps} iterations"
+    )
     for col in ("", "plain loop", "execute", "execute / plain"):
         table.add_column(col, justify="right")
     for i, label in enumerate(("CPU time per iteration", "wall time per iteration")):

@@ -30,7 +30,7 @@ import pandas as pd
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from executor_accuracy import calibrate, measure  # noqa: E402  (the issue-4 benchmark's calibration and runs)
+from executor_accuracy import calibrate, measure
 
 from executor.memory import SavedTensorTracker
 from executor.offload.memo import STATS, apply_offload
@@ -82,18 +82,31 @@ def hooks_table() -> pd.DataFrame:
     plain, _ = measure(None, 0.0)
     rest, _ = measure("none", 1.0)  # what the input and output layers hold (never swapped)
     blocks = plain - rest
-    rows = [{"mode": "no swapping", "alpha": 0.0, "device bytes held": plain, "blocks' share held": 1.0,
-             "expected": 1.0, "host bytes": 0}]
+    rows = [
+        {
+            "mode": "no swapping",
+            "alpha": 0.0,
+            "device bytes held": plain,
+            "blocks' share held": 1.0,
+            "expected": 1.0,
+            "host bytes": 0,
+        }
+    ]
     for recompute in ("none", "tokenwise"):
         for alpha in (0.0, 0.25, 0.5, 0.75, 1.0):
             if recompute == "none" and alpha == 0.0:
                 continue
             held, host = measure(recompute, alpha)
-            rows.append({
-                "mode": "plain swapping" if recompute == "none" else "MEMO (tokenwise)", "alpha": alpha,
-                "device bytes held": held, "blocks' share held": (held - rest) / blocks,
-                "expected": 1 - alpha if recompute == "none" else 0.0, "host bytes": host,
-            })
+            rows.append(
+                {
+                    "mode": "plain swapping" if recompute == "none" else "MEMO (tokenwise)",
+                    "alpha": alpha,
+                    "device bytes held": held,
+                    "blocks' share held": (held - rest) / blocks,
+                    "expected": 1 - alpha if recompute == "none" else 0.0,
+                    "host bytes": host,
+                }
+            )
     return pd.DataFrame(rows)
 
 
@@ -108,14 +121,23 @@ def timing_table(spec: Path, steps: int, warmup: int, only: str = "") -> pd.Data
         measured = measure(spec, ranks, text, steps, warmup)["iteration_time_s"]
         des = evaluate_des(plan, workload, cluster)
         analytic = evaluate(plan, workload, cluster)
-        rows.append({"plan": name, "measured s": measured, "des s": des.iteration_time_s,
-                     "des error %": 100 * (des.iteration_time_s - measured) / measured,
-                     "analytic s": analytic.iteration_time_s,
-                     "analytic error %": 100 * (analytic.iteration_time_s - measured) / measured,
-                     "predicted recompute s": analytic.time_breakdown_s.recompute,
-                     "predicted stall s": analytic.time_breakdown_s.offload_stall})
-        print(f"  {name:42s} measured {measured:7.3f} s  des {des.iteration_time_s:7.3f} s  "
-              f"({rows[-1]['des error %']:+6.1f}%)", flush=True)
+        rows.append(
+            {
+                "plan": name,
+                "measured s": measured,
+                "des s": des.iteration_time_s,
+                "des error %": 100 * (des.iteration_time_s - measured) / measured,
+                "analytic s": analytic.iteration_time_s,
+                "analytic error %": 100 * (analytic.iteration_time_s - measured) / measured,
+                "predicted recompute s": analytic.time_breakdown_s.recompute,
+                "predicted stall s": analytic.time_breakdown_s.offload_stall,
+            }
+        )
+        print(
+            f"  {name:42s} measured {measured:7.3f} s  des {des.iteration_time_s:7.3f} s  "
+            f"({rows[-1]['des error %']:+6.1f}%)",
+            flush=True,
+        )
     df = pd.DataFrame(rows)
     # Ratios to the plan without recompute, measured in the same run: a load that slows every plan alike cancels.
     df["measured / no recompute"] = df["measured s"] / df["measured s"].iloc[0]

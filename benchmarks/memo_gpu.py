@@ -35,8 +35,8 @@ LONG_ITERATION_S = 5.0
 
 
 def _plan_for(mode: str, cfg, cluster):
-    from simulator.search.memo.search import choose_alpha
     from simulator.plan import parse_shorthand
+    from simulator.search.memo.search import choose_alpha
 
     plan = parse_shorthand(BASE_PLAN)
     if mode == "full":
@@ -67,10 +67,17 @@ def climb(mode: str, workload: str, cluster_ref: str, seq_lens: list[int], budge
         plan, choice = _plan_for(mode, cfg, cluster)
         bound, device_type, _ = admit(plan, cfg, cluster, True)
         predicted = _predict(bound, "des")
-        row = {"mode": mode, "seq_len": seq, "plan": plan.model_dump(mode="json", exclude_defaults=True),
-               "alpha_reason": choice.reason if choice else None,
-               "predicted": {"iteration_time_s": predicted.iteration_time_s, "mfu": predicted.mfu,
-                             "peak_memory_bytes": predicted.peak_memory_bytes}}
+        row = {
+            "mode": mode,
+            "seq_len": seq,
+            "plan": plan.model_dump(mode="json", exclude_defaults=True),
+            "alpha_reason": choice.reason if choice else None,
+            "predicted": {
+                "iteration_time_s": predicted.iteration_time_s,
+                "mfu": predicted.mfu,
+                "peak_memory_bytes": predicted.peak_memory_bytes,
+            },
+        }
         warmup, steps = 1, 2
         if last is not None:
             estimate = last[1] * predicted.model_flops_per_iteration / last[0]
@@ -81,8 +88,16 @@ def climb(mode: str, workload: str, cluster_ref: str, seq_lens: list[int], budge
                 print(json.dumps(row), flush=True)
                 return
         row["iterations"] = {"warmup": warmup, "measured": steps}
-        job = Job(workload=cfg, cluster_ref=cluster_ref, nodes=None, devices_per_node=None, plan=bound.plan,
-                  steps=steps, warmup=warmup, device_type=device_type)
+        job = Job(
+            workload=cfg,
+            cluster_ref=cluster_ref,
+            nodes=None,
+            devices_per_node=None,
+            plan=bound.plan,
+            steps=steps,
+            warmup=warmup,
+            device_type=device_type,
+        )
         try:
             (result,) = run_jobs([job])
         except RankFailure as exc:
@@ -92,8 +107,12 @@ def climb(mode: str, workload: str, cluster_ref: str, seq_lens: list[int], budge
             return
         measured = measured_report(bound, result, [])
         row["status"] = "ran"
-        row["measured"] = {"iteration_time_s": measured.iteration_time_s, "mfu": measured.mfu,
-                           "peak_memory_bytes": measured.peak_memory_bytes, "losses": result.losses}
+        row["measured"] = {
+            "iteration_time_s": measured.iteration_time_s,
+            "mfu": measured.mfu,
+            "peak_memory_bytes": measured.peak_memory_bytes,
+            "losses": result.losses,
+        }
         print(json.dumps(row), flush=True)
         last = (predicted.model_flops_per_iteration, measured.iteration_time_s)
         del result
@@ -116,8 +135,11 @@ def main() -> None:
     parser.add_argument("--workload", default="tinyllama-1.1b")
     parser.add_argument("--seq-lens", default="16384,32768,65536,131072")
     parser.add_argument("--budget-s", type=float, default=240.0, help="wall time for all the modes together")
-    parser.add_argument("--modes", default=",".join(MODES),
-                        help=f"comma-separated subset of {','.join(MODES)} (e.g. memo: spend the device time on one mode)")
+    parser.add_argument(
+        "--modes",
+        default=",".join(MODES),
+        help=f"comma-separated subset of {','.join(MODES)} (e.g. memo: spend the device time on one mode)",
+    )
     parser.add_argument("--out", type=Path)
     parser.add_argument("--climb", choices=MODES, help=argparse.SUPPRESS)  # one mode, in a child process
     args = parser.parse_args()
@@ -141,8 +163,20 @@ def main() -> None:
     start = time.monotonic()
     for i, mode in enumerate(modes):
         share = (args.budget_s - (time.monotonic() - start)) / (len(modes) - i)
-        cmd = [sys.executable, __file__, "--climb", mode, "--cluster", args.cluster, "--workload", args.workload,
-               "--seq-lens", args.seq_lens, "--budget-s", str(share)]
+        cmd = [
+            sys.executable,
+            __file__,
+            "--climb",
+            mode,
+            "--cluster",
+            args.cluster,
+            "--workload",
+            args.workload,
+            "--seq-lens",
+            args.seq_lens,
+            "--budget-s",
+            str(share),
+        ]
         proc = subprocess.run(cmd, capture_output=True, text=True, timeout=share + 120)
         got = [json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{")]
         if proc.returncode != 0 and not any(r["status"] != "ran" for r in got):
@@ -151,18 +185,34 @@ def main() -> None:
         print(f"{mode}: done in {time.monotonic() - start:.0f} s", file=sys.stderr, flush=True)
 
     table = Table(title=f"{args.workload} on one {torch.cuda.get_device_name(0)}: one sequence per iteration, bf16")
-    for col in ("mode", "seq", "alpha", "status", "iter. meas.", "iter. pred.", "MFU meas.", "MFU pred.",
-                "peak meas.", "peak pred."):
+    for col in (
+        "mode",
+        "seq",
+        "alpha",
+        "status",
+        "iter. meas.",
+        "iter. pred.",
+        "MFU meas.",
+        "MFU pred.",
+        "peak meas.",
+        "peak pred.",
+    ):
         table.add_column(col, justify="left" if col in ("mode", "status") else "right")
     for r in rows:
         m, p = r.get("measured"), r.get("predicted") or {}
         alpha = r.get("plan", {}).get("offload")
-        table.add_row(r["mode"], str(r["seq_len"]), "-" if alpha is None else f"{alpha:.3f}", r["status"],
-                      f"{m['iteration_time_s']:.2f} s" if m else "-",
-                      f"{p['iteration_time_s']:.2f} s" if p else "-",
-                      f"{100 * m['mfu']:.1f}%" if m else "-", f"{100 * p['mfu']:.1f}%" if p else "-",
-                      f"{m['peak_memory_bytes'] / 2**30:.1f} GiB" if m else "-",
-                      f"{p['peak_memory_bytes'] / 2**30:.1f} GiB" if p else "-")
+        table.add_row(
+            r["mode"],
+            str(r["seq_len"]),
+            "-" if alpha is None else f"{alpha:.3f}",
+            r["status"],
+            f"{m['iteration_time_s']:.2f} s" if m else "-",
+            f"{p['iteration_time_s']:.2f} s" if p else "-",
+            f"{100 * m['mfu']:.1f}%" if m else "-",
+            f"{100 * p['mfu']:.1f}%" if p else "-",
+            f"{m['peak_memory_bytes'] / 2**30:.1f} GiB" if m else "-",
+            f"{p['peak_memory_bytes'] / 2**30:.1f} GiB" if p else "-",
+        )
     console = Console(width=170)
     console.print(table)
     summary = {}
@@ -170,14 +220,23 @@ def main() -> None:
         mine = [r for r in rows if r["mode"] == mode]
         ran = [r for r in mine if r.get("status") == "ran"]
         stop = next((r["status"] for r in mine if r.get("status") != "ran"), "ran every length")
-        summary[mode] = {"longest_run": ran[-1]["seq_len"] if ran else None, "stopped_by": stop,
-                         "memory_limit_estimate": _memory_limit(mine, capacity),
-                         "mfu_at_longest": ran[-1]["measured"]["mfu"] if ran else None}
-        console.print(f"{mode}: longest run {summary[mode]['longest_run']} tokens ({stop}); "
-                      f"measured peak reaches the GPU's memory near {summary[mode]['memory_limit_estimate']} tokens")
+        summary[mode] = {
+            "longest_run": ran[-1]["seq_len"] if ran else None,
+            "stopped_by": stop,
+            "memory_limit_estimate": _memory_limit(mine, capacity),
+            "mfu_at_longest": ran[-1]["measured"]["mfu"] if ran else None,
+        }
+        console.print(
+            f"{mode}: longest run {summary[mode]['longest_run']} tokens ({stop}); "
+            f"measured peak reaches the GPU's memory near {summary[mode]['memory_limit_estimate']} tokens"
+        )
     if args.out:
-        args.out.write_text(json.dumps({"gpu": torch.cuda.get_device_name(0), "capacity_bytes": capacity,
-                                        "rows": rows, "summary": summary}, indent=1))
+        args.out.write_text(
+            json.dumps(
+                {"gpu": torch.cuda.get_device_name(0), "capacity_bytes": capacity, "rows": rows, "summary": summary},
+                indent=1,
+            )
+        )
 
 
 if __name__ == "__main__":

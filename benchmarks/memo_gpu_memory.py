@@ -20,10 +20,10 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from executor.offload import memo as offload  # noqa: E402
-from executor.offload.memo import apply_offload  # noqa: E402
-from workloads.catalog import load_workload  # noqa: E402
-from workloads.torch_models import build_model, loss_fn  # noqa: E402
+from executor.offload import memo as offload
+from executor.offload.memo import apply_offload
+from workloads.catalog import load_workload
+from workloads.torch_models import build_model, loss_fn
 
 GIB = 2**30
 
@@ -55,9 +55,15 @@ def run(cfg, variant: str, alpha: float, sync: bool) -> dict:
     offload._Frame.in_flight.clear()
     torch.cuda.empty_cache()
     growth = [(b - a) / GIB for a, b in zip(after_block, after_block[1:])]
-    return {"variant": variant, "alpha": alpha, "sync": sync, "after_forward_gib": (after_forward - base) / GIB,
-            "peak_gib": (peak - base) / GIB, "per_block_growth_gib": growth,
-            "host_peak_gib": offload.STATS.host_peak / GIB}
+    return {
+        "variant": variant,
+        "alpha": alpha,
+        "sync": sync,
+        "after_forward_gib": (after_forward - base) / GIB,
+        "peak_gib": (peak - base) / GIB,
+        "per_block_growth_gib": growth,
+        "host_peak_gib": offload.STATS.host_peak / GIB,
+    }
 
 
 def main() -> None:
@@ -71,8 +77,14 @@ def main() -> None:
         sys.exit("memo_gpu_memory: needs a CUDA device")
     cfg = load_workload("tinyllama-1.1b", args.seq_len).model_copy(update={"num_layers": args.layers})
     rows = []
-    for variant, alpha, sync in [("plain", 0.0, False), ("tokenwise", 0.0, False), ("tokenwise", args.alpha, False),
-                                 ("tokenwise", 1.0, False), ("tokenwise", args.alpha, True), ("swap", args.alpha, False)]:
+    for variant, alpha, sync in [
+        ("plain", 0.0, False),
+        ("tokenwise", 0.0, False),
+        ("tokenwise", args.alpha, False),
+        ("tokenwise", 1.0, False),
+        ("tokenwise", args.alpha, True),
+        ("swap", args.alpha, False),
+    ]:
         offload.STATS.host_peak = 0
         try:
             row = run(cfg, variant, alpha, sync)
@@ -82,10 +94,12 @@ def main() -> None:
         rows.append(row)
         growth = row.get("per_block_growth_gib", [])
         after, peak = row.get("after_forward_gib", float("nan")), row.get("peak_gib", float("nan"))
-        print(f"{variant:10s} alpha {alpha:.3f} sync {sync!s:5s}: after forward {after:6.2f} GiB, peak {peak:6.2f} GiB, "
-              f"per block {' '.join(f'{g:.2f}' for g in growth)}, "
-              f"host peak {row.get('host_peak_gib', 0):.2f} GiB {row.get('error', '')}",
-              flush=True)
+        print(
+            f"{variant:10s} alpha {alpha:.3f} sync {sync!s:5s}: after forward {after:6.2f} GiB, peak {peak:6.2f} GiB, "
+            f"per block {' '.join(f'{g:.2f}' for g in growth)}, "
+            f"host peak {row.get('host_peak_gib', 0):.2f} GiB {row.get('error', '')}",
+            flush=True,
+        )
     if args.out:
         args.out.write_text(json.dumps({"layers": args.layers, "seq_len": args.seq_len, "rows": rows}, indent=1))
 

@@ -33,7 +33,7 @@ from rich.table import Table
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from simulator.search.memo.memory_plan import (  # noqa: E402
+from simulator.search.memo.memory_plan import (
     TensorLife,
     check_plan,
     online_best_fit,
@@ -42,7 +42,7 @@ from simulator.search.memo.memory_plan import (  # noqa: E402
     transformer_layer_tensors,
     transformer_model_tensors,
 )
-from workloads import load_workload  # noqa: E402
+from workloads import load_workload
 
 
 def model_rows(args) -> list[dict]:
@@ -62,11 +62,23 @@ def model_rows(args) -> list[dict]:
             model_times.append(plan.solve_time_s)
         check_plan(everything, plan.offsets, alignment=512)
         _, online = online_best_fit(everything)
-        rows.append(dict(
-            tp=tp, recompute=recompute, seq=seq, tensors=len(everything), layer_s=statistics.median(layer_times), layer_status=layer_status,
-            model_s=statistics.median(model_times), status=plan.solver_status, distinct=plan.distinct_layer_plans,
-            planned=plan.peak_bytes, greedy=plan.greedy_peak_bytes, online=online, bound=plan.lower_bound_bytes,
-        ))
+        rows.append(
+            dict(
+                tp=tp,
+                recompute=recompute,
+                seq=seq,
+                tensors=len(everything),
+                layer_s=statistics.median(layer_times),
+                layer_status=layer_status,
+                model_s=statistics.median(model_times),
+                status=plan.solver_status,
+                distinct=plan.distinct_layer_plans,
+                planned=plan.peak_bytes,
+                greedy=plan.greedy_peak_bytes,
+                online=online,
+                bound=plan.lower_bound_bytes,
+            )
+        )
     return rows
 
 
@@ -93,8 +105,19 @@ def random_rows(args) -> list[dict]:
             beaten += plan.peak_bytes < plan.greedy_peak_bytes
             timeouts += plan.solver_status != "optimal"
             cbc += plan.cbc_called
-        rows.append(dict(n=n, sets=args.random_sets, cbc=cbc, beaten=beaten, gain_max=max(gains), gain_mean=statistics.mean(gains),
-                         median_s=statistics.median(times), max_s=max(times), timeouts=timeouts))
+        rows.append(
+            dict(
+                n=n,
+                sets=args.random_sets,
+                cbc=cbc,
+                beaten=beaten,
+                gain_max=max(gains),
+                gain_mean=statistics.mean(gains),
+                median_s=statistics.median(times),
+                max_s=max(times),
+                timeouts=timeouts,
+            )
+        )
     return rows
 
 
@@ -122,33 +145,81 @@ def main() -> None:
     parser.add_argument("--workload", default="llama2-7b")
     parser.add_argument("--seq-lens", default="4096,32768,1048576", type=lambda s: [int(x) for x in s.split(",")])
     parser.add_argument("--micro-batch", type=int, default=1)
-    parser.add_argument("--configs", default="1:none,8:selective,1:full,8:full", type=parse_configs,
-                        help="tp:recompute pairs (recompute: none, selective, full), comma-separated")
+    parser.add_argument(
+        "--configs",
+        default="1:none,8:selective,1:full,8:full",
+        type=parse_configs,
+        help="tp:recompute pairs (recompute: none, selective, full), comma-separated",
+    )
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--random-sets", type=int, default=10, help="random sets per size (0: skip table 2)")
-    parser.add_argument("--random-sizes", default="12,20,30,40", type=lambda s: [int(x) for x in s.split(",")],
-                        help="tensors per random set")
+    parser.add_argument(
+        "--random-sizes",
+        default="12,20,30,40",
+        type=lambda s: [int(x) for x in s.split(",")],
+        help="tensors per random set",
+    )
     parser.add_argument("--markdown", action="store_true", help="print markdown tables (for BENCHMARKS.md)")
     args = parser.parse_args()
 
-    heads1 = ["tp", "recompute", "seq len", "tensors", "layer solve", "model solve (status: distinct frames)", "planned peak", "greedy peak",
-              "online best-fit peak", "lower bound", "avoided vs greedy", "avoided vs online"]
+    heads1 = [
+        "tp",
+        "recompute",
+        "seq len",
+        "tensors",
+        "layer solve",
+        "model solve (status: distinct frames)",
+        "planned peak",
+        "greedy peak",
+        "online best-fit peak",
+        "lower bound",
+        "avoided vs greedy",
+        "avoided vs online",
+    ]
     table1 = [
-        [str(r["tp"]), r["recompute"], f"{r['seq']:,}", str(r["tensors"]), f"{r['layer_s']:.2f} s ({r['layer_status']})",
-         f"{r['model_s']:.2f} s ({r['status']}: {r['distinct']})", gib(r["planned"]), gib(r["greedy"]),
-         gib(r["online"]), gib(r["bound"]), pct(r["greedy"] - r["planned"], r["greedy"]),
-         pct(r["online"] - r["planned"], r["online"])]
+        [
+            str(r["tp"]),
+            r["recompute"],
+            f"{r['seq']:,}",
+            str(r["tensors"]),
+            f"{r['layer_s']:.2f} s ({r['layer_status']})",
+            f"{r['model_s']:.2f} s ({r['status']}: {r['distinct']})",
+            gib(r["planned"]),
+            gib(r["greedy"]),
+            gib(r["online"]),
+            gib(r["bound"]),
+            pct(r["greedy"] - r["planned"], r["greedy"]),
+            pct(r["online"] - r["planned"], r["online"]),
+        ]
         for r in model_rows(args)
     ]
-    heads2 = ["tensors", "sets", "CBC needed", "plan beats greedy", "avoided vs greedy (mean / max)", "solve median", "solve max",
-              "hit time limit"]
+    heads2 = [
+        "tensors",
+        "sets",
+        "CBC needed",
+        "plan beats greedy",
+        "avoided vs greedy (mean / max)",
+        "solve median",
+        "solve max",
+        "hit time limit",
+    ]
     table2 = [
-        [str(r["n"]), str(r["sets"]), str(r["cbc"]), str(r["beaten"]), f"{r['gain_mean']:.1f}% / {r['gain_max']:.1f}%",
-         f"{r['median_s']:.2f} s", f"{r['max_s']:.2f} s", str(r["timeouts"])]
+        [
+            str(r["n"]),
+            str(r["sets"]),
+            str(r["cbc"]),
+            str(r["beaten"]),
+            f"{r['gain_mean']:.1f}% / {r['gain_max']:.1f}%",
+            f"{r['median_s']:.2f} s",
+            f"{r['max_s']:.2f} s",
+            str(r["timeouts"]),
+        ]
         for r in random_rows(args)
     ]
-    title1 = (f"{args.workload}, micro-batch {args.micro_batch} (tp > 1 with sequence parallel): one layer "
-              "(level one) and the whole model (bi-level)")
+    title1 = (
+        f"{args.workload}, micro-batch {args.micro_batch} (tp > 1 with sequence parallel): one layer "
+        "(level one) and the whole model (bi-level)"
+    )
     title2 = "Random layer-sized tensor sets (12 steps, sizes 16-128 MiB, lifetimes up to 5 steps), CBC limit 10 s"
     if args.markdown:
         for title, heads, rows in ((title1, heads1, table1), (title2, heads2, table2)):

@@ -49,14 +49,22 @@ def _with_every_device(cluster, change):
 def with_attention_efficiency(cluster, efficiency: float):
     """The cluster with every device's fused-attention efficiency set to `efficiency` (what-if)."""
     curve = EfficiencyCurve.flat(efficiency)
-    return _with_every_device(cluster, lambda device: device.model_copy(update={
-        "compute": device.compute.model_copy(update={"attention_efficiency": curve, "per_dtype": {}})}))
+    return _with_every_device(
+        cluster,
+        lambda device: device.model_copy(
+            update={"compute": device.compute.model_copy(update={"attention_efficiency": curve, "per_dtype": {}})}
+        ),
+    )
 
 
 def with_memory_taken(cluster, share: float):
     """The cluster with `share` of every device's memory taken away (what-if)."""
-    return _with_every_device(cluster, lambda device: device.model_copy(update={
-        "memory": device.memory.model_copy(update={"capacity": device.memory.capacity * (1.0 - share)})}))
+    return _with_every_device(
+        cluster,
+        lambda device: device.model_copy(
+            update={"memory": device.memory.model_copy(update={"capacity": device.memory.capacity * (1.0 - share)})}
+        ),
+    )
 
 
 def table(workload: str, cluster, seq_lens: list[int], baseline_cluster=None) -> pd.DataFrame:
@@ -71,19 +79,21 @@ def table(workload: str, cluster, seq_lens: list[int], baseline_cluster=None) ->
         megatron = best_megatron_mfu(result)
         baselines = {b.name: b for b in result.baselines}
         ds = baselines.get("deepspeed-ulysses-zero3-full")
-        rows.append({
-            "seq_len": seq,
-            "alpha": best.plan.offload,
-            "MEMO plan": best.plan.shorthand(),
-            "MEMO MFU %": 100 * best.report.mfu,
-            "same, causal in full %": 100 * best.report.mfu_causal_in_full,  # Megatron-LM's formula, for papers
-            "Megatron full %": _mfu(baselines.get("megatron-tp-sp-cp-full")),
-            "Megatron selective %": _mfu(baselines.get("megatron-tp-sp-cp-selective")),
-            "DeepSpeed %": _mfu(ds),
-            "MEMO / best Megatron": best.report.mfu / megatron if megatron else float("nan"),
-            "MEMO / DeepSpeed": best.report.mfu / ds.report.mfu if ds is not None and ds.report else float("nan"),
-            "search s": time.perf_counter() - started,
-        })
+        rows.append(
+            {
+                "seq_len": seq,
+                "alpha": best.plan.offload,
+                "MEMO plan": best.plan.shorthand(),
+                "MEMO MFU %": 100 * best.report.mfu,
+                "same, causal in full %": 100 * best.report.mfu_causal_in_full,  # Megatron-LM's formula, for papers
+                "Megatron full %": _mfu(baselines.get("megatron-tp-sp-cp-full")),
+                "Megatron selective %": _mfu(baselines.get("megatron-tp-sp-cp-selective")),
+                "DeepSpeed %": _mfu(ds),
+                "MEMO / best Megatron": best.report.mfu / megatron if megatron else float("nan"),
+                "MEMO / DeepSpeed": best.report.mfu / ds.report.mfu if ds is not None and ds.report else float("nan"),
+                "search s": time.perf_counter() - started,
+            }
+        )
     return pd.DataFrame(rows)
 
 
@@ -96,9 +106,11 @@ def summary(df: pd.DataFrame, label: str) -> None:
         print(df.to_string(index=False, float_format=lambda v: f"{v:.3f}"))
     ratios = [r for r in df["MEMO / best Megatron"] if r == r]
     last = df.iloc[-1]
-    print(f"{label}: mean MFU ratio MEMO / best Megatron = {statistics.mean(ratios):.2f} (published {PUBLISHED_RATIO}); "
-          f"MEMO at {int(last['seq_len']):,} tokens: {last['MEMO MFU %']:.1f}% (published {100 * PUBLISHED_MFU_1M:.2f}%, "
-          f"{last['MEMO MFU %'] - 100 * PUBLISHED_MFU_1M:+.1f} points)\n")
+    print(
+        f"{label}: mean MFU ratio MEMO / best Megatron = {statistics.mean(ratios):.2f} (published {PUBLISHED_RATIO}); "
+        f"MEMO at {int(last['seq_len']):,} tokens: {last['MEMO MFU %']:.1f}% (published {100 * PUBLISHED_MFU_1M:.2f}%, "
+        f"{last['MEMO MFU %'] - 100 * PUBLISHED_MFU_1M:+.1f} points)\n"
+    )
 
 
 def main() -> None:
@@ -107,8 +119,11 @@ def main() -> None:
     parser.add_argument("--cluster", default="hgx-a800")
     parser.add_argument("--seq-lens", default="65536,131072,262144,524288,1048576")
     parser.add_argument("--what-if-attention", default="", help="comma-separated fused-attention efficiencies")
-    parser.add_argument("--what-if-fragmentation", default="",
-                        help="comma-separated shares of device memory the baselines lose to fragmentation")
+    parser.add_argument(
+        "--what-if-fragmentation",
+        default="",
+        help="comma-separated shares of device memory the baselines lose to fragmentation",
+    )
     args = parser.parse_args()
     seq_lens = [int(v) for v in args.seq_lens.split(",") if v.strip()]
     cluster = load_cluster(args.cluster)
@@ -116,10 +131,15 @@ def main() -> None:
     summary(table(args.workload, cluster, seq_lens), "specs as shipped")
     for value in (float(v) for v in args.what_if_attention.split(",") if v.strip()):
         print(f"what-if (not the spec): fused-attention efficiency {value:g}")
-        summary(table(args.workload, with_attention_efficiency(cluster, value), seq_lens), f"attention efficiency {value:g}")
+        summary(
+            table(args.workload, with_attention_efficiency(cluster, value), seq_lens), f"attention efficiency {value:g}"
+        )
     for share in (float(v) for v in args.what_if_fragmentation.split(",") if v.strip()):
         print(f"what-if (not the spec): the baselines lose {share:.0%} of device memory to fragmentation, MEMO none")
-        summary(table(args.workload, cluster, seq_lens, with_memory_taken(cluster, share)), f"baselines {share:.0%} fragmented")
+        summary(
+            table(args.workload, cluster, seq_lens, with_memory_taken(cluster, share)),
+            f"baselines {share:.0%} fragmented",
+        )
 
 
 if __name__ == "__main__":

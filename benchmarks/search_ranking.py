@@ -36,11 +36,11 @@ import pandas as pd
 import yaml
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from executor_accuracy import calibrate  # noqa: E402  (the issue-4 benchmark's calibration step)
+from executor_accuracy import calibrate
 
-from hwmodel import load_cluster  # noqa: E402
-from simulator.plan import LayerStrategy, Plan, StageSpec, load_plan  # noqa: E402
-from workloads import load_workload  # noqa: E402
+from hwmodel import load_cluster
+from simulator.plan import LayerStrategy, Plan, StageSpec, load_plan
+from workloads import load_workload
 
 WORKLOAD = "gpt-30m"
 RANKS = 2
@@ -55,17 +55,25 @@ def hand_plans(num_layers: int) -> dict[str, Plan]:
     base = dict(global_batch=GLOBAL_BATCH, dtype="fp32")
     return {
         "hand: tp2 first half, dp2 second half": Plan(
-            tp=2, micro_batch=8, layers=(LayerStrategy(layers=(half, num_layers - 1), tp=1),), **base),
+            tp=2, micro_batch=8, layers=(LayerStrategy(layers=(half, num_layers - 1), tp=1),), **base
+        ),
         "hand: dp2, tp2+sp first half": Plan(
-            dp=2, micro_batch=4, layers=(LayerStrategy(layers=(0, half - 1), tp=2, sequence_parallel=True),), **base),
+            dp=2, micro_batch=4, layers=(LayerStrategy(layers=(0, half - 1), tp=2, sequence_parallel=True),), **base
+        ),
         "hand: pp2 uneven stages (1 + rest), gpipe": Plan(
-            pp=2, micro_batch=2, schedule="gpipe",
-            stages=(StageSpec(num_layers=1), StageSpec(num_layers=num_layers - 1)), **base),
+            pp=2,
+            micro_batch=2,
+            schedule="gpipe",
+            stages=(StageSpec(num_layers=1), StageSpec(num_layers=num_layers - 1)),
+            **base,
+        ),
         "hand: dp2 full recompute": Plan(dp=2, micro_batch=4, recompute="full", **base),
     }
 
 
-def search_plans(workload, cluster, budget_bytes: float) -> tuple[list[tuple[str, Plan]], list[tuple[str, Plan]], float]:
+def search_plans(
+    workload, cluster, budget_bytes: float
+) -> tuple[list[tuple[str, Plan]], list[tuple[str, Plan]], float]:
     """(top-3 candidates, baselines with a plan, search seconds) from `search_galvatron`."""
     from simulator.search.galvatron.search import search_galvatron
 
@@ -75,7 +83,9 @@ def search_plans(workload, cluster, budget_bytes: float) -> tuple[list[tuple[str
     top = [(f"search #{i + 1}", c.plan) for i, c in enumerate(result.candidates[:3])]
     if not top:
         top = [("search #1", result.best.plan)]
-    baselines = [(f"baseline: {b.name}", b.plan) for b in result.baselines if b.plan is not None and b.report is not None]
+    baselines = [
+        (f"baseline: {b.name}", b.plan) for b in result.baselines if b.plan is not None and b.report is not None
+    ]
     return top, baselines, seconds
 
 
@@ -85,7 +95,10 @@ def layout_key(bound) -> tuple:
     from dataclasses import replace
 
     runs = tuple(
-        (tuple(stage.ranks), tuple(replace(run, dp_type="-") if len(stage.ranks) == run.tp else run for run in stage.runs))
+        (
+            tuple(stage.ranks),
+            tuple(replace(run, dp_type="-") if len(stage.ranks) == run.tp else run for run in stage.runs),
+        )
         for stage in bound.stages
     )
     plan = bound.plan
@@ -144,7 +157,9 @@ def spearman(a: list[float], b: list[float]) -> float:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--spec", type=Path, help="a cluster spec written by `execute calibrate --ranks 2`")
-    parser.add_argument("--out", type=Path, default=None, help="where the calibration and plan files go (default: a temp dir)")
+    parser.add_argument(
+        "--out", type=Path, default=None, help="where the calibration and plan files go (default: a temp dir)"
+    )
     parser.add_argument("--seq-len", type=int, default=64, help="sequence length of gpt-30m (default 64)")
     parser.add_argument("--steps", type=int, default=4, help="timed iterations per plan and round")
     parser.add_argument("--warmup", type=int, default=2, help="warm-up iterations per plan and round")
@@ -185,8 +200,18 @@ def main() -> None:
         path.write_text(yaml.safe_dump(plan.model_dump(mode="json", exclude_defaults=True), sort_keys=False))
         loaded = load_plan(path)
         bound, device_type, _ = admit(loaded, workload, cluster, force=True)
-        jobs.append(Job(workload, str(spec), None, RANKS, bound.plan, steps=args.steps, warmup=args.warmup,
-                        device_type=device_type))
+        jobs.append(
+            Job(
+                workload,
+                str(spec),
+                None,
+                RANKS,
+                bound.plan,
+                steps=args.steps,
+                warmup=args.warmup,
+                device_type=device_type,
+            )
+        )
         predicted = evaluate_des(loaded, workload, cluster).iteration_time_s
         rows.append({"plan": name, "file": path.name, "what": describe(bound.plan), "predicted_s": predicted})
     _warn_if_contended()
@@ -205,29 +230,47 @@ def main() -> None:
     rho = round(spearman(list(table["predicted_s"]), list(table["measured_s"])), 12)
     fastest = table["measured_s"].min()
     first = table[table["plan"] == "search #1"]
-    print(f"\n{WORKLOAD} at seq {args.seq_len}, fp32, {GLOBAL_BATCH} sequences per iteration, {RANKS} gloo ranks "
-          f"(one thread each), spec {spec}; median of {args.rounds} x {args.steps} timed iterations per plan")
+    print(
+        f"\n{WORKLOAD} at seq {args.seq_len}, fp32, {GLOBAL_BATCH} sequences per iteration, {RANKS} gloo ranks "
+        f"(one thread each), spec {spec}; median of {args.rounds} x {args.steps} timed iterations per plan"
+    )
     if search_seconds is not None:
         print(f"search_galvatron: {search_seconds:.2f} s, budget {args.memory_budget_gib:g} GiB per device")
-    show = table[["plan", "file", "predicted_s", "measured_s", "spread", "error", "predicted rank", "measured rank", "what"]]
+    show = table[
+        ["plan", "file", "predicted_s", "measured_s", "spread", "error", "predicted rank", "measured rank", "what"]
+    ]
     with pd.option_context("display.max_colwidth", 120, "display.width", 300):
-        print(show.to_string(index=False, formatters={
-            "predicted_s": "{:.3f} s".format, "measured_s": "{:.3f} s".format, "spread": "{:.0%}".format,
-            "error": "{:+.1%}".format}))
-    print(f"\nSpearman rank correlation, predicted vs measured: {rho:.3f} (target >= {SPEARMAN_TARGET}): "
-          f"{'met' if rho >= SPEARMAN_TARGET else 'NOT met'}")
+        print(
+            show.to_string(
+                index=False,
+                formatters={
+                    "predicted_s": "{:.3f} s".format,
+                    "measured_s": "{:.3f} s".format,
+                    "spread": "{:.0%}".format,
+                    "error": "{:+.1%}".format,
+                },
+            )
+        )
+    print(
+        f"\nSpearman rank correlation, predicted vs measured: {rho:.3f} (target >= {SPEARMAN_TARGET}): "
+        f"{'met' if rho >= SPEARMAN_TARGET else 'NOT met'}"
+    )
     if len(first):
         ratio = float(first["measured_s"].iloc[0]) / fastest
-        print(f"search's first choice measured {first['measured_s'].iloc[0]:.3f} s, the fastest {fastest:.3f} s: "
-              f"{100 * (ratio - 1):.1f}% slower (target within {FIRST_CHOICE_SLACK:.0%}): "
-              f"{'met' if ratio <= 1 + FIRST_CHOICE_SLACK else 'NOT met'}")
+        print(
+            f"search's first choice measured {first['measured_s'].iloc[0]:.3f} s, the fastest {fastest:.3f} s: "
+            f"{100 * (ratio - 1):.1f}% slower (target within {FIRST_CHOICE_SLACK:.0%}): "
+            f"{'met' if ratio <= 1 + FIRST_CHOICE_SLACK else 'NOT met'}"
+        )
     print(f"plan files: {plan_dir}")
     print("\nMarkdown (for BENCHMARKS.md):\n")
     print("| plan | predicted | measured | spread | error | predicted rank | measured rank | what |")
     print("|---|---:|---:|---:|---:|---:|---:|---|")
     for row in table.to_dict("records"):
-        print(f"| {row['plan']} | {row['predicted_s']:.3f} s | {row['measured_s']:.3f} s | {row['spread']:.0%} | {row['error']:+.1%} | "
-              f"{row['predicted rank']} | {row['measured rank']} | `{row['what']}` |")
+        print(
+            f"| {row['plan']} | {row['predicted_s']:.3f} s | {row['measured_s']:.3f} s | {row['spread']:.0%} | {row['error']:+.1%} | "
+            f"{row['predicted rank']} | {row['measured rank']} | `{row['what']}` |"
+        )
     _warn_if_contended()
 
 
@@ -235,8 +278,10 @@ def _warn_if_contended() -> None:
     """Say so when other work competed for the cores: the times then measure the machine's load."""
     load, cores = os.getloadavg()[0], os.cpu_count() or 1
     if load > cores:
-        print(f"\nwarning: load average {load:.1f} on {cores} cores: other processes competed with the ranks, so the "
-              "measured times (and the ranking) say more about the machine's load than about the plans; rerun on a quiet machine")
+        print(
+            f"\nwarning: load average {load:.1f} on {cores} cores: other processes competed with the ranks, so the "
+            "measured times (and the ranking) say more about the machine's load than about the plans; rerun on a quiet machine"
+        )
 
 
 if __name__ == "__main__":

@@ -49,7 +49,7 @@ def points(run: MeasuredRun) -> tuple[list[float], list[float]]:
     evals = [e for e in run.evals if e.get("auc") is not None and e.get("round", 0) > 0]
     if evals and not ALL_POINTS:
         best = max(range(len(evals)), key=lambda i: evals[i]["auc"])
-        evals = evals[:best + 1]
+        evals = evals[: best + 1]
     return [float(e["round"]) for e in evals], [float(e["auc"]) for e in evals]
 
 
@@ -70,12 +70,17 @@ def _shown(path: Path) -> str:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter,
-                                     epilog=__doc__.split("\n\n", 1)[1])
+    parser = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0],
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog=__doc__.split("\n\n", 1)[1],
+    )
     parser.add_argument("--measured", type=Path, default=DEFAULT_MEASURED, help="the runs (default %(default)s)")
     parser.add_argument("--cluster", default="two-sites-wan", help="cluster whose two sites are the parties")
     parser.add_argument("--all-points", action="store_true", help="fit every evaluation, also after a run's best AUC")
-    parser.add_argument("--write", action="store_true", help="store the fit in simulator/search/vfl/data/<workload>.json")
+    parser.add_argument(
+        "--write", action="store_true", help="store the fit in simulator/search/vfl/data/<workload>.json"
+    )
     parser.add_argument("--force", action="store_true", help="with --write: replace a stored fitted model")
     args = parser.parse_args()
     global ALL_POINTS
@@ -107,13 +112,19 @@ def main() -> None:
         if local is None:
             raise UserError("no FedBCD or CELU-VFL run with AUC evaluations: the local-update value cannot be fitted")
         model = EfficiencyModel(
-            workload=workload, curve=curve, local=local, local_unweighted=local_unweighted or local,
-            reference_rounds=max(rounds), fitted=True,
+            workload=workload,
+            curve=curve,
+            local=local,
+            local_unweighted=local_unweighted or local,
+            reference_rounds=max(rounds),
+            fitted=True,
             provenance={
                 "source": f"benchmarks/vfl_fit.py --measured {_shown(args.measured)}",
                 "measured_sha256": hashlib.sha256(args.measured.read_bytes()).hexdigest()[:16],
                 "fitted_at": dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
-                "runs": [f"{r.name}: {r.label} W={r.workset} R={r.local_updates}, {r.link_label}" for r in vanilla + used],
+                "runs": [
+                    f"{r.name}: {r.label} W={r.workset} R={r.local_updates}, {r.link_label}" for r in vanilla + used
+                ],
                 "cluster": args.cluster,
             },
         )
@@ -132,18 +143,30 @@ def main() -> None:
         fitted = model.auc_after(e, timeline, weighted)
         errors = fitted - np.asarray(a)
         residuals.extend(errors.tolist())
-        table.add_row(run.label, str(run.workset), str(run.local_updates), f"{e[-1]:.0f}", f"{a[-1]:.4f}",
-                      f"{fitted[-1]:.4f}", f"{np.sqrt(np.mean(errors ** 2)):.4f}", f"{worth:.2f}")
+        table.add_row(
+            run.label,
+            str(run.workset),
+            str(run.local_updates),
+            f"{e[-1]:.0f}",
+            f"{a[-1]:.4f}",
+            f"{fitted[-1]:.4f}",
+            f"{np.sqrt(np.mean(errors**2)):.4f}",
+            f"{worth:.2f}",
+        )
     console.print(table)
     rms = float(np.sqrt(np.mean(np.square(residuals))))
-    console.print(f"curve: A_inf={curve.auc_limit:.4f}, n_0={curve.scale_rounds:.1f} rounds, p={curve.power:.3f}; local: "
-                  f"rho={model.local.rho:.3f}, tau={model.local.tau:.1f}, kappa={model.local.kappa:.3f}; unweighted: "
-                  f"rho={model.local_unweighted.rho:.3f}, tau={model.local_unweighted.tau:.1f}, "
-                  f"kappa={model.local_unweighted.kappa:.3f}; RMS AUC residual {rms:.4f}")
+    console.print(
+        f"curve: A_inf={curve.auc_limit:.4f}, n_0={curve.scale_rounds:.1f} rounds, p={curve.power:.3f}; local: "
+        f"rho={model.local.rho:.3f}, tau={model.local.tau:.1f}, kappa={model.local.kappa:.3f}; unweighted: "
+        f"rho={model.local_unweighted.rho:.3f}, tau={model.local_unweighted.tau:.1f}, "
+        f"kappa={model.local_unweighted.kappa:.3f}; RMS AUC residual {rms:.4f}"
+    )
     if args.write:
         path = data_file(workload)
         if path.is_file() and load_efficiency(workload).fitted and not args.force:
-            console.print(f"[bold red]error:[/bold red] {path} already holds a fitted model; pass --force to replace it")
+            console.print(
+                f"[bold red]error:[/bold red] {path} already holds a fitted model; pass --force to replace it"
+            )
             sys.exit(2)
         model = model.model_copy(update={"provenance": {**model.provenance, "rms_auc_residual": round(rms, 5)}})
         path.write_text(json.dumps(model.model_dump(mode="json"), indent=2) + "\n", encoding="utf-8")

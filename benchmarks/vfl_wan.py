@@ -82,11 +82,16 @@ def run_pair(link: ShapedLink, certs: Path, args: list[str], timeout: float) -> 
     with tempfile.TemporaryDirectory(prefix="vfl-bench-") as tmp:
         result = Path(tmp) / "active.json"
         env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
-        active = link.run_in("active", party_command_line("active", certs, link.active_listen,
-                                                          [*args, "--quiet", "--out", str(result)]), env=env, cwd=ROOT)
+        active = link.run_in(
+            "active",
+            party_command_line("active", certs, link.active_listen, [*args, "--quiet", "--out", str(result)]),
+            env=env,
+            cwd=ROOT,
+        )
         time.sleep(0.5)
-        passive = link.run_in("passive", party_command_line("passive", certs, link.active_address, [*args, "--quiet"]),
-                              env=env, cwd=ROOT)
+        passive = link.run_in(
+            "passive", party_command_line("passive", certs, link.active_address, [*args, "--quiet"]), env=env, cwd=ROOT
+        )
         try:
             codes = (active.wait(timeout=timeout), passive.wait(timeout=60))
         except Exception:
@@ -121,7 +126,10 @@ def convergence(certs: Path, opts, common: list[str]) -> dict:
         ("vanilla", ["--mode", "vanilla"]),
         (f"FedBCD R={opts.fedbcd_r}", ["--mode", "fedbcd", "-W", "1", "-R", str(opts.fedbcd_r)]),
         (f"CELU-VFL W={opts.w} R={opts.r}", ["--mode", "celu", "-W", str(opts.w), "-R", str(opts.r)]),
-        ("CELU-VFL, no uniform sampling", ["--mode", "celu", "-W", str(opts.w), "-R", str(opts.r), "--sampling", "latest"]),
+        (
+            "CELU-VFL, no uniform sampling",
+            ["--mode", "celu", "-W", str(opts.w), "-R", str(opts.r), "--sampling", "latest"],
+        ),
         ("CELU-VFL, no weighting", ["--mode", "celu", "-W", str(opts.w), "-R", str(opts.r), "--no-weighting"]),
     ]
     runs = []
@@ -130,20 +138,40 @@ def convergence(certs: Path, opts, common: list[str]) -> dict:
         for name, extra in configs:
             started = time.perf_counter()
             data = run_pair(link, certs, [*base, *extra], timeout=opts.run_timeout)
-            runs.append({"name": name, "mode": data["mode"], "workset": data["workset"],
-                         "local_updates": data["local_updates_per_batch"], "sampling": data["sampling"],
-                         "weighting": data["weighting"], "rounds": data["rounds"], "train_time_s": data["train_time_s"],
-                         "wall_time_s": data["wall_time_s"], "final_auc": data["final_auc"],
-                         "local_updates_done": data["local_updates_done"], "max_staleness": data["max_staleness"],
-                         "epoch_times_s": data["epoch_times_s"], "evals": data["evals"]})
+            runs.append(
+                {
+                    "name": name,
+                    "mode": data["mode"],
+                    "workset": data["workset"],
+                    "local_updates": data["local_updates_per_batch"],
+                    "sampling": data["sampling"],
+                    "weighting": data["weighting"],
+                    "rounds": data["rounds"],
+                    "train_time_s": data["train_time_s"],
+                    "wall_time_s": data["wall_time_s"],
+                    "final_auc": data["final_auc"],
+                    "local_updates_done": data["local_updates_done"],
+                    "max_staleness": data["max_staleness"],
+                    "epoch_times_s": data["epoch_times_s"],
+                    "evals": data["evals"],
+                }
+            )
             _save_partial(opts, "convergence_runs_so_far", runs)
-            console.print(f"  {name}: {data['train_time_s']:.1f} s training, final AUC {data['final_auc']:.4f} "
-                          f"({time.perf_counter() - started:.0f} s with start-up and evaluation)")
+            console.print(
+                f"  {name}: {data['train_time_s']:.1f} s training, final AUC {data['final_auc']:.4f} "
+                f"({time.perf_counter() - started:.0f} s with start-up and evaluation)"
+            )
     target = runs[0]["final_auc"] - 0.005
     for run in runs:
         run["time_to_target_s"] = time_to(run["evals"], target)
-    return {"bandwidth_bit_s": rate, "rtt_s": rtt, "epochs": opts.epochs, "target_auc": target, "eval_every": eval_every,
-            "runs": runs}
+    return {
+        "bandwidth_bit_s": rate,
+        "rtt_s": rtt,
+        "epochs": opts.epochs,
+        "target_auc": target,
+        "eval_every": eval_every,
+        "runs": runs,
+    }
 
 
 def epoch_times(certs: Path, opts, common: list[str]) -> list[dict]:
@@ -152,14 +180,26 @@ def epoch_times(certs: Path, opts, common: list[str]) -> list[dict]:
         rate, rtt = parse_link(text)
         with ShapedLink(rate, rtt / 2) as link:
             console.print(f"[bold]epoch time[/bold]: {link.describe()}")
-            for mode, extra in (("vanilla", ["--mode", "vanilla"]),
-                                ("celu", ["--mode", "celu", "-W", str(opts.w), "-R", str(opts.r)])):
+            for mode, extra in (
+                ("vanilla", ["--mode", "vanilla"]),
+                ("celu", ["--mode", "celu", "-W", str(opts.w), "-R", str(opts.r)]),
+            ):
                 for _ in range(opts.repeats):
                     data = run_pair(link, certs, [*common, "--epochs", "1", *extra], timeout=opts.run_timeout)
                     epoch = data["epoch_times_s"][0]
-                    rows.append({"mode": mode, "workset": data["workset"], "local_updates": data["local_updates_per_batch"],
-                                 "bandwidth_bit_s": rate, "rtt_s": rtt, "rounds": data["rounds"], "epoch_time_s": epoch,
-                                 "round_time_s": epoch / data["rounds"], "local_updates_done": data["local_updates_done"]})
+                    rows.append(
+                        {
+                            "mode": mode,
+                            "workset": data["workset"],
+                            "local_updates": data["local_updates_per_batch"],
+                            "bandwidth_bit_s": rate,
+                            "rtt_s": rtt,
+                            "rounds": data["rounds"],
+                            "epoch_time_s": epoch,
+                            "round_time_s": epoch / data["rounds"],
+                            "local_updates_done": data["local_updates_done"],
+                        }
+                    )
                     _save_partial(opts, "epoch_times", rows)
                     console.print(f"  {mode}: {epoch:.1f} s per epoch")
     return rows
@@ -169,24 +209,44 @@ def render(result: dict) -> None:
     if "convergence" in result:
         conv = result["convergence"]
         vanilla = conv["runs"][0]
-        table = Table(title=f"Convergence at {conv['bandwidth_bit_s'] / 1e6:g} Mbit/s, {conv['rtt_s'] * 1e3:g} ms RTT, "
-                            f"{conv['epochs']} epochs; target AUC {conv['target_auc']:.4f} (vanilla's final - 0.005)")
-        for col in ("run", "training time", "epochs", "final AUC", "time to target", "vs vanilla wall time",
-                    "local updates", "max staleness"):
+        table = Table(
+            title=f"Convergence at {conv['bandwidth_bit_s'] / 1e6:g} Mbit/s, {conv['rtt_s'] * 1e3:g} ms RTT, "
+            f"{conv['epochs']} epochs; target AUC {conv['target_auc']:.4f} (vanilla's final - 0.005)"
+        )
+        for col in (
+            "run",
+            "training time",
+            "epochs",
+            "final AUC",
+            "time to target",
+            "vs vanilla wall time",
+            "local updates",
+            "max staleness",
+        ):
             table.add_column(col, justify="left" if col == "run" else "right")
         for run in conv["runs"]:
             ttt = run["time_to_target_s"]
-            table.add_row(run["name"], f"{run['train_time_s']:.1f} s", f"{run['rounds'] / wl.batches_per_epoch(_cfg(result)):.2f}",
-                          f"{run['final_auc']:.4f}", "not reached" if ttt is None else f"{ttt:.1f} s",
-                          "-" if ttt is None else f"{ttt / vanilla['train_time_s']:.2f}", str(run["local_updates_done"]),
-                          str(run["max_staleness"]))
+            table.add_row(
+                run["name"],
+                f"{run['train_time_s']:.1f} s",
+                f"{run['rounds'] / wl.batches_per_epoch(_cfg(result)):.2f}",
+                f"{run['final_auc']:.4f}",
+                "not reached" if ttt is None else f"{ttt:.1f} s",
+                "-" if ttt is None else f"{ttt / vanilla['train_time_s']:.2f}",
+                str(run["local_updates_done"]),
+                str(run["max_staleness"]),
+            )
         console.print(table)
     if result.get("epoch_times"):
         frame = pd.DataFrame(result["epoch_times"])
         frame["link"] = [f"{b / 1e6:g} Mbit/s / {r * 1e3:g} ms" for b, r in zip(frame.bandwidth_bit_s, frame.rtt_s)]
         summary = frame.groupby(["link", "mode"], sort=False).agg(
-            W=("workset", "first"), R=("local_updates", "first"), epoch_time_s=("epoch_time_s", "median"),
-            round_time_ms=("round_time_s", lambda s: 1e3 * s.median()), runs=("epoch_time_s", "size"))
+            W=("workset", "first"),
+            R=("local_updates", "first"),
+            epoch_time_s=("epoch_time_s", "median"),
+            round_time_ms=("round_time_s", lambda s: 1e3 * s.median()),
+            runs=("epoch_time_s", "size"),
+        )
         console.print(summary.round(2).to_string())
 
 
@@ -197,27 +257,40 @@ def markdown(result: dict) -> str:
         conv = result["convergence"]
         vanilla = conv["runs"][0]
         per_epoch = wl.batches_per_epoch(_cfg(result))
-        lines += [f"Convergence at {conv['bandwidth_bit_s'] / 1e6:g} Mbit/s, {conv['rtt_s'] * 1e3:g} ms round trip, "
-                  f"{conv['epochs']} epochs each; target AUC {conv['target_auc']:.4f} = vanilla's final AUC - 0.005; "
-                  f"AUC evaluated every {conv['eval_every']} rounds (evaluation time left out of the training time)", "",
-                  "| run | training time | epochs | final AUC | time to target | / vanilla's wall time | / vanilla's time to target | cached updates (active) | max staleness |",
-                  "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+        lines += [
+            f"Convergence at {conv['bandwidth_bit_s'] / 1e6:g} Mbit/s, {conv['rtt_s'] * 1e3:g} ms round trip, "
+            f"{conv['epochs']} epochs each; target AUC {conv['target_auc']:.4f} = vanilla's final AUC - 0.005; "
+            f"AUC evaluated every {conv['eval_every']} rounds (evaluation time left out of the training time)",
+            "",
+            "| run | training time | epochs | final AUC | time to target | / vanilla's wall time | / vanilla's time to target | cached updates (active) | max staleness |",
+            "|---|---:|---:|---:|---:|---:|---:|---:|---:|",
+        ]
         for run in conv["runs"]:
             ttt = run["time_to_target_s"]
             rel = "-" if ttt is None else f"{ttt / vanilla['train_time_s']:.2f}"
-            rel_t = "-" if ttt is None or not vanilla["time_to_target_s"] else f"{ttt / vanilla['time_to_target_s']:.2f}"
-            lines.append(f"| {run['name']} | {run['train_time_s']:.1f} s | {run['rounds'] / per_epoch:.2f} | "
-                         f"{run['final_auc']:.4f} | {'not reached' if ttt is None else f'{ttt:.1f} s'} | {rel} | {rel_t} | "
-                         f"{run['local_updates_done']} | {run['max_staleness']} |")
+            rel_t = (
+                "-" if ttt is None or not vanilla["time_to_target_s"] else f"{ttt / vanilla['time_to_target_s']:.2f}"
+            )
+            lines.append(
+                f"| {run['name']} | {run['train_time_s']:.1f} s | {run['rounds'] / per_epoch:.2f} | "
+                f"{run['final_auc']:.4f} | {'not reached' if ttt is None else f'{ttt:.1f} s'} | {rel} | {rel_t} | "
+                f"{run['local_updates_done']} | {run['max_staleness']} |"
+            )
         lines.append("")
     if result.get("epoch_times"):
-        lines += ["Time per epoch (training, one epoch per run; median of runs)", "",
-                  "| link | mode | W | R | epoch time | per round | runs |", "|---|---|---:|---:|---:|---:|---:|"]
+        lines += [
+            "Time per epoch (training, one epoch per run; median of runs)",
+            "",
+            "| link | mode | W | R | epoch time | per round | runs |",
+            "|---|---|---:|---:|---:|---:|---:|",
+        ]
         frame = pd.DataFrame(result["epoch_times"])
         for (rate, rtt, mode), group in frame.groupby(["bandwidth_bit_s", "rtt_s", "mode"], sort=False):
-            lines.append(f"| {rate / 1e6:g} Mbit/s, {rtt * 1e3:g} ms RTT | {mode} | {group.workset.iloc[0]} | "
-                         f"{group.local_updates.iloc[0]} | {group.epoch_time_s.median():.1f} s | "
-                         f"{1e3 * group.round_time_s.median():.0f} ms | {len(group)} |")
+            lines.append(
+                f"| {rate / 1e6:g} Mbit/s, {rtt * 1e3:g} ms RTT | {mode} | {group.workset.iloc[0]} | "
+                f"{group.local_updates.iloc[0]} | {group.epoch_time_s.median():.1f} s | "
+                f"{1e3 * group.round_time_s.median():.0f} ms | {len(group)} |"
+            )
     return "\n".join(lines)
 
 
@@ -259,9 +332,13 @@ def main() -> None:
         overrides[key] = json.loads(value) if value.replace(".", "", 1).isdigit() else value
     opts.workload_cfg = wl.load_vfl_workload(opts.workload, **overrides)
     common = ["--workload", opts.workload, *[a for item in opts.set for a in ("--set", item)]]
-    result = {"workload": opts.workload_cfg.model_dump(mode="json"), "workload_fingerprint": opts.workload_cfg.fingerprint(),
-              "created": datetime.now(timezone.utc).isoformat(timespec="seconds"), "command": " ".join(sys.argv),
-              "host": {"cpus": os.cpu_count(), "load_average_1m": os.getloadavg()[0]}}
+    result = {
+        "workload": opts.workload_cfg.model_dump(mode="json"),
+        "workload_fingerprint": opts.workload_cfg.fingerprint(),
+        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "command": " ".join(sys.argv),
+        "host": {"cpus": os.cpu_count(), "load_average_1m": os.getloadavg()[0]},
+    }
     opts.result = result
     with tempfile.TemporaryDirectory(prefix="vfl-certs-") as tmp:
         certs = Path(tmp)

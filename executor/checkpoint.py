@@ -30,9 +30,8 @@ from torch.distributed.checkpoint.state_dict import (
     set_optimizer_state_dict,
 )
 
-from hwmodel.errors import UserError
-
 from executor.parallel.parallelize import RankModel
+from hwmodel.errors import UserError
 
 FINGERPRINT = "hetplan.json"
 _STEP_DIR = re.compile(r"step-(\d+)$")

@@ -37,7 +37,9 @@ def device_type_of(cluster: ClusterSpec) -> str:
     """'cuda' for a cluster of GPUs, 'cpu' for CPU devices; refuses mixed kinds."""
     kinds = {g.node.device.kind for g in cluster.node_groups}
     if len(kinds) > 1:
-        raise UserError(f"cluster {cluster.name!r} mixes device kinds ({', '.join(sorted(kinds))}); execute runs one kind at a time")
+        raise UserError(
+            f"cluster {cluster.name!r} mixes device kinds ({', '.join(sorted(kinds))}); execute runs one kind at a time"
+        )
     kind = kinds.pop()
     return "cpu" if kind == "cpu" else "cuda"
 
@@ -45,9 +47,13 @@ def device_type_of(cluster: ClusterSpec) -> str:
 def check_features(plan: Plan, device_type: str) -> None:
     """Refuse plan features the executor cannot run (raises UnsupportedPlan)."""
     if plan.tasks:
-        raise _refuse("plan.tasks (multi-task wavefront schedules)", "the multi-task scheduler is not part of the executor yet")
+        raise _refuse(
+            "plan.tasks (multi-task wavefront schedules)", "the multi-task scheduler is not part of the executor yet"
+        )
     if plan.federated is not None:
-        raise _refuse("plan.federated (vertical federated parties)", "the federated runtime is not part of the executor yet")
+        raise _refuse(
+            "plan.federated (vertical federated parties)", "the federated runtime is not part of the executor yet"
+        )
     if plan.model_states is not None and plan.model_states.gpu < 1.0:
         raise _refuse("plan.model_states with CPU/SSD pages", "page-based model-state placement is not implemented yet")
     if plan.cp > 1:
@@ -55,11 +61,16 @@ def check_features(plan: Plan, device_type: str) -> None:
     if plan.ep > 1:
         raise _refuse(f"ep={plan.ep} (expert parallel)", "mixture-of-experts models cannot be executed yet")
     if plan.attention == "flash_triton":
-        raise _refuse("attention=flash_triton", "it names MPT's Triton kernel, which this executor does not ship (the "
-                      "simulator models it for published runs of that stack); use attention=flash")
+        raise _refuse(
+            "attention=flash_triton",
+            "it names MPT's Triton kernel, which this executor does not ship (the "
+            "simulator models it for published runs of that stack); use attention=flash",
+        )
     _check_offload(plan, plan.recompute, plan.offload, "")
     if plan.dtype == "fp16":
-        raise _refuse("dtype=fp16", "fp16 training needs loss scaling, which this executor does not implement; use bf16 or fp32")
+        raise _refuse(
+            "dtype=fp16", "fp16 training needs loss scaling, which this executor does not implement; use bf16 or fp32"
+        )
     if plan.grad_reduce_dtype not in (None, "fp32") and plan.dp_type == "zero1":
         raise _refuse(
             f"grad_reduce_dtype={plan.grad_reduce_dtype} with dp_type=zero1",
@@ -70,16 +81,23 @@ def check_features(plan: Plan, device_type: str) -> None:
     for i, layer in enumerate(plan.layers):
         # Per-layer tp / sequence_parallel / dp_type run as mixed layouts (executor.parallel.mixed_layout), except
         # ZeRO-1: DistributedDataParallel + ZeroRedundancyOptimizer hold a whole chunk, not single blocks.
-        differs = [key for key in ("tp", "dp_type", "sequence_parallel")
-                   if getattr(layer, key) is not None and getattr(layer, key) != getattr(plan, key)]
+        differs = [
+            key
+            for key in ("tp", "dp_type", "sequence_parallel")
+            if getattr(layer, key) is not None and getattr(layer, key) != getattr(plan, key)
+        ]
         if differs and "zero1" in (layer.dp_type, plan.dp_type):
             raise _refuse(
                 f"layers[{i}] with {', '.join(f'{k}={getattr(layer, k)}' for k in differs)} and dp_type=zero1",
                 "ZeRO-1 (DistributedDataParallel + ZeroRedundancyOptimizer) wraps a whole stage and cannot mix with "
                 "per-layer layouts; use zero2 (gradients and optimizer state sharded), ddp or zero3 for these layers",
             )
-        _check_offload(plan, layer.recompute or plan.recompute, plan.offload if layer.offload is None else layer.offload,
-                       f"layers[{i}].")
+        _check_offload(
+            plan,
+            layer.recompute or plan.recompute,
+            plan.offload if layer.offload is None else layer.offload,
+            f"layers[{i}].",
+        )
     if plan.schedule == "interleaved" and plan.pp < 2:
         raise _refuse("schedule=interleaved with pp=1", "ScheduleInterleaved1F1B needs at least two pipeline ranks")
     if plan.tp > 1 and plan.dp_type == "zero1" and (plan.dp or 0) != 1:
@@ -103,20 +121,32 @@ def _check_context_parallel(plan: Plan) -> None:
     if plan.batch_split:
         raise _refuse(f"{cp} with batch_split", "uneven replica batches are not combined with context parallelism")
     if plan.dp_type == "zero1":
-        raise _refuse(f"{cp} with dp_type=zero1", "ZeRO-1's DistributedDataParallel averages over the dp group only, "
-                      "not dp x cp; use ddp, zero2 or zero3")
+        raise _refuse(
+            f"{cp} with dp_type=zero1",
+            "ZeRO-1's DistributedDataParallel averages over the dp group only, not dp x cp; use ddp, zero2 or zero3",
+        )
 
 
 def _check_offload(plan: Plan, recompute: str, offload: float, where: str) -> None:
     """Swapping by token (executor.offload.memo) runs with recompute none (plain swapping) or tokenwise (MEMO)."""
     if offload > 0 and recompute in ("full", "selective"):
-        raise _refuse(f"{where}offload={offload:g} with recompute={recompute}",
-                      "swapping runs with recompute=none (plain swapping) or recompute=tokenwise (MEMO)")
+        raise _refuse(
+            f"{where}offload={offload:g} with recompute={recompute}",
+            "swapping runs with recompute=none (plain swapping) or recompute=tokenwise (MEMO)",
+        )
     if (offload > 0 or recompute == "tokenwise") and plan.sequence_parallel:
-        raise _refuse(f"{where}offload/tokenwise with sequence_parallel",
-                      "token slices of a sequence-parallel shard are not cut yet; use tp without sequence_parallel")
-    if (offload > 0 or recompute == "tokenwise") and plan.layers and any(
-        getattr(layer, k) not in (None, getattr(plan, k)) for layer in plan.layers for k in ("tp", "dp_type", "sequence_parallel")
+        raise _refuse(
+            f"{where}offload/tokenwise with sequence_parallel",
+            "token slices of a sequence-parallel shard are not cut yet; use tp without sequence_parallel",
+        )
+    if (
+        (offload > 0 or recompute == "tokenwise")
+        and plan.layers
+        and any(
+            getattr(layer, k) not in (None, getattr(plan, k))
+            for layer in plan.layers
+            for k in ("tp", "dp_type", "sequence_parallel")
+        )
     ):
         raise _refuse(f"{where}offload/tokenwise with per-layer layouts", "swapping is wired into uniform layouts only")
 
@@ -166,7 +196,9 @@ def check_devices(world_size: int, device_type: str, cluster: ClusterSpec) -> li
     else:
         cores = os.cpu_count() or 1
         if world_size > cores:
-            warnings.append(f"{world_size} ranks share {cores} CPU cores: they take turns, so times are slower than the plan's devices")
+            warnings.append(
+                f"{world_size} ranks share {cores} CPU cores: they take turns, so times are slower than the plan's devices"
+            )
     return warnings
 
 
@@ -191,8 +223,10 @@ def admit(plan: Plan, workload: WorkloadConfig, cluster: ClusterSpec, force: boo
     check_features(plan, device_type)
     if plan.cp > 1 and workload.seq_len % (2 * plan.cp):
         # The load-balanced split gives each cp rank two of 2*cp equal chunks (executor.parallel.context_parallel).
-        raise _refuse(f"cp={plan.cp} with seq_len={workload.seq_len}",
-                      f"the sequence is cut into 2*cp = {2 * plan.cp} equal chunks; use a seq_len divisible by it")
+        raise _refuse(
+            f"cp={plan.cp} with seq_len={workload.seq_len}",
+            f"the sequence is cut into 2*cp = {2 * plan.cp} equal chunks; use a seq_len divisible by it",
+        )
     bound = bind(plan, workload, cluster)
     check_stages(bound)
     check_pipeline(bound)

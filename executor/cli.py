@@ -13,17 +13,14 @@ import json
 import os
 import sys
 from pathlib import Path
-from typing import Optional
 
 import typer
 from rich.markup import escape
 
-from hwmodel.cli_common import make_console
-from hwmodel.errors import UserError
-from hwmodel.cli_common import run_app
-
 from executor.calibrate import cli as calibrate_cli
 from executor.vfl.cli import vfl_app
+from hwmodel.cli_common import make_console, run_app
+from hwmodel.errors import UserError
 
 out = make_console()
 err = make_console(stderr=True)
@@ -57,13 +54,16 @@ PLAN_HELP = (
     "the cluster; the world size is the plan's device count."
 )
 
-app = typer.Typer(name="execute", help=HELP, add_completion=False, pretty_exceptions_enable=False, rich_markup_mode=None)
+app = typer.Typer(
+    name="execute", help=HELP, add_completion=False, pretty_exceptions_enable=False, rich_markup_mode=None
+)
 app.command("calibrate")(calibrate_cli.calibrate_command)
 app.add_typer(vfl_app, name="vfl")
 
 
-def _check_options(trace: Optional[Path], checkpoint_dir: Optional[Path], checkpoint_every: Optional[int], resume: bool,
-                   force: bool) -> Optional[str]:
+def _check_options(
+    trace: Path | None, checkpoint_dir: Path | None, checkpoint_every: int | None, resume: bool, force: bool
+) -> str | None:
     """Options a person can get wrong, checked before anything is loaded; returns the absolute trace path."""
     if checkpoint_every is not None and checkpoint_dir is None:
         raise UserError("--checkpoint-every needs --checkpoint-dir (where to write the checkpoints)")
@@ -103,14 +103,14 @@ def _check_checkpoint_dir(job, force: bool) -> None:
 @app.callback(invoke_without_command=True)
 def execute(
     ctx: typer.Context,
-    workload: Optional[str] = typer.Option(None, "--workload", "-w", help=WORKLOAD_HELP),
-    cluster: Optional[str] = typer.Option(None, "--cluster", "-c", help=CLUSTER_HELP),
-    plan: Optional[str] = typer.Option(None, "--plan", "-p", help=PLAN_HELP),
-    nodes: Optional[int] = typer.Option(None, "--nodes", "-n", help="Node count for a cluster of identical nodes."),
-    devices_per_node: Optional[int] = typer.Option(
+    workload: str | None = typer.Option(None, "--workload", "-w", help=WORKLOAD_HELP),
+    cluster: str | None = typer.Option(None, "--cluster", "-c", help=CLUSTER_HELP),
+    plan: str | None = typer.Option(None, "--plan", "-p", help=PLAN_HELP),
+    nodes: int | None = typer.Option(None, "--nodes", "-n", help="Node count for a cluster of identical nodes."),
+    devices_per_node: int | None = typer.Option(
         None, "--devices-per-node", help="Devices in every node (e.g. 4 ranks on cpu-local)."
     ),
-    seq_len: Optional[int] = typer.Option(None, "--seq-len", help="Train at this sequence length instead."),
+    seq_len: int | None = typer.Option(None, "--seq-len", help="Train at this sequence length instead."),
     steps: int = typer.Option(10, "--steps", min=1, help="Measured iterations (after the warm-up)."),
     warmup: int = typer.Option(2, "--warmup", min=0, help="Iterations run first and left out of the timing median."),
     compare: bool = typer.Option(
@@ -120,35 +120,46 @@ def execute(
         "des", "--engine", "-e", help="Engine of the --compare prediction: des (discrete-event, default) or analytic."
     ),
     as_json: bool = typer.Option(
-        False, "--json",
+        False,
+        "--json",
         help="Print JSON on stdout: the measured Report plus 'losses' and 'execution'; with --compare "
         "{'predicted': Report, 'measured': Report, 'losses': [...], 'execution': {...}}.",
     ),
-    trace: Optional[Path] = typer.Option(
-        None, "--trace",
+    trace: Path | None = typer.Option(
+        None,
+        "--trace",
         help="Write rank 0's torch.profiler Chrome trace of up to 3 measured iterations to this new file (profiling slows them).",
     ),
-    checkpoint_dir: Optional[Path] = typer.Option(
-        None, "--checkpoint-dir", help="Save model, optimizer and data position with torch.distributed.checkpoint under this folder."
+    checkpoint_dir: Path | None = typer.Option(
+        None,
+        "--checkpoint-dir",
+        help="Save model, optimizer and data position with torch.distributed.checkpoint under this folder.",
     ),
-    checkpoint_every: Optional[int] = typer.Option(
+    checkpoint_every: int | None = typer.Option(
         None, "--checkpoint-every", min=1, help="Save every K iterations (default: once, at the end)."
     ),
-    resume: bool = typer.Option(False, "--resume", help="Continue from the latest checkpoint in --checkpoint-dir (same job only)."),
+    resume: bool = typer.Option(
+        False, "--resume", help="Continue from the latest checkpoint in --checkpoint-dir (same job only)."
+    ),
     force: bool = typer.Option(
-        False, "--force",
+        False,
+        "--force",
         help="Run a plan predicted not to fit in memory; replace an existing --trace file; write into a checkpoint folder "
         "that has checkpoints.",
     ),
     seed: int = typer.Option(0, "--seed", help="Seed of the weights, the synthetic data and dropout."),
-    party: Optional[str] = typer.Option(
-        None, "--party", help="Federated workloads (vfl-wdl): run this party, active or passive; see `execute vfl run --help`."
+    party: str | None = typer.Option(
+        None,
+        "--party",
+        help="Federated workloads (vfl-wdl): run this party, active or passive; see `execute vfl run --help`.",
     ),
 ) -> None:
     """Run a training plan on real devices and measure it."""
     if ctx.invoked_subcommand is not None:
         return
-    missing = [name for name, value in (("--workload", workload), ("--cluster", cluster), ("--plan", plan)) if value is None]
+    missing = [
+        name for name, value in (("--workload", workload), ("--cluster", cluster), ("--plan", plan)) if value is None
+    ]
     if len(missing) == 3:
         typer.echo(ctx.get_help())
         raise typer.Exit(0)
@@ -163,8 +174,25 @@ def execute(
     if engine not in ("des", "analytic"):
         raise UserError(f"--engine must be des or analytic, got {engine!r}")
     trace_path = _check_options(trace, checkpoint_dir, checkpoint_every, resume, force)
-    _run(workload, cluster, plan, nodes, devices_per_node, seq_len, steps, warmup, compare, as_json, trace_path,
-         checkpoint_dir, checkpoint_every, resume, force, seed, engine)
+    _run(
+        workload,
+        cluster,
+        plan,
+        nodes,
+        devices_per_node,
+        seq_len,
+        steps,
+        warmup,
+        compare,
+        as_json,
+        trace_path,
+        checkpoint_dir,
+        checkpoint_every,
+        resume,
+        force,
+        seed,
+        engine,
+    )
 
 
 def _predict(bound, engine: str):
@@ -179,27 +207,52 @@ def _predict(bound, engine: str):
     return des_report(Simulation(bound).run())
 
 
-def _run(workload, cluster, plan, nodes, devices_per_node, seq_len, steps, warmup, compare, as_json, trace_path,
-         checkpoint_dir, checkpoint_every, resume, force, seed, engine="des") -> None:
+def _run(
+    workload,
+    cluster,
+    plan,
+    nodes,
+    devices_per_node,
+    seq_len,
+    steps,
+    warmup,
+    compare,
+    as_json,
+    trace_path,
+    checkpoint_dir,
+    checkpoint_every,
+    resume,
+    force,
+    seed,
+    engine="des",
+) -> None:
     # Imported here so that `--help` answers without loading torch.
-    from hwmodel.catalog import cluster_names, load_cluster
-    from simulator.plan import load_plan
-    from workloads.catalog import load_workload
-
     from executor.checks import admit
     from executor.job import Job
     from executor.launch import RankFailure, run, under_torchrun
     from executor.render import render_comparison, render_measured
     from executor.results import extras, measured_report
+    from hwmodel.catalog import cluster_names, load_cluster
+    from simulator.plan import load_plan
+    from workloads.catalog import load_workload
 
     cfg = load_workload(workload, seq_len)
     cluster_spec = load_cluster(cluster, nodes, devices_per_node)
     bound, device_type, warnings = admit(load_plan(plan), cfg, cluster_spec, force)
     job = Job(
-        workload=cfg, cluster_ref=cluster, nodes=nodes, devices_per_node=devices_per_node, plan=bound.plan,
-        steps=steps, warmup=warmup, seed=seed, device_type=device_type,
-        checkpoint_dir=str(checkpoint_dir.resolve()) if checkpoint_dir else None, checkpoint_every=checkpoint_every,
-        resume=resume, trace=trace_path,
+        workload=cfg,
+        cluster_ref=cluster,
+        nodes=nodes,
+        devices_per_node=devices_per_node,
+        plan=bound.plan,
+        steps=steps,
+        warmup=warmup,
+        seed=seed,
+        device_type=device_type,
+        checkpoint_dir=str(checkpoint_dir.resolve()) if checkpoint_dir else None,
+        checkpoint_every=checkpoint_every,
+        resume=resume,
+        trace=trace_path,
     )
     _check_checkpoint_dir(job, force)
     if checkpoint_dir is not None:
@@ -220,16 +273,27 @@ def _run(workload, cluster, plan, nodes, devices_per_node, seq_len, steps, warmu
     if compare:
         predicted = _predict(bound, engine)
         if as_json:
-            print(json.dumps({"predicted": predicted.model_dump(mode="json"), "measured": measured.model_dump(mode="json"),
-                              "losses": result.losses, "execution": more}, indent=2))
+            print(
+                json.dumps(
+                    {
+                        "predicted": predicted.model_dump(mode="json"),
+                        "measured": measured.model_dump(mode="json"),
+                        "losses": result.losses,
+                        "execution": more,
+                    },
+                    indent=2,
+                )
+            )
         else:
             render_measured(measured, result.losses, result.first_step, result.device_name, out)
             render_comparison(predicted, measured, out)
             if device_type == "cpu" and cluster in cluster_names():
                 # The catalog's CPU figures are a generic estimate; on CPUs they miss by tens of percent.
-                out.print(f"{cluster} describes a generic CPU core, not this machine: to predict this machine, run "
-                          "`execute calibrate --out my-machine.yaml` once and pass `--cluster my-machine.yaml`.",
-                          highlight=False)
+                out.print(
+                    f"{cluster} describes a generic CPU core, not this machine: to predict this machine, run "
+                    "`execute calibrate --out my-machine.yaml` once and pass `--cluster my-machine.yaml`.",
+                    highlight=False,
+                )
     elif as_json:
         print(json.dumps({**measured.model_dump(mode="json"), "losses": result.losses, "execution": more}, indent=2))
     else:
@@ -243,8 +307,13 @@ def _run_with_progress(job, run, leader: bool):
     if not leader:
         return run(job)
     with Progress(
-        TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[last]}"),
-        TimeElapsedColumn(), console=err, transient=True,
+        TextColumn("{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TextColumn("{task.fields[last]}"),
+        TimeElapsedColumn(),
+        console=err,
+        transient=True,
     ) as progress:
         label = f"{job.world_size} rank{'s' if job.world_size > 1 else ''}: starting"
         task = progress.add_task(label, total=job.total_steps, last="")

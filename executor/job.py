@@ -104,5 +104,5 @@ class RunResult:
         return json.dumps(asdict(self))
 
     @classmethod
-    def from_dict(cls, data: dict) -> "RunResult":
+    def from_dict(cls, data: dict) -> RunResult:
         return cls(**data)

@@ -40,7 +40,17 @@ DEFAULT_PG_TIMEOUT_S = 120.0
 FAILURE_GRACE_S = 1.0
 STOP_GRACE_S = 5.0
 # Words that mark an error as a consequence of a peer's failure rather than its cause.
-_COMM_ERROR_MARKS = ("connection closed", "connection reset", "broken pipe", "timed out", "timeout", "peer", "gloo", "nccl", "socket")
+_COMM_ERROR_MARKS = (
+    "connection closed",
+    "connection reset",
+    "broken pipe",
+    "timed out",
+    "timeout",
+    "peer",
+    "gloo",
+    "nccl",
+    "socket",
+)
 
 
 class RankFailure(Exception):
@@ -63,7 +73,9 @@ def pg_timeout() -> datetime.timedelta:
 def _configure_threads(local_world_size: int) -> None:
     """Share the cores evenly: more threads than cores make OpenMP's barriers spin against each other."""
     requested = os.environ.get("OMP_NUM_THREADS", "")
-    threads = int(requested) if requested.isdigit() and int(requested) > 0 else (os.cpu_count() or 1) // local_world_size
+    threads = (
+        int(requested) if requested.isdigit() and int(requested) > 0 else (os.cpu_count() or 1) // local_world_size
+    )
     torch.set_num_threads(max(1, threads))
 
 
@@ -158,7 +170,7 @@ def _child(rank: int, world_size: int, port: int, jobs: list[Job], events) -> No
             if result is not None:
                 events.put(("result", index, result.to_json()))
         dist.destroy_process_group()
-    except BaseException as exc:  # noqa: BLE001 - every failure is reported to the parent, then the rank exits
+    except BaseException as exc:
         code = 1
         events.put(("error", rank, f"{type(exc).__name__}: {exc}", _is_comm_error(exc), traceback.format_exc()))
     # Flush the queue's feeder thread, then leave without running atexit handlers that may wait on peers.

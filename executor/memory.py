@@ -77,7 +77,7 @@ def optimizer_bytes(optimizers: Iterable[torch.optim.Optimizer]) -> int:
 class _Saved:
     """What the pack hook stores: the tensor, and a finalizer that releases its storage's count."""
 
-    __slots__ = ("tensor", "__weakref__")
+    __slots__ = ("__weakref__", "tensor")
 
     def __init__(self, tensor: torch.Tensor):
         self.tensor = tensor
@@ -89,7 +89,7 @@ class SavedTensorTracker:
     Use as a context manager around forward and backward; `peak_bytes` holds the result.
     """
 
-    active: "SavedTensorTracker | None" = None  # the tracker whose hooks are installed, if any
+    active: SavedTensorTracker | None = None  # the tracker whose hooks are installed, if any
 
     def __init__(self) -> None:
         self.live_bytes = 0
@@ -137,7 +137,7 @@ class SavedTensorTracker:
     def _unpack(packed):
         return packed.tensor if isinstance(packed, _Saved) else packed
 
-    def __enter__(self) -> "SavedTensorTracker":
+    def __enter__(self) -> SavedTensorTracker:
         self._hooks.__enter__()
         SavedTensorTracker.active = self
         return self

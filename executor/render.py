@@ -35,7 +35,8 @@ def render_measured(report: Report, losses: list[float], first_step: int, device
     mem = report.memory_bytes
     loss_line = (
         f"loss {losses[0]:.4f} at iteration {first_step} -> {losses[-1]:.4f} at iteration {first_step + len(losses) - 1}"
-        if losses else "no iterations ran"
+        if losses
+        else "no iterations ran"
     )
     headline = (
         f"[bold]{report.workload}[/bold] on [bold]{report.cluster}[/bold] ({report.num_devices} x {device}), "

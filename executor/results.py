@@ -16,11 +16,10 @@ from __future__ import annotations
 
 import statistics
 
+from executor.job import RunResult
 from simulator.assemble import DeviceMemory, assemble_report
 from simulator.binding import BoundPlan
 from simulator.report import MemoryBreakdown, Report, TimeBreakdown
-
-from executor.job import RunResult
 
 
 def measured_report(bound: BoundPlan, result: RunResult, warnings: list[str]) -> Report:
@@ -32,8 +31,11 @@ def measured_report(bound: BoundPlan, result: RunResult, warnings: list[str]) ->
     for local, mem in enumerate(result.memory):
         rank = ranks[local]
         breakdown = MemoryBreakdown(
-            weights=mem["weights"], gradients=mem["gradients"], optimizer=mem["optimizer"],
-            activations=mem["activations"], buffers=mem["buffers"],
+            weights=mem["weights"],
+            gradients=mem["gradients"],
+            optimizer=mem["optimizer"],
+            activations=mem["activations"],
+            buffers=mem["buffers"],
         )
         memories.append(DeviceMemory(stage_of[rank], rank, bound.cluster.device(rank), breakdown))
     report = assemble_report(bound, "measured", iteration, TimeBreakdown(compute=iteration), [], memories)

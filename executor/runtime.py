@@ -27,12 +27,11 @@ import torch
 import torch.distributed as dist
 from torch.distributed.fsdp import FSDPModule
 
-from workloads.torch_models import SyntheticTokens, loss_fn
-
 from executor import checkpoint
 from executor.job import FAIL_AT_STEP_ENV, FAIL_MODE_ENV, FAIL_RANK_ENV, Job, RunResult
 from executor.memory import SavedTensorTracker, gradient_bytes, optimizer_bytes, parameter_bytes
 from executor.parallel.parallelize import Layout, RankModel, build_rank_model, replica_loss_scale, replica_sequences
+from workloads.torch_models import SyntheticTokens, loss_fn
 
 # How many measured iterations --trace records (a trace of hundreds of iterations is unreadable).
 TRACE_ITERATIONS = 3
@@ -40,8 +39,9 @@ TRACE_ITERATIONS = 3
 StepCallback = Callable[[int, int, float], None]  # (iterations done, total, seconds of the last one)
 
 
-def _dp_indices(global_batch: int, micro_batch: int, dp: int, dp_rank: int,
-                split: tuple[int, ...] | None = None) -> torch.Tensor:
+def _dp_indices(
+    global_batch: int, micro_batch: int, dp: int, dp_rank: int, split: tuple[int, ...] | None = None
+) -> torch.Tensor:
     """The sequences of the global batch this data-parallel rank trains on, micro-batch by micro-batch.
 
     Each micro-step takes the next micro_batch * dp sequences: replica d the d-th micro_batch of them, or,
@@ -82,15 +82,17 @@ class Trainer:
         layout = rank_model.layout
         self.micro_batch = replica_sequences(self.plan, layout.dp_rank)
         self.data = SyntheticTokens(job.workload, self.plan.global_batch, job.seed)
-        self.indices = _dp_indices(self.plan.global_batch, self.plan.micro_batch, layout.dp, layout.dp_rank,
-                                   self.plan.batch_split)
+        self.indices = _dp_indices(
+            self.plan.global_batch, self.plan.micro_batch, layout.dp, layout.dp_rank, self.plan.batch_split
+        )
         # An uneven batch_split weighs each replica's loss by its share (see replica_loss_scale).
         self.loss_scale = replica_loss_scale(self.plan, layout.dp_rank)
         # The loss is computed by the last stage's ranks; tp ranks hold the same value; dp ranks average,
         # each weighted by its share of the sequences (loss_scale / dp: 1 / dp for an even split).
         # Under context parallelism each of the cp ranks holds the mean over its equal share of the tokens.
-        self.loss_weight = (self.loss_scale / (layout.dp * layout.cp)
-                            if (rank_model.is_last_stage and layout.tp_rank == 0) else 0.0)
+        self.loss_weight = (
+            self.loss_scale / (layout.dp * layout.cp) if (rank_model.is_last_stage and layout.tp_rank == 0) else 0.0
+        )
 
     def _batch(self, step: int) -> tuple[torch.Tensor, torch.Tensor]:
         x, y = self.data.batch(step)
@@ -121,7 +123,10 @@ class Trainer:
         total = torch.zeros((), device=x.device)
         for j in range(m):
             last = j == m - 1
-            xs, ys = x[j * self.micro_batch : (j + 1) * self.micro_batch], y[j * self.micro_batch : (j + 1) * self.micro_batch]
+            xs, ys = (
+                x[j * self.micro_batch : (j + 1) * self.micro_batch],
+                y[j * self.micro_batch : (j + 1) * self.micro_batch],
+            )
             if rm.uses_fsdp:
                 # Reduce gradients once, after the last micro-batch (gradient accumulation). Each FSDP2
                 # module by itself: with per-layer layouts the chunk's root may not be one.
@@ -173,8 +178,9 @@ class _Measurements:
 MEMORY_KEYS = ("weights", "gradients", "optimizer", "activations", "buffers", "peak")
 
 
-def run_rank(job: Job, rank: int, world_size: int, device: torch.device, on_step: StepCallback | None,
-             in_process: bool = False) -> RunResult | None:
+def run_rank(
+    job: Job, rank: int, world_size: int, device: torch.device, on_step: StepCallback | None, in_process: bool = False
+) -> RunResult | None:
     """Run `job` as rank `rank` of `world_size` (its process group, if any, is initialized).
 
     Returns the gathered RunResult on rank 0, None elsewhere.

@@ -49,7 +49,9 @@ def _index(kind: str, dirs: tuple[Path, ...]) -> dict[str, Path]:
             if not isinstance(name, str) or not name:
                 raise SpecError(f"{path}: name: every catalog spec needs a 'name'")
             if name in index:
-                raise SpecError(f"{path}: name: {name!r} is already defined in {index[name]}; catalog names must be unique")
+                raise SpecError(
+                    f"{path}: name: {name!r} is already defined in {index[name]}; catalog names must be unique"
+                )
             index[name] = path
     return index
 

@@ -14,8 +14,8 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
-from functools import cached_property
 from enum import IntEnum
+from functools import cached_property
 from typing import Any
 
 from pydantic import Field, model_validator
@@ -103,7 +103,9 @@ class Level:
         return self.latency
 
 
-def _fits(links: list[LinkSpec], share: float = 1.0, extra_latency: float = 0.0) -> tuple[tuple[str, float, float], ...]:
+def _fits(
+    links: list[LinkSpec], share: float = 1.0, extra_latency: float = 0.0
+) -> tuple[tuple[str, float, float], ...]:
     """Per-kind figures of a level crossing `links` (the slowest link wins); bandwidth x `share`."""
     kinds = sorted({kind for link in links for kind in link.collectives})
     out = []
@@ -138,7 +140,7 @@ class ClusterSpec(Frozen):
     sources: dict[str, str] = Field(default_factory=dict)
 
     @model_validator(mode="after")
-    def _check(self) -> "ClusterSpec":
+    def _check(self) -> ClusterSpec:
         if not self.node_groups:
             raise ValueError("a cluster needs at least one node group")
         names = [g.name for g in self.node_groups]
@@ -161,7 +163,7 @@ class ClusterSpec(Frozen):
         return self
 
     @cached_property
-    def topology(self) -> "_Topology":
+    def topology(self) -> _Topology:
         """Plain-Python index of ranks, nodes and group spans (cached: queries sit on hot paths)."""
         return _Topology(self)
 
@@ -201,7 +203,7 @@ class ClusterSpec(Frozen):
     def is_homogeneous(self) -> bool:
         return len(self.node_groups) == 1 and len(self.sites) == 1
 
-    def with_num_nodes(self, num_nodes: int) -> "ClusterSpec":
+    def with_num_nodes(self, num_nodes: int) -> ClusterSpec:
         """The same cluster with `num_nodes` nodes; only for clusters made of one kind of node."""
         if num_nodes <= 0:
             raise UserError(f"--nodes must be a positive integer, got {num_nodes}")
@@ -212,28 +214,31 @@ class ClusterSpec(Frozen):
             )
         return self.replaced(node_groups=(self.node_groups[0].model_copy(update={"count": num_nodes}),))
 
-    def with_devices_per_node(self, num_devices: int) -> "ClusterSpec":
+    def with_devices_per_node(self, num_devices: int) -> ClusterSpec:
         """The same cluster with `num_devices` devices in each node (e.g. 4 CPU ranks on `cpu-local`)."""
         if num_devices <= 0:
             raise UserError(f"--devices-per-node must be a positive integer, got {num_devices}")
         groups = tuple(
-            g.model_copy(update={"node": g.node.model_copy(update={"num_devices": num_devices})}) for g in self.node_groups
+            g.model_copy(update={"node": g.node.model_copy(update={"num_devices": num_devices})})
+            for g in self.node_groups
         )
         return self.replaced(node_groups=groups)
 
-    def replaced(self, **changes) -> "ClusterSpec":
+    def replaced(self, **changes) -> ClusterSpec:
         """A new, validated cluster with some fields changed (`model_copy` would skip validation and keep
         this cluster's cached topology)."""
         fields = {name: getattr(self, name) for name in type(self).model_fields}
         fields.update(changes)
         return ClusterSpec(**fields)
 
-    def with_device(self, name: str, device: DeviceSpec) -> "ClusterSpec":
+    def with_device(self, name: str, device: DeviceSpec) -> ClusterSpec:
         """The same cluster with every device called `name` replaced by `device` (what-if, calibration)."""
         if name not in self.device_types():
             raise UnknownNameError("device", name, self.device_types())
         groups = tuple(
-            g.model_copy(update={"node": g.node.model_copy(update={"device": device})}) if g.node.device.name == name else g
+            g.model_copy(update={"node": g.node.model_copy(update={"device": device})})
+            if g.node.device.name == name
+            else g
             for g in self.node_groups
         )
         return self.replaced(node_groups=groups)
@@ -321,8 +326,15 @@ class ClusterSpec(Frozen):
             share = max(by_site_devices.values())
             wan_links = [link for link in links if link]
             bandwidth = min(link.effective_bandwidth for link in wan_links) / share
-            levels.append(Level(Tier.WAN, len(sites), bandwidth, max(link.latency for link in wan_links),
-                                _fits(wan_links, 1.0 / share)))
+            levels.append(
+                Level(
+                    Tier.WAN,
+                    len(sites),
+                    bandwidth,
+                    max(link.latency for link in wan_links),
+                    _fits(wan_links, 1.0 / share),
+                )
+            )
         span = GroupSpan(len(key), tuple(levels))
         # Intern: groups of the same shape share one object, so callers may key caches on its identity.
         span = self.topology.span_shapes.setdefault(span, span)

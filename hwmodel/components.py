@@ -74,25 +74,27 @@ class ComputeSpec(Frozen):
     attention_efficiency: ComputeCurve = Field(
         default_factory=lambda: EfficiencyCurve.flat(0.5),
         description="fraction of the matrix peak reached by fused FlashAttention-2-class attention (plans with "
-                    "attention=flash: flash-attn 2, PyTorch's flash SDPA backend), keyed by its FLOPs",
+        "attention=flash: flash-attn 2, PyTorch's flash SDPA backend), keyed by its FLOPs",
     )
     attention_seq_efficiency: DimensionCurve = Field(
         default_factory=lambda: EfficiencyCurve.flat(1.0),
         description="further factor on fused attention keyed by the key/value length one kernel runs over: "
-                    "flash attention's efficiency keeps rising with that length well past the point its FLOPs "
-                    "alone say (its inner loop over keys amortizes each query block's start and end)",
+        "flash attention's efficiency keeps rising with that length well past the point its FLOPs "
+        "alone say (its inner loop over keys amortizes each query block's start and end)",
     )
     triton_attention_efficiency: ComputeCurve | None = Field(
         None,
         description="fraction of the matrix peak reached by the FlashAttention-1-era Triton kernel (MPT's "
-                    "attn_impl: triton, as llm-foundry's published benchmarks ran), for plans with "
-                    "attention=flash_triton; no attention_seq_efficiency factor applies to it. Left out: "
-                    "attention_efficiency",
+        "attn_impl: triton, as llm-foundry's published benchmarks ran), for plans with "
+        "attention=flash_triton; no attention_seq_efficiency factor applies to it. Left out: "
+        "attention_efficiency",
     )
     vector_efficiency: float = Field(0.5, gt=0, le=1, description="fraction of the vector peak reached")
     kernel_overhead: NonNegativeSeconds = Field(5e-6, description="launch and tail cost per kernel")
     comm_overlap_slowdown: float = Field(
-        0.0, ge=0, le=1,
+        0.0,
+        ge=0,
+        le=1,
         description="fraction by which compute slows while a collective runs beside it (shared SMs and memory)",
     )
     per_dtype: dict[Dtype, DtypeEfficiency] = Field(
@@ -102,12 +104,13 @@ class ComputeSpec(Frozen):
     # ahead of the device and hides; on a CPU device it runs on the same cores as the kernels, so
     # `execute calibrate` measures it there (executor/calibrate/framework.py).
     sharded_kernel_overhead: NonNegativeSeconds = Field(
-        0.0, description="extra cost per kernel of a tensor-parallel layer (sharded-tensor dispatch), on top of kernel_overhead"
+        0.0,
+        description="extra cost per kernel of a tensor-parallel layer (sharded-tensor dispatch), on top of kernel_overhead",
     )
     grad_pack_bandwidth: Bandwidth | None = Field(
         None,
         description="data-parallel gradient bytes (and ZeRO-3 gathered weight bytes) per second that the framework copies "
-                    "into and out of communication buffers on the compute cores; left out, the copies are not costed",
+        "into and out of communication buffers on the compute cores; left out, the copies are not costed",
     )
     dp_layer_overhead: NonNegativeSeconds = Field(
         0.0, description="fixed framework cost per layer and gradient reduction (hooks, buffer setup)"
@@ -115,13 +118,13 @@ class ComputeSpec(Frozen):
     layer_call_overhead: NonNegativeSeconds = Field(
         0.0,
         description="framework cost per layer per micro-batch, charged once in forward and once in backward (and in a "
-                    "full recompute's forward), on the compute thread: Python module calls, autograd graph building, "
-                    "hooks; what makes many small micro-batches slower than their kernels on a CPU",
+        "full recompute's forward), on the compute thread: Python module calls, autograd graph building, "
+        "hooks; what makes many small micro-batches slower than their kernels on a CPU",
     )
     blocking_collectives: bool = Field(
         False,
         description="the framework waits for each data-parallel collective on the compute thread instead of "
-                    "overlapping it with compute (PyTorch FSDP2 on CPU issues them synchronously)",
+        "overlapping it with compute (PyTorch FSDP2 on CPU issues them synchronously)",
     )
 
     def efficiencies(self, dtype: str) -> tuple[EfficiencyCurve, EfficiencyCurve, EfficiencyCurve, float]:
@@ -137,7 +140,7 @@ class ComputeSpec(Frozen):
         )
 
     @model_validator(mode="after")
-    def _check(self) -> "ComputeSpec":
+    def _check(self) -> ComputeSpec:
         if not self.matrix and not self.vector:
             raise ValueError("compute needs at least one peak under 'matrix' or 'vector'")
         return self

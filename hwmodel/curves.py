@@ -33,7 +33,7 @@ class EfficiencyCurve(BaseModel):
     _effs: np.ndarray = PrivateAttr()
 
     @model_validator(mode="after")
-    def _check(self) -> "EfficiencyCurve":
+    def _check(self) -> EfficiencyCurve:
         if len(self.sizes) != len(self.efficiencies) or not self.sizes:
             raise ValueError("an efficiency curve needs at least one [size, efficiency] point")
         if any(s <= 0 for s in self.sizes):
@@ -61,11 +61,11 @@ class EfficiencyCurve(BaseModel):
         return [math.log(size) for size in self.sizes]
 
     @classmethod
-    def flat(cls, efficiency: float) -> "EfficiencyCurve":
+    def flat(cls, efficiency: float) -> EfficiencyCurve:
         return cls(sizes=(1.0,), efficiencies=(efficiency,))
 
     @classmethod
-    def parse(cls, value: Any, dimension: str, strict: bool) -> "EfficiencyCurve":
+    def parse(cls, value: Any, dimension: str, strict: bool) -> EfficiencyCurve:
         """Build a curve from YAML: a number, or a list of [size, efficiency] pairs."""
         if isinstance(value, EfficiencyCurve):
             return value
@@ -111,8 +111,6 @@ class EfficiencyCurve(BaseModel):
         safe = np.log(np.maximum(sizes, 1.0))
         return np.interp(safe, self._log_sizes, self._effs)
 
-    def scaled(self, factor: float) -> "EfficiencyCurve":
+    def scaled(self, factor: float) -> EfficiencyCurve:
         """The same curve with every efficiency multiplied by `factor` (capped at 1)."""
-        return EfficiencyCurve(
-            sizes=self.sizes, efficiencies=tuple(min(1.0, e * factor) for e in self.efficiencies)
-        )
+        return EfficiencyCurve(sizes=self.sizes, efficiencies=tuple(min(1.0, e * factor) for e in self.efficiencies))

@@ -98,9 +98,9 @@ def describe_validation_error(exc: ValidationError, model: type[BaseModel], sour
         loc = tuple(p for p in err["loc"] if not (isinstance(p, str) and ("[" in p or "function-" in p)))
         msg = err["msg"]
         if msg.startswith("Value error, "):
-            msg = msg[len("Value error, "):]
+            msg = msg[len("Value error, ") :]
         if msg.startswith("Assertion failed, "):
-            msg = msg[len("Assertion failed, "):]
+            msg = msg[len("Assertion failed, ") :]
         if err["type"] == "extra_forbidden":
             accepted = _fields_at(model, loc[:-1])
             msg = f"unknown field {loc[-1]!r}" + (f"; accepted fields: {', '.join(accepted)}" if accepted else "")

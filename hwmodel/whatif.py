@@ -24,7 +24,9 @@ def with_link_bandwidth(cluster: ClusterSpec, key: str, bandwidth: float) -> Clu
     if key == "wan_bandwidth":
         if not cluster.wan:
             raise UserError(f"cluster {cluster.name!r} has no WAN links to change")
-        wan = tuple(w.model_copy(update={"link": w.link.model_copy(update={"bandwidth": bandwidth})}) for w in cluster.wan)
+        wan = tuple(
+            w.model_copy(update={"link": w.link.model_copy(update={"bandwidth": bandwidth})}) for w in cluster.wan
+        )
         return cluster.replaced(wan=wan)
     field = LINK_FIELDS.get(key)
     if field is None:

@@ -17,13 +17,26 @@ import torch
 import yaml
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from hwmodel.catalog import cluster_file  # noqa: E402
+from hwmodel.catalog import cluster_file
 
 # Substrings of torch.cuda.get_device_name, most specific first.
-_RULES = [("H200", "h200"), ("H800", "h800"), ("H100 PCIE", "h100-pcie"), ("H100", "h100-sxm"), ("B200", "b200"),
-          ("A800", "a800-80g"), ("A100", None), ("L40S", "l40s"), ("A10", "a10"), ("4090", "rtx-4090"),
-          ("3090", "rtx-3090"), ("TITAN RTX", "titan-rtx"), ("V100", "v100-32g"), ("MI300X", "mi300x"),
-          ("MI250X", "mi250x")]
+_RULES = [
+    ("H200", "h200"),
+    ("H800", "h800"),
+    ("H100 PCIE", "h100-pcie"),
+    ("H100", "h100-sxm"),
+    ("B200", "b200"),
+    ("A800", "a800-80g"),
+    ("A100", None),
+    ("L40S", "l40s"),
+    ("A10", "a10"),
+    ("4090", "rtx-4090"),
+    ("3090", "rtx-3090"),
+    ("TITAN RTX", "titan-rtx"),
+    ("V100", "v100-32g"),
+    ("MI300X", "mi300x"),
+    ("MI250X", "mi250x"),
+]
 
 
 def catalog_device(name: str, memory_gib: float) -> str | None:

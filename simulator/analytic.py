@@ -14,18 +14,17 @@ same cost functions, and agrees with this model where nothing contends.
 
 from __future__ import annotations
 
-
 from hwmodel.cluster import ClusterSpec
-from workloads.config import WorkloadConfig
-from workloads.transformer import layer_kinds
-
+from simulator.assemble import DeviceMemory, StageTiming, assemble_report
 from simulator.binding import BoundPlan, BoundStage, bind
 from simulator.cost.collectives import p2p_time
 from simulator.cost.pipeline import finish_slack, pipeline_time
 from simulator.cost.stage import StageCost, buffer_memory, peak_activations, stage_cost
 from simulator.plan import Plan
-from simulator.assemble import DeviceMemory, StageTiming, assemble_report
 from simulator.report import MemoryBreakdown, Report, TimeBreakdown
+from workloads.config import WorkloadConfig
+from workloads.transformer import layer_kinds
+
 
 def representatives(cluster: ClusterSpec, stage: BoundStage) -> dict[int, int]:
     """One rank per distinct device type in the stage (mixed stages wait for their slowest type), and how
@@ -119,7 +118,8 @@ def evaluate_bound(bound: BoundPlan) -> Report:
     )
 
     stages = [
-        StageTiming(stage, c.device.name, c.forward, c.per_micro_batch - c.forward) for stage, c in zip(bound.stages, stage_costs)
+        StageTiming(stage, c.device.name, c.forward, c.per_micro_batch - c.forward)
+        for stage, c in zip(bound.stages, stage_costs)
     ]
     memories = [DeviceMemory(si, rank, c.device, mem) for si, rank, c, mem in all_costs]
     return assemble_report(bound, "analytic", iteration, breakdown, stages, memories)

@@ -10,12 +10,11 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from hwmodel.components import DeviceSpec
-from workloads.ops import ShardShape
-from workloads.transformer import layer_profile, model_flops_per_sample
-
 from simulator import metrics
 from simulator.binding import BoundPlan, BoundStage
 from simulator.report import MemoryBreakdown, Report, StageReport, TimeBreakdown
+from workloads.ops import ShardShape
+from workloads.transformer import layer_profile, model_flops_per_sample
 
 
 @dataclass(frozen=True)
@@ -132,7 +131,9 @@ def assemble_report(
         samples_per_s=global_batch / iteration,
         mfu=metrics.mfu(model_flops, iteration, peak_total),
         hfu=metrics.hfu(hardware_flops, iteration, peak_total),
-        mfu_causal_in_full=metrics.mfu(global_batch * model_flops_per_sample(cfg, causal_in_full=True), iteration, peak_total),
+        mfu_causal_in_full=metrics.mfu(
+            global_batch * model_flops_per_sample(cfg, causal_in_full=True), iteration, peak_total
+        ),
         model_flops_per_iteration=model_flops,
         hardware_flops_per_iteration=hardware_flops,
         peak_memory_bytes=peak.memory.total,

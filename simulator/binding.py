@@ -16,12 +16,10 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 from hwmodel.cluster import ClusterSpec
-from workloads.config import WorkloadConfig
-from workloads.transformer import layer_kinds
-
 from simulator.errors import InfeasiblePlan, UnsupportedPlan
 from simulator.plan import LayerStrategy, Plan
-
+from workloads.config import WorkloadConfig
+from workloads.transformer import layer_kinds
 
 EDGE_KINDS = ("embedding", "patch_embedding", "head")
 
@@ -149,7 +147,9 @@ def _parse_devices(spec, cluster: ClusterSpec, where: str) -> tuple[int, ...]:
             ranks = tuple(r for r in range(cluster.num_devices) if cluster.location(r).group == gi)
     for r in ranks:
         if not 0 <= r < cluster.num_devices:
-            raise InfeasiblePlan(f"{where}: rank {r} is outside cluster {cluster.name!r} (ranks 0-{cluster.num_devices - 1})")
+            raise InfeasiblePlan(
+                f"{where}: rank {r} is outside cluster {cluster.name!r} (ranks 0-{cluster.num_devices - 1})"
+            )
     if len(set(ranks)) != len(ranks):
         raise InfeasiblePlan(f"{where}: a device is listed twice")
     return ranks
@@ -179,7 +179,9 @@ def _layer_overrides(plan: Plan, num_blocks: int) -> list[LayerStrategy | None]:
     for i, strategy in enumerate(plan.layers):
         first, last = strategy.layers
         if last >= num_blocks:
-            raise InfeasiblePlan(f"layers[{i}].layers: [{first}, {last}] is beyond the model's {num_blocks} blocks (0-{num_blocks - 1})")
+            raise InfeasiblePlan(
+                f"layers[{i}].layers: [{first}, {last}] is beyond the model's {num_blocks} blocks (0-{num_blocks - 1})"
+            )
         for b in range(first, last + 1):
             if per_block[b] is not None:
                 raise InfeasiblePlan(f"layers[{i}].layers: block {b} already has a strategy; ranges must not overlap")
@@ -197,11 +199,15 @@ def _check_batch_split(plan: Plan, dp: int, stage_ranks: list[Sequence[int]], st
     split = plan.batch_split
     text = _split_text(split)
     if len(split) != dp:
-        raise InfeasiblePlan(f"batch_split {text} lists {len(split)} replicas, but the plan has dp={dp}; "
-                             f"give one share per data-parallel replica ({dp} numbers joined by '+')")
+        raise InfeasiblePlan(
+            f"batch_split {text} lists {len(split)} replicas, but the plan has dp={dp}; "
+            f"give one share per data-parallel replica ({dp} numbers joined by '+')"
+        )
     if sum(split) != plan.micro_batch * dp:
-        raise InfeasiblePlan(f"batch_split {text} sums to {sum(split)}, but a micro-step takes micro_batch*dp = "
-                             f"{plan.micro_batch}*{dp} = {plan.micro_batch * dp} sequences; the shares must sum to that")
+        raise InfeasiblePlan(
+            f"batch_split {text} sums to {sum(split)}, but a micro-step takes micro_batch*dp = "
+            f"{plan.micro_batch}*{dp} = {plan.micro_batch * dp} sequences; the shares must sum to that"
+        )
     for i, (ranks, tp) in enumerate(zip(stage_ranks, stage_tps)):
         stage_dp = len(ranks) // (tp * plan.cp)
         if stage_dp != dp:
@@ -210,8 +216,10 @@ def _check_batch_split(plan: Plan, dp: int, stage_ranks: list[Sequence[int]], st
                 f"batch_split {text} is for dp={dp}; with batch_split every stage needs the same dp"
             )
     if plan.ep > 1:
-        raise UnsupportedPlan(f"batch_split {text} with ep={plan.ep}: expert parallelism over replicas of uneven "
-                              "batches is not simulated; use ep=1 or leave batch_split out")
+        raise UnsupportedPlan(
+            f"batch_split {text} with ep={plan.ep}: expert parallelism over replicas of uneven "
+            "batches is not simulated; use ep=1 or leave batch_split out"
+        )
 
 
 def bind(plan: Plan, workload: WorkloadConfig, cluster: ClusterSpec) -> BoundPlan:
@@ -261,14 +269,14 @@ def bind(plan: Plan, workload: WorkloadConfig, cluster: ClusterSpec) -> BoundPla
                 count = tp_s * plan.cp * (plan.dp or 1)
                 ranks = tuple(range(next_rank, next_rank + count))
                 if ranks and ranks[-1] >= n:
-                    raise InfeasiblePlan(f"stages[{i}]: not enough devices left in cluster {cluster.name!r} ({n} devices)")
+                    raise InfeasiblePlan(
+                        f"stages[{i}]: not enough devices left in cluster {cluster.name!r} ({n} devices)"
+                    )
             else:
                 ranks = _parse_devices(stage.devices, cluster, f"stages[{i}].devices")
             next_rank = max(ranks) + 1
             if len(ranks) % (tp_s * plan.cp):
-                raise InfeasiblePlan(
-                    f"stages[{i}]: {len(ranks)} devices are not a multiple of tp*cp={tp_s * plan.cp}"
-                )
+                raise InfeasiblePlan(f"stages[{i}]: {len(ranks)} devices are not a multiple of tp*cp={tp_s * plan.cp}")
             stage_ranks.append(ranks)
         used = [r for ranks in stage_ranks for r in ranks]
         if len(set(used)) != len(used):
@@ -278,7 +286,9 @@ def bind(plan: Plan, workload: WorkloadConfig, cluster: ClusterSpec) -> BoundPla
                 f"stages hold {sum(s.num_layers for s in plan.stages)} layers in all, but the model has num_layers={num_blocks}"
             )
         if plan.schedule == "interleaved":
-            raise InfeasiblePlan("explicit stages cannot be combined with schedule=interleaved; list the stages and use 1f1b")
+            raise InfeasiblePlan(
+                "explicit stages cannot be combined with schedule=interleaved; list the stages and use 1f1b"
+            )
         dp = plan.dp or len(stage_ranks[0]) // ((plan.stages[0].tp or plan.tp) * plan.cp)
         stage_tps = [s.tp or plan.tp for s in plan.stages]
         stage_layer_counts = [s.num_layers for s in plan.stages]
@@ -341,16 +351,30 @@ def bind(plan: Plan, workload: WorkloadConfig, cluster: ClusterSpec) -> BoundPla
         kind = kinds[idx]
         strategy = overrides[idx - 1] if 0 < idx <= num_blocks else None
         tp_layer = (strategy.tp if strategy and strategy.tp else None) or stage_tps[stage_index]
-        sp = strategy.sequence_parallel if strategy and strategy.sequence_parallel is not None else plan.sequence_parallel
-        recompute = "none" if kind in EDGE_KINDS else (strategy.recompute if strategy and strategy.recompute else plan.recompute)
+        sp = (
+            strategy.sequence_parallel
+            if strategy and strategy.sequence_parallel is not None
+            else plan.sequence_parallel
+        )
+        recompute = (
+            "none"
+            if kind in EDGE_KINDS
+            else (strategy.recompute if strategy and strategy.recompute else plan.recompute)
+        )
         dp_type = strategy.dp_type if strategy and strategy.dp_type else plan.dp_type
         offload = strategy.offload if strategy and strategy.offload is not None else plan.offload
         if (stage_index, tp_layer) not in checked:
-            where = f"layers (block {idx - 1}): " if strategy and strategy.tp else (f"stages[{stage_index}]: " if plan.stages else "")
+            where = (
+                f"layers (block {idx - 1}): "
+                if strategy and strategy.tp
+                else (f"stages[{stage_index}]: " if plan.stages else "")
+            )
             _check_tp(tp_layer, cfg, plan, where)
             ranks = stage_ranks[stage_index]
             if len(ranks) % (tp_layer * plan.cp):
-                raise InfeasiblePlan(f"{where}tp={tp_layer} x cp={plan.cp} does not divide the stage's {len(ranks)} devices")
+                raise InfeasiblePlan(
+                    f"{where}tp={tp_layer} x cp={plan.cp} does not divide the stage's {len(ranks)} devices"
+                )
             dp_layer = len(ranks) // (tp_layer * plan.cp)
             if plan.batch_split is not None and dp_layer != dp:
                 raise InfeasiblePlan(
@@ -359,7 +383,9 @@ def bind(plan: Plan, workload: WorkloadConfig, cluster: ClusterSpec) -> BoundPla
                     "the same dp (per-layer tp that changes dp is accepted only without batch_split)"
                 )
             if micro_step % dp_layer:
-                raise InfeasiblePlan(f"{where}a micro-step of {micro_step} sequences does not split over dp={dp_layer} replicas")
+                raise InfeasiblePlan(
+                    f"{where}a micro-step of {micro_step} sequences does not split over dp={dp_layer} replicas"
+                )
             checked.add((stage_index, tp_layer))
         return (kind, tp_layer, sp and tp_layer > 1, recompute, dp_type, offload)
 

@@ -12,7 +12,6 @@ import io
 import json
 import time
 from pathlib import Path
-from typing import Optional
 
 import typer
 from rich.progress import Progress
@@ -24,9 +23,6 @@ from hwmodel.errors import SpecError, UserError
 from hwmodel.loading import read_mapping, validate
 from hwmodel.units import format_bandwidth, format_bytes, format_flop_rate, format_seconds, parse_quantity
 from hwmodel.whatif import LINK_FIELDS, with_device_everywhere, with_link_bandwidth
-from workloads.catalog import load_workload, workload_names
-from workloads.transformer import model_flops_per_sample, parameter_count
-
 from simulator.analytic import evaluate
 from simulator.binding import bind
 from simulator.errors import InfeasiblePlan
@@ -34,6 +30,8 @@ from simulator.plan import SHORTHAND_KEYS, Plan, load_plan, parse_shorthand
 from simulator.render import render_comparison, render_report
 from simulator.report import Report
 from simulator.validation import summarize, validate_llm_foundry
+from workloads.catalog import load_workload, workload_names
+from workloads.transformer import model_flops_per_sample, parameter_count
 
 app = typer.Typer(
     name="simulate",
@@ -78,8 +76,9 @@ ENGINE_HELP = (
 )
 
 
-def _predict(plan: Plan, workload, cluster, engine: str, trace: Path | None = None, plot: Path | None = None,
-             force: bool = False) -> Report:
+def _predict(
+    plan: Plan, workload, cluster, engine: str, trace: Path | None = None, plot: Path | None = None, force: bool = False
+) -> Report:
     """One prediction with the chosen engine; the des engine can also write a trace and a plot."""
     if engine == "analytic":
         if trace is not None or plot is not None:
@@ -118,18 +117,18 @@ def run(
     workload: str = typer.Option(..., "--workload", "-w", help=WORKLOAD_HELP),
     cluster: str = typer.Option(..., "--cluster", "-c", help=CLUSTER_HELP),
     plan: str = typer.Option("tp=1", "--plan", "-p", help=PLAN_HELP),
-    nodes: Optional[int] = typer.Option(None, "--nodes", "-n", help="Node count for a cluster of identical nodes."),
-    devices_per_node: Optional[int] = typer.Option(
+    nodes: int | None = typer.Option(None, "--nodes", "-n", help="Node count for a cluster of identical nodes."),
+    devices_per_node: int | None = typer.Option(
         None, "--devices-per-node", help="Devices in every node (e.g. 4 ranks on cpu-local)."
     ),
-    seq_len: Optional[int] = typer.Option(None, "--seq-len", help="Train at this sequence length instead."),
+    seq_len: int | None = typer.Option(None, "--seq-len", help="Train at this sequence length instead."),
     engine: str = typer.Option("des", "--engine", "-e", help=ENGINE_HELP),
-    trace: Optional[Path] = typer.Option(
+    trace: Path | None = typer.Option(
         None, "--trace", help="des: write a Chrome trace (open in Perfetto or chrome://tracing)."
     ),
-    plot: Optional[Path] = typer.Option(None, "--plot", help="des: draw the timeline and memory over time to a PNG."),
+    plot: Path | None = typer.Option(None, "--plot", help="des: draw the timeline and memory over time to a PNG."),
     as_json: bool = typer.Option(False, "--json", help="Print the Report as JSON on stdout."),
-    out_file: Optional[Path] = typer.Option(None, "--out", help="Also write the Report as JSON to this new file."),
+    out_file: Path | None = typer.Option(None, "--out", help="Also write the Report as JSON to this new file."),
     force: bool = typer.Option(False, "--force", help="Allow --out, --trace and --plot to replace existing files."),
 ) -> None:
     """Predict one plan: time, throughput, MFU, memory, and where the time goes."""
@@ -140,8 +139,17 @@ def run(
     if is_vfl_workload(workload):  # two parties over a WAN: rounds, predicted by the VFL engine
         from simulator.search.vfl.cli import simulate_run_vfl
 
-        return simulate_run_vfl(workload, load_cluster(cluster, nodes, devices_per_node), load_plan(plan), engine,
-                                trace, plot, as_json, out_file, force)
+        return simulate_run_vfl(
+            workload,
+            load_cluster(cluster, nodes, devices_per_node),
+            load_plan(plan),
+            engine,
+            trace,
+            plot,
+            as_json,
+            out_file,
+            force,
+        )
     the_plan, the_workload = load_plan(plan), load_workload(workload, seq_len)
     the_cluster = load_cluster(cluster, nodes, devices_per_node)
     report = _predict(the_plan, the_workload, the_cluster, engine, trace, plot, force)
@@ -161,7 +169,9 @@ def run(
 # ---- compare -------------------------------------------------------------------------------------
 def _parse_sweep(text: str) -> tuple[str, list[str]]:
     if "=" not in text:
-        raise UserError(f"--sweep: expected KEY=V1,V2,...; got {text!r} (e.g. 'tp=1,2,4,8' or 'inter_node_bandwidth=100,200,400Gbit/s')")
+        raise UserError(
+            f"--sweep: expected KEY=V1,V2,...; got {text!r} (e.g. 'tp=1,2,4,8' or 'inter_node_bandwidth=100,200,400Gbit/s')"
+        )
     key, values = text.split("=", 1)
     key = key.strip()
     accepted = list(SHORTHAND_KEYS) + ["seq_len", "nodes", "device", "wan_bandwidth"] + list(LINK_FIELDS)
@@ -196,15 +206,17 @@ def compare(
     workload: str = typer.Option(..., "--workload", "-w", help=WORKLOAD_HELP),
     cluster: list[str] = typer.Option(..., "--cluster", "-c", help=CLUSTER_HELP + " Repeat to compare clusters."),
     plan: str = typer.Option("tp=1", "--plan", "-p", help=PLAN_HELP),
-    sweep: Optional[str] = typer.Option(
-        None, "--sweep", "-s",
+    sweep: str | None = typer.Option(
+        None,
+        "--sweep",
+        "-s",
         help="Vary one field: a plan key ('tp=1,2,4,8'), seq_len, nodes, device ('device=a100-80g,h100-sxm') or a "
         "link ('inter_node_bandwidth=100,200,400Gbit/s'; also intra_node_bandwidth, host_link_bandwidth, wan_bandwidth).",
     ),
-    nodes: Optional[int] = typer.Option(None, "--nodes", "-n", help="Node count for clusters of identical nodes."),
-    seq_len: Optional[int] = typer.Option(None, "--seq-len", help="Train at this sequence length instead."),
+    nodes: int | None = typer.Option(None, "--nodes", "-n", help="Node count for clusters of identical nodes."),
+    seq_len: int | None = typer.Option(None, "--seq-len", help="Train at this sequence length instead."),
     engine: str = typer.Option("analytic", "--engine", "-e", help=ENGINE_HELP),
-    csv_file: Optional[Path] = typer.Option(None, "--csv", help="Also write the table as CSV to this new file."),
+    csv_file: Path | None = typer.Option(None, "--csv", help="Also write the table as CSV to this new file."),
     as_json: bool = typer.Option(False, "--json", help="Print the rows as JSON on stdout."),
     force: bool = typer.Option(False, "--force", help="Allow --csv to replace an existing file."),
 ) -> None:
@@ -239,21 +251,37 @@ def compare(
             rows.append(row)
     columns = ["cluster"] + ([key] if key else [])
     if as_json:
-        print(json.dumps([{**{c: r[c] for c in columns}, "report": r["report"].model_dump() if r["report"] else None,
-                           "reason": r.get("reason")} for r in rows], indent=2))
+        print(
+            json.dumps(
+                [
+                    {
+                        **{c: r[c] for c in columns},
+                        "report": r["report"].model_dump() if r["report"] else None,
+                        "reason": r.get("reason"),
+                    }
+                    for r in rows
+                ],
+                indent=2,
+            )
+        )
     else:
         title = f"{workload}: plan {base_plan.shorthand()}" + (f", sweeping {key}" if key else "")
         render_comparison(rows, out, title, columns)
     if csv_file is not None:
         buffer = io.StringIO()
         writer = csv.writer(buffer)
-        writer.writerow(columns + ["iteration_time_s", "tokens_per_s", "mfu", "peak_memory_bytes", "fits_memory", "reason"])
+        writer.writerow(
+            columns + ["iteration_time_s", "tokens_per_s", "mfu", "peak_memory_bytes", "fits_memory", "reason"]
+        )
         for r in rows:
             rep = r["report"]
             writer.writerow(
                 [r[c] for c in columns]
-                + ([rep.iteration_time_s, rep.tokens_per_s, rep.mfu, rep.peak_memory_bytes, rep.fits_memory, ""]
-                   if rep else ["", "", "", "", False, r.get("reason", "")])
+                + (
+                    [rep.iteration_time_s, rep.tokens_per_s, rep.mfu, rep.peak_memory_bytes, rep.fits_memory, ""]
+                    if rep
+                    else ["", "", "", "", False, r.get("reason", "")]
+                )
             )
         write_new_file(csv_file, buffer.getvalue(), force)
 
@@ -261,7 +289,7 @@ def compare(
 # ---- validate ------------------------------------------------------------------------------------
 @validate_app.command("llm-foundry")
 def validate_llm_foundry_cmd(
-    csv_path: Optional[Path] = typer.Option(
+    csv_path: Path | None = typer.Option(
         None, "--csv", help="Validate another table with the same columns (gpu values a100_40gb, a100_80gb, h100_80gb)."
     ),
     engine: str = typer.Option("analytic", "--engine", "-e", help=ENGINE_HELP),
@@ -269,7 +297,7 @@ def validate_llm_foundry_cmd(
 ) -> None:
     """Predict every row of the llm-foundry MPT table and compare tokens/s with the measured value."""
     started = time.perf_counter()
-    predict = lambda plan, workload, cluster: _predict(plan, workload, cluster, engine)  # noqa: E731
+    predict = lambda plan, workload, cluster: _predict(plan, workload, cluster, engine)
     if as_json:
         rows = validate_llm_foundry(csv_path, predict=predict)
     else:
@@ -285,15 +313,35 @@ def validate_llm_foundry_cmd(
         show_edge=False,
     )
     # MFU as the source counts it (causal attention in full), measured beside predicted.
-    for col in ("model", "gpu", "gpus", "seq", "mb", "ckpt", "measured", "predicted", "error", "MFU meas.", "MFU pred.",
-                "pred. memory"):
+    for col in (
+        "model",
+        "gpu",
+        "gpus",
+        "seq",
+        "mb",
+        "ckpt",
+        "measured",
+        "predicted",
+        "error",
+        "MFU meas.",
+        "MFU pred.",
+        "pred. memory",
+    ):
         table.add_column(col, justify="left" if col in ("model", "gpu") else "right")
     for r in rows:
         color = "green" if abs(r.error_pct) <= 10 else ("yellow" if abs(r.error_pct) <= 25 else "red")
         table.add_row(
-            r.model, r.gpu, str(r.gpus), str(r.seq_len), str(r.micro_batch), "yes" if r.act_ckpt else "no",
-            f"{r.measured_tokens_per_s:,.0f}", f"{r.predicted_tokens_per_s:,.0f}", f"[{color}]{r.error_pct:+.1f}%[/{color}]",
-            f"{100 * r.measured_mfu:.1f}%" if r.measured_mfu is not None else "-", f"{100 * r.predicted_mfu:.1f}%",
+            r.model,
+            r.gpu,
+            str(r.gpus),
+            str(r.seq_len),
+            str(r.micro_batch),
+            "yes" if r.act_ckpt else "no",
+            f"{r.measured_tokens_per_s:,.0f}",
+            f"{r.predicted_tokens_per_s:,.0f}",
+            f"[{color}]{r.error_pct:+.1f}%[/{color}]",
+            f"{100 * r.measured_mfu:.1f}%" if r.measured_mfu is not None else "-",
+            f"{100 * r.predicted_mfu:.1f}%",
             f"{r.predicted_peak_memory_gib:.1f} GiB",
         )
     out.print(table)
@@ -305,8 +353,12 @@ def validate_llm_foundry_cmd(
         errors = [r.error_pct for r in members]
         absolute = sorted(abs(e) for e in errors)
         groups.add_row(
-            label, str(len(members)), f"{sum(absolute) / len(absolute):.2f}%", f"{absolute[len(absolute) // 2]:.2f}%",
-            f"{absolute[-1]:.2f}%", f"{sum(errors) / len(errors):+.2f}%",
+            label,
+            str(len(members)),
+            f"{sum(absolute) / len(absolute):.2f}%",
+            f"{absolute[len(absolute) // 2]:.2f}%",
+            f"{absolute[-1]:.2f}%",
+            f"{sum(errors) / len(errors):+.2f}%",
         )
     out.print(groups)
     out.print(
@@ -338,8 +390,13 @@ def specs_list() -> None:
         devices.add_column(col)
     for name in device_names():
         d = load_device(name)
-        devices.add_row(name, d.description, format_flop_rate(d.compute.peak("bf16")), format_bytes(d.memory.capacity),
-                        format_bandwidth(d.memory.bandwidth))
+        devices.add_row(
+            name,
+            d.description,
+            format_flop_rate(d.compute.peak("bf16")),
+            format_bytes(d.memory.capacity),
+            format_bandwidth(d.memory.bandwidth),
+        )
     clusters = Table(title="Clusters", show_edge=False)
     clusters.add_column("name", no_wrap=True)
     for col in ("devices", "nodes", "device types", "description"):
@@ -354,7 +411,7 @@ def specs_list() -> None:
 @specs_app.command("show")
 def specs_show(
     name: str = typer.Argument(..., help="A device or cluster name, or a spec YAML file."),
-    nodes: Optional[int] = typer.Option(None, "--nodes", "-n", help="Resize a cluster of identical nodes."),
+    nodes: int | None = typer.Option(None, "--nodes", "-n", help="Resize a cluster of identical nodes."),
 ) -> None:
     """Show one device or cluster with every figure in SI and where it comes from (YAML on stdout)."""
     import yaml
@@ -384,8 +441,14 @@ def workloads_list() -> None:
     for name in names:
         w = load_workload(name)
         table.add_row(
-            name, w.family, str(w.num_layers), str(w.hidden_size), f"{w.num_heads} ({w.kv_heads})", str(w.seq_len),
-            f"{parameter_count(w) / 1e9:.3f} B", f"{model_flops_per_sample(w):.3g}",
+            name,
+            w.family,
+            str(w.num_layers),
+            str(w.hidden_size),
+            f"{w.num_heads} ({w.kv_heads})",
+            str(w.seq_len),
+            f"{parameter_count(w) / 1e9:.3f} B",
+            f"{model_flops_per_sample(w):.3g}",
         )
     out.print(table)
 
@@ -393,7 +456,7 @@ def workloads_list() -> None:
 @workloads_app.command("show")
 def workloads_show(
     name: str = typer.Argument(..., help=WORKLOAD_HELP),
-    seq_len: Optional[int] = typer.Option(None, "--seq-len", help="At another sequence length."),
+    seq_len: int | None = typer.Option(None, "--seq-len", help="At another sequence length."),
 ) -> None:
     """Show one workload's shape, parameter count and FLOPs (YAML on stdout)."""
     import yaml

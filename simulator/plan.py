@@ -51,7 +51,7 @@ class LayerStrategy(_Frozen):
     offload: float | None = Field(None, ge=0.0, le=1.0, description="fraction of saved activations swapped to host")
 
     @model_validator(mode="after")
-    def _order(self) -> "LayerStrategy":
+    def _order(self) -> LayerStrategy:
         if self.layers[0] < 0 or self.layers[1] < self.layers[0]:
             raise ValueError(f"layers must be [first, last] with 0 <= first <= last, got {list(self.layers)}")
         return self
@@ -79,7 +79,7 @@ class ModelStatePlacement(_Frozen):
     ssd: float = Field(0.0, ge=0, le=1)
 
     @model_validator(mode="after")
-    def _sum(self) -> "ModelStatePlacement":
+    def _sum(self) -> ModelStatePlacement:
         if abs(self.gpu + self.cpu + self.ssd - 1.0) > 1e-6:
             raise ValueError(f"gpu + cpu + ssd fractions must sum to 1, got {self.gpu + self.cpu + self.ssd:g}")
         return self
@@ -127,7 +127,7 @@ class Plan(_Frozen):
     batch_split: tuple[int, ...] | None = Field(
         None,
         description="sequences each data-parallel replica takes per micro-step, in replica order, when replicas "
-                    "differ in speed (sums to micro_batch * dp); left out, micro_batch each. Shorthand: 3+1",
+        "differ in speed (sums to micro_batch * dp); left out, micro_batch each. Shorthand: 3+1",
     )
     global_batch: int | None = Field(None, gt=0, description="sequences per iteration; default micro_batch*dp")
     schedule: Schedule = "1f1b"
@@ -147,7 +147,7 @@ class Plan(_Frozen):
     memory_plan: MemoryPlanSpec | None = None
 
     @model_validator(mode="after")
-    def _self_consistent(self) -> "Plan":
+    def _self_consistent(self) -> Plan:
         if self.schedule == "interleaved" and self.virtual_stages < 2:
             raise ValueError("schedule=interleaved needs virtual_stages >= 2")
         if self.schedule != "interleaved" and self.virtual_stages > 1:
@@ -156,17 +156,23 @@ class Plan(_Frozen):
             raise ValueError(f"stages lists {len(self.stages)} stages but pp={self.pp}")
         if self.batch_split is not None:
             if any(n < 1 for n in self.batch_split):
-                raise ValueError(f"batch_split {'+'.join(map(str, self.batch_split))}: every replica takes at least 1 sequence")
+                raise ValueError(
+                    f"batch_split {'+'.join(map(str, self.batch_split))}: every replica takes at least 1 sequence"
+                )
             if self.dp is not None and len(self.batch_split) != self.dp:
                 raise ValueError(f"batch_split lists {len(self.batch_split)} replicas but dp={self.dp}")
             if self.dp is not None and sum(self.batch_split) != self.micro_batch * self.dp:
-                raise ValueError(f"batch_split {'+'.join(map(str, self.batch_split))} sums to {sum(self.batch_split)}, "
-                                 f"not micro_batch * dp = {self.micro_batch * self.dp}")
+                raise ValueError(
+                    f"batch_split {'+'.join(map(str, self.batch_split))} sums to {sum(self.batch_split)}, "
+                    f"not micro_batch * dp = {self.micro_batch * self.dp}"
+                )
         return self
 
     def shorthand(self) -> str:
         """The one-line form of the uniform keys (sections such as `stages` are left out)."""
-        data = self.model_dump(exclude_defaults=True, exclude={"layers", "stages", "model_states", "tasks", "federated", "memory_plan"})
+        data = self.model_dump(
+            exclude_defaults=True, exclude={"layers", "stages", "model_states", "tasks", "federated", "memory_plan"}
+        )
         if "batch_split" in data:
             data["batch_split"] = "+".join(str(n) for n in data["batch_split"])
         return ",".join(f"{k}={str(v).lower() if isinstance(v, bool) else v}" for k, v in data.items()) or "tp=1"
@@ -183,8 +189,24 @@ ALIASES = {
     "ckpt": "recompute",
 }
 SHORTHAND_KEYS = (
-    "tp", "pp", "dp", "cp", "ep", "dp_type", "sequence_parallel", "recompute", "micro_batch", "global_batch",
-    "schedule", "virtual_stages", "dtype", "grad_reduce_dtype", "attention", "optimizer", "offload", "batch_split",
+    "tp",
+    "pp",
+    "dp",
+    "cp",
+    "ep",
+    "dp_type",
+    "sequence_parallel",
+    "recompute",
+    "micro_batch",
+    "global_batch",
+    "schedule",
+    "virtual_stages",
+    "dtype",
+    "grad_reduce_dtype",
+    "attention",
+    "optimizer",
+    "offload",
+    "batch_split",
 )
 
 
@@ -221,8 +243,10 @@ def parse_shorthand(text: str) -> Plan:
         if key == "batch_split":
             counts = value.split("+")
             if not all(c.strip().isdigit() for c in counts):
-                raise SpecError(f"--plan: batch_split={value!r}: give each replica's sequences per micro-step "
-                                "joined by '+', e.g. batch_split=3+1")
+                raise SpecError(
+                    f"--plan: batch_split={value!r}: give each replica's sequences per micro-step "
+                    "joined by '+', e.g. batch_split=3+1"
+                )
             data[key] = tuple(int(c) for c in counts)
             continue
         data[key] = _scalar(value)

@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-from typing import Iterable
+from collections.abc import Iterable
 
 from rich.console import Console
 from rich.panel import Panel
 from rich.table import Table
 
 from hwmodel.units import format_bytes, format_seconds
-
 from simulator.report import Report
 
 BREAKDOWN_LABELS = {
@@ -22,7 +21,6 @@ BREAKDOWN_LABELS = {
 }
 
 
-
 def causal_in_full_note(report: Report) -> str:
     """' (causal scores in full, as Megatron-LM counts: 62.7%)' where that convention (Megatron-LM's, PaLM's,
     llm-foundry's, and most papers') reads differently from ours (long causal sequences); '' otherwise."""
@@ -30,6 +28,7 @@ def causal_in_full_note(report: Report) -> str:
     if full is None or abs(full - report.mfu) < 0.0005:
         return ""
     return f" (causal scores in full, as Megatron-LM counts: {100 * full:.1f}%)"
+
 
 def _pct(part: float, whole: float) -> str:
     return f"{100 * part / whole:5.1f}%" if whole > 0 else "  -  "
@@ -54,7 +53,9 @@ def render_report(report: Report, console: Console) -> None:
         f"{format_bytes(report.memory_capacity_bytes)} per device: {fits}"
     )
     if report.host_memory_bytes:
-        headline += f"\nhost memory for swapped activations {format_bytes(report.host_memory_bytes)} on the fullest node"
+        headline += (
+            f"\nhost memory for swapped activations {format_bytes(report.host_memory_bytes)} on the fullest node"
+        )
     console.print(Panel(headline, title=f"prediction ({report.engine})", expand=False))
 
     times = Table(title="Where the iteration time goes", show_edge=False)
@@ -81,12 +82,29 @@ def render_report(report: Report, console: Console) -> None:
 
     if len(report.stages) > 1:
         stages = Table(title="Pipeline stages", show_edge=False)
-        for col in ("stage", "layers", "devices", "device", "tp", "dp", "fwd/micro-batch", "bwd/micro-batch", "peak memory"):
+        for col in (
+            "stage",
+            "layers",
+            "devices",
+            "device",
+            "tp",
+            "dp",
+            "fwd/micro-batch",
+            "bwd/micro-batch",
+            "peak memory",
+        ):
             stages.add_column(col, justify="right" if col not in ("device",) else "left")
         for s in report.stages:
             stages.add_row(
-                str(s.index), f"{s.first_layer}-{s.last_layer}", str(s.num_devices), s.device, str(s.tp), str(s.dp),
-                format_seconds(s.forward_s), format_seconds(s.backward_s), format_bytes(s.peak_memory_bytes),
+                str(s.index),
+                f"{s.first_layer}-{s.last_layer}",
+                str(s.num_devices),
+                s.device,
+                str(s.tp),
+                str(s.dp),
+                format_seconds(s.forward_s),
+                format_seconds(s.backward_s),
+                format_bytes(s.peak_memory_bytes),
             )
         console.print(stages)
     for warning in report.warnings:

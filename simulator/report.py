@@ -41,8 +41,12 @@ class TimeBreakdown(BaseModel):
     @property
     def total(self) -> float:
         return (
-            self.compute + self.recompute + self.exposed_communication + self.pipeline_bubble
-            + self.offload_stall + self.optimizer
+            self.compute
+            + self.recompute
+            + self.exposed_communication
+            + self.pipeline_bubble
+            + self.offload_stall
+            + self.optimizer
         )
 
 
@@ -84,8 +88,9 @@ class Report(BaseModel):
     mfu: float
     hfu: float
     mfu_causal_in_full: float | None = Field(
-        None, description="MFU with causal score matrices counted in full, as Megatron-LM's, PaLM's and llm-foundry's "
-                          "formulas count them (simulator.metrics); for comparing with figures published that way"
+        None,
+        description="MFU with causal score matrices counted in full, as Megatron-LM's, PaLM's and llm-foundry's "
+        "formulas count them (simulator.metrics); for comparing with figures published that way",
     )
     model_flops_per_iteration: float
     hardware_flops_per_iteration: float
@@ -101,6 +106,7 @@ class Report(BaseModel):
     )
     peak_memory_time_s: float | None = Field(None, description="des: when the peak happens, from iteration start")
     host_memory_bytes: float | None = Field(
-        None, description="host DRAM of the most loaded node filled with swapped activations (offload); None: not computed"
+        None,
+        description="host DRAM of the most loaded node filled with swapped activations (offload); None: not computed",
     )
     warnings: list[str] = Field(default_factory=list)

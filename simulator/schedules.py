@@ -34,7 +34,9 @@ def _interleaved_ids(k: int, p: int, v: int, forward: bool) -> tuple[int, int]:
     return micro_batch, chunk
 
 
-def stage_order(schedule: str, stage: int, num_stages: int, num_micro_batches: int, virtual_stages: int = 1) -> list[Op]:
+def stage_order(
+    schedule: str, stage: int, num_stages: int, num_micro_batches: int, virtual_stages: int = 1
+) -> list[Op]:
     """The operations stage `stage` runs, in order."""
     p, m, v = num_stages, num_micro_batches, virtual_stages
     if schedule == "gpipe":

@@ -13,16 +13,27 @@ from pathlib import Path
 
 from hwmodel.catalog import load_cluster
 from hwmodel.errors import SpecError
-from workloads.config import WorkloadConfig
-
 from simulator.analytic import evaluate
 from simulator.plan import Plan
+from workloads.config import WorkloadConfig
 
 GPU_CLUSTERS = {"a100_40gb": "dgx-a100-40g", "a100_80gb": "dgx-a100-80g", "h100_80gb": "dgx-h100"}
 GPUS_PER_NODE = 8
 REQUIRED_COLUMNS = (
-    "model", "hidden_size", "num_heads", "num_layers", "ffn_hidden_size", "vocab_size", "seq_len", "gpus", "gpu",
-    "micro_batch", "grad_accum", "global_batch", "tokens_per_s", "act_ckpt",
+    "model",
+    "hidden_size",
+    "num_heads",
+    "num_layers",
+    "ffn_hidden_size",
+    "vocab_size",
+    "seq_len",
+    "gpus",
+    "gpu",
+    "micro_batch",
+    "grad_accum",
+    "global_batch",
+    "tokens_per_s",
+    "act_ckpt",
 )
 
 
@@ -59,8 +70,19 @@ def row_inputs(row: dict[str, str], source: str, line: int) -> tuple[WorkloadCon
     gpu = row["gpu"].strip()
     if gpu not in GPU_CLUSTERS:
         raise SpecError(f"{source}: line {line}: gpu: {gpu!r} is not one of {', '.join(GPU_CLUSTERS)}")
-    for column in ("gpus", "num_layers", "hidden_size", "ffn_hidden_size", "num_heads", "vocab_size", "seq_len",
-                   "micro_batch", "global_batch", "grad_accum", "tokens_per_s"):
+    for column in (
+        "gpus",
+        "num_layers",
+        "hidden_size",
+        "ffn_hidden_size",
+        "num_heads",
+        "vocab_size",
+        "seq_len",
+        "micro_batch",
+        "global_batch",
+        "grad_accum",
+        "tokens_per_s",
+    ):
         try:
             float(row[column])
         except (TypeError, ValueError):

@@ -9,7 +9,6 @@ import pytest
 from rich.console import Console
 
 import simulator.cli as cli
-
 from hwmodel import load_cluster
 from tests.helpers import CliResult
 from workloads import load_workload

@@ -14,7 +14,6 @@ from pathlib import Path
 
 from hwmodel.errors import SpecError, UnknownNameError
 from hwmodel.loading import read_mapping, validate
-
 from workloads.config import WorkloadConfig
 from workloads.hf import from_hf_config, is_hf_config
 
@@ -45,7 +44,9 @@ def load_workload_file(path: str | Path, seq_len: int | None = None) -> Workload
     path = Path(path)
     data = read_mapping(path)
     if is_hf_config(data) and "family" not in data:
-        return from_hf_config(data, str(path), name=path.stem if path.stem != "config" else path.parent.name or "custom", seq_len=seq_len)
+        return from_hf_config(
+            data, str(path), name=path.stem if path.stem != "config" else path.parent.name or "custom", seq_len=seq_len
+        )
     data.setdefault("name", path.stem)
     cfg = validate(WorkloadConfig, data, str(path))
     return cfg.with_seq_len(seq_len) if seq_len else cfg

@@ -18,18 +18,60 @@ FAMILIES = ("gpt", "llama", "bert", "t5", "vit", "moe")
 
 # What each family does when a key is left out.
 FAMILY_DEFAULTS: dict[str, dict] = {
-    "gpt": dict(mlp="gelu", norm="layernorm", bias=True, dropout=True, position_embedding="learned",
-                tied_embeddings=True, causal=True),
-    "llama": dict(mlp="swiglu", norm="rmsnorm", bias=False, dropout=False, position_embedding="rope",
-                  tied_embeddings=False, causal=True),
-    "moe": dict(mlp="swiglu", norm="rmsnorm", bias=False, dropout=False, position_embedding="rope",
-                tied_embeddings=False, causal=True),
-    "bert": dict(mlp="gelu", norm="layernorm", bias=True, dropout=True, position_embedding="learned",
-                 tied_embeddings=True, causal=False),
-    "t5": dict(mlp="relu", norm="rmsnorm", bias=False, dropout=True, position_embedding="none",
-               tied_embeddings=True, causal=False),
-    "vit": dict(mlp="gelu", norm="layernorm", bias=True, dropout=False, position_embedding="learned",
-                tied_embeddings=False, causal=False),
+    "gpt": dict(
+        mlp="gelu",
+        norm="layernorm",
+        bias=True,
+        dropout=True,
+        position_embedding="learned",
+        tied_embeddings=True,
+        causal=True,
+    ),
+    "llama": dict(
+        mlp="swiglu",
+        norm="rmsnorm",
+        bias=False,
+        dropout=False,
+        position_embedding="rope",
+        tied_embeddings=False,
+        causal=True,
+    ),
+    "moe": dict(
+        mlp="swiglu",
+        norm="rmsnorm",
+        bias=False,
+        dropout=False,
+        position_embedding="rope",
+        tied_embeddings=False,
+        causal=True,
+    ),
+    "bert": dict(
+        mlp="gelu",
+        norm="layernorm",
+        bias=True,
+        dropout=True,
+        position_embedding="learned",
+        tied_embeddings=True,
+        causal=False,
+    ),
+    "t5": dict(
+        mlp="relu",
+        norm="rmsnorm",
+        bias=False,
+        dropout=True,
+        position_embedding="none",
+        tied_embeddings=True,
+        causal=False,
+    ),
+    "vit": dict(
+        mlp="gelu",
+        norm="layernorm",
+        bias=True,
+        dropout=False,
+        position_embedding="learned",
+        tied_embeddings=False,
+        causal=False,
+    ),
 }
 
 
@@ -56,7 +98,9 @@ class WorkloadConfig(BaseModel):
     qkv_bias: bool | None = Field(None, description="bias on the q/k/v projections only (Qwen2); default: bias")
     dropout: bool | None = None
     causal: bool | None = None
-    max_position_embeddings: int | None = Field(None, gt=0, description="rows of a learned position table; default seq_len")
+    max_position_embeddings: int | None = Field(
+        None, gt=0, description="rows of a learned position table; default seq_len"
+    )
     # MoE
     num_experts: int = Field(1, gt=0)
     experts_top_k: int = Field(1, gt=0)
@@ -86,7 +130,7 @@ class WorkloadConfig(BaseModel):
         return data
 
     @model_validator(mode="after")
-    def _check(self) -> "WorkloadConfig":
+    def _check(self) -> WorkloadConfig:
         if self.hidden_size % self.num_heads:
             raise ValueError(f"hidden_size={self.hidden_size} is not divisible by num_heads={self.num_heads}")
         if self.kv_heads > self.num_heads or self.num_heads % self.kv_heads:
@@ -98,15 +142,17 @@ class WorkloadConfig(BaseModel):
         if self.family == "t5":
             dec = self.decoder_layers
             if not 0 < dec < self.num_layers:
-                raise ValueError(
-                    f"t5 needs 0 < num_decoder_layers < num_layers; got {dec} of {self.num_layers}"
-                )
+                raise ValueError(f"t5 needs 0 < num_decoder_layers < num_layers; got {dec} of {self.num_layers}")
         if self.family == "vit":
             if not (self.image_size and self.patch_size and self.num_classes):
                 raise ValueError("family 'vit' needs image_size, patch_size and num_classes")
             if self.image_size % self.patch_size:
                 raise ValueError(f"image_size={self.image_size} is not divisible by patch_size={self.patch_size}")
-        if self.position_embedding == "learned" and self.max_position_embeddings and self.seq_len > self.max_position_embeddings:
+        if (
+            self.position_embedding == "learned"
+            and self.max_position_embeddings
+            and self.seq_len > self.max_position_embeddings
+        ):
             raise ValueError(
                 f"seq_len={self.seq_len} exceeds max_position_embeddings={self.max_position_embeddings} of the learned position table"
             )
@@ -148,7 +194,7 @@ class WorkloadConfig(BaseModel):
         """Tokens a sample contributes to tokens/s (decoder tokens for t5, patches+1 for ViT)."""
         return self.dec_seq_len if self.family == "t5" else self.seq_len
 
-    def with_seq_len(self, seq_len: int) -> "WorkloadConfig":
+    def with_seq_len(self, seq_len: int) -> WorkloadConfig:
         """The same model trained at another sequence length."""
         data = self.model_dump()
         data["seq_len"] = seq_len

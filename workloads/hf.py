@@ -9,7 +9,6 @@ from __future__ import annotations
 from typing import Any
 
 from hwmodel.errors import SpecError
-
 from workloads.config import WorkloadConfig
 
 LLAMA_LIKE = ("llama", "mistral", "qwen2", "mixtral")
@@ -26,7 +25,9 @@ def _require(data: dict[str, Any], keys: tuple[str, ...], source: str, model_typ
         raise SpecError(f"{source}: a {model_type} config.json needs {', '.join(missing)}")
 
 
-def from_hf_config(data: dict[str, Any], source: str, name: str = "custom", seq_len: int | None = None) -> WorkloadConfig:
+def from_hf_config(
+    data: dict[str, Any], source: str, name: str = "custom", seq_len: int | None = None
+) -> WorkloadConfig:
     """Translate a Hugging Face config dict; `source` names the file in error messages."""
     model_type = data.get("model_type")
     if model_type not in SUPPORTED:

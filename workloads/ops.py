@@ -149,7 +149,9 @@ class OpTableBuilder:
         if bwd_kernels is None:
             bwd_kernels = 2 if unit == MATRIX else 1
         self.names.append(name)
-        self.rows.append((unit, fwd_flops, fwd_bytes, bwd_flops, bwd_bytes, fwd_kernels, bwd_kernels, min_dim, selective))
+        self.rows.append(
+            (unit, fwd_flops, fwd_bytes, bwd_flops, bwd_bytes, fwd_kernels, bwd_kernels, min_dim, selective)
+        )
         self.model_flops += model_flops
         if selective:
             self.model_flops_selective += model_flops

@@ -33,7 +33,6 @@ import torch.nn.functional as F
 from torch import nn
 
 from hwmodel.errors import UserError
-
 from workloads.config import WorkloadConfig
 from workloads.transformer import layer_kinds
 
@@ -63,7 +62,9 @@ def check_executable(cfg: WorkloadConfig) -> None:
             f"{', '.join(EXECUTABLE_FAMILIES)}"
         )
     if cfg.num_experts > 1:
-        raise UserError(f"workload {cfg.name!r}: mixture-of-experts layers cannot be executed yet; supported: dense gpt, llama")
+        raise UserError(
+            f"workload {cfg.name!r}: mixture-of-experts layers cannot be executed yet; supported: dense gpt, llama"
+        )
 
 
 def _norm(cfg: WorkloadConfig) -> nn.Module:
@@ -74,7 +75,9 @@ def _norm(cfg: WorkloadConfig) -> nn.Module:
 
 
 @lru_cache(maxsize=32)
-def rope_tables(seq_len: int, head_dim: int, device: torch.device, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+def rope_tables(
+    seq_len: int, head_dim: int, device: torch.device, dtype: torch.dtype
+) -> tuple[torch.Tensor, torch.Tensor]:
     """cos and sin of the rotary angles, (seq_len, head_dim), cached per shape (they never change)."""
     inv_freq = 1.0 / (ROPE_THETA ** (torch.arange(0, head_dim, 2, device=device, dtype=torch.float32) / head_dim))
     angles = torch.outer(torch.arange(seq_len, device=device, dtype=torch.float32), inv_freq)
@@ -119,7 +122,9 @@ class AttentionCore(nn.Module):
             return self.context.attend(q, k, v, lambda q, k, v, mask: self._attend(q, k, v, p, mask))
         return self._attend(q, k, v, p, None)
 
-    def _attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, p: float, mask: torch.Tensor | None) -> torch.Tensor:
+    def _attend(
+        self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, p: float, mask: torch.Tensor | None
+    ) -> torch.Tensor:
         """Attention of q over k, v: causal (when the model is) for mask None, else True where a query may
         see a key (context parallelism's blocks, whose queries and keys are not aligned)."""
         if k.shape[1] != q.shape[1]:
@@ -224,7 +229,9 @@ class InputLayer(nn.Module):
     def forward(self, tokens: torch.Tensor) -> torch.Tensor:
         x = self.tok(tokens)
         if self.pos is not None:
-            positions = self.positions if self.positions is not None else torch.arange(tokens.shape[-1], device=tokens.device)
+            positions = (
+                self.positions if self.positions is not None else torch.arange(tokens.shape[-1], device=tokens.device)
+            )
             x = x + self.pos(positions)
         return self.dropout(x)
 
@@ -305,8 +312,14 @@ def canonical_name(name: str, cfg: WorkloadConfig) -> str:
     return name
 
 
-def full_init_tensor(name: str, shape: torch.Size | tuple[int, ...], cfg: WorkloadConfig, seed: int,
-                     device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32) -> torch.Tensor:
+def full_init_tensor(
+    name: str,
+    shape: torch.Size | tuple[int, ...],
+    cfg: WorkloadConfig,
+    seed: int,
+    device: torch.device | str = "cpu",
+    dtype: torch.dtype = torch.float32,
+) -> torch.Tensor:
     """The initial value of the whole parameter `name` (canonical name), the same for any plan and device.
 
     Drawn on the CPU and then moved: CUDA's generator gives other numbers for the same seed, and a GPU

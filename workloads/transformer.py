@@ -146,16 +146,27 @@ class _LayerBuilder:
             core = 4 * score_elems * d * frac
             io = q_bytes * 2 + 2 * mb * seq_kv * kvh * d / t * e
             self.b.op(
-                f"{prefix}flash_attention", ATTENTION, core, io,
-                bwd_flops=2.5 * core, bwd_bytes=2.5 * io, bwd_kernels=2, selective=True, model_flops=model_core,
+                f"{prefix}flash_attention",
+                ATTENTION,
+                core,
+                io,
+                bwd_flops=2.5 * core,
+                bwd_bytes=2.5 * io,
+                bwd_kernels=2,
+                selective=True,
+                model_flops=model_core,
                 min_dim=seq_kv / c,  # keys one kernel call runs over (a ring step's chunk under cp)
             )
             self.b.keep(q_bytes + 2 * kv_bytes_local)  # q, k, v
             self.b.keep(tq * heads * 4, dropped_by_selective=True)  # fp32 log-sum-exp per row
         else:
             self.b.op(
-                f"{prefix}scores", MATRIX, 2 * score_elems * d,
-                q_bytes + mb * seq_kv * kvh * d / t * e + score_elems * e, selective=True, model_flops=model_core / 2,
+                f"{prefix}scores",
+                MATRIX,
+                2 * score_elems * d,
+                q_bytes + mb * seq_kv * kvh * d / t * e + score_elems * e,
+                selective=True,
+                model_flops=model_core / 2,
                 min_dim=min(d, seq_q / c),
             )
             self.b.keep(q_bytes + kv_bytes_local)  # q, k
@@ -166,8 +177,12 @@ class _LayerBuilder:
                 self.b.keep(score_elems, dropped_by_selective=True)  # mask
                 self.b.keep(score_elems * e, dropped_by_selective=True)  # dropped probabilities
             self.b.op(
-                f"{prefix}context", MATRIX, 2 * score_elems * d,
-                score_elems * e + mb * seq_kv * kvh * d / t * e + q_bytes, selective=True, model_flops=model_core / 2,
+                f"{prefix}context",
+                MATRIX,
+                2 * score_elems * d,
+                score_elems * e + mb * seq_kv * kvh * d / t * e + q_bytes,
+                selective=True,
+                model_flops=model_core / 2,
                 min_dim=min(d, seq_q / c),
             )
             self.b.keep(kv_bytes_local)  # v
@@ -194,8 +209,14 @@ class _LayerBuilder:
         routed = tokens * (cfg.experts_top_k if experts > 1 else 1)
         shard = t * (self.shape.ep if experts > 1 else 1)
         if experts > 1:
-            self.b.op("router", MATRIX, 2 * tokens * h * experts, e * (tokens * h + h * experts),
-                      model_flops=2 * mb * seq * h * experts, min_dim=min(tokens, h, experts))
+            self.b.op(
+                "router",
+                MATRIX,
+                2 * tokens * h * experts,
+                e * (tokens * h + h * experts),
+                model_flops=2 * mb * seq * h * experts,
+                min_dim=min(tokens, h, experts),
+            )
             self.b.params(h * experts)
             if self.shape.ep > 1:
                 moved = routed * h * e
@@ -275,8 +296,14 @@ class _LayerBuilder:
         local = mb * patches / self.c
         k = ch * p * p
         # The patch projection is small; it is replicated over the tp group rather than split.
-        self.b.op("patch_proj", MATRIX, 2 * local * k * h, e * (local * k + k * h + local * h),
-                  model_flops=2 * mb * patches * k * h, min_dim=min(local, k, h))
+        self.b.op(
+            "patch_proj",
+            MATRIX,
+            2 * local * k * h,
+            e * (local * k + k * h + local * h),
+            model_flops=2 * mb * patches * k * h,
+            min_dim=min(local, k, h),
+        )
         self.b.keep(local * k * e)
         self.b.params(k * h + h + (patches + 1) * h + h)  # projection, bias, positions, class token
         self.b.output_bytes = self.sp_tokens(cfg.seq_len) * h * e
@@ -291,9 +318,14 @@ class _LayerBuilder:
             self.b.op("final_norm", VECTOR, 5 * cls_tokens * h, 2 * cls_tokens * h * e)
             self.b.params(self.norm_params())
             assert cfg.num_classes is not None
-            self.b.op("classifier", MATRIX, 2 * cls_tokens * h * cfg.num_classes,
-                      e * (cls_tokens * h + h * cfg.num_classes), model_flops=2 * mb * h * cfg.num_classes,
-                      min_dim=min(cls_tokens, h, cfg.num_classes))
+            self.b.op(
+                "classifier",
+                MATRIX,
+                2 * cls_tokens * h * cfg.num_classes,
+                e * (cls_tokens * h + h * cfg.num_classes),
+                model_flops=2 * mb * h * cfg.num_classes,
+                min_dim=min(cls_tokens, h, cfg.num_classes),
+            )
             self.b.params(h * cfg.num_classes + cfg.num_classes)
             self.b.keep(2 * cls_tokens * h * e)
             return self.b.build(full_saved=cls_tokens * h * e)

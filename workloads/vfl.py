@@ -97,7 +97,7 @@ class VflWorkloadConfig(BaseModel):
     source: str = ""
 
     @model_validator(mode="after")
-    def _sizes(self) -> "VflWorkloadConfig":
+    def _sizes(self) -> VflWorkloadConfig:
         if self.batch_size > self.num_samples:
             raise ValueError(f"batch_size {self.batch_size} exceeds num_samples {self.num_samples}")
         if any(w <= 0 for w in (*self.passive_mlp_widths, *self.active_mlp_widths, *self.top_mlp_widths)):
@@ -114,9 +114,20 @@ CATALOG: dict[str, VflWorkloadConfig] = {
     "vfl-wdl": VflWorkloadConfig(),
     # A few seconds per epoch even on a loaded CPU: for tests and smoke runs.
     "vfl-wdl-tiny": VflWorkloadConfig(
-        name="vfl-wdl-tiny", num_samples=4096, num_test_samples=1024, batch_size=128, passive_num_fields=8,
-        passive_hash_buckets=50, passive_embedding_dim=4, passive_mlp_widths=(32,), interface_dim=16,
-        active_num_dense=4, active_mlp_widths=(16,), active_output_dim=8, top_mlp_widths=(16,), learning_rate=3e-3,
+        name="vfl-wdl-tiny",
+        num_samples=4096,
+        num_test_samples=1024,
+        batch_size=128,
+        passive_num_fields=8,
+        passive_hash_buckets=50,
+        passive_embedding_dim=4,
+        passive_mlp_widths=(32,),
+        interface_dim=16,
+        active_num_dense=4,
+        active_mlp_widths=(16,),
+        active_output_dim=8,
+        top_mlp_widths=(16,),
+        learning_rate=3e-3,
         description="tiny vfl-wdl for tests",
     ),
 }
@@ -229,8 +240,9 @@ def optimizer_flops(cfg: VflWorkloadConfig, party: Literal["active", "passive"])
     return float(ADAM_FLOPS_PER_PARAMETER * count)
 
 
-def local_update_flops(cfg: VflWorkloadConfig, party: Literal["active", "passive"], batch: int | None = None,
-                       weighting: bool = True) -> float:
+def local_update_flops(
+    cfg: VflWorkloadConfig, party: Literal["active", "passive"], batch: int | None = None, weighting: bool = True
+) -> float:
     """FLOPs of one update on cached statistics (a CELU-VFL / FedBCD local step), optimizer included."""
     b = batch or cfg.batch_size
     if party == "active":
@@ -309,7 +321,7 @@ def _check_split(split: str) -> str:
 def batch_indices(cfg: VflWorkloadConfig, epoch: int, step: int) -> np.ndarray:
     """Sample ids of training batch `step` of `epoch` (a seeded shuffle per epoch that both parties compute)."""
     order = _epoch_order(cfg, epoch)
-    return order[step * cfg.batch_size:(step + 1) * cfg.batch_size]
+    return order[step * cfg.batch_size : (step + 1) * cfg.batch_size]
 
 
 @lru_cache(maxsize=4)
@@ -319,7 +331,10 @@ def _epoch_order(cfg: VflWorkloadConfig, epoch: int) -> np.ndarray:
 
 def test_batches(cfg: VflWorkloadConfig) -> list[np.ndarray]:
     """Sample ids of the test set in evaluation batches of batch_size (the last one may be smaller)."""
-    return [np.arange(i, min(i + cfg.batch_size, cfg.num_test_samples)) for i in range(0, cfg.num_test_samples, cfg.batch_size)]
+    return [
+        np.arange(i, min(i + cfg.batch_size, cfg.num_test_samples))
+        for i in range(0, cfg.num_test_samples, cfg.batch_size)
+    ]
 
 
 test_batches.__test__ = False  # not a pytest test
@@ -364,8 +379,9 @@ def passive_bottom_model(cfg: VflWorkloadConfig):
             self.embedding = nn.Embedding(cfg.passive_num_fields * cfg.passive_hash_buckets, cfg.passive_embedding_dim)
             with torch.no_grad():
                 self.embedding.weight.normal_(0.0, 0.05, generator=_seeded(cfg.seed, "passive/embedding"))
-            self.register_buffer("field_offset", torch.arange(cfg.passive_num_fields) * cfg.passive_hash_buckets,
-                                 persistent=False)
+            self.register_buffer(
+                "field_offset", torch.arange(cfg.passive_num_fields) * cfg.passive_hash_buckets, persistent=False
+            )
             self.mlp = _mlp(passive_dims(cfg), cfg.seed, "passive/mlp")
 
         def forward(self, cats):  # cats: [B, F] int64 bucket ids

@@ -27,10 +27,13 @@ CHUNK = 256 * 1024
 class DelayRelay:
     """Accepts connections on `listen` and relays each to `target`, delaying both directions by `delay` s."""
 
-    def __init__(self, listen: tuple[str, int], target: tuple[str, int], delay: float, record: Path | None = None,
-                 mangle=None) -> None:
+    def __init__(
+        self, listen: tuple[str, int], target: tuple[str, int], delay: float, record: Path | None = None, mangle=None
+    ) -> None:
         self.target, self.delay, self.record = target, delay, record
-        self.mangle = mangle  # optional callable(direction, offset, bytes) -> (bytes to pass on, cut the link after them)
+        self.mangle = (
+            mangle  # optional callable(direction, offset, bytes) -> (bytes to pass on, cut the link after them)
+        )
         self.server = socket.create_server(listen)
         self.address = self.server.getsockname()[:2]
         self._stop = threading.Event()
@@ -42,7 +45,7 @@ class DelayRelay:
         while not self._stop.is_set():
             try:
                 client, _ = self.server.accept()
-            except (socket.timeout, TimeoutError):
+            except TimeoutError:
                 continue
             except OSError:
                 return
@@ -60,7 +63,7 @@ class DelayRelay:
                 sink = open(self.record / f"conn{n}-{name}.bin", "wb") if self.record else None
                 threading.Thread(target=self._pipe, args=(src, dst, name, sink), daemon=True).start()
 
-    def start(self) -> "DelayRelay":
+    def start(self) -> DelayRelay:
         threading.Thread(target=self.serve_forever, daemon=True).start()
         return self
 
@@ -140,7 +143,7 @@ class TlsRecords:
         self._buf += data
         pos = 0
         while len(self._buf) - pos >= 5:
-            length = int.from_bytes(self._buf[pos + 3:pos + 5], "big")
+            length = int.from_bytes(self._buf[pos + 3 : pos + 5], "big")
             if len(self._buf) - pos < 5 + length:
                 break
             self.records.append((self._base + pos, length))

@@ -55,8 +55,11 @@ def netem_available() -> bool:
         return False
     try:
         _ip("-n", ns, "link", "set", "lo", "up", check=False)
-        r = subprocess.run(["tc", "-n", ns, "qdisc", "add", "dev", "lo", "root", "netem", "delay", "1ms"],
-                           capture_output=True, text=True)
+        r = subprocess.run(
+            ["tc", "-n", ns, "qdisc", "add", "dev", "lo", "root", "netem", "delay", "1ms"],
+            capture_output=True,
+            text=True,
+        )
         return r.returncode == 0
     finally:
         _ip("netns", "del", ns, check=False)
@@ -65,8 +68,15 @@ def netem_available() -> bool:
 class ShapedLink:
     """Two namespaces joined by a veth pair with the given rate and one-way delay. A context manager."""
 
-    def __init__(self, rate_bit_s: float, one_way_delay_s: float, prefix: str | None = None, active_port: int = 47000,
-                 relay_port: int = 47001, use_netem: bool | None = None) -> None:
+    def __init__(
+        self,
+        rate_bit_s: float,
+        one_way_delay_s: float,
+        prefix: str | None = None,
+        active_port: int = 47000,
+        relay_port: int = 47001,
+        use_netem: bool | None = None,
+    ) -> None:
         self.rate_bit_s, self.delay = rate_bit_s, one_way_delay_s
         tag = prefix or f"vfl{os.getpid() % 100000}"
         self.ns = {"active": f"{tag}-a", "passive": f"{tag}-p"}
@@ -89,7 +99,7 @@ class ShapedLink:
     def active_listen(self) -> str:
         return f"{self.ip['active']}:{self.active_port}" if self.use_netem else f"127.0.0.1:{self.active_port}"
 
-    def __enter__(self) -> "ShapedLink":
+    def __enter__(self) -> ShapedLink:
         self._old_term = signal.getsignal(signal.SIGTERM)
         signal.signal(signal.SIGTERM, self._on_term)
         try:
@@ -111,7 +121,20 @@ class ShapedLink:
             _ip("netns", "del", ns, check=False)  # a leftover of a killed run
             _ip("netns", "add", ns)
             _ip("-n", ns, "link", "set", "lo", "up")
-        _ip("link", "add", self.veth["active"], "netns", a, "type", "veth", "peer", "name", self.veth["passive"], "netns", p)
+        _ip(
+            "link",
+            "add",
+            self.veth["active"],
+            "netns",
+            a,
+            "type",
+            "veth",
+            "peer",
+            "name",
+            self.veth["passive"],
+            "netns",
+            p,
+        )
         for party in ("active", "passive"):
             ns, dev = self.ns[party], self.veth[party]
             _ip("-n", ns, "addr", "add", f"{self.ip[party]}/24", "dev", dev)
@@ -121,9 +144,24 @@ class ShapedLink:
             self._shape(ns, dev)
         if not self.use_netem:
             self._relay = subprocess.Popen(
-                ["ip", "netns", "exec", a, sys.executable, str(RELAY), "--listen", f"{self.ip['active']}:{self.relay_port}",
-                 "--target", f"127.0.0.1:{self.active_port}", "--delay", str(self.delay)],
-                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+                [
+                    "ip",
+                    "netns",
+                    "exec",
+                    a,
+                    sys.executable,
+                    str(RELAY),
+                    "--listen",
+                    f"{self.ip['active']}:{self.relay_port}",
+                    "--target",
+                    f"127.0.0.1:{self.active_port}",
+                    "--delay",
+                    str(self.delay),
+                ],
+                stdout=subprocess.PIPE,
+                stderr=subprocess.STDOUT,
+                text=True,
+            )
             line = self._relay.stdout.readline()
             if "relaying" not in line:
                 raise RuntimeError(f"the delay relay did not start: {line}")
@@ -131,13 +169,43 @@ class ShapedLink:
     def _shape(self, ns: str, dev: str) -> None:
         rate = f"{int(self.rate_bit_s)}bit"
         if self.use_netem:
-            cmd = ["tc", "-n", ns, "qdisc", "add", "dev", dev, "root", "netem", "rate", rate, "delay", f"{self.delay * 1e6:.0f}us",
-                   "limit", "100000"]
+            cmd = [
+                "tc",
+                "-n",
+                ns,
+                "qdisc",
+                "add",
+                "dev",
+                dev,
+                "root",
+                "netem",
+                "rate",
+                rate,
+                "delay",
+                f"{self.delay * 1e6:.0f}us",
+                "limit",
+                "100000",
+            ]
         else:
             # The bucket must hold at least one tick's worth of bytes (HZ=250: 4 ms), and a few packets.
             burst = max(16 * 1514, int(self.rate_bit_s / 8 * 0.004))
-            cmd = ["tc", "-n", ns, "qdisc", "add", "dev", dev, "root", "tbf", "rate", rate, "burst", str(burst),
-                   "latency", "200ms"]
+            cmd = [
+                "tc",
+                "-n",
+                ns,
+                "qdisc",
+                "add",
+                "dev",
+                dev,
+                "root",
+                "tbf",
+                "rate",
+                rate,
+                "burst",
+                str(burst),
+                "latency",
+                "200ms",
+            ]
         r = subprocess.run(cmd, capture_output=True, text=True)
         if r.returncode != 0:
             raise RuntimeError(f"{' '.join(cmd)} failed: {r.stderr.strip()}")
@@ -167,8 +235,10 @@ class ShapedLink:
 
     def describe(self) -> str:
         how = "tc netem (rate + delay)" if self.use_netem else "tc tbf (rate) + delay relay"
-        return (f"{self.rate_bit_s / 1e6:g} Mbit/s, {self.delay * 2e3:g} ms round trip via {how}; "
-                f"namespaces {self.ns['active']} / {self.ns['passive']}")
+        return (
+            f"{self.rate_bit_s / 1e6:g} Mbit/s, {self.delay * 2e3:g} ms round trip via {how}; "
+            f"namespaces {self.ns['active']} / {self.ns['passive']}"
+        )
 
 
 def link_of_cluster(cluster: str) -> tuple[float, float]:
@@ -192,7 +262,8 @@ def main() -> None:
         description="Run `execute vfl run` with the active party in one network namespace and the passive party in "
         "another, joined by a link shaped like the cluster's WAN link; everything is removed afterwards.",
         epilog="example: sudo .venv/bin/python benchmarks/wan/netns.py --cluster two-sites-wan -- --plan plan.yaml "
-        "--workload vfl-wdl-tiny --epochs 2")
+        "--workload vfl-wdl-tiny --epochs 2",
+    )
     parser.add_argument("--cluster", default="two-sites-wan", help="cluster spec whose WAN link to copy")
     parser.add_argument("--rate", type=float, help="override: link rate in bit/s")
     parser.add_argument("--delay", type=float, help="override: one-way delay in seconds")
@@ -213,10 +284,16 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="vfl-netns-") as tmp, ShapedLink(rate, delay) as link:
         make_keys(Path(tmp))
         print(link.describe(), flush=True)
-        active = link.run_in("active", party_command_line("active", Path(tmp), link.active_listen, args), env=env, cwd=root)
+        active = link.run_in(
+            "active", party_command_line("active", Path(tmp), link.active_listen, args), env=env, cwd=root
+        )
         time.sleep(0.5)
-        passive = link.run_in("passive", party_command_line("passive", Path(tmp), link.active_address, [*args, "--quiet"]),
-                              env=env, cwd=root)
+        passive = link.run_in(
+            "passive",
+            party_command_line("passive", Path(tmp), link.active_address, [*args, "--quiet"]),
+            env=env,
+            cwd=root,
+        )
         codes = (active.wait(), passive.wait())
     sys.exit(max(codes))
 

@@ -13,16 +13,14 @@ from __future__ import annotations
 
 import time
 from pathlib import Path
-from typing import Optional
 
 import typer
 from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from hwmodel.cli_common import make_console
+from hwmodel.cli_common import make_console, run_app
 from hwmodel.errors import UserError
-from hwmodel.cli_common import run_app
 
 out = make_console()
 err = make_console(stderr=True)
@@ -40,41 +38,68 @@ HELP = (
 
 
 def calibrate_command(
-    out_file: Path = typer.Option(..., "--out", "-o", help="Cluster YAML to write (*.yaml); never replaced without --force."),
-    device_out: Optional[Path] = typer.Option(
-        None, "--device-out", help="Also write the device alone as a device YAML (usable as `device: PATH` in a cluster file)."
+    out_file: Path = typer.Option(
+        ..., "--out", "-o", help="Cluster YAML to write (*.yaml); never replaced without --force."
     ),
-    name: Optional[str] = typer.Option(None, "--name", help="Cluster name (default cpu-local-calibrated); its device is NAME-device."),
-    ranks: Optional[int] = typer.Option(
-        None, "--ranks", "-r", help="Devices (processes) of the node: default the GPUs, else the CPU cores. Each gets cores // N threads."
+    device_out: Path | None = typer.Option(
+        None,
+        "--device-out",
+        help="Also write the device alone as a device YAML (usable as `device: PATH` in a cluster file).",
+    ),
+    name: str | None = typer.Option(
+        None, "--name", help="Cluster name (default cpu-local-calibrated); its device is NAME-device."
+    ),
+    ranks: int | None = typer.Option(
+        None,
+        "--ranks",
+        "-r",
+        help="Devices (processes) of the node: default the GPUs, else the CPU cores. Each gets cores // N threads.",
     ),
     quick: bool = typer.Option(False, "--quick", help="A short sweep (~20 s) for tests and smoke checks."),
-    storage_dir: Optional[Path] = typer.Option(
-        None, "--storage-dir", help="Folder for the storage benchmark's temporary file (default: the system temp folder)."
+    storage_dir: Path | None = typer.Option(
+        None,
+        "--storage-dir",
+        help="Folder for the storage benchmark's temporary file (default: the system temp folder).",
     ),
-    curve_dtype: Optional[str] = typer.Option(
-        None, "--curve-dtype",
+    curve_dtype: str | None = typer.Option(
+        None,
+        "--curve-dtype",
         help="dtype whose own curves are also written as the shared ones, for dtypes without curves of their own, and whose "
-             "GEMMs the overlap probe runs (default bf16, the plans' default). Every measured dtype gets its own curves anyway."
+        "GEMMs the overlap probe runs (default bf16, the plans' default). Every measured dtype gets its own curves anyway.",
     ),
-    baseline: Optional[str] = typer.Option(
-        None, "--baseline", help="Catalog cluster to compare with in the summary (default cpu-local on CPU; none on GPUs)."
+    baseline: str | None = typer.Option(
+        None,
+        "--baseline",
+        help="Catalog cluster to compare with in the summary (default cpu-local on CPU; none on GPUs).",
     ),
-    raw_out: Optional[Path] = typer.Option(None, "--raw", help="Also write every timing as JSON to this new file."),
-    framework: Optional[bool] = typer.Option(
-        None, "--framework/--no-framework",
+    raw_out: Path | None = typer.Option(None, "--raw", help="Also write every timing as JSON to this new file."),
+    framework: bool | None = typer.Option(
+        None,
+        "--framework/--no-framework",
         help="CPU, 2+ ranks: also run a probe GPT with `execute` (single with large and small micro-batches, tensor and data "
-             "parallel, ~1 min) to measure what the framework adds around kernels on the compute cores (per-layer calls, "
-             "sharded-tensor dispatch, gradient packing). "
-             "Default: on, except with --quick.",
+        "parallel, ~1 min) to measure what the framework adds around kernels on the compute cores (per-layer calls, "
+        "sharded-tensor dispatch, gradient packing). "
+        "Default: on, except with --quick.",
     ),
     timeout: float = typer.Option(900.0, "--timeout", help="Give up when the benchmark ranks take longer (seconds)."),
     force: bool = typer.Option(False, "--force", help="Replace existing output files."),
 ) -> None:
     """Measure this machine and write its cluster spec."""
     try:
-        _calibrate(out_file, device_out, name, ranks, quick, storage_dir, curve_dtype, baseline, raw_out, timeout, force,
-                   framework)
+        _calibrate(
+            out_file,
+            device_out,
+            name,
+            ranks,
+            quick,
+            storage_dir,
+            curve_dtype,
+            baseline,
+            raw_out,
+            timeout,
+            force,
+            framework,
+        )
     except UserError as exc:
         err.print(f"[bold red]error:[/bold red] {escape(str(exc))}", highlight=False)
         raise typer.Exit(2) from None
@@ -83,29 +108,55 @@ def calibrate_command(
 calibrate_command.__doc__ = HELP
 
 
-def _calibrate(out_file, device_out, name, ranks, quick, storage_dir, curve_dtype, baseline, raw_out, timeout, force,
-               framework=False) -> None:
+def _calibrate(
+    out_file,
+    device_out,
+    name,
+    ranks,
+    quick,
+    storage_dir,
+    curve_dtype,
+    baseline,
+    raw_out,
+    timeout,
+    force,
+    framework=False,
+) -> None:
     # Imported here so that `--help` answers without loading torch.
-    from hwmodel.catalog import load_cluster
-
     from executor.calibrate import run as cal_mod
     from executor.calibrate.measure import RichProgress
+    from hwmodel.catalog import load_cluster
 
     # Every option is checked before the first measurement: a typo costs nothing.
     cal_mod.check_outputs(out_file, device_out, force)
     if raw_out is not None and raw_out.exists() and not force:
         raise UserError(f"{raw_out} already exists; choose another name or pass --force to replace it")
-    cal_mod.resolve_options(ranks=ranks, quick=quick, storage_dir=storage_dir, name=name or cal_mod.DEFAULT_NAME,
-                            curve_dtype=curve_dtype, timeout_s=timeout)
+    cal_mod.resolve_options(
+        ranks=ranks,
+        quick=quick,
+        storage_dir=storage_dir,
+        name=name or cal_mod.DEFAULT_NAME,
+        curve_dtype=curve_dtype,
+        timeout_s=timeout,
+    )
     baseline_cluster = load_cluster(baseline) if baseline else None
     start = time.monotonic()
     with Progress(
-        TextColumn("{task.description:<22}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-        console=err, transient=False,
+        TextColumn("{task.description:<22}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+        console=err,
+        transient=False,
     ) as progress:
         cal = cal_mod.calibrate(
-            ranks=ranks, quick=quick, storage_dir=storage_dir, name=name or cal_mod.DEFAULT_NAME,
-            curve_dtype=curve_dtype, timeout_s=timeout, progress=RichProgress(progress),
+            ranks=ranks,
+            quick=quick,
+            storage_dir=storage_dir,
+            name=name or cal_mod.DEFAULT_NAME,
+            curve_dtype=curve_dtype,
+            timeout_s=timeout,
+            progress=RichProgress(progress),
         )
         num_ranks = cal.cluster.node_groups[0].node.num_devices
         if (framework if framework is not None else not quick) and cal.device.kind == "cpu" and num_ranks >= 2:
@@ -116,31 +167,38 @@ def _calibrate(out_file, device_out, name, ranks, quick, storage_dir, curve_dtyp
     base_device = baseline_cluster.node_groups[0].node.device if baseline_cluster is not None else None
     _print_summary(cal, cal_mod, base_device, baseline_cluster)
     written = [str(out_file)] + ([str(device_out)] if device_out else []) + ([str(raw_out)] if raw_out else [])
-    out.print(f"wrote {', '.join(written)} in {time.monotonic() - start:.0f} s; "
-              f"use it with: simulate run --cluster {out_file} --workload ... --plan ...", highlight=False)
+    out.print(
+        f"wrote {', '.join(written)} in {time.monotonic() - start:.0f} s; "
+        f"use it with: simulate run --cluster {out_file} --workload ... --plan ...",
+        highlight=False,
+    )
 
 
 def _calibrate_framework(cal, ranks: int, threads: int, progress: Progress, timeout: float) -> None:
     """Add the framework's costs on the compute cores to the calibrated device (executor/calibrate/framework.py)."""
+    from executor.calibrate import framework as fw
     from hwmodel.cluster import ClusterSpec
     from hwmodel.loading import validate
     from hwmodel.units import format_bandwidth, format_seconds
 
-    from executor.calibrate import framework as fw
-
     task = progress.add_task("framework overhead", total=fw.probe_count())
     fit = fw.calibrate_framework(cal.cluster_mapping, ranks, threads, lambda: progress.advance(task), timeout)
-    values = {"blocking_collectives": True,
-              "sharded_kernel_overhead": format_seconds(fit.sharded_kernel_overhead, digits=3),
-              "dp_layer_overhead": format_seconds(fit.dp_layer_overhead, digits=3),
-              "layer_call_overhead": format_seconds(fit.layer_call_overhead, digits=3)}
+    values = {
+        "blocking_collectives": True,
+        "sharded_kernel_overhead": format_seconds(fit.sharded_kernel_overhead, digits=3),
+        "dp_layer_overhead": format_seconds(fit.dp_layer_overhead, digits=3),
+        "layer_call_overhead": format_seconds(fit.layer_call_overhead, digits=3),
+    }
     if fit.grad_pack_bandwidth is not None:
         values["grad_pack_bandwidth"] = format_bandwidth(fit.grad_pack_bandwidth, digits=4)
-    for mapping in {id(m): m for m in (cal.device_mapping, cal.cluster_mapping["node_groups"][0]["node"]["device"])}.values():
+    for mapping in {
+        id(m): m for m in (cal.device_mapping, cal.cluster_mapping["node_groups"][0]["node"]["device"])
+    }.values():
         mapping["compute"].update(values)
         for key in values:
             mapping.setdefault("sources", {})[f"compute.{key}"] = (
-                fw.BLOCKING_SOURCE if key == "blocking_collectives"
+                fw.BLOCKING_SOURCE
+                if key == "blocking_collectives"
                 else fit.source(time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()))
             )
     cal.cluster = validate(ClusterSpec, cal.cluster_mapping, "calibrated cluster")
@@ -160,9 +218,13 @@ def _print_summary(cal, cal_mod, base_device, baseline_cluster) -> None:
     for row in cal_mod.summary_rows(cal, base_device, baseline_cluster):
         table.add_row(*row)
     out.print(table)
-    fits = Table(title="how well the spec reproduces the measurements (|predicted / measured - 1|)", title_justify="left",
-                 caption="before: the median with one set of curves shared by all dtypes, or one link figure for every "
-                         "collective kind, on the same timings", caption_justify="left")
+    fits = Table(
+        title="how well the spec reproduces the measurements (|predicted / measured - 1|)",
+        title_justify="left",
+        caption="before: the median with one set of curves shared by all dtypes, or one link figure for every "
+        "collective kind, on the same timings",
+        caption_justify="left",
+    )
     for col, justify in (("timing", "left"), ("median", "right"), ("max", "right"), ("before", "right")):
         fits.add_column(col, justify=justify)
     for row in cal_mod.fit_rows(cal):

@@ -81,7 +81,7 @@ def _smoothness(n: int, weight: float) -> np.ndarray:
     """Second-difference rows: nodes with little data follow their neighbours instead of drifting."""
     rows = np.zeros((max(0, n - 2), n))
     for i in range(n - 2):
-        rows[i, i:i + 3] = (weight, -2 * weight, weight)
+        rows[i, i : i + 3] = (weight, -2 * weight, weight)
     return rows
 
 
@@ -177,8 +177,9 @@ class MatmulFit:
         return self.curves[self.curve_dtype][1]
 
 
-def fit_separable(flops: np.ndarray, dims: np.ndarray, effs: np.ndarray, f_nodes: np.ndarray,
-                  d_nodes: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+def fit_separable(
+    flops: np.ndarray, dims: np.ndarray, effs: np.ndarray, f_nodes: np.ndarray, d_nodes: np.ndarray
+) -> tuple[np.ndarray, np.ndarray]:
     """Efficiencies at the nodes of two curves whose product fits `effs`: E_f(flops) * E_d(dim).
 
     Each curve is piecewise linear in log size on its nodes, as `EfficiencyCurve` interpolates, and never
@@ -259,8 +260,12 @@ def fit_gemm_curves(points: Sequence[dict], zero_s: float = 0.0) -> tuple[float,
     f_nodes = np.array(decade_nodes(flops))
     d_nodes = np.array(sorted({float(d) for d in dims}))
     f_eff, d_eff = fit_separable(flops, dims, rates / peak, f_nodes, d_nodes)
-    flops_curve = EfficiencyCurve(sizes=tuple(float(v) for v in f_nodes), efficiencies=tuple(round(float(v), 4) for v in f_eff))
-    dim_curve = EfficiencyCurve(sizes=tuple(float(v) for v in d_nodes), efficiencies=tuple(round(float(v), 4) for v in d_eff))
+    flops_curve = EfficiencyCurve(
+        sizes=tuple(float(v) for v in f_nodes), efficiencies=tuple(round(float(v), 4) for v in f_eff)
+    )
+    dim_curve = EfficiencyCurve(
+        sizes=tuple(float(v) for v in d_nodes), efficiencies=tuple(round(float(v), 4) for v in d_eff)
+    )
     return peak, flops_curve, dim_curve
 
 
@@ -304,9 +309,13 @@ def fit_matmul(points: Sequence[dict], curve_dtype: str, zero_s: dict[str, float
         if dtype == curve_dtype:
             peak = peaks[dtype]
         else:
-            peak = sum(p["flops"] / (f_curve(p["flops"]) * d_curve(p["min_dim"])) for p in mine) / sum(compute_s(p) for p in mine)
+            peak = sum(p["flops"] / (f_curve(p["flops"]) * d_curve(p["min_dim"])) for p in mine) / sum(
+                compute_s(p) for p in mine
+            )
         shared_peaks[dtype] = peak
-        shared_errors[dtype] = _rel_errors([gemm_time(p, peak, f_curve, d_curve) for p in mine], [compute_s(p) for p in mine])
+        shared_errors[dtype] = _rel_errors(
+            [gemm_time(p, peak, f_curve, d_curve) for p in mine], [compute_s(p) for p in mine]
+        )
     return MatmulFit(curve_dtype, peaks, curves, errors, shared_errors, shared_peaks)
 
 
@@ -328,7 +337,9 @@ def layout_spread(points: Sequence[dict], zero_s: dict[str, float] | None = None
     return spread
 
 
-def fit_attention(points: Sequence[dict], peak: float, zero: dict[str, float] | None, dtype: str) -> tuple[EfficiencyCurve, tuple[float, float]]:
+def fit_attention(
+    points: Sequence[dict], peak: float, zero: dict[str, float] | None, dtype: str
+) -> tuple[EfficiencyCurve, tuple[float, float]]:
     """`attention_efficiency` of `dtype` keyed by FLOPs, relative to `peak`: that dtype's own matrix peak.
 
     Forward points sit at the forward FLOPs F, backward points at 2.5 F (the simulator's backward),
@@ -355,7 +366,9 @@ def fit_attention(points: Sequence[dict], peak: float, zero: dict[str, float] | 
     return curve, attention_error(mine, peak, curve, zero)
 
 
-def attention_error(points: Sequence[dict], peak: float, curve: EfficiencyCurve, zero: dict[str, float]) -> tuple[float, float]:
+def attention_error(
+    points: Sequence[dict], peak: float, curve: EfficiencyCurve, zero: dict[str, float]
+) -> tuple[float, float]:
     """(median, max) relative error of the predicted forward+backward attention time."""
     rel = []
     for p in points:
@@ -429,7 +442,9 @@ class VectorFit:
     ops: int
 
 
-def fit_vector(points: Sequence[dict], zero_s: dict[str, float], bandwidth: float, mem_curve: EfficiencyCurve) -> dict[str, VectorFit]:
+def fit_vector(
+    points: Sequence[dict], zero_s: dict[str, float], bandwidth: float, mem_curve: EfficiencyCurve
+) -> dict[str, VectorFit]:
     """`compute.vector[dtype]` and its `vector_efficiency` for every dtype of `points` (dicts: dtype, op,
     elems, seconds; ops outside `VECTOR_OPS` are left out), FLOPs and bytes as `VECTOR_COUNTS` says,
     each op's fixed cost (`zero_s["dtype/op"]`) subtracted and ops below `RESOLVABLE` x it left out."""
@@ -454,7 +469,9 @@ def fit_vector(points: Sequence[dict], zero_s: dict[str, float], bandwidth: floa
             rate = best
         eff = round(max(EFF_FLOOR, min(1.0, rate / best)), 4)
         peak = rate / eff
-        errors = _rel_errors([roofline_time(f, b, rate, bandwidth, mem_curve) for f, b, _ in ops], [t for _, _, t in ops])
+        errors = _rel_errors(
+            [roofline_time(f, b, rate, bandwidth, mem_curve) for f, b, _ in ops], [t for _, _, t in ops]
+        )
         fits[dtype] = VectorFit(peak, eff, errors, len(ops))
     return fits
 
@@ -533,7 +550,7 @@ def fit_alpha_beta(samples: Sequence[dict]) -> LinkFit:
             jac[:, 1] = 0.0
         step, *_ = np.linalg.lstsq(jac * root_w[:, None], -r * root_w, rcond=None)
         # Backtracking keeps every step an improvement.
-        current = float((weight * r ** 2).sum())
+        current = float((weight * r**2).sum())
         scale = 1.0
         while scale > 1e-6 and float(sse(np.array(p[0] + scale * step[0]), np.array(p[1] + scale * step[1]))) > current:
             scale /= 2
@@ -561,8 +578,12 @@ def fit_collectives(samples: Sequence[dict]) -> tuple[LinkFit, dict[str, LinkFit
     by_kind = {}
     for kind in [k for k in COLLECTIVE_KINDS if any(s["kind"] == k for s in samples)]:
         mine = [s for s in samples if s["kind"] == kind]
-        design = np.array([[c[0] * float(s["bytes"]), c[1]]
-                           for s, c in ((s, collective_coefficients(kind, s["group_size"])) for s in mine)])
+        design = np.array(
+            [
+                [c[0] * float(s["bytes"]), c[1]]
+                for s, c in ((s, collective_coefficients(kind, s["group_size"])) for s in mine)
+            ]
+        )
         if np.linalg.matrix_rank(design / design.max(axis=0)) == 2:
             by_kind[kind] = fit_alpha_beta(mine)
     return joint, by_kind

@@ -39,16 +39,36 @@ from hwmodel.errors import UserError
 
 # Two widths so the per-byte and per-layer costs of a gradient reduction separate.
 PROBES = (
-    {"name": "framework-probe-128", "family": "gpt", "num_layers": 4, "hidden_size": 128, "num_heads": 4,
-     "vocab_size": 1024, "seq_len": 64, "dropout": False, "source": "hetplan calibration probe"},
-    {"name": "framework-probe-384", "family": "gpt", "num_layers": 4, "hidden_size": 384, "num_heads": 6,
-     "vocab_size": 1024, "seq_len": 64, "dropout": False, "source": "hetplan calibration probe"},
+    {
+        "name": "framework-probe-128",
+        "family": "gpt",
+        "num_layers": 4,
+        "hidden_size": 128,
+        "num_heads": 4,
+        "vocab_size": 1024,
+        "seq_len": 64,
+        "dropout": False,
+        "source": "hetplan calibration probe",
+    },
+    {
+        "name": "framework-probe-384",
+        "family": "gpt",
+        "num_layers": 4,
+        "hidden_size": 384,
+        "num_heads": 6,
+        "vocab_size": 1024,
+        "seq_len": 64,
+        "dropout": False,
+        "source": "hetplan calibration probe",
+    },
 )
 BATCH = 8  # sequences per iteration in every probe run
 FIELDS = ("sharded_kernel_overhead", "grad_pack_bandwidth", "dp_layer_overhead", "layer_call_overhead")
-BLOCKING_SOURCE = ("set by `execute calibrate` on a CPU: FSDP2 calls its collectives without async_op and a CPU has no "
-                   "stream to run them on, so the compute thread waits for each "
-                   "(torch/distributed/fsdp/_fully_shard/_fsdp_collectives.py)")
+BLOCKING_SOURCE = (
+    "set by `execute calibrate` on a CPU: FSDP2 calls its collectives without async_op and a CPU has no "
+    "stream to run them on, so the compute thread waits for each "
+    "(torch/distributed/fsdp/_fully_shard/_fsdp_collectives.py)"
+)
 
 
 @dataclass
@@ -61,10 +81,12 @@ class FrameworkFit:
 
     def source(self, when: str) -> str:
         runs = ", ".join(f"{r['probe']} {r['plan']} {r['measured_s'] * 1e3:.0f} ms" for r in self.rows)
-        return (f"measured by `execute calibrate` (framework probes) on {when}: a 4-layer GPT of width 128 and 384 run by "
-                f"`execute` as one process (micro-batches of {BATCH} and of 1), tensor parallel and data parallel over "
-                f"every rank ({runs}); the time beyond the simulator's prediction (scaled by its single-process error) "
-                "fitted by least squares")
+        return (
+            f"measured by `execute calibrate` (framework probes) on {when}: a 4-layer GPT of width 128 and 384 run by "
+            f"`execute` as one process (micro-batches of {BATCH} and of 1), tensor parallel and data parallel over "
+            f"every rank ({runs}); the time beyond the simulator's prediction (scaled by its single-process error) "
+            "fitted by least squares"
+        )
 
 
 def probe_plans(ranks: int) -> dict[str, str]:
@@ -80,8 +102,25 @@ def probe_plans(ranks: int) -> dict[str, str]:
 def _run_execute(workload: Path, spec: Path, ranks: int, plan: str, threads: int, timeout_s: float) -> float:
     """Median iteration time of one `execute` run of the probe."""
     env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
-    command = [sys.executable, "-m", "executor.cli", "--workload", str(workload), "--cluster", str(spec),
-               "--devices-per-node", str(ranks), "--plan", plan, "--steps", "5", "--warmup", "2", "--json", "--force"]
+    command = [
+        sys.executable,
+        "-m",
+        "executor.cli",
+        "--workload",
+        str(workload),
+        "--cluster",
+        str(spec),
+        "--devices-per-node",
+        str(ranks),
+        "--plan",
+        plan,
+        "--steps",
+        "5",
+        "--warmup",
+        "2",
+        "--json",
+        "--force",
+    ]
     try:
         done = subprocess.run(command, capture_output=True, text=True, env=env, timeout=timeout_s)
     except subprocess.TimeoutExpired as exc:
@@ -114,10 +153,12 @@ def _predictor(spec_mapping: dict, workloads: dict[str, object], ranks: int) -> 
     from simulator.plan import parse_shorthand
 
     def predict(values: dict, probe: str, plan: str) -> float:
-        fields = {"sharded_kernel_overhead": values.get("sharded_kernel_overhead", 0.0),
-                  "dp_layer_overhead": values.get("dp_layer_overhead", 0.0),
-                  "layer_call_overhead": values.get("layer_call_overhead", 0.0),
-                  "grad_pack_bandwidth": values.get("grad_pack_bandwidth")}
+        fields = {
+            "sharded_kernel_overhead": values.get("sharded_kernel_overhead", 0.0),
+            "dp_layer_overhead": values.get("dp_layer_overhead", 0.0),
+            "layer_call_overhead": values.get("layer_call_overhead", 0.0),
+            "grad_pack_bandwidth": values.get("grad_pack_bandwidth"),
+        }
         cluster = validate(ClusterSpec, _with_fields(spec_mapping, fields), "framework probe spec")
         cluster = cluster.with_devices_per_node(1 if "tp=" not in plan and "dp=" not in plan else ranks)
         return evaluate(parse_shorthand(plan), workloads[probe], cluster).iteration_time_s
@@ -125,8 +166,9 @@ def _predictor(spec_mapping: dict, workloads: dict[str, object], ranks: int) -> 
     return predict
 
 
-def fit_framework(measured: dict[tuple[str, str], float], predict: Callable[[dict, str, str], float],
-                  ranks: int) -> FrameworkFit:
+def fit_framework(
+    measured: dict[tuple[str, str], float], predict: Callable[[dict, str, str], float], ranks: int
+) -> FrameworkFit:
     """Fit the four fields so the simulator's predictions of the probes meet the measurements.
 
     `measured[(probe, plan name)]`; plan names as in `probe_plans` ("single-mb1" may be missing: probe times
@@ -170,8 +212,10 @@ def fit_framework(measured: dict[tuple[str, str], float], predict: Callable[[dic
     step = 1e-4
     tp_estimates = []
     for p in probes:
-        slope = (predict({**base_values, "sharded_kernel_overhead": step}, p, plans[tp_name])
-                 - predict(base_values, p, plans[tp_name])) / step
+        slope = (
+            predict({**base_values, "sharded_kernel_overhead": step}, p, plans[tp_name])
+            - predict(base_values, p, plans[tp_name])
+        ) / step
         if slope > 0:
             tp_estimates.append(max(0.0, excess(p, tp_name) / (ratio[p] * slope)))
     sharded = statistics.median(tp_estimates) if tp_estimates else 0.0
@@ -188,20 +232,34 @@ def fit_framework(measured: dict[tuple[str, str], float], predict: Callable[[dic
         b.append(excess(p, dp_name))
     steps_inv, steps_fixed = nnls(np.array(a), np.array(b))
     inv_bw, fixed = steps_inv * inv_step, steps_fixed * fixed_step
-    fit = FrameworkFit(sharded_kernel_overhead=float(sharded),
-                       grad_pack_bandwidth=float(1.0 / inv_bw) if inv_bw > 1e-15 else None,
-                       dp_layer_overhead=float(fixed), layer_call_overhead=layer_call)
-    values = {"sharded_kernel_overhead": fit.sharded_kernel_overhead, "grad_pack_bandwidth": fit.grad_pack_bandwidth,
-              "dp_layer_overhead": fit.dp_layer_overhead, "layer_call_overhead": fit.layer_call_overhead}
+    fit = FrameworkFit(
+        sharded_kernel_overhead=float(sharded),
+        grad_pack_bandwidth=float(1.0 / inv_bw) if inv_bw > 1e-15 else None,
+        dp_layer_overhead=float(fixed),
+        layer_call_overhead=layer_call,
+    )
+    values = {
+        "sharded_kernel_overhead": fit.sharded_kernel_overhead,
+        "grad_pack_bandwidth": fit.grad_pack_bandwidth,
+        "dp_layer_overhead": fit.dp_layer_overhead,
+        "layer_call_overhead": fit.layer_call_overhead,
+    }
     for (p, name), seconds in sorted(measured.items()):
-        fit.rows.append({"probe": p, "plan": name, "measured_s": seconds,
-                         "predicted_before_s": ratio0[p] * predict(zero, p, plans[name]),
-                         "predicted_after_s": ratio[p] * predict(values, p, plans[name])})
+        fit.rows.append(
+            {
+                "probe": p,
+                "plan": name,
+                "measured_s": seconds,
+                "predicted_before_s": ratio0[p] * predict(zero, p, plans[name]),
+                "predicted_after_s": ratio[p] * predict(values, p, plans[name]),
+            }
+        )
     return fit
 
 
-def calibrate_framework(spec_mapping: dict, ranks: int, threads: int, advance: Callable[[], None] = lambda: None,
-                        timeout_s: float = 300.0) -> FrameworkFit:
+def calibrate_framework(
+    spec_mapping: dict, ranks: int, threads: int, advance: Callable[[], None] = lambda: None, timeout_s: float = 300.0
+) -> FrameworkFit:
     """Run the probes with `execute` on the spec `spec_mapping` and fit the framework fields."""
     from hwmodel.loading import validate
     from workloads.config import WorkloadConfig
@@ -213,7 +271,7 @@ def calibrate_framework(spec_mapping: dict, ranks: int, threads: int, advance: C
     measured: dict[tuple[str, str], float] = {}
     with tempfile.TemporaryDirectory(prefix="hetplan-framework-") as tmp:
         spec = Path(tmp) / "spec.yaml"
-        spec.write_text(yaml.safe_dump(_with_fields(spec_mapping, {f: None for f in FIELDS}), sort_keys=False))
+        spec.write_text(yaml.safe_dump(_with_fields(spec_mapping, dict.fromkeys(FIELDS)), sort_keys=False))
         for probe in PROBES:
             workload = Path(tmp) / f"{probe['name']}.yaml"
             workload.write_text(yaml.safe_dump(probe, sort_keys=False))
@@ -222,7 +280,9 @@ def calibrate_framework(spec_mapping: dict, ranks: int, threads: int, advance: C
                 measured[(probe["name"], name)] = _run_execute(workload, spec, processes, plan, threads, timeout_s)
                 advance()
     if os.environ.get("HETPLAN_FRAMEWORK_LOG"):  # keep the raw probe times for re-fitting
-        Path(os.environ["HETPLAN_FRAMEWORK_LOG"]).write_text(json.dumps({f"{p}|{n}": t for (p, n), t in measured.items()}))
+        Path(os.environ["HETPLAN_FRAMEWORK_LOG"]).write_text(
+            json.dumps({f"{p}|{n}": t for (p, n), t in measured.items()})
+        )
     return fit_framework(measured, _predictor(spec_mapping, workloads, ranks), ranks)
 
 

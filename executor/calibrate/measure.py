@@ -76,32 +76,78 @@ def make_sweep(quick: bool, device_type: str) -> Sweep:
         # GPUs need far larger operations to reach their peak; the structure is the same.
         if quick:
             return Sweep(
-                "quick", 3, 0.005, 0.05, (256, 1024, 4096), ((64, 4096, 4096), (1024, 4096, 4096)),
-                tuple((4, 16, s, 128) for s in (512, 2048)), (64 * KiB, 4 * MiB, 64 * MiB, 256 * MiB),
-                (2**16, 2**22), 4096, (64 * KiB, 4 * MiB, 64 * MiB), 3, 64 * MiB, 0.1, 64 * MiB, 16,
+                "quick",
+                3,
+                0.005,
+                0.05,
+                (256, 1024, 4096),
+                ((64, 4096, 4096), (1024, 4096, 4096)),
+                tuple((4, 16, s, 128) for s in (512, 2048)),
+                (64 * KiB, 4 * MiB, 64 * MiB, 256 * MiB),
+                (2**16, 2**22),
+                4096,
+                (64 * KiB, 4 * MiB, 64 * MiB),
+                3,
+                64 * MiB,
+                0.1,
+                64 * MiB,
+                16,
             )
         return Sweep(
-            "default", 7, 0.01, 0.5, (256, 512, 1024, 2048, 4096, 8192),
+            "default",
+            7,
+            0.01,
+            0.5,
+            (256, 512, 1024, 2048, 4096, 8192),
             tuple((t, 4096, 16384) for t in (16, 64, 256, 1024, 4096)) + tuple((t, 1024, 4096) for t in (16, 64, 256)),
             tuple((4, 16, s, 128) for s in (512, 1024, 2048, 4096, 8192)),
             tuple(4 * KiB * 4**i for i in range(10)),  # 4 KiB .. 1 GiB (pinned host buffers of that size per rank)
-            tuple(2**i for i in range(16, 27, 2)), 8192,
-            tuple(4 * KiB * 4**i for i in range(10)), 5, 256 * MiB, 0.3, 256 * MiB, 64,
+            tuple(2**i for i in range(16, 27, 2)),
+            8192,
+            tuple(4 * KiB * 4**i for i in range(10)),
+            5,
+            256 * MiB,
+            0.3,
+            256 * MiB,
+            64,
         )
     if quick:
         return Sweep(
-            "quick", 3, 0.003, 0.05, (32, 128, 512), ((8, 512, 2048), (64, 512, 2048)),
-            tuple((1, 8, s, 64) for s in (128, 256, 512)), (4 * KiB, 64 * KiB, 1 * MiB, 16 * MiB),
-            (2**14, 2**18), 1024, (4 * KiB, 64 * KiB, 1 * MiB, 4 * MiB), 5, 2 * MiB, 0.1, 16 * MiB, 16,
+            "quick",
+            3,
+            0.003,
+            0.05,
+            (32, 128, 512),
+            ((8, 512, 2048), (64, 512, 2048)),
+            tuple((1, 8, s, 64) for s in (128, 256, 512)),
+            (4 * KiB, 64 * KiB, 1 * MiB, 16 * MiB),
+            (2**14, 2**18),
+            1024,
+            (4 * KiB, 64 * KiB, 1 * MiB, 4 * MiB),
+            5,
+            2 * MiB,
+            0.1,
+            16 * MiB,
+            16,
         )
     return Sweep(
-        "default", 7, 0.01, 0.5, (32, 64, 128, 256, 512, 1024, 2048),
+        "default",
+        7,
+        0.01,
+        0.5,
+        (32, 64, 128, 256, 512, 1024, 2048),
         # Training micro-batches of one or a few short sequences live at 64-256 tokens: measure them there.
         tuple((t, 1024, 4096) for t in (8, 32, 64, 128, 256, 512)) + tuple((t, 256, 1024) for t in (8, 32, 64, 128)),
         tuple((1, 8, s, 64) for s in (128, 256, 512, 1024, 2048)) + tuple((1, 4, s, 128) for s in (512, 1024)),
         tuple(4 * KiB * 4**i for i in range(9)),  # 4 KiB .. 256 MiB: L1, L2, L3 and DRAM
-        tuple(2**i for i in range(14, 23, 2)), 1024,
-        tuple(4 * KiB * 4**i for i in range(8)), 7, 8 * MiB, 0.3, 128 * MiB, 64,
+        tuple(2**i for i in range(14, 23, 2)),
+        1024,
+        tuple(4 * KiB * 4**i for i in range(8)),
+        7,
+        8 * MiB,
+        0.3,
+        128 * MiB,
+        64,
     )
 
 
@@ -147,8 +193,15 @@ def attention_dtypes(curve_dtype: str, dtypes: Sequence[str]) -> list[str]:
     return [curve_dtype] + [d for d in ("fp32", "bf16", "fp16") if d in dtypes and d != curve_dtype]
 
 
-def phase_totals(sweep: Sweep, dtypes: Sequence[str], curve_dtype: str, device_type: str,
-                 device_phase: bool, group_sizes: Sequence[int], overlap: bool) -> dict[str, int]:
+def phase_totals(
+    sweep: Sweep,
+    dtypes: Sequence[str],
+    curve_dtype: str,
+    device_type: str,
+    device_phase: bool,
+    group_sizes: Sequence[int],
+    overlap: bool,
+) -> dict[str, int]:
     """Items per progress phase; workers tick once per item, in this order."""
     totals: dict[str, int] = {}
     if device_phase:
@@ -184,7 +237,7 @@ PHASE_LABELS = {
 class ProgressSink:
     """Receives progress; the default does nothing (library use without a terminal)."""
 
-    def start(self, phase: str, total: int) -> None:  # noqa: D401 - interface
+    def start(self, phase: str, total: int) -> None:
         """A phase with `total` items begins."""
 
     def advance(self, phase: str, count: int = 1) -> None:
@@ -317,8 +370,11 @@ class _Worker:
             torch.cuda.set_device(self.device)
         backend = "nccl" if self.cuda else "gloo"
         dist.init_process_group(
-            backend, init_method=f"tcp://127.0.0.1:{self.job.port}", rank=self.rank,
-            world_size=self.job.world_size, timeout=datetime.timedelta(seconds=180),
+            backend,
+            init_method=f"tcp://127.0.0.1:{self.job.port}",
+            rank=self.rank,
+            world_size=self.job.world_size,
+            timeout=datetime.timedelta(seconds=180),
         )
         try:
             # Decisions and barriers go over gloo even on CUDA: they are tiny and need no device sync.
@@ -364,8 +420,15 @@ class _Worker:
         from workloads.transformer import layer_profile
 
         h, heads, seq = 32, 2, 8
-        cfg = WorkloadConfig(name="calibration-probe", family="gpt", num_layers=1, hidden_size=h,
-                             num_heads=heads, vocab_size=64, seq_len=seq)
+        cfg = WorkloadConfig(
+            name="calibration-probe",
+            family="gpt",
+            num_layers=1,
+            hidden_size=h,
+            num_heads=heads,
+            vocab_size=64,
+            seq_len=seq,
+        )
         prof = layer_profile(cfg, "decoder", ShardShape(micro_batch=1, seq_len=seq, dtype_bytes=4))
         kernels = float(prof.fwd_kernels.sum() + prof.bwd_kernels.sum())
 
@@ -405,8 +468,13 @@ class _Worker:
         self.tick("overhead")
 
     # ---- interleaved measurement ---------------------------------------------------------------
-    def measure(self, phase: str, builders: Sequence[Callable[[], Callable[[], Any] | None]],
-                interleave: bool = True, first_call: Callable[[int, float], None] | None = None) -> list[float | None]:
+    def measure(
+        self,
+        phase: str,
+        builders: Sequence[Callable[[], Callable[[], Any] | None]],
+        interleave: bool = True,
+        first_call: Callable[[int, float], None] | None = None,
+    ) -> list[float | None]:
         """Median seconds per call (on `self.clock`) of each item's operation.
 
         Pass 0 builds every item (a builder may return None: skipped), warms it up, times one call and
@@ -515,9 +583,18 @@ class _Worker:
             times = self.measure("gemm", [builder(it) for it in items], first_call=first_call)
         self._set_tf32("fp32")
         self.result["gemm"] = [
-            {"dtype": it.dtype, "variant": it.variant, "tokens": it.tokens, "k": it.k, "n": it.n, "flops": it.flops,
-             "min_dim": it.min_dim, "seconds": t}
-            for it, t in zip(items, times) if t is not None
+            {
+                "dtype": it.dtype,
+                "variant": it.variant,
+                "tokens": it.tokens,
+                "k": it.k,
+                "n": it.n,
+                "flops": it.flops,
+                "min_dim": it.min_dim,
+                "seconds": t,
+            }
+            for it, t in zip(items, times)
+            if t is not None
         ]
         self.result["gemm_zero_s"] = zero
 
@@ -567,7 +644,11 @@ class _Worker:
         """Causal SDPA forward and forward + backward in every attention dtype, shapes in increasing
         FLOPs. A shape whose forward + backward would take longer than `sweep.max_call_s` at the rate
         of that dtype's last shape is skipped (fp16 on CPUs without fp16 units), as GEMMs are."""
-        dtypes = [d for d in attention_dtypes(self.job.curve_dtype, self.job.dtypes) if d in self.result.get("gemm_dtypes", ())]
+        dtypes = [
+            d
+            for d in attention_dtypes(self.job.curve_dtype, self.job.dtypes)
+            if d in self.result.get("gemm_dtypes", ())
+        ]
         zero = {}
         for dtype in dtypes:
             fwd0, fb0 = self._attention_fns(1, 1, 8, 8, dtype)
@@ -608,12 +689,22 @@ class _Worker:
         for i in range(len(shapes)):
             builders += [fwd_builder(i), lambda i=i: pairs[i][1] if chosen[i] else None]
         times = self.measure("attention", builders, first_call=first_call)
-        for _ in range(2 * len(self.sweep.attention) * (len(attention_dtypes(self.job.curve_dtype, self.job.dtypes)) - len(dtypes))):
+        for _ in range(
+            2 * len(self.sweep.attention) * (len(attention_dtypes(self.job.curve_dtype, self.job.dtypes)) - len(dtypes))
+        ):
             self.tick("attention")  # dtypes this device lacks
         self._set_tf32("fp32")
         self.result["attention"] = [
-            {"dtype": dtype, "batch": b, "heads": h, "seq": s, "head_dim": d, "fwd_flops": attention_flops(b, h, s, d),
-             "fwd_s": times[2 * i], "fwd_bwd_s": times[2 * i + 1]}
+            {
+                "dtype": dtype,
+                "batch": b,
+                "heads": h,
+                "seq": s,
+                "head_dim": d,
+                "fwd_flops": attention_flops(b, h, s, d),
+                "fwd_s": times[2 * i],
+                "fwd_bwd_s": times[2 * i + 1],
+            }
             for i, (dtype, (b, h, s, d)) in enumerate(shapes)
             if times[2 * i] is not None and times[2 * i + 1] is not None
         ]
@@ -643,6 +734,7 @@ class _Worker:
         """Pinned host <-> device copies (each rank its own GPU, all at once, as in offloading)."""
         torch = self.torch
         for direction in ("h2d", "d2h"):
+
             def builder(nbytes: int):
                 def build():
                     host = torch.empty(nbytes // 4, pin_memory=True)
@@ -653,7 +745,9 @@ class _Worker:
                 return build
 
             times = self.measure("memory", [builder(b) for b in self.sweep.copy_bytes], interleave=False)
-            self.result[f"host_{direction}"] = [{"bytes": b, "seconds": t} for b, t in zip(self.sweep.copy_bytes, times)]
+            self.result[f"host_{direction}"] = [
+                {"bytes": b, "seconds": t} for b, t in zip(self.sweep.copy_bytes, times)
+            ]
 
     # ---- elementwise ---------------------------------------------------------------------------
     def _vector_fn(self, op: str, x, y, w, b):
@@ -674,8 +768,12 @@ class _Worker:
     def _vector_inputs(self, rows: int, hidden: int, dtype: str):
         torch = self.torch
         dt = _torch_dtype(dtype)
-        return (torch.randn(rows, hidden, dtype=dt, device=self.device), torch.randn(rows, hidden, dtype=dt, device=self.device),
-                torch.ones(hidden, dtype=dt, device=self.device), torch.zeros(hidden, dtype=dt, device=self.device))
+        return (
+            torch.randn(rows, hidden, dtype=dt, device=self.device),
+            torch.randn(rows, hidden, dtype=dt, device=self.device),
+            torch.ones(hidden, dtype=dt, device=self.device),
+            torch.zeros(hidden, dtype=dt, device=self.device),
+        )
 
     def _vector(self) -> None:
         """Elementwise ops in their forward form, FLOPs and bytes as `workloads` counts them. Dropout is
@@ -692,15 +790,22 @@ class _Worker:
                 self.barrier()
                 zero[f"{dtype}/{op}"] = self.time_call(tiny)
             # The ops of one dtype and size read the same tensors (as a layer's ops read one activation).
-            inputs = {(d, e): self._vector_inputs(max(1, e // hidden), hidden, d)
-                      for d in {d for d, _ in plan} for e in self.sweep.vector_elems}
+            inputs = {
+                (d, e): self._vector_inputs(max(1, e // hidden), hidden, d)
+                for d in {d for d, _ in plan}
+                for e in self.sweep.vector_elems
+            }
             items = [(d, op, e) for d, op in plan for e in self.sweep.vector_elems]
-            times = self.measure("vector", [lambda d=d, op=op, e=e: self._vector_fn(op, *inputs[(d, e)]) for d, op, e in items])
+            times = self.measure(
+                "vector", [lambda d=d, op=op, e=e: self._vector_fn(op, *inputs[(d, e)]) for d, op, e in items]
+            )
             inputs.clear()  # free the tensors now that they are timed
         # Keep the tick count fixed whatever dtypes were dropped.
         for _ in range((len(VECTOR_OPS) * len(self.job.dtypes) + 1 - len(plan)) * len(self.sweep.vector_elems)):
             self.tick("vector")
-        self.result["vector"] = [{"dtype": d, "op": op, "elems": e, "seconds": t} for (d, op, e), t in zip(items, times)]
+        self.result["vector"] = [
+            {"dtype": d, "op": op, "elems": e, "seconds": t} for (d, op, e), t in zip(items, times)
+        ]
         self.result["vector_zero_s"] = zero
 
     # ---- collectives ---------------------------------------------------------------------------
@@ -728,23 +833,23 @@ class _Worker:
                     if kind == "all_reduce":
                         buf = torch.zeros(nbytes // 4, device=self.device)
                         moved = buf.numel() * 4
-                        op = lambda: dist.all_reduce(buf, group=group)  # noqa: E731
+                        op = lambda: dist.all_reduce(buf, group=group)
                     elif kind == "all_gather":
                         inp = torch.zeros(shard, device=self.device)
                         out = torch.empty(shard * k, device=self.device)
                         moved = out.numel() * 4
-                        op = lambda: all_gather(out, inp, group=group)  # noqa: E731
+                        op = lambda: all_gather(out, inp, group=group)
                     elif kind == "reduce_scatter":
                         inp = torch.zeros(shard * k, device=self.device)
                         out = torch.empty(shard, device=self.device)
                         moved = inp.numel() * 4
-                        op = lambda: reduce_scatter(out, inp, group=group)  # noqa: E731
+                        op = lambda: reduce_scatter(out, inp, group=group)
                     elif kind == "all_to_all":
                         # Each rank sends a shard to every peer; bytes are what one rank sends in all.
                         inp = torch.zeros(shard * k, device=self.device)
                         out = torch.empty(shard * k, device=self.device)
                         moved = inp.numel() * 4
-                        op = lambda: dist.all_to_all_single(out, inp, group=group)  # noqa: E731
+                        op = lambda: dist.all_to_all_single(out, inp, group=group)
                     else:
                         buf = torch.zeros(nbytes // 4, device=self.device)
                         moved = buf.numel() * 4
@@ -758,6 +863,7 @@ class _Worker:
                             else:
                                 dist.recv(buf, peer, group=group)
                                 dist.send(buf, peer, group=group)
+
                     try:
                         op()
                         self.sync()
@@ -808,7 +914,11 @@ class _Worker:
         n = max([p["tokens"] for p in squares if p["seconds"] <= 0.02], default=512)
         one = next((p["seconds"] for p in squares if p["tokens"] == n), 0.005)
         calls = max(1, round(self.sweep.overlap_s / one))
-        ar = [r for r in self.result.get("collectives", []) if r["kind"] == "all_reduce" and r["group_size"] == self.job.world_size]
+        ar = [
+            r
+            for r in self.result.get("collectives", [])
+            if r["kind"] == "all_reduce" and r["group_size"] == self.job.world_size
+        ]
         near = min(ar, key=lambda r: abs(math.log(r["bytes"] / nbytes)), default=None)
         per = near["seconds"] * nbytes / near["bytes"] if near else 0.01
         count = max(2, math.ceil(3.0 * one * calls / max(per, 1e-6)))
@@ -849,8 +959,6 @@ class _Worker:
             ev = self.torch.cuda.Event()
             ev.record()
             ev.synchronize()
-
-
 
 
 def _worker_main(rank: int, job: WorkerJob, events) -> None:
@@ -972,8 +1080,12 @@ def measure_storage(directory: Path, nbytes: int, probes: int, repeats: int, sin
             os.pread(fd, 4 * KiB, int(off))
             lat.append(time.perf_counter() - t0)
         sink.advance("storage")
-        result.update(write_s=statistics.median(writes), read_s=statistics.median(reads),
-                      latency_s=statistics.median(lat), page_cache_dropped=can_drop)
+        result.update(
+            write_s=statistics.median(writes),
+            read_s=statistics.median(reads),
+            latency_s=statistics.median(lat),
+            page_cache_dropped=can_drop,
+        )
     finally:
         os.close(fd)
         path.unlink(missing_ok=True)

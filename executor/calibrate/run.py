@@ -89,13 +89,6 @@ from typing import Any
 import numpy as np
 import yaml
 
-from hwmodel.catalog import clear_caches, load_cluster
-from hwmodel.cluster import ClusterSpec
-from hwmodel.components import DeviceSpec
-from hwmodel.curves import EfficiencyCurve
-from hwmodel.loading import validate
-from hwmodel.units import format_bandwidth, format_bytes, format_flop_rate, format_flops, format_seconds
-
 from executor.calibrate.fit import (
     COLLECTIVE_KINDS,
     CalibrationError,
@@ -118,10 +111,15 @@ from executor.calibrate.measure import (
     phase_totals,
     run_workers,
 )
+from hwmodel.catalog import clear_caches, load_cluster
+from hwmodel.cluster import ClusterSpec
+from hwmodel.components import DeviceSpec
+from hwmodel.curves import EfficiencyCurve
+from hwmodel.loading import validate
+from hwmodel.units import format_bandwidth, format_bytes, format_flop_rate, format_flops, format_seconds
 
 DEFAULT_NAME = "cpu-local-calibrated"
 MAX_RANKS = 64
-
 
 
 # ================================================================================================
@@ -200,8 +198,10 @@ _Dumper.add_representer(_Flow, lambda d, v: d.represent_sequence("tag:yaml.org,2
 def _curve_yaml(curve: EfficiencyCurve, fmt: Callable[[float], str] | None) -> Any:
     if len(curve.sizes) == 1:
         return round(curve.efficiencies[0], 4)
-    return [_Flow([fmt(s) if fmt else int(s) if float(s).is_integer() else s, round(e, 4)])
-            for s, e in zip(curve.sizes, curve.efficiencies)]
+    return [
+        _Flow([fmt(s) if fmt else int(s) if float(s).is_integer() else s, round(e, 4)])
+        for s, e in zip(curve.sizes, curve.efficiencies)
+    ]
 
 
 # ================================================================================================
@@ -222,10 +222,14 @@ class Calibration:
     notes: list[str] = field(default_factory=list)
 
     def cluster_yaml(self) -> str:
-        return self.header + yaml.dump(self.cluster_mapping, Dumper=_Dumper, sort_keys=False, width=120, allow_unicode=True)
+        return self.header + yaml.dump(
+            self.cluster_mapping, Dumper=_Dumper, sort_keys=False, width=120, allow_unicode=True
+        )
 
     def device_yaml(self) -> str:
-        return self.header + yaml.dump(self.device_mapping, Dumper=_Dumper, sort_keys=False, width=120, allow_unicode=True)
+        return self.header + yaml.dump(
+            self.device_mapping, Dumper=_Dumper, sort_keys=False, width=120, allow_unicode=True
+        )
 
 
 def _check_name(name: str) -> None:
@@ -325,8 +329,19 @@ def resolve_options(
         curve_dtype = default if default in dtypes else "fp32"
     if curve_dtype not in dtypes:
         raise CalibrationError(f"--curve-dtype {curve_dtype!r}: measured dtypes here are {', '.join(dtypes)}")
-    return Options(ranks, quick, directory, name, curve_dtype, device_type, dtypes, threads_per_rank(ranks),
-                   num_gpus, float(timeout_s), tuple(notes))
+    return Options(
+        ranks,
+        quick,
+        directory,
+        name,
+        curve_dtype,
+        device_type,
+        dtypes,
+        threads_per_rank(ranks),
+        num_gpus,
+        float(timeout_s),
+        tuple(notes),
+    )
 
 
 def calibrate(
@@ -360,32 +375,57 @@ def calibrate(
     Raises:
         CalibrationError: an option cannot be honoured or a benchmark process failed.
     """
-    opts = resolve_options(ranks=ranks, quick=quick, storage_dir=storage_dir, name=name, curve_dtype=curve_dtype,
-                           device_type=device_type, timeout_s=timeout_s)
+    opts = resolve_options(
+        ranks=ranks,
+        quick=quick,
+        storage_dir=storage_dir,
+        name=name,
+        curve_dtype=curve_dtype,
+        device_type=device_type,
+        timeout_s=timeout_s,
+    )
     start = time.monotonic()
     # Other processes' load, before ours starts: wall-time figures cannot be shielded from it.
     load_before = os.getloadavg()[0] if hasattr(os, "getloadavg") else 0.0
     sink = progress or ProgressSink()
     ranks, device_type, dtypes, curve_dtype = opts.ranks, opts.device_type, opts.dtypes, opts.curve_dtype
-    threads, num_gpus, directory, timeout_s, name = opts.threads, opts.num_gpus, opts.storage_dir, opts.timeout_s, opts.name
+    threads, num_gpus, directory, timeout_s, name = (
+        opts.threads,
+        opts.num_gpus,
+        opts.storage_dir,
+        opts.timeout_s,
+        opts.name,
+    )
     notes = list(opts.notes)
     sweep = make_sweep(quick, device_type)
 
     # One spawn measures the device (all ranks at once) and the collectives of every group size; with
     # one rank, the link needs a second spawn of two ranks.
-    device_job = dict(world_size=ranks, device_type=device_type, threads=threads, sweep=sweep, dtypes=dtypes,
-                      curve_dtype=curve_dtype, device_phase=True, group_sizes=tuple(range(2, ranks + 1)),
-                      overlap=ranks >= 2)
+    device_job = dict(
+        world_size=ranks,
+        device_type=device_type,
+        threads=threads,
+        sweep=sweep,
+        dtypes=dtypes,
+        curve_dtype=curve_dtype,
+        device_phase=True,
+        group_sizes=tuple(range(2, ranks + 1)),
+        overlap=ranks >= 2,
+    )
     link_ranks = 2 if ranks == 1 else 0
     if link_ranks and device_type == "cuda" and num_gpus < 2:
         link_ranks = 0
         notes.append("one CUDA device: no collectives measured; the intra-node link is not calibrated")
-    link_job = dict(device_job, world_size=2, device_phase=False, group_sizes=(2,), overlap=False,
-                    threads=threads_per_rank(2)) if link_ranks else None
+    link_job = (
+        dict(device_job, world_size=2, device_phase=False, group_sizes=(2,), overlap=False, threads=threads_per_rank(2))
+        if link_ranks
+        else None
+    )
     totals: dict[str, int] = {}
     for job in [device_job] + ([link_job] if link_job else []):
-        for phase, total in phase_totals(sweep, dtypes, curve_dtype, device_type, job["device_phase"],
-                                         job["group_sizes"], job["overlap"]).items():
+        for phase, total in phase_totals(
+            sweep, dtypes, curve_dtype, device_type, job["device_phase"], job["group_sizes"], job["overlap"]
+        ).items():
             totals[phase] = totals.get(phase, 0) + total
     totals["storage"] = 3
     for phase, total in totals.items():
@@ -422,7 +462,10 @@ def _merge(results: list[dict], link_results: list[dict]) -> dict[str, Any]:
     """One table per measurement: device figures averaged over ranks (they ran the same items in the
     same order at the same time), collectives from rank 0 (already the slowest rank per sample)."""
     first = results[0]
-    raw: dict[str, Any] = {"per_rank_reserved_bytes": [r["reserved_bytes"] for r in results], "clock": first.get("clock", "wall time")}
+    raw: dict[str, Any] = {
+        "per_rank_reserved_bytes": [r["reserved_bytes"] for r in results],
+        "clock": first.get("clock", "wall time"),
+    }
 
     def mean_rows(key: str, fields: Sequence[str]) -> list[dict]:
         rows = [dict(r) for r in first.get(key, [])]
@@ -432,7 +475,9 @@ def _merge(results: list[dict], link_results: list[dict]) -> dict[str, Any]:
         return rows
 
     raw["gemm"] = mean_rows("gemm", ("seconds",))
-    raw["gemm_zero_s"] = {d: float(np.mean([r["gemm_zero_s"][d] for r in results])) for d in first.get("gemm_zero_s", {})}
+    raw["gemm_zero_s"] = {
+        d: float(np.mean([r["gemm_zero_s"][d] for r in results])) for d in first.get("gemm_zero_s", {})
+    }
     raw["gemm_dtypes"] = first.get("gemm_dtypes", [])
     raw["attention"] = mean_rows("attention", ("fwd_s", "fwd_bwd_s"))
     raw["attention_zero"] = {
@@ -446,13 +491,18 @@ def _merge(results: list[dict], link_results: list[dict]) -> dict[str, Any]:
         if key in first:
             raw[key] = mean_rows(key, ("seconds",))
     raw["vector"] = mean_rows("vector", ("seconds",))
-    raw["vector_zero_s"] = {k: float(np.mean([r["vector_zero_s"][k] for r in results])) for k in first.get("vector_zero_s", {})}
+    raw["vector_zero_s"] = {
+        k: float(np.mean([r["vector_zero_s"][k] for r in results])) for k in first.get("vector_zero_s", {})
+    }
     raw["overhead"] = {k: float(np.mean([r["overhead"][k] for r in results])) for k in first["overhead"]}
     raw["collectives"] = (link_results[0] if link_results else first).get("collectives", [])
     if "overlap" in first:
-        raw["overlap"] = {"sigma": float(np.mean([r["overlap"]["sigma"] for r in results])),
-                          "per_rank": [r["overlap"]["sigma"] for r in results], "gemm_n": first["overlap"]["gemm_n"],
-                          "dtype": first["overlap"]["dtype"]}
+        raw["overlap"] = {
+            "sigma": float(np.mean([r["overlap"]["sigma"] for r in results])),
+            "per_rank": [r["overlap"]["sigma"] for r in results],
+            "gemm_n": first["overlap"]["gemm_n"],
+            "dtype": first["overlap"]["dtype"],
+        }
     unsupported: dict[str, str] = {}
     for r in results + link_results:
         unsupported.update(r.get("unsupported", {}))
@@ -475,8 +525,9 @@ def build_specs(raw: dict[str, Any], *, name: str, device_type: str, elapsed_s: 
     else:
         what = f"{model} ({cores} cores), torch {torch.__version__}, {ranks} rank(s) x {threads} thread(s)"
     load = raw.get("load_average_before")
-    stamp = (f"measured by `execute calibrate` ({raw['sweep']} mode) on {when}; {what}"
-             + (f"; load average {load:.1f} before" if load is not None else ""))
+    stamp = f"measured by `execute calibrate` ({raw['sweep']} mode) on {when}; {what}" + (
+        f"; load average {load:.1f} before" if load is not None else ""
+    )
     clock = raw.get("clock", "wall time")
     together = ("all ranks running the same benchmark at once" if ranks > 1 else "one rank") + f", timed in {clock}"
 
@@ -486,13 +537,16 @@ def build_specs(raw: dict[str, Any], *, name: str, device_type: str, elapsed_s: 
     att_curves: dict[str, EfficiencyCurve] = {}
     att_errors: dict[str, tuple[float, float]] = {}
     att_shared_errors: dict[str, tuple[float, float]] = {}
-    att_points = {d: sum(1 for p in raw["attention"] if p["dtype"] == d) for d in {p["dtype"] for p in raw["attention"]}}
+    att_points = {
+        d: sum(1 for p in raw["attention"] if p["dtype"] == d) for d in {p["dtype"] for p in raw["attention"]}
+    }
     for dtype in [curve_dtype] + sorted(set(att_points) - {curve_dtype}):
         if dtype not in mm.peaks:
             continue
         try:
-            att_curves[dtype], att_errors[dtype] = fit_attention(raw["attention"], mm.peaks[dtype],
-                                                                 raw["attention_zero"].get(dtype), dtype)
+            att_curves[dtype], att_errors[dtype] = fit_attention(
+                raw["attention"], mm.peaks[dtype], raw["attention_zero"].get(dtype), dtype
+            )
         except CalibrationError:
             if dtype == curve_dtype:
                 raise
@@ -502,8 +556,12 @@ def build_specs(raw: dict[str, Any], *, name: str, device_type: str, elapsed_s: 
     for dtype in att_curves:
         # For the record: the curve dtype's attention curve shared by all, each dtype at the matrix peak
         # the shared GEMM curves give it (calibrations before per_dtype).
-        att_shared_errors[dtype] = attention_error([p for p in raw["attention"] if p["dtype"] == dtype], mm.shared_peaks[dtype],
-                                                   att_curve, raw["attention_zero"].get(dtype, {}))
+        att_shared_errors[dtype] = attention_error(
+            [p for p in raw["attention"] if p["dtype"] == dtype],
+            mm.shared_peaks[dtype],
+            att_curve,
+            raw["attention_zero"].get(dtype, {}),
+        )
     # ---- memory ----
     bandwidth, mem_curve = fit_memory(raw["copy"], raw["copy_zero_s"])
     # ---- vector: every dtype its own peak and efficiency ----
@@ -549,16 +607,24 @@ def build_specs(raw: dict[str, Any], *, name: str, device_type: str, elapsed_s: 
 
     n_gemm = {d: sum(1 for p in raw["gemm"] if p["dtype"] == d) for d in mm.peaks}
     spread = {d: r for d, r in layout_spread(raw["gemm"], raw["gemm_zero_s"]).items() if r >= 2.0}
-    spread_text = ("; the three GEMMs of one linear-layer shape differ by up to "
-                   + ", ".join(f"{r:.1f}x in {d}" for d, r in spread.items())
-                   + " (the simulator gives them one time: no curve removes that)") if spread else ""
+    spread_text = (
+        (
+            "; the three GEMMs of one linear-layer shape differ by up to "
+            + ", ".join(f"{r:.1f}x in {d}" for d, r in spread.items())
+            + " (the simulator gives them one time: no curve removes that)"
+        )
+        if spread
+        else ""
+    )
     skipped = {k: v for k, v in raw["unsupported"].items() if k.startswith(("matmul", "attention"))}
     dropout_ns = ""
     if dropout:
         big = max(dropout, key=lambda p: p["elems"])
-        dropout_ns = (f"; dropout (fp32, as GPT trains) is not in the fit: {big['seconds'] / big['elems'] * 1e9:.3g} ns per "
-                      f"element at {big['elems']} elements, {big['seconds'] / add_fp32.get(big['elems'], big['seconds']):.3g}x "
-                      "an add of the same size, which the simulator's 2 FLOPs per element do not capture")
+        dropout_ns = (
+            f"; dropout (fp32, as GPT trains) is not in the fit: {big['seconds'] / big['elems'] * 1e9:.3g} ns per "
+            f"element at {big['elems']} elements, {big['seconds'] / add_fp32.get(big['elems'], big['seconds']):.3g}x "
+            "an add of the same size, which the simulator's 2 FLOPs per element do not capture"
+        )
     device_sources = {
         "compute.matrix": (
             f"{stamp}; {together}. Each dtype: its best rate, after each call's fixed cost (an 8x8 GEMM), over its GEMMs "
@@ -566,7 +632,11 @@ def build_specs(raw: dict[str, Any], *, name: str, device_type: str, elapsed_s: 
             + ", ".join(f"{n} {d}" for d, n in n_gemm.items())
             + "): the peak that dtype's own curves under per_dtype are relative to. Predicted vs measured per GEMM "
             f"with each dtype's own curves: {errs(mm.errors)}"
-            + (f" (one set of {curve_dtype} curves shared by all: {errs(mm.shared_errors)})" if len(mm.peaks) > 1 else "")
+            + (
+                f" (one set of {curve_dtype} curves shared by all: {errs(mm.shared_errors)})"
+                if len(mm.peaks) > 1
+                else ""
+            )
             + spread_text
             + (f"; skipped: {'; '.join(f'{k} ({v})' for k, v in skipped.items())}" if skipped else "")
         ),
@@ -575,7 +645,11 @@ def build_specs(raw: dict[str, Any], *, name: str, device_type: str, elapsed_s: 
             "matrix_dim_efficiency as below on its GEMMs against its own compute.matrix peak, attention_efficiency on its "
             "SDPA timings against its own matrix peak, vector_efficiency on its elementwise ops against its own "
             f"compute.vector peak. The {curve_dtype} entry repeats the shared curves"
-            + (f"; curves end at the largest size measured: {'; '.join(f'{k} ({v})' for k, v in skipped.items())}" if skipped else "")
+            + (
+                f"; curves end at the largest size measured: {'; '.join(f'{k} ({v})' for k, v in skipped.items())}"
+                if skipped
+                else ""
+            )
         ),
         "compute.matrix_efficiency": (
             f"{stamp}; least-squares fit of log efficiency = f(FLOPs) + g(smallest dim) over the GEMMs of one dtype, after "
@@ -594,7 +668,8 @@ def build_specs(raw: dict[str, Any], *, name: str, device_type: str, elapsed_s: 
             f"{max(raw['sweep_vector_elems'])} elements with workloads' FLOP and byte counts, per dtype: the best single-op "
             "rate is the peak, and its vector_efficiency (per_dtype) makes peak x efficiency the rate at which the roofline "
             "reproduces their total time; predicted vs measured per op: "
-            + errs({d: v.errors for d, v in vec.items()}) + dropout_ns
+            + errs({d: v.errors for d, v in vec.items()})
+            + dropout_ns
         ),
         "compute.vector_efficiency": f"{stamp}; {ref}'s (see compute.vector), for dtypes without their own under per_dtype",
         "compute.kernel_overhead": (
@@ -605,11 +680,13 @@ def build_specs(raw: dict[str, Any], *, name: str, device_type: str, elapsed_s: 
         "compute.comm_overlap_slowdown": (
             f"{stamp}; {raw['overlap']['dtype']} {raw['overlap']['gemm_n']}^3 GEMMs alone vs beside asynchronous "
             f"all-reduces on every rank (per rank: {', '.join(f'{s:.2f}' for s in raw['overlap']['per_rank'])})"
-            if "overlap" in raw else "not measured (one rank): no collective runs beside compute"
+            if "overlap" in raw
+            else "not measured (one rank): no collective runs beside compute"
         ),
         "memory.capacity": (
             f"{stamp}; {torch.cuda.get_device_properties(0).total_memory / GiB:.1f} GiB reported by the driver"
-            if device_type == "cuda" else f"{stamp}; MemTotal {host_mem / GiB:.2f} GiB of /proc/meminfo split among {ranks} rank(s)"
+            if device_type == "cuda"
+            else f"{stamp}; MemTotal {host_mem / GiB:.2f} GiB of /proc/meminfo split among {ranks} rank(s)"
         ),
         "memory.bandwidth": (
             f"{stamp}; {together}; best rate of tensor copies from {fmt_bytes(min(p['bytes'] for p in raw['copy']))} to "
@@ -617,14 +694,21 @@ def build_specs(raw: dict[str, Any], *, name: str, device_type: str, elapsed_s: 
         ),
         "memory.efficiency": f"{stamp}; copy rate / bandwidth per size (bytes moved), after each copy's fixed cost",
         "memory.reserved": (
-            f"{stamp}; " + ("memory in use on the GPU after CUDA and NCCL start (mem_get_info)" if device_type == "cuda"
-                            else "resident memory of a rank after importing torch and starting gloo (VmRSS)")
+            f"{stamp}; "
+            + (
+                "memory in use on the GPU after CUDA and NCCL start (mem_get_info)"
+                if device_type == "cuda"
+                else "resident memory of a rank after importing torch and starting gloo (VmRSS)"
+            )
         ),
     }
     device_map: dict[str, Any] = {
         "name": dev_name,
-        "description": (f"{what.split(',')[0]}: one of {ranks} rank(s)" + (f", {threads} thread(s) each" if device_type == "cpu" else "")
-                        + f", calibrated {when}"),
+        "description": (
+            f"{what.split(',')[0]}: one of {ranks} rank(s)"
+            + (f", {threads} thread(s) each" if device_type == "cpu" else "")
+            + f", calibrated {when}"
+        ),
         "vendor": vendor,
         "kind": "gpu" if device_type == "cuda" else "cpu",
         "compute": {
@@ -660,16 +744,22 @@ def build_specs(raw: dict[str, Any], *, name: str, device_type: str, elapsed_s: 
         sizes = sorted({c["group_size"] for c in coll})
         backend = "nccl" if device_type == "cuda" else "gloo"
         missing = {k: v for k, v in raw["unsupported"].items() if k in COLLECTIVE_KINDS}
-        measured_on = (f"{backend} over group sizes {', '.join(map(str, sizes))} and {fmt_bytes(min(c['bytes'] for c in coll))}.."
-                       f"{fmt_bytes(max(c['bytes'] for c in coll))} messages (bytes as simulator.cost.collectives counts them; "
-                       "send/recv between two ranks, one way: half a round trip)")
+        measured_on = (
+            f"{backend} over group sizes {', '.join(map(str, sizes))} and {fmt_bytes(min(c['bytes'] for c in coll))}.."
+            f"{fmt_bytes(max(c['bytes'] for c in coll))} messages (bytes as simulator.cost.collectives counts them; "
+            "send/recv between two ranks, one way: half a round trip)"
+        )
         intra_sources = {
             "bandwidth": (
                 f"{stamp}; joint alpha-beta fit of simulator.cost.collectives' formulas to {', '.join(kinds)} on {measured_on} "
                 "(least squares on log time, every kind weighing the same): the figures for kinds without their own fit "
                 "under collectives; predicted vs measured: "
                 + ", ".join(f"{k} median {e[0]:.0%} / max {e[1]:.0%}" for k, e in link.errors.items())
-                + (f"; not supported by the backend: {', '.join(f'{k} ({v})' for k, v in missing.items())}" if missing else "")
+                + (
+                    f"; not supported by the backend: {', '.join(f'{k} ({v})' for k, v in missing.items())}"
+                    if missing
+                    else ""
+                )
             ),
             "latency": f"{stamp}; the alpha (per latency step) of the same joint fit",
             "efficiency": "1: the fitted bandwidth is already the achieved one",
@@ -688,28 +778,45 @@ def build_specs(raw: dict[str, Any], *, name: str, device_type: str, elapsed_s: 
                 f"{n} timings; predicted vs measured median {med:.0%} / max {mx:.0%} (the joint fit: {jmed:.0%} / {jmx:.0%})"
             )
         kind = "shared_memory" if device_type == "cpu" else _gpu_link_kind(link.bandwidth, ranks)
-        intra = {"kind": kind, "bandwidth": fmt_bandwidth(link.bandwidth), "latency": fmt_seconds(link.latency),
-                 "efficiency": 1.0,
-                 "collectives": {k: {"bandwidth": fmt_bandwidth(f.bandwidth), "latency": fmt_seconds(f.latency)}
-                                 for k, f in by_kind.items()},
-                 "sources": intra_sources}
+        intra = {
+            "kind": kind,
+            "bandwidth": fmt_bandwidth(link.bandwidth),
+            "latency": fmt_seconds(link.latency),
+            "efficiency": 1.0,
+            "collectives": {
+                k: {"bandwidth": fmt_bandwidth(f.bandwidth), "latency": fmt_seconds(f.latency)}
+                for k, f in by_kind.items()
+            },
+            "sources": intra_sources,
+        }
         for k in COLLECTIVE_KINDS:
             if k not in by_kind:
                 why = missing.get(k) or ("too few message sizes to fit" if k in kinds else "not measured")
                 link_notes.append(f"{k}: no fit of its own ({why}); the simulator uses the joint link figures for it")
     else:
         link, by_kind = None, {}
-        intra = {"kind": "shared_memory" if device_type == "cpu" else "pcie", "bandwidth": "1 GB/s", "latency": "10 us",
-                 "efficiency": 1.0, "sources": {"bandwidth": "not measured (one device): placeholder [E]"}}
+        intra = {
+            "kind": "shared_memory" if device_type == "cpu" else "pcie",
+            "bandwidth": "1 GB/s",
+            "latency": "10 us",
+            "efficiency": 1.0,
+            "sources": {"bandwidth": "not measured (one device): placeholder [E]"},
+        }
         link_notes.append("intra-node link not measured")
     if device_type == "cuda" and "host_h2d" in raw:
         h2d = fit_alpha_beta([{"kind": "send_recv", "group_size": 2, **r} for r in raw["host_h2d"]])
         d2h = fit_alpha_beta([{"kind": "send_recv", "group_size": 2, **r} for r in raw["host_d2h"]])
         slow = h2d if h2d.bandwidth <= d2h.bandwidth else d2h
-        host_link = {"kind": "pcie", "bandwidth": fmt_bandwidth(slow.bandwidth), "latency": fmt_seconds(slow.latency),
-                     "efficiency": 1.0, "sources": {
-                         "bandwidth": f"{stamp}; pinned copies, every rank at once: host-to-device {fmt_bandwidth(h2d.bandwidth)}, "
-                                      f"device-to-host {fmt_bandwidth(d2h.bandwidth)}; the slower direction is written"}}
+        host_link = {
+            "kind": "pcie",
+            "bandwidth": fmt_bandwidth(slow.bandwidth),
+            "latency": fmt_seconds(slow.latency),
+            "efficiency": 1.0,
+            "sources": {
+                "bandwidth": f"{stamp}; pinned copies, every rank at once: host-to-device {fmt_bandwidth(h2d.bandwidth)}, "
+                f"device-to-host {fmt_bandwidth(d2h.bandwidth)}; the slower direction is written"
+            },
+        }
     else:
         big = max(raw["copy"], key=lambda p: p["bytes"])
         host_link = {
@@ -717,8 +824,10 @@ def build_specs(raw: dict[str, Any], *, name: str, device_type: str, elapsed_s: 
             "bandwidth": fmt_bandwidth(big["bytes"] / big["seconds"]),
             "latency": fmt_seconds(raw["copy_zero_s"]),
             "efficiency": 1.0,
-            "sources": {"bandwidth": f"{stamp}; no host-device copies on a CPU: a {fmt_bytes(big['bytes'])} in-memory copy "
-                                     f"per rank ({together}), bytes transferred per second; latency: a tiny copy"},
+            "sources": {
+                "bandwidth": f"{stamp}; no host-device copies on a CPU: a {fmt_bytes(big['bytes'])} in-memory copy "
+                f"per rank ({together}), bytes transferred per second; latency: a tiny copy"
+            },
         }
     # Node DRAM bandwidth: on a CPU every rank copying its largest tensor at once, summed; on a GPU
     # node the ranks measured their GPUs, so the parent measured the host on its own.
@@ -747,19 +856,29 @@ def build_specs(raw: dict[str, Any], *, name: str, device_type: str, elapsed_s: 
         "write_bandwidth": fmt_bandwidth(st["bytes"] / st["write_s"]),
         "latency": fmt_seconds(st["latency_s"]),
         "sources": {
-            "all": (f"{stamp}; a {fmt_bytes(st['bytes'])} file in {st['filesystem']}: sequential 4 MiB writes then fsync; "
-                    f"sequential reads after dropping its pages from the cache"
-                    + ("" if st.get("page_cache_dropped") else " (could not drop the page cache: reads may be cached)")
-                    + "; latency: median 4 KiB random read; capacity: free space on the volume"),
+            "all": (
+                f"{stamp}; a {fmt_bytes(st['bytes'])} file in {st['filesystem']}: sequential 4 MiB writes then fsync; "
+                f"sequential reads after dropping its pages from the cache"
+                + ("" if st.get("page_cache_dropped") else " (could not drop the page cache: reads may be cached)")
+                + "; latency: median 4 KiB random read; capacity: free space on the volume"
+            ),
         },
     }
-    node = {"device": device_map, "num_devices": ranks, "intra_node": intra, "host_link": host_link, "host": host,
-            "storage": storage}
+    node = {
+        "device": device_map,
+        "num_devices": ranks,
+        "intra_node": intra,
+        "host_link": host_link,
+        "host": host,
+        "storage": storage,
+    }
     cluster_map = {
         "name": name,
-        "description": (f"this machine as calibrated on {when}: {ranks} {'GPU' if device_type == 'cuda' else 'CPU'} rank(s)"
-                        + (f" of {threads} thread(s)" if device_type == "cpu" else "")
-                        + f" over {intra['kind']}; one node (no inter-node network was measured)"),
+        "description": (
+            f"this machine as calibrated on {when}: {ranks} {'GPU' if device_type == 'cuda' else 'CPU'} rank(s)"
+            + (f" of {threads} thread(s)" if device_type == "cpu" else "")
+            + f" over {intra['kind']}; one node (no inter-node network was measured)"
+        ),
         "node_groups": [{"name": "local", "count": 1, "node": node}],
         "sources": {
             "all": f"{stamp}; every figure measured on this machine (see each part's sources)",
@@ -775,10 +894,19 @@ def build_specs(raw: dict[str, Any], *, name: str, device_type: str, elapsed_s: 
     device = validate(DeviceSpec, device_map, f"calibrated device {dev_name}", {"strict_units": True})
     cluster = validate(ClusterSpec, cluster_map, f"calibrated cluster {name}", {"strict_units": True})
     fits = {
-        "matmul": mm, "matmul_errors": mm.errors, "matmul_shared_errors": mm.shared_errors,
-        "attention_errors": att_errors, "attention_shared_errors": att_shared_errors, "link": link, "link_by_kind": by_kind,
-        "vector": vec, "kernel_overhead": kernel_overhead, "dispatch_s": ov["dispatch_s"],
-        "node_memory_bandwidth": node_bw, "dropout": dropout, "add_fp32": add_fp32,
+        "matmul": mm,
+        "matmul_errors": mm.errors,
+        "matmul_shared_errors": mm.shared_errors,
+        "attention_errors": att_errors,
+        "attention_shared_errors": att_shared_errors,
+        "link": link,
+        "link_by_kind": by_kind,
+        "vector": vec,
+        "kernel_overhead": kernel_overhead,
+        "dispatch_s": ov["dispatch_s"],
+        "node_memory_bandwidth": node_bw,
+        "dropout": dropout,
+        "add_fp32": add_fp32,
     }
     return Calibration(device, cluster, device_map, cluster_map, header, raw, fits, elapsed_s, link_notes)
 
@@ -788,8 +916,9 @@ def _gpu_link_kind(bandwidth: float, ranks: int) -> str:
     return "nvlink" if ranks > 1 and bandwidth > 64e9 else "pcie"
 
 
-def write_calibration(cal: Calibration, out: Path, device_out: Path | None = None, force: bool = False,
-                      raw_out: Path | None = None) -> None:
+def write_calibration(
+    cal: Calibration, out: Path, device_out: Path | None = None, force: bool = False, raw_out: Path | None = None
+) -> None:
     """Write the cluster YAML (device inline) and, if asked, the device YAML and the raw timings (JSON);
     then load the cluster back through `hwmodel.load_cluster` as `simulate` will."""
     check_outputs(out, device_out, force)
@@ -807,7 +936,9 @@ def write_calibration(cal: Calibration, out: Path, device_out: Path | None = Non
 # ================================================================================================
 # Summary: measured vs a catalog spec
 # ================================================================================================
-def summary_rows(cal: Calibration, baseline: DeviceSpec | None, baseline_cluster: ClusterSpec | None) -> list[tuple[str, str, str, str]]:
+def summary_rows(
+    cal: Calibration, baseline: DeviceSpec | None, baseline_cluster: ClusterSpec | None
+) -> list[tuple[str, str, str, str]]:
     """(figure, measured, baseline, measured / baseline) rows for the printed table."""
     d, c = cal.device, cal.cluster
     node = c.node_groups[0].node
@@ -818,11 +949,15 @@ def summary_rows(cal: Calibration, baseline: DeviceSpec | None, baseline_cluster
         ratio = f"{mine / base:.2f}x" if mine is not None and base else ""
         rows.append((label, fmt(mine) if mine is not None else "-", fmt(base) if base is not None else "-", ratio))
 
-    pct = lambda v: f"{v:.3f}"  # noqa: E731
+    pct = lambda v: f"{v:.3f}"
     dtypes = [dt for dt in ("fp32", "tf32", "bf16", "fp16") if dt in d.compute.matrix]
     for dtype in dtypes:
-        add(f"matrix peak {dtype}", d.compute.matrix[dtype],
-            baseline.compute.peak(dtype, "matrix") if baseline else None, fmt_flop_rate)
+        add(
+            f"matrix peak {dtype}",
+            d.compute.matrix[dtype],
+            baseline.compute.peak(dtype, "matrix") if baseline else None,
+            fmt_flop_rate,
+        )
     # Efficiencies of each dtype's own curves (the baseline's shared ones where it has no per_dtype).
     for dtype in dtypes:
         mine = d.compute.efficiencies(dtype)
@@ -835,28 +970,65 @@ def summary_rows(cal: Calibration, baseline: DeviceSpec | None, baseline_cluster
                 add(f"{dtype} attention eff @ {fmt_flops(size)}", mine[2](size), base[2](size) if base else None, pct)
     for dtype in ("fp32", "bf16", "fp16"):
         if dtype in d.compute.vector:
-            add(f"{dtype} vector rate (x eff)", d.compute.peak(dtype, "vector") * d.compute.efficiencies(dtype)[3],
+            add(
+                f"{dtype} vector rate (x eff)",
+                d.compute.peak(dtype, "vector") * d.compute.efficiencies(dtype)[3],
                 baseline.compute.peak(dtype, "vector") * baseline.compute.efficiencies(dtype)[3] if baseline else None,
-                fmt_flop_rate)
-    add("kernel overhead", d.compute.kernel_overhead, baseline.compute.kernel_overhead if baseline else None, fmt_seconds)
-    add("comm overlap slowdown", d.compute.comm_overlap_slowdown, baseline.compute.comm_overlap_slowdown if baseline else None, pct)
+                fmt_flop_rate,
+            )
+    add(
+        "kernel overhead",
+        d.compute.kernel_overhead,
+        baseline.compute.kernel_overhead if baseline else None,
+        fmt_seconds,
+    )
+    add(
+        "comm overlap slowdown",
+        d.compute.comm_overlap_slowdown,
+        baseline.compute.comm_overlap_slowdown if baseline else None,
+        pct,
+    )
     add("memory bandwidth (peak)", d.memory.bandwidth, baseline.memory.bandwidth if baseline else None, fmt_bandwidth)
     for size in (1 * MiB, 64 * MiB):
-        add(f"memory rate @ {fmt_bytes(size)} moved", d.memory.bandwidth * d.memory.efficiency(size),
-            baseline.memory.bandwidth * baseline.memory.efficiency(size) if baseline else None, fmt_bandwidth)
+        add(
+            f"memory rate @ {fmt_bytes(size)} moved",
+            d.memory.bandwidth * d.memory.efficiency(size),
+            baseline.memory.bandwidth * baseline.memory.efficiency(size) if baseline else None,
+            fmt_bandwidth,
+        )
     add("memory capacity per device", d.memory.capacity, baseline.memory.capacity if baseline else None, fmt_bytes)
     add("memory reserved", d.memory.reserved, baseline.memory.reserved if baseline else None, fmt_bytes)
-    add("intra-node bw (joint fit)", node.intra_node.effective_bandwidth,
-        bnode.intra_node.effective_bandwidth if bnode else None, fmt_bandwidth)
+    add(
+        "intra-node bw (joint fit)",
+        node.intra_node.effective_bandwidth,
+        bnode.intra_node.effective_bandwidth if bnode else None,
+        fmt_bandwidth,
+    )
     add("intra-node latency (joint)", node.intra_node.latency, bnode.intra_node.latency if bnode else None, fmt_seconds)
     for kind in node.intra_node.collectives:
         # Bandwidth + latency of the kind's own fit; the ratio is of the bandwidths.
         (bw, lat), base = node.intra_node.achieved(kind), bnode.intra_node.achieved(kind) if bnode else None
-        rows.append((f"{kind} bw + latency", f"{fmt_bandwidth(bw)} + {fmt_seconds(lat)}",
-                     f"{fmt_bandwidth(base[0])} + {fmt_seconds(base[1])}" if base else "-", f"{bw / base[0]:.2f}x" if base else ""))
-    add("host link bandwidth", node.host_link.effective_bandwidth, bnode.host_link.effective_bandwidth if bnode else None, fmt_bandwidth)
+        rows.append(
+            (
+                f"{kind} bw + latency",
+                f"{fmt_bandwidth(bw)} + {fmt_seconds(lat)}",
+                f"{fmt_bandwidth(base[0])} + {fmt_seconds(base[1])}" if base else "-",
+                f"{bw / base[0]:.2f}x" if base else "",
+            )
+        )
+    add(
+        "host link bandwidth",
+        node.host_link.effective_bandwidth,
+        bnode.host_link.effective_bandwidth if bnode else None,
+        fmt_bandwidth,
+    )
     add("host memory", node.host.memory, bnode.host.memory if bnode else None, fmt_bytes)
-    add("host memory bandwidth", node.host.memory_bandwidth, bnode.host.memory_bandwidth if bnode else None, fmt_bandwidth)
+    add(
+        "host memory bandwidth",
+        node.host.memory_bandwidth,
+        bnode.host.memory_bandwidth if bnode else None,
+        fmt_bandwidth,
+    )
     if node.storage is not None:
         bst = bnode.storage if bnode else None
         add("storage read", node.storage.read_bandwidth, bst.read_bandwidth if bst else None, fmt_bandwidth)
@@ -876,7 +1048,9 @@ def fit_rows(cal: Calibration) -> list[tuple[str, str, str, str]]:
         rows.append((f"GEMM time, {dtype}", f"{med:.0%}", f"{mx:.0%}", f"{before[0]:.0%}" if before else ""))
     for dtype, (med, mx) in f["attention_errors"].items():
         before = f.get("attention_shared_errors", {}).get(dtype)
-        rows.append((f"attention fwd+bwd time, {dtype}", f"{med:.0%}", f"{mx:.0%}", f"{before[0]:.0%}" if before else ""))
+        rows.append(
+            (f"attention fwd+bwd time, {dtype}", f"{med:.0%}", f"{mx:.0%}", f"{before[0]:.0%}" if before else "")
+        )
     for dtype, v in f.get("vector", {}).items():
         rows.append((f"elementwise op time, {dtype}", f"{v.errors[0]:.0%}", f"{v.errors[1]:.0%}", ""))
     link = f["link"]

@@ -33,9 +33,9 @@ masks they drew in forward.
 from __future__ import annotations
 
 import weakref
+from collections.abc import Callable
 from contextlib import contextmanager
 from dataclasses import dataclass
-from collections.abc import Callable
 
 import torch
 from torch import nn
@@ -83,9 +83,9 @@ class _HostCopy:
     (when backward reaches the block after this one, see `_Frame`) into the planned arena when there is one.
     """
 
-    __slots__ = ("host", "device", "event", "nbytes", "frame", "ready", "ready_event", "source", "__weakref__")
+    __slots__ = ("__weakref__", "device", "event", "frame", "host", "nbytes", "ready", "ready_event", "source")
 
-    def __init__(self, t: torch.Tensor, stream: "torch.cuda.Stream | None", frame: "_Frame | None" = None):
+    def __init__(self, t: torch.Tensor, stream: torch.cuda.Stream | None, frame: _Frame | None = None):
         self.device = t.device
         self.nbytes = t.numel() * t.element_size()
         self.frame = frame
@@ -120,7 +120,7 @@ class _HostCopy:
             torch.cuda.current_stream(self.device).wait_event(self.event)
             self.source = None
 
-    def prefetch(self, stream, arena: "PlannedArena | None", slot: int) -> None:
+    def prefetch(self, stream, arena: PlannedArena | None, slot: int) -> None:
         """Start the copy back on `stream` (CUDA), into the arena's `slot` when it has room."""
         if self.device.type != "cuda" or self.ready is not None:
             return
@@ -165,14 +165,14 @@ class _Frame:
     """One forward of one block: its host copies, and the frame before it (the block backward reaches
     next), whose copies back start as soon as backward reaches this one."""
 
-    last: "weakref.ref | None" = None  # the most recent frame of this process (forward order)
+    last: weakref.ref | None = None  # the most recent frame of this process (forward order)
     # Frames whose device tensors may still be held for their copies to host (CUDA), oldest first. A
     # block's copies may run behind the compute of the next block; when the block after that starts, the
     # compute stream waits for them and their tensors are freed (see `_HostCopy.release`).
-    in_flight: "list[weakref.ref]" = []
+    in_flight: list[weakref.ref] = []
     COPY_LAG_BLOCKS = 1
 
-    def __init__(self, stream, arena: "PlannedArena | None", block: int):
+    def __init__(self, stream, arena: PlannedArena | None, block: int):
         self.copies: list = []
         self.stream, self.arena, self.block = stream, arena, block
         if stream is not None:
@@ -280,7 +280,7 @@ _HOST_POOL = _HostPool()
 class _Kept:
     """A tensor (or token slice) kept on the device, counted by the active memory tracker."""
 
-    __slots__ = ("tensor", "handle")
+    __slots__ = ("handle", "tensor")
 
     def __init__(self, t: torch.Tensor):
         self.tensor = t
@@ -305,7 +305,7 @@ class _Split:
 class _Dropped:
     __slots__ = ("group", "index")
 
-    def __init__(self, group: "_RecomputeGroup", index: int):
+    def __init__(self, group: _RecomputeGroup, index: int):
         self.group, self.index = group, index
 
 
@@ -313,9 +313,9 @@ class _ViewOf:
     """A saved tensor on the storage of another saved tensor that covers that whole storage (the SDPA output
     and the output projection's 2-D view of it): rebuilt from it on unpack, so its bytes are not held twice."""
 
-    __slots__ = ("source", "base_size", "base_stride", "size", "stride", "offset")
+    __slots__ = ("base_size", "base_stride", "offset", "size", "source", "stride")
 
-    def __init__(self, source, t: torch.Tensor, base: "_Layout"):
+    def __init__(self, source, t: torch.Tensor, base: _Layout):
         self.source = source
         self.base_size, self.base_stride = base.shape, base.stride
         self.size, self.stride, self.offset = tuple(t.shape), tuple(t.stride()), t.storage_offset()
@@ -342,7 +342,7 @@ class _Layout:
         return self.shape
 
 
-def _inside(t: torch.Tensor, base: "_Layout") -> bool:
+def _inside(t: torch.Tensor, base: _Layout) -> bool:
     """`base` covers its whole storage, so `t` (same storage, same dtype) reads only its elements."""
     return t.dtype == base.dtype
 
@@ -365,8 +365,9 @@ class _Distributed:
     def get(self):
         from torch.distributed.tensor import DTensor
 
-        return DTensor.from_local(_unpack(self.local), self.mesh, self.placements, run_check=False,
-                                  shape=self.shape, stride=self.stride)
+        return DTensor.from_local(
+            _unpack(self.local), self.mesh, self.placements, run_check=False, shape=self.shape, stride=self.stride
+        )
 
 
 def _distributed_aware(pack: Callable) -> Callable:
@@ -407,10 +408,12 @@ class _RecomputeGroup:
     """A token-wise segment run on the tokens that backward recomputes: what it saves is dropped and re-made
     by re-running `fn` on its anchors (copied to host) the first time backward asks for any of it."""
 
-    def __init__(self, fn: Callable, anchors: list[torch.Tensor], stream, frame: "_Frame | None" = None):
+    def __init__(self, fn: Callable, anchors: list[torch.Tensor], stream, frame: _Frame | None = None):
         self.fn = fn
-        self.anchors = [(frame.to_host(a.detach()) if frame is not None else _HostCopy(a.detach(), stream), a.requires_grad)
-                        for a in anchors]
+        self.anchors = [
+            (frame.to_host(a.detach()) if frame is not None else _HostCopy(a.detach(), stream), a.requires_grad)
+            for a in anchors
+        ]
         self.count = 0
         self.saved: list | None = None
         self.outputs = None
@@ -467,7 +470,7 @@ class MemoBlock(Block):
     initialization and checkpoints do not change.
     """
 
-    def memo_init(self, alpha: float, recompute: str, arena: "PlannedArena | None" = None, index: int = 0) -> None:
+    def memo_init(self, alpha: float, recompute: str, arena: PlannedArena | None = None, index: int = 0) -> None:
         if recompute not in ("none", "tokenwise"):
             raise ValueError(f"MemoBlock runs recompute none or tokenwise, not {recompute!r}")
         self.alpha = float(alpha)
@@ -485,7 +488,7 @@ class MemoBlock(Block):
         return self._stream
 
     @contextmanager
-    def _to_host(self, stream, frame: "_Frame"):
+    def _to_host(self, stream, frame: _Frame):
         """Every non-weight tensor saved inside goes to host whole (once per forward, see `_Frame.to_host`)."""
 
         def pack(t):
@@ -505,7 +508,7 @@ class MemoBlock(Block):
         v = attn.wv(h).view(b, s, -1, attn.head_dim)
         if attn.rope:
             # Under context parallelism this rank's tokens sit at `positions` of the whole sequence.
-            where = slice(start, start + s) if attn.positions is None else attn.positions[start:start + s]
+            where = slice(start, start + s) if attn.positions is None else attn.positions[start : start + s]
             cos, sin = rope_tables(attn.num_positions or seq, attn.head_dim, q.device, q.dtype)
             cos, sin = cos[where][:, None], sin[where][:, None]
             q = q * cos + rotate_half(q) * sin
@@ -687,8 +690,10 @@ class PlannedArena:
     def take(self, offset: int, shape: torch.Size, dtype: torch.dtype) -> torch.Tensor:
         nbytes = int(torch.tensor([], dtype=dtype).element_size() * torch.Size(shape).numel())
         if offset + nbytes > self.buffer.numel():
-            raise ValueError(f"planned tensor [{offset}, {offset + nbytes}) is beyond the arena of {self.buffer.numel()} bytes")
-        return self.buffer[offset:offset + nbytes].view(dtype).view(shape)
+            raise ValueError(
+                f"planned tensor [{offset}, {offset + nbytes}) is beyond the arena of {self.buffer.numel()} bytes"
+            )
+        return self.buffer[offset : offset + nbytes].view(dtype).view(shape)
 
     def reset(self, slot: int) -> None:
         self.cursor[slot] = 0
@@ -709,7 +714,9 @@ def arena_for(plan, device: torch.device) -> PlannedArena | None:
     return PlannedArena(plan.memory_plan.peak_bytes, device)
 
 
-def apply_offload(model: nn.Module, mode_of: Callable[[int], tuple[str, float]], arena: PlannedArena | None = None) -> int:
+def apply_offload(
+    model: nn.Module, mode_of: Callable[[int], tuple[str, float]], arena: PlannedArena | None = None
+) -> int:
     """Wrap the blocks whose (recompute, offload) asks for it in `MemoBlock`; returns how many."""
     wrapped = 0
     for name in list(model.blocks.keys()):

@@ -105,7 +105,9 @@ class MixedMeshes:
         self.meshes = {home_tp: home_mesh}  # the executor's (pp, dp, tp) mesh is the home degree's
         self.exchange = {}
         for tp in sorted(degrees - {home_tp}):
-            self.meshes[tp] = init_device_mesh(device_type, (pp, stage_devices // tp, tp), mesh_dim_names=("pp", "dp", "tp"))
+            self.meshes[tp] = init_device_mesh(
+                device_type, (pp, stage_devices // tp, tp), mesh_dim_names=("pp", "dp", "tp")
+            )
         for small in sorted(degrees):
             for big in sorted(degrees):
                 if small < big:
@@ -198,8 +200,15 @@ def _tensor_parallel(part, home: ActLayout, layouts: dict[int, ActLayout], meshe
         apply_tensor_parallel(holder, meshes.meshes[layout.tp]["tp"], layout.sp)
 
 
-def _data_parallel(part, home: ActLayout, strategies: dict[int, tuple[ActLayout, str]], meshes: MixedMeshes,
-                   plan_dp_type: str, dtype: str, grad_reduce_dtype: str | None) -> bool:
+def _data_parallel(
+    part,
+    home: ActLayout,
+    strategies: dict[int, tuple[ActLayout, str]],
+    meshes: MixedMeshes,
+    plan_dp_type: str,
+    dtype: str,
+    grad_reduce_dtype: str | None,
+) -> bool:
     """FSDP2 per block on its layout's dp mesh, then on the root; True when anything is data parallel."""
     from torch.distributed._composable.replicate_with_fsdp import replicate
     from torch.distributed.fsdp import fully_shard
@@ -210,7 +219,9 @@ def _data_parallel(part, home: ActLayout, strategies: dict[int, tuple[ActLayout,
         if dp_type == "ddp":
             replicate(module, mesh=mesh, mp_policy=mp, ignored_params=ignored)
         else:
-            fully_shard(module, mesh=mesh, mp_policy=mp, reshard_after_forward=dp_type == "zero3", ignored_params=ignored)
+            fully_shard(
+                module, mesh=mesh, mp_policy=mp, reshard_after_forward=dp_type == "zero3", ignored_params=ignored
+            )
 
     any_dp = False
     unreduced: set[nn.Parameter] = set()

@@ -52,7 +52,7 @@ The optimizer is AdamW (`adam`) or SGD with momentum (`sgd`) with the fixed hype
 from __future__ import annotations
 
 import copy
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
 
@@ -60,20 +60,18 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from simulator.binding import BoundPlan
+from executor.offload.memo import apply_offload, arena_for
 from executor.parallel import mixed_layout
+from executor.parallel.context_parallel import apply_context_parallel
 from executor.parallel.precision import DTYPES, mixed_precision_policy
 from executor.parallel.recompute import apply_recompute
 from executor.parallel.tensor_parallel import apply_tensor_parallel
-from executor.parallel.context_parallel import apply_context_parallel
-from executor.memory import count_checkpoint_inputs
-from executor.offload.memo import apply_offload, arena_for
+from simulator.binding import BoundPlan
 from workloads.torch_models import CausalLM, build_model, canonical_name, full_init_tensor, loss_fn
 
 # Fixed optimizer hyper-parameters: every plan of a job trains with the same ones.
 ADAMW = dict(lr=1e-3, betas=(0.9, 0.95), eps=1e-8, weight_decay=0.1)
 SGD = dict(lr=1e-2, momentum=0.9, weight_decay=0.0)
-
 
 
 @dataclass
@@ -94,7 +92,7 @@ class Layout:
     cp_rank: int = 0
 
     @classmethod
-    def of(cls, bound: BoundPlan, rank: int, world_size: int, device: torch.device) -> "Layout":
+    def of(cls, bound: BoundPlan, rank: int, world_size: int, device: torch.device) -> Layout:
         plan = bound.plan
         pp, dp, cp, tp = plan.pp, plan.dp or 1, plan.cp, plan.tp
         assert pp * dp * cp * tp == world_size, (pp, dp, cp, tp, world_size)
@@ -106,7 +104,9 @@ class Layout:
         if world_size > 1:
             from torch.distributed.device_mesh import init_device_mesh
 
-            shape, names = ((pp, dp, cp, tp), ("pp", "dp", "cp", "tp")) if cp > 1 else ((pp, dp, tp), ("pp", "dp", "tp"))
+            shape, names = (
+                ((pp, dp, cp, tp), ("pp", "dp", "cp", "tp")) if cp > 1 else ((pp, dp, tp), ("pp", "dp", "tp"))
+            )
             mesh = init_device_mesh(device.type, shape, mesh_dim_names=names)
         return cls(rank, world_size, pp, dp, tp, pp_rank, dp_rank, tp_rank, mesh, device, cp, cp_rank)
 
@@ -257,10 +257,10 @@ def apply_fsdp(model: CausalLM, layout: Layout, dp_type: str, dtype: str, grad_r
     if dp_type == "ddp":
         from torch.distributed._composable.replicate_with_fsdp import replicate
 
-        wrap = lambda m: replicate(m, mesh=dp_mesh, mp_policy=mp)  # noqa: E731
+        wrap = lambda m: replicate(m, mesh=dp_mesh, mp_policy=mp)
     else:
         reshard = dp_type == "zero3"
-        wrap = lambda m: fully_shard(m, mesh=dp_mesh, mp_policy=mp, reshard_after_forward=reshard)  # noqa: E731
+        wrap = lambda m: fully_shard(m, mesh=dp_mesh, mp_policy=mp, reshard_after_forward=reshard)
     # One communication group per block (gathers and reductions overlap the neighbouring blocks'
     # compute); the root takes the embedding, the head and the tied weight they share.
     for name in list(model.blocks.keys()):
@@ -332,7 +332,9 @@ def build_rank_model(bound: BoundPlan, layout: Layout, seed: int) -> RankModel:
         part = split_chunk(whole, indices)
         if mixed is not None:
             stage_rank = layout.rank % len(bound.stages[0].ranks)
-            use_fsdp = mixed_layout.parallelize_chunk(part, bound, mixed, stage_rank, lambda block: recompute[block + 1])
+            use_fsdp = mixed_layout.parallelize_chunk(
+                part, bound, mixed, stage_rank, lambda block: recompute[block + 1]
+            )
             materialize(part, part, layout.device, seed)  # 3f
             chunks.append(Chunk(stage_index, indices, part, part, part.embed is not None, part.head is not None))
             continue
@@ -342,7 +344,9 @@ def build_rank_model(bound: BoundPlan, layout: Layout, seed: int) -> RankModel:
         if layout.cp > 1:  # before recompute wraps the blocks: the positions and the gather live on them
             token_positions = apply_context_parallel(part, layout.group("cp"), layout.cp, layout.cp_rank, layout.device)
         apply_recompute(part, lambda block: recompute[block + 1])  # 3c
-        apply_offload(part, lambda block: (recompute[block + 1], offload[block + 1]), arena_for(plan, layout.device))  # 3c: MEMO
+        apply_offload(
+            part, lambda block: (recompute[block + 1], offload[block + 1]), arena_for(plan, layout.device)
+        )  # 3c: MEMO
         module: nn.Module = part
         if use_fsdp:  # 3d, 3e
             apply_fsdp(part, layout, dp_type, plan.dtype, plan.grad_reduce_dtype)
@@ -354,8 +358,17 @@ def build_rank_model(bound: BoundPlan, layout: Layout, seed: int) -> RankModel:
     zero1 = use_ddp
     optimizers = [make_optimizer(list(c.module.parameters()), plan.optimizer, layout, zero1) for c in chunks]
     autocast = DTYPES[plan.dtype] if plan.dtype != "fp32" and (not use_fsdp or mixed is not None) else None
-    rank_model = RankModel(layout, chunks, optimizers, num_stages, bound.num_micro_batches, dp_type, use_fsdp, autocast,
-                           token_positions=token_positions)
+    rank_model = RankModel(
+        layout,
+        chunks,
+        optimizers,
+        num_stages,
+        bound.num_micro_batches,
+        dp_type,
+        use_fsdp,
+        autocast,
+        token_positions=token_positions,
+    )
     if layout.pp > 1:  # 4
         rank_model.schedule = _make_schedule(rank_model, plan.schedule, replica_loss_scale(plan, layout.dp_rank))
         if cfg.tied_embeddings:

@@ -33,7 +33,9 @@ def apply_tensor_parallel(model: CausalLM, tp_mesh, sequence_parallel: bool) -> 
         if sp:
             edge["head.norm"] = SequenceParallel()
         # Logits stay sharded along the vocabulary; loss_parallel computes the cross-entropy on shards.
-        edge["head.lm_head"] = ColwiseParallel(input_layouts=hidden_layout, output_layouts=Shard(-1), use_local_output=False)
+        edge["head.lm_head"] = ColwiseParallel(
+            input_layouts=hidden_layout, output_layouts=Shard(-1), use_local_output=False
+        )
     if edge:
         parallelize_module(model, tp_mesh, edge)
     for block in model.blocks.values():
@@ -48,10 +50,12 @@ def apply_tensor_parallel(model: CausalLM, tp_mesh, sequence_parallel: bool) -> 
         if hasattr(block.mlp, "w3"):
             plan["mlp.w3"] = ColwiseParallel()
         if sp:
-            plan.update({
-                "attn_norm": SequenceParallel(),
-                "mlp_norm": SequenceParallel(),
-                "attn": PrepareModuleInput(input_layouts=(Shard(1),), desired_input_layouts=(Replicate(),)),
-                "mlp": PrepareModuleInput(input_layouts=(Shard(1),), desired_input_layouts=(Replicate(),)),
-            })
+            plan.update(
+                {
+                    "attn_norm": SequenceParallel(),
+                    "mlp_norm": SequenceParallel(),
+                    "attn": PrepareModuleInput(input_layouts=(Shard(1),), desired_input_layouts=(Replicate(),)),
+                    "mlp": PrepareModuleInput(input_layouts=(Shard(1),), desired_input_layouts=(Replicate(),)),
+                }
+            )
         parallelize_module(block, tp_mesh, plan)

@@ -36,16 +36,16 @@ import ssl
 import struct
 import time
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass
 from enum import IntEnum
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 
-from hwmodel.errors import UserError
-
 from executor.vfl.keys import common_name, party_files
+from hwmodel.errors import UserError
 
 MAGIC = b"HVFL"
 VERSION = 1
@@ -111,8 +111,11 @@ class TensorSpec:
     max_rows: int | None = None
 
     def check(self, kind: MsgType, dims: tuple[int, ...]) -> None:
-        ok = len(dims) == 2 and dims[1] == self.cols and (
-            dims[0] == self.rows if self.rows is not None else 1 <= dims[0] <= (self.max_rows or 0))
+        ok = (
+            len(dims) == 2
+            and dims[1] == self.cols
+            and (dims[0] == self.rows if self.rows is not None else 1 <= dims[0] <= (self.max_rows or 0))
+        )
         if not ok:
             want = f"[{self.rows if self.rows is not None else f'1..{self.max_rows}'}, {self.cols}]"
             raise ProtocolViolation(f"{kind.name} message of shape {list(dims)}; the agreed shape is {want} float32")
@@ -150,8 +153,11 @@ def _subject_cn(cert: dict) -> str | None:
 
 
 def _frame(kind: MsgType, seq: int, tag: int, dtype: DType, dims: tuple[int, ...], payload: bytes) -> bytes:
-    return HEADER.pack(MAGIC, VERSION, kind, dtype, len(dims), seq, tag, len(payload)) + struct.pack(
-        f"!{len(dims)}I", *dims) + payload
+    return (
+        HEADER.pack(MAGIC, VERSION, kind, dtype, len(dims), seq, tag, len(payload))
+        + struct.pack(f"!{len(dims)}I", *dims)
+        + payload
+    )
 
 
 def parse_frames(data: bytes) -> list[tuple[MsgType, int, int, DType, tuple[int, ...], bytes]]:
@@ -163,7 +169,7 @@ def parse_frames(data: bytes) -> list[tuple[MsgType, int, int, DType, tuple[int,
         pos += HEADER.size
         dims = struct.unpack_from(f"!{ndim}I", data, pos)
         pos += 4 * ndim
-        out.append((MsgType(kind), seq, tag, DType(dtype), dims, data[pos:pos + length]))
+        out.append((MsgType(kind), seq, tag, DType(dtype), dims, data[pos : pos + length]))
         pos += length
     return out
 
@@ -171,10 +177,20 @@ def parse_frames(data: bytes) -> list[tuple[MsgType, int, int, DType, tuple[int,
 class Channel:
     """One party's end of the link. Used from one thread (the party's main loop)."""
 
-    def __init__(self, party: str, certs: str | Path, *, listen: tuple[str, int] | None = None,
-                 connect: tuple[str, int] | None = None, timeout: float = 120.0, connect_timeout: float = 60.0,
-                 reconnect_timeout: float = 15.0, handshake_timeout: float = 10.0,
-                 tap: Callable[[str, bytes], None] | None = None, log: Callable[[str], None] | None = None) -> None:
+    def __init__(
+        self,
+        party: str,
+        certs: str | Path,
+        *,
+        listen: tuple[str, int] | None = None,
+        connect: tuple[str, int] | None = None,
+        timeout: float = 120.0,
+        connect_timeout: float = 60.0,
+        reconnect_timeout: float = 15.0,
+        handshake_timeout: float = 10.0,
+        tap: Callable[[str, bytes], None] | None = None,
+        log: Callable[[str], None] | None = None,
+    ) -> None:
         assert (listen is None) != (connect is None), "a channel either listens or connects"
         self.party = party
         self.peer_party = "passive" if party == "active" else "active"
@@ -204,7 +220,7 @@ class Channel:
 
     # ---------------------------------------------------------------- connection
 
-    def open(self) -> "Channel":
+    def open(self) -> Channel:
         """Make the first connection (listen and accept, or dial with retries) within connect_timeout."""
         if self.server:
             self._listener = socket.create_server(self.listen_addr, reuse_port=False)
@@ -226,7 +242,7 @@ class Channel:
                     pass
         self._sock = self._listener = None
 
-    def __enter__(self) -> "Channel":
+    def __enter__(self) -> Channel:
         return self
 
     def __exit__(self, *exc) -> None:
@@ -248,20 +264,24 @@ class Channel:
         what = "connect to" if first else "reconnect to"
         wait = self.connect_timeout if first else self.reconnect_timeout
         if self.refused:
-            last += f"; refused {len(self.refused)} connection(s) without valid credentials, the last {self.refused[-1]}"
+            last += (
+                f"; refused {len(self.refused)} connection(s) without valid credentials, the last {self.refused[-1]}"
+            )
         raise PeerGone(f"could not {what} {self.peer_name} within {wait:g} s ({last})")
 
     def _accept(self, deadline: float) -> ssl.SSLSocket:
         self._listener.settimeout(max(0.01, deadline - time.monotonic()))
         try:
             raw, addr = self._listener.accept()
-        except (socket.timeout, TimeoutError) as exc:
+        except TimeoutError as exc:
             raise _Retry("nobody connected") from exc
         return self._handshake(raw, f"{addr[0]}:{addr[1]}")
 
     def _dial(self, deadline: float) -> ssl.SSLSocket:
         try:
-            raw = socket.create_connection(self.connect_addr, timeout=max(0.01, min(self.handshake_timeout, deadline - time.monotonic())))
+            raw = socket.create_connection(
+                self.connect_addr, timeout=max(0.01, min(self.handshake_timeout, deadline - time.monotonic()))
+            )
         except OSError as exc:
             raise _Retry(f"{exc.strerror or exc}") from exc
         return self._handshake(raw, f"{self.connect_addr[0]}:{self.connect_addr[1]}")
@@ -270,8 +290,9 @@ class Channel:
         raw.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         raw.settimeout(self.handshake_timeout)
         try:
-            sock = self.ctx.wrap_socket(raw, server_side=self.server, do_handshake_on_connect=False,
-                                        suppress_ragged_eofs=False)
+            sock = self.ctx.wrap_socket(
+                raw, server_side=self.server, do_handshake_on_connect=False, suppress_ragged_eofs=False
+            )
             sock.do_handshake()
         except ssl.SSLError as exc:
             raw.close()
@@ -282,10 +303,12 @@ class Channel:
                 self.log(f"refused a connection from {where}: TLS handshake failed ({reason})")
                 raise _Retry(f"refused {where}: {reason}") from exc
             if isinstance(exc, ssl.SSLCertVerificationError) or "ALERT" in reason or "CERTIFICATE" in reason:
-                raise Refused(f"TLS handshake with {where} failed: {reason}; the {self.peer_party} party's certificate "
-                              "is not from this job's CA, or ours is not accepted") from exc
+                raise Refused(
+                    f"TLS handshake with {where} failed: {reason}; the {self.peer_party} party's certificate "
+                    "is not from this job's CA, or ours is not accepted"
+                ) from exc
             raise _Retry(f"TLS handshake with {where} broke off ({reason})") from exc
-        except (OSError, socket.timeout) as exc:
+        except (TimeoutError, OSError) as exc:
             raw.close()
             raise _Retry(f"handshake with {where}: {exc}") from exc
         cn = _subject_cn(sock.getpeercert() or {})
@@ -317,11 +340,15 @@ class Channel:
         if not isinstance(info, dict) or set(info) != {"session", "received"} or not isinstance(info["received"], int):
             raise ProtocolViolation(f"malformed RESUME from {self.peer_name}: {info!r}")
         if info["session"] != self.session:
-            raise ProtocolViolation(f"{self.peer_name} belongs to another session ({info['session']!r}, ours {self.session!r}); "
-                                    "restart both parties")
+            raise ProtocolViolation(
+                f"{self.peer_name} belongs to another session ({info['session']!r}, ours {self.session!r}); "
+                "restart both parties"
+            )
         unsent = [frame for seq, frame in self._sent if seq > info["received"]]
         if self.sent_seq - info["received"] > len(unsent):
-            raise ProtocolViolation(f"{self.peer_name} lost {self.sent_seq - info['received']} messages, more than can be resent")
+            raise ProtocolViolation(
+                f"{self.peer_name} lost {self.sent_seq - info['received']} messages, more than can be resent"
+            )
         for frame in unsent:
             self._write(frame)
         if not first:
@@ -342,14 +369,18 @@ class Channel:
         try:
             self._connect(time.monotonic() + self.reconnect_timeout, first=False)
         except PeerGone as exc:
-            raise PeerGone(f"{self.peer_name} is gone: connection lost ({reason}) and not re-established within "
-                           f"{self.reconnect_timeout:g} s. Resume both parties from the last checkpoint "
-                           "(--checkpoint-dir ... --resume).") from exc
+            raise PeerGone(
+                f"{self.peer_name} is gone: connection lost ({reason}) and not re-established within "
+                f"{self.reconnect_timeout:g} s. Resume both parties from the last checkpoint "
+                "(--checkpoint-dir ... --resume)."
+            ) from exc
 
     # ---------------------------------------------------------------- sending
 
     def send_tensor(self, kind: MsgType, tag: int, tensor) -> None:
-        array = np.ascontiguousarray(tensor.detach().cpu().numpy() if hasattr(tensor, "detach") else tensor, dtype="<f4")
+        array = np.ascontiguousarray(
+            tensor.detach().cpu().numpy() if hasattr(tensor, "detach") else tensor, dtype="<f4"
+        )
         spec = self.specs.get(kind)
         assert spec is not None, f"no agreed shape for {kind.name}"
         spec.check(kind, tuple(array.shape))
@@ -388,7 +419,7 @@ class Channel:
             self.bytes_sent += len(frame)
         except ssl.SSLError as exc:
             raise _ConnectionLost(f"TLS error while sending: {exc.reason or exc}") from exc
-        except (socket.timeout, TimeoutError) as exc:
+        except TimeoutError as exc:
             raise PeerGone(f"{self.peer_name} took no data for {self.timeout:g} s") from exc
         except OSError as exc:
             raise _ConnectionLost(exc.strerror or str(exc)) from exc
@@ -411,24 +442,28 @@ class Channel:
         while got < count:
             try:
                 n = self._sock.recv_into(view[got:], count - got)
-            except (socket.timeout, TimeoutError) as exc:
+            except TimeoutError as exc:
                 raise PeerGone(f"no message from {self.peer_name} for {self.timeout:g} s (is it alive?)") from exc
             except ssl.SSLEOFError:
                 n = 0
             except ssl.SSLError as exc:
                 raise TamperedMessage(
                     f"a TLS record from {self.peer_name} failed its integrity check ({exc.reason or exc}): the data was "
-                    "tampered with or corrupted in transit; stopping") from exc
+                    "tampered with or corrupted in transit; stopping"
+                ) from exc
             except OSError as exc:
                 if started or got:
-                    raise TruncatedMessage(f"the connection to {self.peer_name} broke in the middle of the {what} "
-                                           f"({exc.strerror or exc}); stopping") from exc
+                    raise TruncatedMessage(
+                        f"the connection to {self.peer_name} broke in the middle of the {what} "
+                        f"({exc.strerror or exc}); stopping"
+                    ) from exc
                 raise _ConnectionLost(exc.strerror or str(exc)) from exc
             if n == 0:
                 if started or got:
                     raise TruncatedMessage(
                         f"truncated message from {self.peer_name}: the connection ended after {got} of {count} bytes "
-                        f"of the {what}; stopping")
+                        f"of the {what}; stopping"
+                    )
                 raise _ConnectionLost("the peer closed the connection")
             got += n
         self.bytes_received += count
@@ -462,10 +497,14 @@ class Channel:
             if seq <= self.received:  # a resend we already have (after a reconnect): skip it
                 self._read_exact(length, True, f"{kind.name} payload")
                 return self._read_frame(expected, sequenced)
-            raise ProtocolViolation(f"{self.peer_name} sent message {seq}, expected {self.received + 1} (messages lost)")
+            raise ProtocolViolation(
+                f"{self.peer_name} sent message {seq}, expected {self.received + 1} (messages lost)"
+            )
         if dtype == DType.JSON:
             if ndim or length > MAX_JSON_BYTES:
-                raise ProtocolViolation(f"{kind.name} control message of {length} bytes / {ndim} dims; at most {MAX_JSON_BYTES} bytes, no dims")
+                raise ProtocolViolation(
+                    f"{kind.name} control message of {length} bytes / {ndim} dims; at most {MAX_JSON_BYTES} bytes, no dims"
+                )
             try:
                 payload = json.loads(self._read_exact(length, True, f"{kind.name} payload"))
             except ValueError as exc:
@@ -476,8 +515,9 @@ class Channel:
                 raise ProtocolViolation(f"{kind.name} message carries a tensor; none is agreed for it")
             spec.check(kind, tuple(dims))
             if length != math.prod(dims) * 4:
-                raise ProtocolViolation(f"{kind.name} message of shape {list(dims)} carries {length} bytes, "
-                                        f"not {math.prod(dims) * 4}")
+                raise ProtocolViolation(
+                    f"{kind.name} message of shape {list(dims)} carries {length} bytes, not {math.prod(dims) * 4}"
+                )
             payload = np.frombuffer(self._read_exact(length, True, f"{kind.name} payload"), dtype="<f4").reshape(dims)
             if not np.isfinite(payload).all():
                 raise ProtocolViolation(f"{kind.name} message from {self.peer_name} holds non-finite values")

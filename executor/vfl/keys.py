@@ -32,7 +32,9 @@ def common_name(party: str) -> str:
 
 def _openssl(*args: str, cwd: Path) -> None:
     if shutil.which("openssl") is None:
-        raise UserError("the `openssl` command is needed to make certificates; install OpenSSL (e.g. apt-get install openssl)")
+        raise UserError(
+            "the `openssl` command is needed to make certificates; install OpenSSL (e.g. apt-get install openssl)"
+        )
     proc = subprocess.run(["openssl", *args], cwd=cwd, capture_output=True, text=True)
     if proc.returncode != 0:
         raise UserError(f"openssl {args[0]} failed: {proc.stderr.strip()[-500:]}")
@@ -45,7 +47,9 @@ def make_keys(out: str | Path, days: int = 30, force: bool = False) -> list[Path
         raise UserError(f"--out {out} is a file, not a folder")
     existing = [name for name in FILES if (out / name).exists()]
     if existing and not force:
-        raise UserError(f"{out} already holds {', '.join(existing)}; choose another folder or pass --force to replace them")
+        raise UserError(
+            f"{out} already holds {', '.join(existing)}; choose another folder or pass --force to replace them"
+        )
     if days < 1:
         raise UserError(f"--days must be at least 1, got {days}")
     out.mkdir(parents=True, exist_ok=True)
@@ -58,14 +62,57 @@ def make_keys(out: str | Path, days: int = 30, force: bool = False) -> list[Path
             "extendedKeyUsage=serverAuth,clientAuth\n"
         )
         _openssl("ecparam", "-name", "prime256v1", "-genkey", "-noout", "-out", "ca.key", cwd=work)
-        _openssl("req", "-x509", "-new", "-key", "ca.key", "-sha256", "-days", str(days), "-subj", "/CN=hetplan-vfl-job-ca",
-                 "-addext", "basicConstraints=critical,CA:TRUE", "-addext", "keyUsage=critical,keyCertSign,cRLSign",
-                 "-out", "ca.crt", cwd=work)
+        _openssl(
+            "req",
+            "-x509",
+            "-new",
+            "-key",
+            "ca.key",
+            "-sha256",
+            "-days",
+            str(days),
+            "-subj",
+            "/CN=hetplan-vfl-job-ca",
+            "-addext",
+            "basicConstraints=critical,CA:TRUE",
+            "-addext",
+            "keyUsage=critical,keyCertSign,cRLSign",
+            "-out",
+            "ca.crt",
+            cwd=work,
+        )
         for party in PARTIES:
             _openssl("ecparam", "-name", "prime256v1", "-genkey", "-noout", "-out", f"{party}.key", cwd=work)
-            _openssl("req", "-new", "-key", f"{party}.key", "-subj", f"/CN={common_name(party)}", "-out", f"{party}.csr", cwd=work)
-            _openssl("x509", "-req", "-in", f"{party}.csr", "-CA", "ca.crt", "-CAkey", "ca.key", "-CAcreateserial",
-                     "-days", str(days), "-sha256", "-extfile", "party.ext", "-out", f"{party}.crt", cwd=work)
+            _openssl(
+                "req",
+                "-new",
+                "-key",
+                f"{party}.key",
+                "-subj",
+                f"/CN={common_name(party)}",
+                "-out",
+                f"{party}.csr",
+                cwd=work,
+            )
+            _openssl(
+                "x509",
+                "-req",
+                "-in",
+                f"{party}.csr",
+                "-CA",
+                "ca.crt",
+                "-CAkey",
+                "ca.key",
+                "-CAcreateserial",
+                "-days",
+                str(days),
+                "-sha256",
+                "-extfile",
+                "party.ext",
+                "-out",
+                f"{party}.crt",
+                cwd=work,
+            )
         written = []
         for name in FILES:
             target = out / name
@@ -81,5 +128,7 @@ def party_files(certs: str | Path, party: str) -> tuple[Path, Path, Path]:
     files = (certs / "ca.crt", certs / f"{party}.crt", certs / f"{party}.key")
     missing = [str(p) for p in files if not p.is_file()]
     if missing:
-        raise UserError(f"--certs {certs}: missing {', '.join(missing)}; make them with `execute vfl keys --out {certs}`")
+        raise UserError(
+            f"--certs {certs}: missing {', '.join(missing)}; make them with `execute vfl keys --out {certs}`"
+        )
     return files

@@ -28,17 +28,17 @@ from __future__ import annotations
 import sys
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
-from typing import Callable, Literal
+from typing import Literal
 
 import numpy as np
-
-from hwmodel.errors import UserError
-from workloads import vfl as wl
 
 from executor.vfl import checkpoint as ckpt
 from executor.vfl.channel import Channel, ChannelError, MsgType, TensorSpec
 from executor.vfl.workset import DEFAULT_WEIGHT_THRESHOLD, Workset, instance_weights
+from hwmodel.errors import UserError
+from workloads import vfl as wl
 
 Mode = Literal["vanilla", "fedbcd", "celu"]
 # Both parties must agree on these (checked in HELLO) or the run is refused.
@@ -77,8 +77,10 @@ class PartyConfig:
         if self.mode not in ("vanilla", "fedbcd", "celu"):
             raise UserError(f"mode must be vanilla, fedbcd or celu, got {self.mode!r}")
         if self.mode == "vanilla" and (self.workset, self.local_updates) != (1, 1):
-            raise UserError(f"vanilla VFL has W=1 and R=1; the plan says W={self.workset}, R={self.local_updates} "
-                            "(use mode fedbcd or celu for local updates)")
+            raise UserError(
+                f"vanilla VFL has W=1 and R=1; the plan says W={self.workset}, R={self.local_updates} "
+                "(use mode fedbcd or celu for local updates)"
+            )
         if self.mode == "fedbcd" and self.workset != 1:
             raise UserError(f"FedBCD reuses only the latest batch (W=1); the plan says W={self.workset}")
         if self.epochs < 1:
@@ -100,9 +102,15 @@ class PartyConfig:
         return self.eval_every or wl.batches_per_epoch(self.workload)
 
     def agreed(self) -> dict:
-        return {"workload": self.workload.fingerprint(), "mode": self.mode, "workset": self.workset,
-                "local_updates": self.local_updates, "total_rounds": self.total_rounds, "eval_every": self.eval_interval,
-                "checkpoint_every": self.checkpoint_every}
+        return {
+            "workload": self.workload.fingerprint(),
+            "mode": self.mode,
+            "workset": self.workset,
+            "local_updates": self.local_updates,
+            "total_rounds": self.total_rounds,
+            "eval_every": self.eval_interval,
+            "checkpoint_every": self.checkpoint_every,
+        }
 
 
 @dataclass
@@ -224,9 +232,17 @@ class _Party:
     def run(self) -> PartyResult:
         cfg = self.cfg
         start_wall = time.perf_counter()
-        channel = Channel(cfg.party, cfg.certs, listen=cfg.listen, connect=cfg.connect, timeout=cfg.timeout,
-                          connect_timeout=cfg.connect_timeout, reconnect_timeout=cfg.reconnect_timeout, tap=cfg.tap,
-                          log=self.log)
+        channel = Channel(
+            cfg.party,
+            cfg.certs,
+            listen=cfg.listen,
+            connect=cfg.connect,
+            timeout=cfg.timeout,
+            connect_timeout=cfg.connect_timeout,
+            reconnect_timeout=cfg.reconnect_timeout,
+            tap=cfg.tap,
+            log=self.log,
+        )
         bg = None
         try:
             channel.open()
@@ -263,8 +279,12 @@ class _Party:
 
     def _hello(self, channel: Channel) -> int:
         """Exchange what each side runs; refuse a mismatch; agree on the round to start from."""
-        mine = {**self.cfg.agreed(), "party": self.cfg.party, "resume": self.cfg.resume,
-                "checkpoints": ckpt.available(self.cfg.checkpoint_dir, self.cfg.party) if self.cfg.resume else []}
+        mine = {
+            **self.cfg.agreed(),
+            "party": self.cfg.party,
+            "resume": self.cfg.resume,
+            "checkpoints": ckpt.available(self.cfg.checkpoint_dir, self.cfg.party) if self.cfg.resume else [],
+        }
         if self.cfg.party == "active":
             channel.send_json(MsgType.HELLO, 0, mine)
             theirs = channel.recv(MsgType.HELLO).payload
@@ -274,20 +294,26 @@ class _Party:
         if not isinstance(theirs, dict) or set(theirs) != set(mine):
             raise ChannelError(f"malformed HELLO from the {channel.peer_party} party")
         if theirs["party"] != channel.peer_party:
-            raise ChannelError(f"the peer says it is the {theirs['party']} party; expected the {channel.peer_party} party")
+            raise ChannelError(
+                f"the peer says it is the {theirs['party']} party; expected the {channel.peer_party} party"
+            )
         for key in AGREED:
             if theirs[key] != mine[key]:
-                raise UserError(f"the parties disagree on {key}: {self.cfg.party} has {mine[key]!r}, "
-                                f"{channel.peer_party} has {theirs[key]!r}; start both with the same workload, plan and options")
+                raise UserError(
+                    f"the parties disagree on {key}: {self.cfg.party} has {mine[key]!r}, "
+                    f"{channel.peer_party} has {theirs[key]!r}; start both with the same workload, plan and options"
+                )
         if theirs["resume"] != mine["resume"]:
             raise UserError("one party was started with --resume and the other without; resume both or neither")
         if not mine["resume"]:
             return 0
         common = sorted(set(mine["checkpoints"]) & set(theirs["checkpoints"]))
         if not common:
-            raise UserError(f"--resume: no checkpoint round that both parties have (active: "
-                            f"{mine['checkpoints'] if self.cfg.party == 'active' else theirs['checkpoints']}, passive: "
-                            f"{theirs['checkpoints'] if self.cfg.party == 'active' else mine['checkpoints']})")
+            raise UserError(
+                f"--resume: no checkpoint round that both parties have (active: "
+                f"{mine['checkpoints'] if self.cfg.party == 'active' else theirs['checkpoints']}, passive: "
+                f"{theirs['checkpoints'] if self.cfg.party == 'active' else mine['checkpoints']})"
+            )
         start = common[-1]
         self._load(ckpt.load(self.cfg.checkpoint_dir, self.cfg.party, start))
         self.log(f"resumed from the checkpoint of round {start}")
@@ -327,11 +353,17 @@ class _Party:
         self.result.train_time_s = self.train_clock
 
     def _state(self, done: int) -> dict:
-        return {"round": done, "models": {k: m.state_dict() for k, m in self.models.items()},
-                "optimizer": self.optimizer.state_dict(), "workset": self.workset.state(),
-                "train_clock": self.train_clock, "evals": list(self.result.evals),
-                "epoch_times_s": list(self.result.epoch_times_s), "local_updates_done": self.result.local_updates_done,
-                "torch_rng": self.torch.get_rng_state()}
+        return {
+            "round": done,
+            "models": {k: m.state_dict() for k, m in self.models.items()},
+            "optimizer": self.optimizer.state_dict(),
+            "workset": self.workset.state(),
+            "train_clock": self.train_clock,
+            "evals": list(self.result.evals),
+            "epoch_times_s": list(self.result.epoch_times_s),
+            "local_updates_done": self.result.local_updates_done,
+            "torch_rng": self.torch.get_rng_state(),
+        }
 
     def _load(self, state: dict) -> None:
         for key, module in self.models.items():
@@ -360,7 +392,9 @@ class ActiveParty(_Party):
         self.bottom = wl.active_bottom_model(self.wcfg)
         self.top = wl.top_model(self.wcfg)
         self.models = {"bottom": self.bottom, "top": self.top}
-        self.optimizer = torch.optim.Adam([*self.bottom.parameters(), *self.top.parameters()], lr=self.wcfg.learning_rate)
+        self.optimizer = torch.optim.Adam(
+            [*self.bottom.parameters(), *self.top.parameters()], lr=self.wcfg.learning_rate
+        )
 
     def _losses(self, idx, z_passive):
         logits = self.top(z_passive, self.bottom(self.dense[idx]))
@@ -412,14 +446,20 @@ class ActiveParty(_Party):
             for i, idx in enumerate(wl.test_batches(self.wcfg)):
                 msg = channel.recv(MsgType.EVAL_ACTIVATIONS)
                 if msg.tag != i or msg.payload.shape[0] != len(idx):
-                    raise ChannelError(f"evaluation batch {msg.tag} of {msg.payload.shape[0]} rows arrived; expected "
-                                       f"batch {i} of {len(idx)}")
+                    raise ChannelError(
+                        f"evaluation batch {msg.tag} of {msg.payload.shape[0]} rows arrived; expected "
+                        f"batch {i} of {len(idx)}"
+                    )
                 z = torch.from_numpy(msg.payload.copy())
                 scores.append(self.top(z, self.bottom(torch.from_numpy(self.test_dense[idx]))).numpy())
         value = auc(np.concatenate(scores), self.test_labels)
         per_epoch = wl.batches_per_epoch(self.wcfg)
-        self.result.evals.append({"round": done, "epoch": done / per_epoch, "train_time_s": self.train_clock, "auc": value})
-        self.log(f"round {done} (epoch {done / per_epoch:.2f}): test AUC {value:.4f}, training time {self.train_clock:.1f} s")
+        self.result.evals.append(
+            {"round": done, "epoch": done / per_epoch, "train_time_s": self.train_clock, "auc": value}
+        )
+        self.log(
+            f"round {done} (epoch {done / per_epoch:.2f}): test AUC {value:.4f}, training time {self.train_clock:.1f} s"
+        )
 
     def _finish(self, channel: Channel) -> None:
         channel.send_json(MsgType.CONTROL, self.cfg.total_rounds, {"op": "done"})

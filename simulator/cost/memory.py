@@ -68,7 +68,9 @@ def model_state_memory(num_params: float, dtype: str, optimizer: str, dp_type: s
     )
 
 
-def micro_batches_in_flight(schedule: str, stage: int, num_stages: int, num_micro_batches: int, virtual_stages: int) -> float:
+def micro_batches_in_flight(
+    schedule: str, stage: int, num_stages: int, num_micro_batches: int, virtual_stages: int
+) -> float:
     """How many micro-batches' worth of a stage's activations are alive at its peak.
 
     GPipe keeps all forward passes before any backward. 1F1B keeps at most (p - stage) on stage `stage`.

@@ -20,7 +20,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from hwmodel.cluster import ClusterSpec, GroupSpan
-
 from simulator.binding import BoundStage
 from simulator.cost.collectives import collective_time
 
@@ -33,7 +32,7 @@ class Layout:
     sp: bool
 
     @classmethod
-    def of(cls, tp: int, sequence_parallel: bool) -> "Layout":
+    def of(cls, tp: int, sequence_parallel: bool) -> Layout:
         """Sequence parallelism means nothing without tensor parallelism: tp 1 is one layout either way."""
         return cls(tp, bool(sequence_parallel and tp > 1))
 
@@ -60,8 +59,9 @@ class Relayout:
 NONE = Relayout()
 
 
-def relayout(cluster: ClusterSpec, stage: BoundStage, rank: int, src: Layout, dst: Layout,
-             bytes_per_sequence: float) -> Relayout:
+def relayout(
+    cluster: ClusterSpec, stage: BoundStage, rank: int, src: Layout, dst: Layout, bytes_per_sequence: float
+) -> Relayout:
     """The collectives that move the activations of `rank` from layout `src` to `dst` (and their gradients
     back), with `bytes_per_sequence` the bytes of one whole sequence's activations (tokens x hidden x
     element; under context parallelism, this rank's tokens)."""

@@ -14,16 +14,15 @@ from dataclasses import dataclass, field, replace
 
 from hwmodel.cluster import ClusterSpec, GroupSpan
 from hwmodel.components import DeviceSpec, LinkSpec
-from workloads.activations import block_activations, supports_tokenwise
-from workloads.ops import Collective, LayerProfile, ShardShape, kernel_family
-from workloads.transformer import layer_profile
-
 from simulator.binding import BoundPlan, BoundStage, LayerRun
-from simulator.errors import InfeasiblePlan, UnsupportedPlan
 from simulator.cost.collectives import collective_time
 from simulator.cost.compute import DTYPE_BYTES, LayerTimes, Roofline, layer_times, optimizer_time, roofline
 from simulator.cost.memory import OPTIMIZER_TRAFFIC, micro_batches_in_flight, model_state_memory, state_bytes
 from simulator.cost.relayout import NONE, Layout, Relayout, relayout
+from simulator.errors import InfeasiblePlan, UnsupportedPlan
+from workloads.activations import block_activations, supports_tokenwise
+from workloads.ops import Collective, LayerProfile, ShardShape, kernel_family
+from workloads.transformer import layer_profile
 
 
 def overlapped(compute: float, comm: float, sigma: float) -> float:
@@ -339,19 +338,41 @@ def stage_cost(bound: BoundPlan, stage: BoundStage, rank: int, memo: dict | None
         else:
             saved = prof.saved_bytes[run.recompute]
             # Under a MEMO plan alpha is the blocks' token share; the input and output layers keep theirs.
-            if run.offload > 0 and not (plan.recompute == "tokenwise" and run.kind in ("embedding", "patch_embedding", "head")):
+            if run.offload > 0 and not (
+                plan.recompute == "tokenwise" and run.kind in ("embedding", "patch_embedding", "head")
+            ):
                 host = run.offload * saved
                 copy = host / host_bw
                 saved *= 1.0 - run.offload
         rc = RunCost(
-            run=run, profile=prof, times=times, spans=spans, dp=dp, recompute=recompute,
-            tp_forward=tp_fwd, tp_backward=tp_bwd, cp_forward=cp_fwd, cp_backward=cp_bwd,
-            gather=gather, scatter=scatter, gather_bytes=gather_bytes, scatter_bytes=scatter_bytes,
-            reduce=reduce, reduce_bytes=grad_bytes, reduce_kind=reduce_kind, regather=regather,
-            offload_copy=copy, saved=saved,
+            run=run,
+            profile=prof,
+            times=times,
+            spans=spans,
+            dp=dp,
+            recompute=recompute,
+            tp_forward=tp_fwd,
+            tp_backward=tp_bwd,
+            cp_forward=cp_fwd,
+            cp_backward=cp_bwd,
+            gather=gather,
+            scatter=scatter,
+            gather_bytes=gather_bytes,
+            scatter_bytes=scatter_bytes,
+            reduce=reduce,
+            reduce_bytes=grad_bytes,
+            reduce_kind=reduce_kind,
+            regather=regather,
+            offload_copy=copy,
+            saved=saved,
             # Backward re-materializes, for one layer at a time, what its recompute mode dropped.
-            transient=_transient(prof, run.recompute, host), sigma=sigma, host=host, copy_on_compute=device.kind == "cpu",
-            dp_copy_forward=dp_copy_forward, dp_copy_backward=dp_copy_backward, reduce_copy=reduce_copy,
+            transient=_transient(prof, run.recompute, host),
+            sigma=sigma,
+            host=host,
+            copy_on_compute=device.kind == "cpu",
+            dp_copy_forward=dp_copy_forward,
+            dp_copy_backward=dp_copy_backward,
+            reduce_copy=reduce_copy,
             blocking_dp=framework.blocking_collectives,
         )
         runs.append(rc)
@@ -470,7 +491,9 @@ def _transient(prof: LayerProfile, recompute: str, host: float) -> float:
 def host_memory_per_device(bound: BoundPlan, stage: BoundStage, host_activations: float) -> float:
     """Host bytes one device of `stage` fills with swapped activations at the schedule's peak."""
     plan = bound.plan
-    k = micro_batches_in_flight(plan.schedule, stage.index, len(bound.stages), bound.num_micro_batches, plan.virtual_stages)
+    k = micro_batches_in_flight(
+        plan.schedule, stage.index, len(bound.stages), bound.num_micro_batches, plan.virtual_stages
+    )
     return k * host_activations
 
 
@@ -505,7 +528,9 @@ def peak_activations(cost: StageCost, bound: BoundPlan, stage: BoundStage) -> fl
     The interleaved schedule keeps partial chunks in flight; it is bounded by k * S + max transient.
     """
     plan = bound.plan
-    k = micro_batches_in_flight(plan.schedule, stage.index, len(bound.stages), bound.num_micro_batches, plan.virtual_stages)
+    k = micro_batches_in_flight(
+        plan.schedule, stage.index, len(bound.stages), bound.num_micro_batches, plan.virtual_stages
+    )
     total = cost.saved_activations
     if plan.schedule == "interleaved":
         return k * total + max((rc.transient for rc in cost.runs), default=0.0)

@@ -30,13 +30,12 @@ from dataclasses import dataclass, field
 import simpy
 
 from hwmodel.cluster import GroupSpan, Tier
-from workloads.ops import Collective
-
 from simulator.binding import BoundPlan, BoundStage, bind
 from simulator.cost.collectives import latency_steps
 from simulator.cost.stage import RunCost, StageCost, buffer_memory, stage_cost
-from simulator.schedules import Op, stage_order
 from simulator.des.fluid import FluidNetwork, Port
+from simulator.schedules import Op, stage_order
+from workloads.ops import Collective
 
 TIER_PORT = {Tier.NODE: "intra", Tier.SITE: "nic", Tier.WAN: "wan"}
 
@@ -156,7 +155,9 @@ class Simulation:
         capacities = {
             "intra": node.intra_node.peak_bandwidth,
             "pcie": node.host_link.peak_bandwidth,
-            "nic": (node.network.peak_bandwidth * node.network.ports / node.num_devices) if node.network else float("inf"),
+            "nic": (node.network.peak_bandwidth * node.network.ports / node.num_devices)
+            if node.network
+            else float("inf"),
             "wan": max((w.link.peak_bandwidth for w in cluster.wan), default=float("inf")),
         }
         for name, capacity in capacities.items():
@@ -218,8 +219,18 @@ class Simulation:
             return [[(level.tier, nbytes, level.bandwidth_for(kind))]], max(1, span.size - 1) * level.latency_for(kind)
         raise AssertionError(kind)
 
-    def _collective(self, rep: Rep, kind: str, nbytes: float, span: GroupSpan, *, count: int = 1,
-                    slows_compute: bool = False, name: str = "", category: str = "comm"):
+    def _collective(
+        self,
+        rep: Rep,
+        kind: str,
+        nbytes: float,
+        span: GroupSpan,
+        *,
+        count: int = 1,
+        slows_compute: bool = False,
+        name: str = "",
+        category: str = "comm",
+    ):
         """Process: `count` back-to-back collectives of `kind` as flows on `rep`'s ports."""
         phases, latency = self._phases(kind, nbytes, span)
         if not phases:
@@ -262,8 +273,11 @@ class Simulation:
         elif rc.gather:
             side.append(self.env.process(self._zero3(rep, rc, "all_gather", dp_span, count, slows_compute=True)))
         if rc.offload_copy and not rc.copy_on_compute:
-            side.append(self.net.transfer(count * rc.offload_copy * rep.cost.host_link.effective_bandwidth,
-                                          (rep.ports["pcie.tx"],)))
+            side.append(
+                self.net.transfer(
+                    count * rc.offload_copy * rep.cost.host_link.effective_bandwidth, (rep.ports["pcie.tx"],)
+                )
+            )
         busy = count * (rc.times.forward + rc.dp_copy_forward)
         work = self.net.compute(rep, busy, rc.sigma)
         yield simpy.AllOf(self.env, [work, *side])
@@ -288,8 +302,11 @@ class Simulation:
         elif rc.gather:
             side.append(self.env.process(self._zero3_backward(rep, rc, dp_span, count)))
         if rc.offload_copy and not rc.copy_on_compute:
-            side.append(self.net.transfer(count * rc.offload_copy * rep.cost.host_link.effective_bandwidth,
-                                          (rep.ports["pcie.rx"],)))
+            side.append(
+                self.net.transfer(
+                    count * rc.offload_copy * rep.cost.host_link.effective_bandwidth, (rep.ports["pcie.rx"],)
+                )
+            )
         busy = count * (rc.times.backward + rc.recompute + rc.dp_copy_backward)
         work = self.net.compute(rep, busy, rc.sigma)
         yield simpy.AllOf(self.env, [work, *side])
@@ -327,8 +344,16 @@ class Simulation:
         """Process: a run's ZeRO-3 weight gather (all_gather) or gradient reduce-scatter."""
         gather = kind == "all_gather"
         nbytes = rc.gather_bytes if gather else rc.scatter_bytes
-        yield from self._collective(rep, kind, nbytes, span, count=count, slows_compute=slows_compute,
-                                    name=f"{'gather' if gather else 'scatter'} L{rc.run.first}", category="zero3")
+        yield from self._collective(
+            rep,
+            kind,
+            nbytes,
+            span,
+            count=count,
+            slows_compute=slows_compute,
+            name=f"{'gather' if gather else 'scatter'} L{rc.run.first}",
+            category="zero3",
+        )
 
     def _zero3_backward(self, rep: Rep, rc: RunCost, span: GroupSpan, count: int):
         gather = self.env.process(self._zero3(rep, rc, "all_gather", span, count, slows_compute=True))
@@ -440,8 +465,15 @@ class Simulation:
         for rc in rep.cost.runs:
             if rc.regather:
                 span = rc.dp_span
-                yield from self._collective(rep, "all_gather", rc.profile.params_local * self._weight_bytes(), span,
-                                            count=rc.count, name="gather updated weights", category="reduce")
+                yield from self._collective(
+                    rep,
+                    "all_gather",
+                    rc.profile.params_local * self._weight_bytes(),
+                    span,
+                    count=rc.count,
+                    name="gather updated weights",
+                    category="reduce",
+                )
         self._account(rep, "tail", self.env.now - t)
         rep.finish = self.env.now
 
@@ -474,11 +506,13 @@ class Simulation:
 
     def _reduce_now(self, rep: Rep, rc: RunCost, span: GroupSpan):
         if rc.reduce:
-            yield from self._collective(rep, rc.reduce_kind, rc.reduce_bytes, span, name=f"reduce grads L{rc.run.first}",
-                                        category="reduce")
+            yield from self._collective(
+                rep, rc.reduce_kind, rc.reduce_bytes, span, name=f"reduce grads L{rc.run.first}", category="reduce"
+            )
         if self._tied(rc):
-            yield from self._collective(rep, "all_reduce", rep.cost.tied_reduce_bytes, span,
-                                        name="reduce tied embedding", category="reduce")
+            yield from self._collective(
+                rep, "all_reduce", rep.cost.tied_reduce_bytes, span, name="reduce tied embedding", category="reduce"
+            )
 
     def _sync(self, siblings: list[Rep], rep: Rep, key: tuple):
         """Reps of one stage (different device types) finish each operation together: their data
@@ -522,8 +556,9 @@ class Simulation:
         self.env.run()
         iteration = max(rep.finish for rep in self.reps)
         ports = {port.name: port for rep in self.reps for port in rep.ports.values()}
-        return DesResult(self.bound, iteration, self.reps, self.stage_reps, self.trace, ports, self.num_tasks,
-                         self.compute_tasks)
+        return DesResult(
+            self.bound, iteration, self.reps, self.stage_reps, self.trace, ports, self.num_tasks, self.compute_tasks
+        )
 
 
 def simulate(plan, workload, cluster, record_trace: bool = False) -> DesResult:

@@ -30,7 +30,7 @@ class Port:
 
     name: str
     capacity: float  # bytes/s
-    flows: list["Job"] = field(default_factory=list)
+    flows: list[Job] = field(default_factory=list)
     bytes_moved: float = 0.0
 
 
@@ -58,7 +58,11 @@ class FluidNetwork:
 
     # ---- public ----------------------------------------------------------------------------------
     def transfer(
-        self, nbytes: float, ports: tuple[Port, ...], cap: float = float("inf"), device: object = None,
+        self,
+        nbytes: float,
+        ports: tuple[Port, ...],
+        cap: float = float("inf"),
+        device: object = None,
         slows_compute: bool = False,
     ) -> simpy.Event:
         """Move `nbytes` through `ports`; the event fires when the last byte arrives."""

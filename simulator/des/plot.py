@@ -8,9 +8,9 @@ from pathlib import Path
 import matplotlib
 
 matplotlib.use("Agg")  # files only: works without a display
-import matplotlib.pyplot as plt  # noqa: E402
+import matplotlib.pyplot as plt
 
-from simulator.des.engine import DesResult  # noqa: E402
+from simulator.des.engine import DesResult
 
 COLORS = {
     "forward": "#4C72B0",
@@ -28,14 +28,20 @@ def plot_timeline(result: DesResult, path: Path, title: str = "") -> None:
     """Save a Gantt chart of compute streams and a memory-over-time chart to `path` (PNG)."""
     reps = result.reps
     fig, (gantt, memory) = plt.subplots(
-        2, 1, figsize=(12, 2 + 0.45 * len(reps) + 3), sharex=True,
+        2,
+        1,
+        figsize=(12, 2 + 0.45 * len(reps) + 3),
+        sharex=True,
         gridspec_kw={"height_ratios": [max(2, 0.45 * len(reps)), 3]},
     )
     scale = 1e3  # milliseconds
     for row, rep in enumerate(reps):
         for category in COLORS:
-            bars = [(e.start * scale, (e.end - e.start) * scale) for e in result.trace
-                    if e.rep == rep.index and e.track == "compute" and e.category == category]
+            bars = [
+                (e.start * scale, (e.end - e.start) * scale)
+                for e in result.trace
+                if e.rep == rep.index and e.track == "compute" and e.category == category
+            ]
             if bars:
                 gantt.broken_barh(bars, (row - 0.4, 0.8), facecolors=COLORS[category], label=category)
     gantt.set_yticks(range(len(reps)), [rep.label() for rep in reps])

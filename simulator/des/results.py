@@ -4,8 +4,8 @@ and the moment of the memory peak."""
 from __future__ import annotations
 
 from simulator.assemble import DeviceMemory, StageTiming, assemble_report
-from simulator.report import MemoryBreakdown, Report, TimeBreakdown
 from simulator.des.engine import DesResult, Rep
+from simulator.report import MemoryBreakdown, Report, TimeBreakdown
 
 
 def _breakdown(rep: Rep, iteration: float) -> TimeBreakdown:
@@ -20,8 +20,12 @@ def _breakdown(rep: Rep, iteration: float) -> TimeBreakdown:
     # The rep's own last moment may come before the iteration's end (another stage finishes later).
     bubble = max(0.0, iteration - (compute + recompute + comm + stall + optimizer))
     return TimeBreakdown(
-        compute=compute, recompute=recompute, exposed_communication=comm, pipeline_bubble=bubble,
-        offload_stall=stall, optimizer=optimizer,
+        compute=compute,
+        recompute=recompute,
+        exposed_communication=comm,
+        pipeline_bubble=bubble,
+        offload_stall=stall,
+        optimizer=optimizer,
     )
 
 
@@ -40,8 +44,11 @@ def des_report(result: DesResult) -> Report:
         c = rep.cost
         base = c.weights + c.gradients + c.optimizer_states
         memory = MemoryBreakdown(
-            weights=c.weights, gradients=c.gradients, optimizer=c.optimizer_states,
-            activations=rep.memory_peak - rep.memory_base, buffers=rep.memory_base - base,
+            weights=c.weights,
+            gradients=c.gradients,
+            optimizer=c.optimizer_states,
+            activations=rep.memory_peak - rep.memory_base,
+            buffers=rep.memory_base - base,
         )
         memories.append(DeviceMemory(rep.stage.index, rep.rank, c.device, memory))
     peak_rep = max(result.reps, key=lambda r: r.memory_peak)
@@ -51,6 +58,12 @@ def des_report(result: DesResult) -> Report:
         if port.bytes_moved > 0 and port.capacity != float("inf")
     }
     return assemble_report(
-        bound, "des", iteration, breakdown, stages, memories,
-        link_utilization=utilization, peak_memory_time_s=peak_rep.memory_peak_time,
+        bound,
+        "des",
+        iteration,
+        breakdown,
+        stages,
+        memories,
+        link_utilization=utilization,
+        peak_memory_time_s=peak_rep.memory_peak_time,
     )

@@ -20,23 +20,44 @@ def trace_events(result: DesResult) -> list[dict]:
     tids: dict[tuple[int, str], int] = {}
     for rep in result.reps:
         events.append({"ph": "M", "name": "process_name", "pid": rep.index, "tid": 0, "args": {"name": rep.label()}})
-        events.append({"ph": "M", "name": "process_sort_index", "pid": rep.index, "tid": 0, "args": {"sort_index": rep.index}})
+        events.append(
+            {"ph": "M", "name": "process_sort_index", "pid": rep.index, "tid": 0, "args": {"sort_index": rep.index}}
+        )
         tids[(rep.index, "compute")] = COMPUTE_TID
-        events.append({"ph": "M", "name": "thread_name", "pid": rep.index, "tid": COMPUTE_TID, "args": {"name": "compute"}})
+        events.append(
+            {"ph": "M", "name": "thread_name", "pid": rep.index, "tid": COMPUTE_TID, "args": {"name": "compute"}}
+        )
     for event in result.trace:
         key = (event.rep, event.track)
         if key not in tids:
             tids[key] = len([k for k in tids if k[0] == event.rep])
-            events.append({"ph": "M", "name": "thread_name", "pid": event.rep, "tid": tids[key],
-                           "args": {"name": event.track}})
-        events.append({
-            "ph": "X", "name": event.name, "cat": event.category, "pid": event.rep, "tid": tids[key],
-            "ts": event.start * 1e6, "dur": (event.end - event.start) * 1e6, "args": event.args,
-        })
+            events.append(
+                {"ph": "M", "name": "thread_name", "pid": event.rep, "tid": tids[key], "args": {"name": event.track}}
+            )
+        events.append(
+            {
+                "ph": "X",
+                "name": event.name,
+                "cat": event.category,
+                "pid": event.rep,
+                "tid": tids[key],
+                "ts": event.start * 1e6,
+                "dur": (event.end - event.start) * 1e6,
+                "args": event.args,
+            }
+        )
     for rep in result.reps:
         for time, nbytes in rep.memory_events:
-            events.append({"ph": "C", "name": "memory", "pid": rep.index, "tid": 0, "ts": time * 1e6,
-                           "args": {"GiB": nbytes / 2**30}})
+            events.append(
+                {
+                    "ph": "C",
+                    "name": "memory",
+                    "pid": rep.index,
+                    "tid": 0,
+                    "ts": time * 1e6,
+                    "args": {"GiB": nbytes / 2**30},
+                }
+            )
     return events
 
 

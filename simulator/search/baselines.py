@@ -15,14 +15,13 @@ from dataclasses import dataclass, field
 
 from hwmodel.cluster import ClusterSpec
 from hwmodel.units import format_bytes
-from workloads.config import WorkloadConfig
-
 from simulator.analytic import evaluate_bound
 from simulator.binding import bind
 from simulator.errors import InfeasiblePlan, UnsupportedPlan
 from simulator.plan import LayerStrategy, Plan
 from simulator.report import Report
 from simulator.search.galvatron.space import powers_of_two, sp_allowed, tp_allowed
+from workloads.config import WorkloadConfig
 
 
 @dataclass
@@ -43,19 +42,32 @@ def _family(workload: WorkloadConfig, cluster: ClusterSpec, batches: list[int], 
     n = cluster.num_devices
     L = workload.num_layers
     node = min(g.node.num_devices for g in cluster.node_groups)
-    fam: dict[str, list[dict]] = {name: [] for name in (
-        "pure DP", "ZeRO-3 DP", "pure TP", "pure PP", "Megatron 3D", "Megatron 3D + recompute",
-        "DeepSpeed ZeRO-3 + recompute")}
+    fam: dict[str, list[dict]] = {
+        name: []
+        for name in (
+            "pure DP",
+            "ZeRO-3 DP",
+            "pure TP",
+            "pure PP",
+            "Megatron 3D",
+            "Megatron 3D + recompute",
+            "DeepSpeed ZeRO-3 + recompute",
+        )
+    }
     for g in batches:
         common = dict(global_batch=g, dtype=dtype)
         if g % n == 0:
             for mb in _divisors(g // n):
                 fam["pure DP"].append(dict(common, micro_batch=mb))
                 fam["ZeRO-3 DP"].append(dict(common, micro_batch=mb, dp_type="zero3"))
-                fam["DeepSpeed ZeRO-3 + recompute"].append(dict(common, micro_batch=mb, dp_type="zero3", recompute="full"))
+                fam["DeepSpeed ZeRO-3 + recompute"].append(
+                    dict(common, micro_batch=mb, dp_type="zero3", recompute="full")
+                )
         if tp_allowed(workload, n):
             for mb in _divisors(g):
-                fam["pure TP"].append(dict(common, tp=n, dp=1, micro_batch=mb, sequence_parallel=sp_allowed(workload, n)))
+                fam["pure TP"].append(
+                    dict(common, tp=n, dp=1, micro_batch=mb, sequence_parallel=sp_allowed(workload, n))
+                )
         if n <= L:
             for mb in _divisors(g):
                 fam["pure PP"].append(dict(common, pp=n, dp=1, micro_batch=mb))
@@ -69,7 +81,9 @@ def _family(workload: WorkloadConfig, cluster: ClusterSpec, batches: list[int], 
                 if g % dp:
                     continue
                 for mb in _divisors(g // dp):
-                    fields = dict(common, tp=tp, pp=pp, dp=dp, micro_batch=mb, sequence_parallel=sp_allowed(workload, tp))
+                    fields = dict(
+                        common, tp=tp, pp=pp, dp=dp, micro_batch=mb, sequence_parallel=sp_allowed(workload, tp)
+                    )
                     fam["Megatron 3D"].append(fields)
                     for mode in ("selective", "full"):
                         fam["Megatron 3D + recompute"].append(dict(fields, recompute=mode))
@@ -79,16 +93,29 @@ def _family(workload: WorkloadConfig, cluster: ClusterSpec, batches: list[int], 
 def _why_not(name: str, workload: WorkloadConfig, cluster: ClusterSpec, batches: list[int]) -> str:
     n = cluster.num_devices
     if name == "pure TP":
-        bad = [f"{field}={value}" for field, value in (("num_heads", workload.num_heads),
-               ("num_kv_heads", workload.kv_heads), ("ffn_hidden_size", workload.ffn)) if value % n]
+        bad = [
+            f"{field}={value}"
+            for field, value in (
+                ("num_heads", workload.num_heads),
+                ("num_kv_heads", workload.kv_heads),
+                ("ffn_hidden_size", workload.ffn),
+            )
+            if value % n
+        ]
         return f"tp={n} does not divide {', '.join(bad)}"
     if name == "pure PP":
         return f"pp={n} is more stages than the model's {workload.num_layers} layers"
     return f"the global batch ({', '.join(map(str, batches))}) does not split over {n} data-parallel replicas"
 
 
-def evaluate_baselines(workload: WorkloadConfig, cluster: ClusterSpec, budget: float, batches: list[int],
-                       dtype: str, mixed_kinds: bool = False) -> list[BaselineOutcome]:
+def evaluate_baselines(
+    workload: WorkloadConfig,
+    cluster: ClusterSpec,
+    budget: float,
+    batches: list[int],
+    dtype: str,
+    mixed_kinds: bool = False,
+) -> list[BaselineOutcome]:
     """Each baseline family at its fastest configuration within `budget` (analytic model).
 
     `mixed_kinds`: the model's blocks differ in kind (t5); the plans then list all blocks in one `layers`

@@ -32,15 +32,27 @@ class Planner:
 
 
 PLANNERS: tuple[Planner, ...] = (
-    Planner("galvatron", "Galvatron-BMW (hybrid parallelism)",
-            "samples/s within a per-device memory budget", "Report",
-            "simulator.search.galvatron.cli:galvatron_command"),
-    Planner("memo", "MEMO (SIGMOD 2025)",
-            "MFU of a long-context job within device and host memory", "Report",
-            "simulator.search.memo.cli:memo_command"),
-    Planner("vfl", "CELU-VFL (VLDB 2022)",
-            "time to the target AUC over a WAN", "VflReport",
-            "simulator.search.vfl.cli:vfl_command"),
+    Planner(
+        "galvatron",
+        "Galvatron-BMW (hybrid parallelism)",
+        "samples/s within a per-device memory budget",
+        "Report",
+        "simulator.search.galvatron.cli:galvatron_command",
+    ),
+    Planner(
+        "memo",
+        "MEMO (SIGMOD 2025)",
+        "MFU of a long-context job within device and host memory",
+        "Report",
+        "simulator.search.memo.cli:memo_command",
+    ),
+    Planner(
+        "vfl",
+        "CELU-VFL (VLDB 2022)",
+        "time to the target AUC over a WAN",
+        "VflReport",
+        "simulator.search.vfl.cli:vfl_command",
+    ),
 )
 
 

@@ -7,7 +7,6 @@ from rich.console import Console
 from rich.table import Table
 
 from hwmodel.units import format_bytes, format_seconds
-
 from simulator.report import Report
 from simulator.search.result import SearchResult
 
@@ -21,8 +20,15 @@ def render_search(result: SearchResult, console: Console, title: str) -> None:
     best = result.best.report
     assert isinstance(best, Report), "render_search draws training Reports; planners with other reports draw their own"
     table = Table(title=title, title_justify="left")
-    for column, justify in (("", "left"), ("plan", "left"), ("iteration", "right"), ("samples/s", "right"),
-                            ("MFU", "right"), ("peak memory", "right"), ("best is", "right")):
+    for column, justify in (
+        ("", "left"),
+        ("plan", "left"),
+        ("iteration", "right"),
+        ("samples/s", "right"),
+        ("MFU", "right"),
+        ("peak memory", "right"),
+        ("best is", "right"),
+    ):
         table.add_column(column, justify=justify, overflow="fold")
 
     def row(label: str, shorthand: str, report: Report | None, reason: str | None, style: str | None = None) -> None:
@@ -31,13 +37,24 @@ def render_search(result: SearchResult, console: Console, title: str) -> None:
             return
         speedup = best.samples_per_s / report.samples_per_s if report.samples_per_s > 0 else float("inf")
         table.add_row(
-            label, shorthand, format_seconds(report.iteration_time_s), _rate(report.samples_per_s),
-            f"{100 * report.mfu:.1f}%", format_bytes(report.peak_memory_bytes), f"{speedup:.2f}x", style=style,
+            label,
+            shorthand,
+            format_seconds(report.iteration_time_s),
+            _rate(report.samples_per_s),
+            f"{100 * report.mfu:.1f}%",
+            format_bytes(report.peak_memory_bytes),
+            f"{speedup:.2f}x",
+            style=style,
         )
 
     for i, candidate in enumerate(result.candidates or [result.best]):
-        row("chosen" if i == 0 else f"#{i + 1}", candidate.plan.shorthand(), candidate.report, None,
-            "bold green" if i == 0 else None)
+        row(
+            "chosen" if i == 0 else f"#{i + 1}",
+            candidate.plan.shorthand(),
+            candidate.report,
+            None,
+            "bold green" if i == 0 else None,
+        )
     for baseline in result.baselines:
         report = baseline.report if isinstance(baseline.report, Report) else None
         row(baseline.name, baseline.plan.shorthand() if baseline.plan else "-", report, baseline.reason)

@@ -37,7 +37,7 @@ def execute(monkeypatch, capsys):
             cli.main()
         except SystemExit as exc:
             code = exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
-        except Exception as exc:  # noqa: BLE001
+        except Exception as exc:
             pytest.fail(f"`execute {' '.join(argv)}` ended in a traceback: {type(exc).__name__}: {exc}")
         else:
             code = 0

@@ -9,8 +9,9 @@ from simulator.plan import Plan, parse_shorthand
 from tests.helpers import CliResult
 from workloads import WorkloadConfig
 
-TINY = dict(name="tiny-gpt", family="gpt", num_layers=4, hidden_size=64, num_heads=4, vocab_size=256, seq_len=32,
-            dropout=False)
+TINY = dict(
+    name="tiny-gpt", family="gpt", num_layers=4, hidden_size=64, num_heads=4, vocab_size=256, seq_len=32, dropout=False
+)
 ONE = ("--cluster", "cpu-local", "--devices-per-node", "1")
 
 
@@ -28,10 +29,20 @@ def refused(result: CliResult, *fragments: str) -> None:
 
 
 # A GPT and a LLaMA small enough to train in a few seconds, and the batch every parallel plan sees.
-GPT = WorkloadConfig(name="tiny-gpt", family="gpt", num_layers=4, hidden_size=64, num_heads=4, vocab_size=256,
-                     seq_len=32, dropout=False)  # tied embeddings: the pipeline plans sum them across stages
-LLAMA = WorkloadConfig(name="tiny-llama", family="llama", num_layers=4, hidden_size=64, ffn_hidden_size=96,
-                       num_heads=4, num_kv_heads=2, vocab_size=256, seq_len=32)
+GPT = WorkloadConfig(
+    name="tiny-gpt", family="gpt", num_layers=4, hidden_size=64, num_heads=4, vocab_size=256, seq_len=32, dropout=False
+)  # tied embeddings: the pipeline plans sum them across stages
+LLAMA = WorkloadConfig(
+    name="tiny-llama",
+    family="llama",
+    num_layers=4,
+    hidden_size=64,
+    ffn_hidden_size=96,
+    num_heads=4,
+    num_kv_heads=2,
+    vocab_size=256,
+    seq_len=32,
+)
 BATCH = "global_batch=8,dtype=fp32"
 STEPS = 5
 

@@ -8,20 +8,17 @@ import json
 import re
 import subprocess
 import sys
-from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
-import yaml
-from rich.console import Console
 
-import executor.cli as cli
 import executor.launch as launch
 import specs
 from executor.job import Job
 from simulator.plan import LayerStrategy, Plan, parse_shorthand
 from tests.executor.helpers import ONE, TINY, mentions, refused
 from workloads import WorkloadConfig
+
 
 # ---- refusals: before any process starts -------------------------------------------------------------
 @pytest.mark.parametrize(
@@ -45,7 +42,16 @@ def test_refuses_context_parallel_when_the_sequence_does_not_cut_into_2cp_chunks
 
 
 def test_refuses_zero1_with_tensor_parallel_naming_the_torch_limitation(execute, no_launch, tiny):
-    result = execute("--workload", tiny, "--cluster", "cpu-local", "--devices-per-node", "4", "--plan", "tp=2,dp_type=zero1,dtype=fp32")
+    result = execute(
+        "--workload",
+        tiny,
+        "--cluster",
+        "cpu-local",
+        "--devices-per-node",
+        "4",
+        "--plan",
+        "tp=2,dp_type=zero1,dtype=fp32",
+    )
     refused(result, "dp_type=zero1 with tp > 1", "ZeroRedundancyOptimizer", "DTensor", "zero2")
 
 
@@ -55,13 +61,19 @@ def test_refuses_interleaved_on_one_pipeline_rank(execute, no_launch, tiny):
 
 
 def test_refuses_1f1b_with_fewer_micro_batches_than_stages(execute, no_launch, tiny):
-    refused(execute("--workload", tiny, "--cluster", "cpu-local", "--plan", "pp=2,micro_batch=1,global_batch=1,dtype=fp32"),
-            "at least 2 micro-batches", "schedule=gpipe")
+    refused(
+        execute("--workload", tiny, "--cluster", "cpu-local", "--plan", "pp=2,micro_batch=1,global_batch=1,dtype=fp32"),
+        "at least 2 micro-batches",
+        "schedule=gpipe",
+    )
 
 
 def test_refuses_families_it_cannot_build(execute, no_launch):
-    refused(execute("--workload", "bert-large", *ONE, "--plan", "dtype=fp32"),
-            "family 'bert' cannot be executed yet", "supported: gpt, llama")
+    refused(
+        execute("--workload", "bert-large", *ONE, "--plan", "dtype=fp32"),
+        "family 'bert' cannot be executed yet",
+        "supported: gpt, llama",
+    )
 
 
 def test_refuses_a_plan_predicted_not_to_fit_unless_forced(execute, no_launch):
@@ -78,8 +90,10 @@ def test_refuses_a_gpu_cluster_without_cuda(execute, no_launch, tiny):
 def test_refuses_a_torchrun_world_of_another_size(execute, no_launch, tiny, monkeypatch):
     for key, value in dict(RANK="0", WORLD_SIZE="3", MASTER_ADDR="127.0.0.1", MASTER_PORT="1", LOCAL_RANK="0").items():
         monkeypatch.setenv(key, value)
-    refused(execute("--workload", tiny, "--cluster", "cpu-local", "--plan", "dtype=fp32"),
-            "torchrun started 3 processes but the plan runs on 2 devices")
+    refused(
+        execute("--workload", tiny, "--cluster", "cpu-local", "--plan", "dtype=fp32"),
+        "torchrun started 3 processes but the plan runs on 2 devices",
+    )
 
 
 def test_refuses_bad_options(execute, no_launch, tiny, tmp_path):
@@ -96,8 +110,18 @@ def test_refuses_bad_options(execute, no_launch, tiny, tmp_path):
 
 # ---- one process -------------------------------------------------------------------------------------
 def test_measured_report_json(execute, tiny):
-    result = execute("--workload", tiny, *ONE, "--plan", "micro_batch=2,global_batch=8,dtype=fp32", "--steps", "3",
-                     "--warmup", "1", "--json")
+    result = execute(
+        "--workload",
+        tiny,
+        *ONE,
+        "--plan",
+        "micro_batch=2,global_batch=8,dtype=fp32",
+        "--steps",
+        "3",
+        "--warmup",
+        "1",
+        "--json",
+    )
     assert result.code == 0, result.err
     data = json.loads(result.out)
     assert data["engine"] == "measured" and data["workload"] == "tiny-gpt" and data["num_devices"] == 1
@@ -110,7 +134,9 @@ def test_measured_report_json(execute, tiny):
     assert 0 < data["mfu"] == data["hfu"] < 1
     memory = data["memory_bytes"]
     weights = memory["weights"]  # fp32: 4 bytes per parameter
-    assert memory["gradients"] == weights and memory["optimizer"] == pytest.approx(2 * weights, rel=0.01)  # Adam: 2 moments
+    assert memory["gradients"] == weights and memory["optimizer"] == pytest.approx(
+        2 * weights, rel=0.01
+    )  # Adam: 2 moments
     assert memory["activations"] > 0 and memory["buffers"] == 0
     assert data["peak_memory_bytes"] == pytest.approx(sum(memory.values()))
     assert data["time_breakdown_s"]["compute"] == data["iteration_time_s"]
@@ -138,16 +164,40 @@ def test_a_spec_file_gets_no_calibration_hint(execute, tiny, tmp_path):
     """A cluster given as a file (what `execute calibrate` writes) is taken as the user's own description."""
     spec = tmp_path / "mine.yaml"
     spec.write_text((Path(specs.__file__).parent / "clusters" / "cpu-local.yaml").read_text())
-    table = execute("--workload", tiny, "--cluster", spec, "--devices-per-node", "1", "--plan",
-                    "micro_batch=4,global_batch=8,dtype=fp32", "--steps", "2", "--warmup", "1", "--compare")
+    table = execute(
+        "--workload",
+        tiny,
+        "--cluster",
+        spec,
+        "--devices-per-node",
+        "1",
+        "--plan",
+        "micro_batch=4,global_batch=8,dtype=fp32",
+        "--steps",
+        "2",
+        "--warmup",
+        "1",
+        "--compare",
+    )
     assert table.code == 0, table.err
     assert "predicted vs measured" in table.out and "executecalibrate" not in re.sub(r"\s+", "", table.out)
 
 
 def test_trace_is_a_chrome_trace(execute, tiny, tmp_path):
     trace = tmp_path / "rank0.json"
-    result = execute("--workload", tiny, *ONE, "--plan", "micro_batch=4,global_batch=8,dtype=fp32", "--steps", "2",
-                     "--warmup", "1", "--trace", trace)
+    result = execute(
+        "--workload",
+        tiny,
+        *ONE,
+        "--plan",
+        "micro_batch=4,global_batch=8,dtype=fp32",
+        "--steps",
+        "2",
+        "--warmup",
+        "1",
+        "--trace",
+        trace,
+    )
     assert result.code == 0, result.err
     events = json.loads(trace.read_text())["traceEvents"]
     assert any("aten::" in str(e.get("name", "")) for e in events)
@@ -159,7 +209,9 @@ def test_recompute_gives_the_same_losses_in_one_process(tiny, monkeypatch):
     cfg = WorkloadConfig(**TINY)
     base = "micro_batch=2,global_batch=8,dtype=fp32"
     plans = [parse_shorthand(p) for p in (base, f"{base},recompute=full", f"{base},recompute=selective")]
-    plans.append(Plan(micro_batch=2, global_batch=8, dtype="fp32", layers=(LayerStrategy(layers=(1, 2), recompute="full"),)))
+    plans.append(
+        Plan(micro_batch=2, global_batch=8, dtype="fp32", layers=(LayerStrategy(layers=(1, 2), recompute="full"),))
+    )
     jobs = [Job(cfg, "cpu-local", None, 1, p, steps=5, warmup=0) for p in plans]
     plain, full, selective, per_layer = launch.run_jobs(jobs)
     for other in (full, selective, per_layer):
@@ -171,7 +223,18 @@ def test_recompute_gives_the_same_losses_in_one_process(tiny, monkeypatch):
 
 
 def test_checkpoint_and_resume_in_one_process(execute, tiny, tmp_path, monkeypatch):
-    args = ("--workload", tiny, *ONE, "--plan", "micro_batch=2,global_batch=8,dtype=fp32", "--steps", "4", "--warmup", "0", "--json")
+    args = (
+        "--workload",
+        tiny,
+        *ONE,
+        "--plan",
+        "micro_batch=2,global_batch=8,dtype=fp32",
+        "--steps",
+        "4",
+        "--warmup",
+        "0",
+        "--json",
+    )
     whole = json.loads(execute(*args).out)["losses"]
     folder = tmp_path / "ckpt"
     monkeypatch.setenv("HETPLAN_FAIL_AT_STEP", "3")
@@ -186,7 +249,16 @@ def test_checkpoint_and_resume_in_one_process(execute, tiny, tmp_path, monkeypat
     assert resumed["execution"]["first_step"] == 2
     assert resumed["losses"] == pytest.approx(whole[2:], rel=1e-6)
     # Another plan cannot resume this job's checkpoint.
-    other = execute("--workload", tiny, *ONE, "--plan", "micro_batch=4,global_batch=8,dtype=fp32", "--checkpoint-dir", folder, "--resume")
+    other = execute(
+        "--workload",
+        tiny,
+        *ONE,
+        "--plan",
+        "micro_batch=4,global_batch=8,dtype=fp32",
+        "--checkpoint-dir",
+        folder,
+        "--resume",
+    )
     refused(other, "was written by another job", "plan differs")
 
 
@@ -196,8 +268,24 @@ def test_help_teaches_the_options():
     assert proc.returncode == 0, proc.stderr
     text = proc.stdout
     assert mentions(text, "Run a training plan on real devices")
-    for option in ("--workload", "--cluster", "--plan", "--nodes", "--devices-per-node", "--seq-len", "--steps", "--warmup",
-                   "--compare", "--json", "--trace", "--checkpoint-dir", "--checkpoint-every", "--resume", "--force", "--seed"):
+    for option in (
+        "--workload",
+        "--cluster",
+        "--plan",
+        "--nodes",
+        "--devices-per-node",
+        "--seq-len",
+        "--steps",
+        "--warmup",
+        "--compare",
+        "--json",
+        "--trace",
+        "--checkpoint-dir",
+        "--checkpoint-every",
+        "--resume",
+        "--force",
+        "--seed",
+    ):
         assert option in text, option
     for fragment in ("saved-tensor hooks", "max_memory_allocated", "HETPLAN_FAIL_AT_STEP", "calibrate", "torchrun"):
         assert mentions(text, fragment), fragment

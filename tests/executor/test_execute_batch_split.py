@@ -13,8 +13,9 @@ from executor.runtime import _dp_indices
 from simulator.plan import parse_shorthand
 from workloads import WorkloadConfig
 
-GPT = WorkloadConfig(name="split-gpt", family="gpt", num_layers=4, hidden_size=64, num_heads=4, vocab_size=256,
-                     seq_len=32, dropout=False)
+GPT = WorkloadConfig(
+    name="split-gpt", family="gpt", num_layers=4, hidden_size=64, num_heads=4, vocab_size=256, seq_len=32, dropout=False
+)
 BASE = "global_batch=8,dtype=fp32,optimizer=sgd"
 
 
@@ -37,9 +38,13 @@ def runs():
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("OMP_NUM_THREADS", "1")
         (single,) = run_jobs([_job(f"micro_batch=8,{BASE}", 1)])
-        two = run_jobs([_job(f"dp=2,micro_batch=2,batch_split=3+1,{BASE}", 2),
-                        _job(f"dp=2,dp_type=zero3,micro_batch=2,batch_split=1+3,{BASE}", 2),
-                        _job(f"dp=2,micro_batch=2,{BASE}", 2)])
+        two = run_jobs(
+            [
+                _job(f"dp=2,micro_batch=2,batch_split=3+1,{BASE}", 2),
+                _job(f"dp=2,dp_type=zero3,micro_batch=2,batch_split=1+3,{BASE}", 2),
+                _job(f"dp=2,micro_batch=2,{BASE}", 2),
+            ]
+        )
         (pipeline,) = run_jobs([_job(f"pp=2,dp=2,micro_batch=2,batch_split=3+1,{BASE}", 4)])
     return single, two + [pipeline]
 

@@ -15,8 +15,9 @@ from pathlib import Path
 import pytest
 import yaml
 
-TINY = dict(name="tiny-gpt", family="gpt", num_layers=4, hidden_size=64, num_heads=4, vocab_size=256, seq_len=32,
-            dropout=False)
+TINY = dict(
+    name="tiny-gpt", family="gpt", num_layers=4, hidden_size=64, num_heads=4, vocab_size=256, seq_len=32, dropout=False
+)
 PLAN = "dp=2,dp_type=zero1,micro_batch=2,global_batch=8,dtype=fp32"  # optimizer state sharded per rank
 
 
@@ -25,8 +26,13 @@ def execute(*args, env: dict | None = None, timeout: float = 120) -> tuple[subpr
     tag = uuid.uuid4().hex
     full_env = {**os.environ, "OMP_NUM_THREADS": "1", "HETPLAN_TEST_TAG": tag, **(env or {})}
     started = time.monotonic()
-    proc = subprocess.run([sys.executable, "-m", "executor.cli", *map(str, args)], capture_output=True, text=True,
-                          timeout=timeout, env=full_env)
+    proc = subprocess.run(
+        [sys.executable, "-m", "executor.cli", *map(str, args)],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env=full_env,
+    )
     return proc, time.monotonic() - started, tag
 
 
@@ -59,8 +65,14 @@ def test_killed_rank_stops_the_run_and_resume_reproduces_the_curve(args, tmp_pat
     assert len(expected) == 6
 
     folder = tmp_path / "ckpt"
-    killed, seconds, tag = execute(*args, "--checkpoint-dir", folder, "--checkpoint-every", "2",
-                                   env={"HETPLAN_FAIL_AT_STEP": "5", "HETPLAN_FAIL_RANK": "1"})
+    killed, seconds, tag = execute(
+        *args,
+        "--checkpoint-dir",
+        folder,
+        "--checkpoint-every",
+        "2",
+        env={"HETPLAN_FAIL_AT_STEP": "5", "HETPLAN_FAIL_RANK": "1"},
+    )
     assert killed.returncode == 1, killed.stderr
     assert "rank 1 of 2 was killed by SIGKILL" in killed.stderr and "Traceback" not in killed.stderr
     assert seconds < 60
@@ -76,7 +88,9 @@ def test_killed_rank_stops_the_run_and_resume_reproduces_the_curve(args, tmp_pat
 
 def test_an_exception_in_one_rank_is_named_as_the_cause(args):
     # The other rank then fails in a collective; the report names the rank that raised, not the echo.
-    proc, seconds, tag = execute(*args, env={"HETPLAN_FAIL_AT_STEP": "1", "HETPLAN_FAIL_RANK": "1", "HETPLAN_FAIL_MODE": "raise"})
+    proc, seconds, tag = execute(
+        *args, env={"HETPLAN_FAIL_AT_STEP": "1", "HETPLAN_FAIL_RANK": "1", "HETPLAN_FAIL_MODE": "raise"}
+    )
     assert proc.returncode == 1
     assert "rank 1 of 2 failed: RuntimeError: injected failure at step 1" in " ".join(proc.stderr.split())
     assert seconds < 60 and processes_with(tag) == []

@@ -21,15 +21,41 @@ pytestmark = pytest.mark.gpu
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 needs_two = pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two CUDA devices")
 
-GPT = WorkloadConfig(name="small-gpt", family="gpt", num_layers=4, hidden_size=256, num_heads=8, vocab_size=1024,
-                     seq_len=128, dropout=False)
-LLAMA = WorkloadConfig(name="small-llama", family="llama", num_layers=4, hidden_size=256, ffn_hidden_size=512,
-                       num_heads=8, num_kv_heads=2, vocab_size=1024, seq_len=128)
+GPT = WorkloadConfig(
+    name="small-gpt",
+    family="gpt",
+    num_layers=4,
+    hidden_size=256,
+    num_heads=8,
+    vocab_size=1024,
+    seq_len=128,
+    dropout=False,
+)
+LLAMA = WorkloadConfig(
+    name="small-llama",
+    family="llama",
+    num_layers=4,
+    hidden_size=256,
+    ffn_hidden_size=512,
+    num_heads=8,
+    num_kv_heads=2,
+    vocab_size=1024,
+    seq_len=128,
+)
 
 
 def gpu_job(plan: str, devices: int, cfg: WorkloadConfig = GPT, **kwargs) -> Job:
-    return Job(cfg, "dgx-h100", None, devices, parse_shorthand(plan), steps=kwargs.pop("steps", 5), warmup=1,
-               device_type="cuda", **kwargs)
+    return Job(
+        cfg,
+        "dgx-h100",
+        None,
+        devices,
+        parse_shorthand(plan),
+        steps=kwargs.pop("steps", 5),
+        warmup=1,
+        device_type="cuda",
+        **kwargs,
+    )
 
 
 @needs_cuda

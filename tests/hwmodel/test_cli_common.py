@@ -35,10 +35,25 @@ def test_columns_that_is_not_a_width_is_ignored(monkeypatch):
 def test_a_piped_search_table_keeps_plan_strings_whole():
     """The MEMO planner's table through a pipe: each plan stays on one line instead of being folded into
     cells nine characters wide."""
-    run = subprocess.run([sys.executable, "-c", "from simulator.cli import main; main()", "search", "memo",
-                          "--workload", "llama2-7b", "--cluster", "hgx-a800", "--seq-len", "262144"],
-                         capture_output=True, text=True, timeout=120,
-                         env={k: v for k, v in os.environ.items() if k != "COLUMNS"})
+    run = subprocess.run(
+        [
+            sys.executable,
+            "-c",
+            "from simulator.cli import main; main()",
+            "search",
+            "memo",
+            "--workload",
+            "llama2-7b",
+            "--cluster",
+            "hgx-a800",
+            "--seq-len",
+            "262144",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env={k: v for k, v in os.environ.items() if k != "COLUMNS"},
+    )
     assert run.returncode == 0, run.stderr
     assert "dp_type=zero3,recompute=full" in run.stdout  # the DeepSpeed-style baseline's plan, unbroken
     assert max(len(line) for line in run.stdout.splitlines()) <= PIPE_WIDTH

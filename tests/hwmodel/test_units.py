@@ -132,7 +132,13 @@ def test_missing_unit_rejected_when_bare_numbers_are_off(value):
 
 @pytest.mark.parametrize(
     "value, dimension",
-    [(float("inf"), "bytes"), (float("-inf"), "time"), (float("nan"), "bandwidth"), ("1e400 GB", "bytes"), ("1e999 s", "time")],
+    [
+        (float("inf"), "bytes"),
+        (float("-inf"), "time"),
+        (float("nan"), "bandwidth"),
+        ("1e400 GB", "bytes"),
+        ("1e999 s", "time"),
+    ],
 )
 def test_non_finite_rejected(value, dimension):
     with pytest.raises(UnitError, match="finite"):
@@ -141,7 +147,14 @@ def test_non_finite_rejected(value, dimension):
 
 @pytest.mark.parametrize(
     "value, dimension",
-    [("inf GB", "bytes"), ("nan s", "time"), ("GB", "bytes"), ("", "bytes"), ("1.2.3 GB", "bytes"), ("- 5 GB", "bytes")],
+    [
+        ("inf GB", "bytes"),
+        ("nan s", "time"),
+        ("GB", "bytes"),
+        ("", "bytes"),
+        ("1.2.3 GB", "bytes"),
+        ("- 5 GB", "bytes"),
+    ],
 )
 def test_unreadable_text_rejected(value, dimension):
     with pytest.raises(UnitError):
@@ -224,9 +237,7 @@ def test_format_seconds_round_trip(value):
 def curves(draw, min_points=2, max_points=6):
     """A curve with strictly increasing sizes and non-decreasing efficiencies in (0, 1]."""
     n = draw(st.integers(min_points, max_points))
-    exponents = draw(
-        st.lists(st.integers(0, 40), min_size=n, max_size=n, unique=True).map(sorted)
-    )
+    exponents = draw(st.lists(st.integers(0, 40), min_size=n, max_size=n, unique=True).map(sorted))
     sizes = tuple(float(2**e) for e in exponents)
     effs = sorted(draw(st.lists(st.floats(0.01, 1.0), min_size=n, max_size=n)))
     return EfficiencyCurve(sizes=sizes, efficiencies=tuple(effs))
@@ -316,7 +327,9 @@ def test_curve_parse_strict_needs_units():
     assert EfficiencyCurve.parse([[1e9, 0.4], [1e12, 0.8]], "flops", strict=False).sizes == (1e9, 1e12)
 
 
-@pytest.mark.parametrize("value, expected", [(1022 * 2**30, "1022 GiB"), (999.7 * 2**30, "1000 GiB"), (80 * 2**30, "80 GiB")])
+@pytest.mark.parametrize(
+    "value, expected", [(1022 * 2**30, "1022 GiB"), (999.7 * 2**30, "1000 GiB"), (80 * 2**30, "80 GiB")]
+)
 def test_format_bytes_never_prints_scientific_notation(value, expected):
     # 1000-1023 GiB is below one TiB: three significant digits would print "1.02e+03 GiB".
     assert format_bytes(value) == expected

@@ -34,12 +34,19 @@ def _flat(device):
 
 def _attention(seq_len: int, device, cp: int = 1, kernel: str = "flash") -> tuple[float, float]:
     """(forward FLOPs, forward seconds) of the flash attention op of one tinyllama layer, one sequence."""
-    shape = ShardShape(micro_batch=1, seq_len=seq_len, tp=1, sequence_parallel=False, cp=cp, ep=1, dtype_bytes=2,
-                       attention="flash")
+    shape = ShardShape(
+        micro_batch=1, seq_len=seq_len, tp=1, sequence_parallel=False, cp=cp, ep=1, dtype_bytes=2, attention="flash"
+    )
     prof = layer_profile(LLAMA.with_seq_len(seq_len), "decoder", shape)
     i = int(np.flatnonzero(prof.unit == ATTENTION)[0])
-    seconds = op_times(prof.fwd_flops[i:i + 1], prof.fwd_bytes[i:i + 1], prof.fwd_kernels[i:i + 1],
-                       prof.unit[i:i + 1], prof.min_dim[i:i + 1], roofline(device, "bf16", kernel))
+    seconds = op_times(
+        prof.fwd_flops[i : i + 1],
+        prof.fwd_bytes[i : i + 1],
+        prof.fwd_kernels[i : i + 1],
+        prof.unit[i : i + 1],
+        prof.min_dim[i : i + 1],
+        roofline(device, "bf16", kernel),
+    )
     return float(prof.fwd_flops[i]), float(seconds[0])
 
 

@@ -14,7 +14,6 @@ import sys
 from pathlib import Path
 
 import pytest
-from tests.helpers import CliResult
 
 import specs
 from hwmodel.catalog import load_cluster, load_device
@@ -23,6 +22,7 @@ from simulator.analytic import evaluate
 from simulator.errors import InfeasiblePlan, UnsupportedPlan
 from simulator.plan import parse_shorthand
 from simulator.validation import builtin_csv
+from tests.helpers import CliResult
 from workloads import load_workload
 
 SPECS = Path(specs.__file__).parent
@@ -73,7 +73,9 @@ def cluster_using_device(tmp_path: Path, device_path: Path) -> Path:
 
 
 def run_on(simulate, cluster: Path) -> CliResult:
-    return simulate("run", "--workload", "llama2-7b", "--cluster", cluster, "--plan", "tp=2,micro_batch=1,global_batch=64")
+    return simulate(
+        "run", "--workload", "llama2-7b", "--cluster", cluster, "--plan", "tp=2,micro_batch=1,global_batch=64"
+    )
 
 
 # ---- library exception types ---------------------------------------------------------------------
@@ -189,14 +191,24 @@ def test_unknown_field_in_device_lists_accepted_fields(simulate, tmp_path):
     bad = edited(DEVICE_YAML, tmp_path / "dev.yaml", "  capacity: 80 GiB", "  capacity: 80 GiB\n  capacty: 80 GiB")
     assert_user_error(
         run_on(simulate, cluster_using_device(tmp_path, bad)),
-        str(bad), "memory.capacty", "unknown field 'capacty'", "accepted fields: bandwidth, capacity, efficiency, reserved",
+        str(bad),
+        "memory.capacty",
+        "unknown field 'capacty'",
+        "accepted fields: bandwidth, capacity, efficiency, reserved",
     )
 
 
 def test_unknown_field_in_cluster_lists_accepted_fields(simulate, tmp_path):
-    bad = edited(CLUSTER_YAML, tmp_path / "cluster.yaml", "network_latency: 1 us", "network_latency: 1 us\nnetwork_latenc: 1 us")
+    bad = edited(
+        CLUSTER_YAML, tmp_path / "cluster.yaml", "network_latency: 1 us", "network_latency: 1 us\nnetwork_latenc: 1 us"
+    )
     assert_user_error(
-        run_on(simulate, bad), str(bad), "unknown field 'network_latenc'", "accepted fields:", "network_latency", "node_groups"
+        run_on(simulate, bad),
+        str(bad),
+        "unknown field 'network_latenc'",
+        "accepted fields:",
+        "network_latency",
+        "node_groups",
     )
 
 
@@ -262,7 +274,9 @@ def test_zero_layers_in_workload(simulate, tmp_path):
     ids=["plain-number", "size-for-bandwidth", "unknown-unit"],
 )
 def test_bad_bandwidth_in_sweep(simulate, values, fragments):
-    result = simulate("compare", "-w", "llama2-7b", "-c", "dgx-a100-80g", "-n", "2", "--sweep", f"inter_node_bandwidth={values}")
+    result = simulate(
+        "compare", "-w", "llama2-7b", "-c", "dgx-a100-80g", "-n", "2", "--sweep", f"inter_node_bandwidth={values}"
+    )
     assert_user_error(result, *fragments)
 
 
@@ -304,7 +318,9 @@ def test_tp_that_does_not_divide_heads_says_so_on_one_dgx_node(simulate):
 
 # ---- --nodes -------------------------------------------------------------------------------------
 def test_zero_nodes(simulate):
-    assert_user_error(simulate("run", "-w", "llama2-7b", "-c", "dgx-a100-80g", "--nodes", "0"), "--nodes", "positive", "0")
+    assert_user_error(
+        simulate("run", "-w", "llama2-7b", "-c", "dgx-a100-80g", "--nodes", "0"), "--nodes", "positive", "0"
+    )
 
 
 def test_nodes_on_a_multi_group_cluster(simulate):
@@ -313,7 +329,9 @@ def test_nodes_on_a_multi_group_cluster(simulate):
 
 
 def test_zero_seq_len(simulate):
-    assert_user_error(simulate("run", "-w", "llama2-7b", "-c", "dgx-a100-80g", "--seq-len", "0"), "--seq-len", "positive")
+    assert_user_error(
+        simulate("run", "-w", "llama2-7b", "-c", "dgx-a100-80g", "--seq-len", "0"), "--seq-len", "positive"
+    )
 
 
 # ---- validate llm-foundry --csv ------------------------------------------------------------------
@@ -369,9 +387,7 @@ def test_validate_csv_without_rows(simulate, tmp_path):
 
 # ---- the real console process --------------------------------------------------------------------
 def _process(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [sys.executable, "-m", "simulator.cli", *args], capture_output=True, text=True, timeout=60
-    )
+    return subprocess.run([sys.executable, "-m", "simulator.cli", *args], capture_output=True, text=True, timeout=60)
 
 
 def test_console_process_malformed_cluster_file(tmp_path):

@@ -48,16 +48,23 @@ def test_per_layer_tp_that_changes_dp_is_refused(gpt30m, dgx):
     # The same per-layer layout without a split binds (the check is about the split only).
     bind(plan.model_copy(update={"batch_split": None}), gpt30m, dgx)
     # A per-layer override that keeps dp is accepted with a split.
-    same_dp = Plan(tp=2, micro_batch=2, batch_split=(3, 1, 3, 1),
-                   layers=(LayerStrategy(layers=(0, 1), tp=2, recompute="full"),))
+    same_dp = Plan(
+        tp=2, micro_batch=2, batch_split=(3, 1, 3, 1), layers=(LayerStrategy(layers=(0, 1), tp=2, recompute="full"),)
+    )
     assert bind(same_dp, gpt30m, dgx).stages[0].replica_batches == (3, 1, 3, 1)
 
 
 def test_stages_with_different_dp_are_refused(gpt30m, dgx):
-    plan = Plan(pp=2, micro_batch=1, global_batch=8, batch_split=(1, 1), stages=(
-        StageSpec(num_layers=4, devices="0-3", tp=2),  # dp=2
-        StageSpec(num_layers=4, devices="4-7", tp=4),  # dp=1
-    ))
+    plan = Plan(
+        pp=2,
+        micro_batch=1,
+        global_batch=8,
+        batch_split=(1, 1),
+        stages=(
+            StageSpec(num_layers=4, devices="0-3", tp=2),  # dp=2
+            StageSpec(num_layers=4, devices="4-7", tp=4),  # dp=1
+        ),
+    )
     with pytest.raises(InfeasiblePlan, match=r"stages\[1\]: 4 devices with tp=4, cp=1 make dp=1 replicas"):
         bind(plan, gpt30m, dgx)
 
@@ -70,8 +77,9 @@ def test_expert_parallel_split_is_unsupported(dgx):
 
 # ---- an even split is the default --------------------------------------------------------------------------
 @pytest.mark.parametrize("engine", [evaluate, evaluate_des])
-@pytest.mark.parametrize("base", ["tp=2,dp=4,micro_batch=2,global_batch=32",
-                                  "tp=2,pp=2,dp=2,micro_batch=3,global_batch=24,dp_type=zero3"])
+@pytest.mark.parametrize(
+    "base", ["tp=2,dp=4,micro_batch=2,global_batch=32", "tp=2,pp=2,dp=2,micro_batch=3,global_batch=24,dp_type=zero3"]
+)
 def test_even_split_is_the_default(gpt30m, dgx, engine, base):
     plan = parse_shorthand(base)
     even = plan.model_copy(update={"batch_split": (plan.micro_batch,) * plan.dp})
@@ -136,8 +144,10 @@ def test_mixed_cluster_split_favouring_a100_is_faster(mixed, engine):
 def test_pipeline_stages_whose_replicas_mix_gpu_types(mixed, engine):
     """Two stages, each with one A100 replica (8 GPUs) and one V100 replica: the split holds across stages."""
     llama = load_workload("llama2-7b")
-    stages = (StageSpec(num_layers=16, devices=tuple(range(0, 8)) + tuple(range(16, 24))),
-              StageSpec(num_layers=16, devices=tuple(range(8, 16)) + tuple(range(24, 32))))
+    stages = (
+        StageSpec(num_layers=16, devices=tuple(range(0, 8)) + tuple(range(16, 24))),
+        StageSpec(num_layers=16, devices=tuple(range(8, 16)) + tuple(range(24, 32))),
+    )
     base = Plan(tp=8, pp=2, micro_batch=4, global_batch=128, dtype="fp16", recompute="full", stages=stages)
     even = engine(base, llama, mixed)
     to_a100 = engine(base.model_copy(update={"batch_split": (6, 2)}), llama, mixed)
@@ -149,9 +159,11 @@ def test_pipeline_stages_whose_replicas_mix_gpu_types(mixed, engine):
 # ---- properties ---------------------------------------------------------------------------------------------
 def _compositions(total: int, parts: int):
     """Splits of `total` sequences over `parts` replicas, each at least 1."""
-    return st.lists(st.integers(1, total), min_size=parts - 1, max_size=parts - 1, unique=True).filter(
-        lambda cuts: all(c < total for c in cuts)
-    ).map(lambda cuts: tuple(b - a for a, b in zip([0, *sorted(cuts)], [*sorted(cuts), total])))
+    return (
+        st.lists(st.integers(1, total), min_size=parts - 1, max_size=parts - 1, unique=True)
+        .filter(lambda cuts: all(c < total for c in cuts))
+        .map(lambda cuts: tuple(b - a for a, b in zip([0, *sorted(cuts)], [*sorted(cuts), total])))
+    )
 
 
 _evaluated: dict = {}

@@ -17,11 +17,11 @@ from pathlib import Path
 
 import pytest
 import yaml
-from tests.helpers import CliResult
 
 import specs
 from hwmodel.catalog import cluster_names, device_names
 from simulator.validation import builtin_csv
+from tests.helpers import CliResult
 from workloads import workload_names
 
 PLAN_7B = "tp=2,dp_type=zero1,micro_batch=2,global_batch=1024,sequence_parallel=true"
@@ -49,7 +49,11 @@ def refused(result: CliResult, path: Path) -> None:
 
 # ---- run -----------------------------------------------------------------------------------------
 def test_run_json_is_a_complete_report(simulate):
-    result = ok(simulate("run", "-w", "llama2-7b", "-c", "dgx-a100-80g", "--plan", "tp=2,micro_batch=1,global_batch=64", "--json"))
+    result = ok(
+        simulate(
+            "run", "-w", "llama2-7b", "-c", "dgx-a100-80g", "--plan", "tp=2,micro_batch=1,global_batch=64", "--json"
+        )
+    )
     report = json.loads(result.out)
     assert report["engine"] == "des"  # the default engine of `run`
     assert report["num_devices"] == 8
@@ -74,8 +78,21 @@ def test_run_human_output_mentions_throughput_and_mfu(simulate):
 
 def test_run_shows_the_megatron_mfu_convention_where_it_differs(simulate):
     # At 128K causal tokens the full-matrix count (what papers quote) reads far above ours: both are shown.
-    long = ok(simulate("run", "-w", "llama2-7b", "-c", "hgx-a800", "--seq-len", "131072", "--engine", "analytic",
-                       "--plan", "tp=8,sequence_parallel=true,recompute=full"))
+    long = ok(
+        simulate(
+            "run",
+            "-w",
+            "llama2-7b",
+            "-c",
+            "hgx-a800",
+            "--seq-len",
+            "131072",
+            "--engine",
+            "analytic",
+            "--plan",
+            "tp=8,sequence_parallel=true,recompute=full",
+        )
+    )
     assert "as Megatron-LM counts" in long.out
     encoder = ok(simulate("run", "-w", "bert-huge-32", "-c", "dgx-a100-80g", "--engine", "analytic", "--plan", "dp=8"))
     assert "as Megatron-LM counts" not in encoder.out
@@ -91,7 +108,9 @@ def test_run_seq_len_changes_the_workload(simulate):
 
 
 def test_run_nodes_resizes_the_cluster(simulate):
-    report = json.loads(ok(simulate("run", "-w", "llama2-7b", "-c", "dgx-a100-80g", "--nodes", "4", "--plan", PLAN_7B, "--json")).out)
+    report = json.loads(
+        ok(simulate("run", "-w", "llama2-7b", "-c", "dgx-a100-80g", "--nodes", "4", "--plan", PLAN_7B, "--json")).out
+    )
     assert report["num_devices"] == 32
     assert report["plan"]["dp"] == 16  # tp=2 on 32 GPUs leaves dp=16
     assert report["num_micro_batches"] == 1024 // (2 * 16)
@@ -114,11 +133,17 @@ def test_run_out_refuses_an_existing_file_unless_force(simulate, tmp_path):
 
 def test_run_engines_and_their_outputs(simulate, tmp_path):
     plan = "tp=4,pp=2,micro_batch=1,global_batch=16"
-    analytic = json.loads(ok(simulate("run", "-w", "llama2-7b", "-c", "dgx-a100-80g", "-p", plan, "--engine", "analytic",
-                                      "--json")).out)
+    analytic = json.loads(
+        ok(simulate("run", "-w", "llama2-7b", "-c", "dgx-a100-80g", "-p", plan, "--engine", "analytic", "--json")).out
+    )
     trace, plot = tmp_path / "t.json", tmp_path / "t.png"
-    des = json.loads(ok(simulate("run", "-w", "llama2-7b", "-c", "dgx-a100-80g", "-p", plan, "--json",
-                                 "--trace", trace, "--plot", plot)).out)
+    des = json.loads(
+        ok(
+            simulate(
+                "run", "-w", "llama2-7b", "-c", "dgx-a100-80g", "-p", plan, "--json", "--trace", trace, "--plot", plot
+            )
+        ).out
+    )
     assert (analytic["engine"], des["engine"]) == ("analytic", "des")
     assert des["iteration_time_s"] == pytest.approx(analytic["iteration_time_s"], rel=0.02)
     assert des["link_utilization"] and des["peak_memory_time_s"] is not None
@@ -126,8 +151,19 @@ def test_run_engines_and_their_outputs(simulate, tmp_path):
     assert plot.read_bytes()[:4] == b"\x89PNG"
     # The timeline files are the user's too: not replaced without --force.
     refused(simulate("run", "-w", "llama2-7b", "-c", "dgx-a100-80g", "-p", plan, "--trace", trace), trace)
-    result = simulate("run", "-w", "llama2-7b", "-c", "dgx-a100-80g", "-p", plan, "--engine", "analytic",
-                      "--trace", tmp_path / "new.json")
+    result = simulate(
+        "run",
+        "-w",
+        "llama2-7b",
+        "-c",
+        "dgx-a100-80g",
+        "-p",
+        plan,
+        "--engine",
+        "analytic",
+        "--trace",
+        tmp_path / "new.json",
+    )
     assert result.code == 2 and "--engine des" in result.err
     result = simulate("run", "-w", "llama2-7b", "-c", "dgx-a100-80g", "-p", plan, "--engine", "exact")
     assert result.code == 2 and "analytic or des" in result.err
@@ -142,10 +178,20 @@ def test_validate_with_the_event_engine_meets_its_targets(simulate):
 
 # ---- compare -------------------------------------------------------------------------------------
 def test_compare_two_clusters(simulate):
-    result = ok(simulate(
-        "compare", "-w", "llama2-7b", "-c", "dgx-a100-80g", "-c", "dgx-h100",
-        "--plan", "tp=2,micro_batch=1,global_batch=64", "--json",
-    ))
+    result = ok(
+        simulate(
+            "compare",
+            "-w",
+            "llama2-7b",
+            "-c",
+            "dgx-a100-80g",
+            "-c",
+            "dgx-h100",
+            "--plan",
+            "tp=2,micro_batch=1,global_batch=64",
+            "--json",
+        )
+    )
     rows = json.loads(result.out)
     assert [r["cluster"] for r in rows] == ["dgx-a100-80g", "dgx-h100"]
     assert all(r["report"] is not None and r["reason"] is None for r in rows)
@@ -154,14 +200,37 @@ def test_compare_two_clusters(simulate):
 
 
 def test_compare_human_table_names_the_sweep(simulate):
-    result = ok(simulate("compare", "-w", "llama2-7b", "-c", "dgx-a100-80g", "--plan", "micro_batch=1,global_batch=64",
-                         "--sweep", "tp=2,4"))
+    result = ok(
+        simulate(
+            "compare",
+            "-w",
+            "llama2-7b",
+            "-c",
+            "dgx-a100-80g",
+            "--plan",
+            "micro_batch=1,global_batch=64",
+            "--sweep",
+            "tp=2,4",
+        )
+    )
     assert "tp" in result.out and "tokens/s" in result.out and "MFU" in result.out
 
 
 def test_compare_sweep_tp(simulate):
-    result = ok(simulate("compare", "-w", "llama2-7b", "-c", "dgx-a100-80g", "--plan", "micro_batch=1,global_batch=64",
-                         "--sweep", "tp=1,2,4,8", "--json"))
+    result = ok(
+        simulate(
+            "compare",
+            "-w",
+            "llama2-7b",
+            "-c",
+            "dgx-a100-80g",
+            "--plan",
+            "micro_batch=1,global_batch=64",
+            "--sweep",
+            "tp=1,2,4,8",
+            "--json",
+        )
+    )
     rows = json.loads(result.out)
     assert [r["tp"] for r in rows] == ["1", "2", "4", "8"]
     for row in rows:
@@ -173,10 +242,22 @@ def test_compare_sweep_tp(simulate):
 
 
 def test_compare_sweep_inter_node_bandwidth_more_is_never_slower(simulate):
-    result = ok(simulate(
-        "compare", "-w", "gpt3-13b", "-c", "dgx-h100", "--nodes", "8", "--plan", "tp=4,pp=2,micro_batch=1,global_batch=512",
-        "--sweep", "inter_node_bandwidth=100,200,400Gbit/s", "--json",
-    ))
+    result = ok(
+        simulate(
+            "compare",
+            "-w",
+            "gpt3-13b",
+            "-c",
+            "dgx-h100",
+            "--nodes",
+            "8",
+            "--plan",
+            "tp=4,pp=2,micro_batch=1,global_batch=512",
+            "--sweep",
+            "inter_node_bandwidth=100,200,400Gbit/s",
+            "--json",
+        )
+    )
     rows = json.loads(result.out)
     assert [r["inter_node_bandwidth"] for r in rows] == ["100Gbit/s", "200Gbit/s", "400Gbit/s"]
     times = [r["report"]["iteration_time_s"] for r in rows]
@@ -185,8 +266,20 @@ def test_compare_sweep_inter_node_bandwidth_more_is_never_slower(simulate):
 
 
 def test_compare_infeasible_sweep_point_is_a_row_with_a_reason(simulate):
-    result = ok(simulate("compare", "-w", "llama2-7b", "-c", "dgx-a100-80g", "--plan", "micro_batch=1,global_batch=64",
-                         "--sweep", "tp=2,3,4", "--json"))
+    result = ok(
+        simulate(
+            "compare",
+            "-w",
+            "llama2-7b",
+            "-c",
+            "dgx-a100-80g",
+            "--plan",
+            "micro_batch=1,global_batch=64",
+            "--sweep",
+            "tp=2,3,4",
+            "--json",
+        )
+    )
     rows = json.loads(result.out)
     assert [r["tp"] for r in rows] == ["2", "3", "4"]
     assert rows[1]["report"] is None and "3" in rows[1]["reason"]
@@ -195,8 +288,21 @@ def test_compare_infeasible_sweep_point_is_a_row_with_a_reason(simulate):
 
 def test_compare_csv_has_one_row_per_configuration(simulate, tmp_path):
     target = tmp_path / "sweep.csv"
-    ok(simulate("compare", "-w", "llama2-7b", "-c", "dgx-a100-80g", "--plan", "micro_batch=1,global_batch=64",
-                "--sweep", "tp=1,2,3,4,8", "--csv", target))
+    ok(
+        simulate(
+            "compare",
+            "-w",
+            "llama2-7b",
+            "-c",
+            "dgx-a100-80g",
+            "--plan",
+            "micro_batch=1,global_batch=64",
+            "--sweep",
+            "tp=1,2,3,4,8",
+            "--csv",
+            target,
+        )
+    )
     with target.open(newline="") as handle:
         rows = list(csv.DictReader(handle))
     assert [r["tp"] for r in rows] == ["1", "2", "3", "4", "8"]
@@ -260,7 +366,9 @@ def test_validate_csv_with_an_a100_40gb_row(simulate, tmp_path):
     with builtin_csv().open(newline="") as handle:
         reader = csv.DictReader(handle)
         fields = reader.fieldnames
-        source = next(r for r in reader if r["gpu"] == "a100_80gb" and r["model"] == "mpt-1b" and r["seq_len"] == "1024")
+        source = next(
+            r for r in reader if r["gpu"] == "a100_80gb" and r["model"] == "mpt-1b" and r["seq_len"] == "1024"
+        )
     path = tmp_path / "a100_40.csv"
     with path.open("w", newline="") as handle:
         writer = csv.DictWriter(handle, fieldnames=fields)
@@ -305,7 +413,11 @@ def test_specs_show_cluster_with_nodes(simulate):
 def test_specs_show_device_yaml_file(simulate, tmp_path):
     # `specs show` takes "a device or cluster name, or a spec YAML file" (its --help).
     path = tmp_path / "my-gpu.yaml"
-    path.write_text((Path(specs.__file__).parent / "devices" / "a100-80g.yaml").read_text().replace("name: a100-80g", "name: my-gpu"))
+    path.write_text(
+        (Path(specs.__file__).parent / "devices" / "a100-80g.yaml")
+        .read_text()
+        .replace("name: a100-80g", "name: my-gpu")
+    )
     data = yaml.safe_load(ok(simulate("specs", "show", path)).out)
     assert data["name"] == "my-gpu" and data["memory"]["capacity"] == 80 * 2**30
 

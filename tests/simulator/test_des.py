@@ -21,7 +21,9 @@ from simulator.plan import Plan
 from workloads import load_workload
 
 SETTINGS = settings(max_examples=40, deadline=None, derandomize=True)
-WORKLOADS = {name: load_workload(name) for name in ("gpt3-350m", "llama2-7b", "bert-large", "t5-large-32", "vit-huge-32")}
+WORKLOADS = {
+    name: load_workload(name) for name in ("gpt3-350m", "llama2-7b", "bert-large", "t5-large-32", "vit-huge-32")
+}
 CLUSTERS = {
     "dgx1": load_cluster("dgx-a100-80g"),
     "dgx2": load_cluster("dgx-a100-80g", nodes=2),
@@ -43,10 +45,15 @@ def plans(draw, max_pp: int = 4, schedules=("1f1b", "gpipe", "interleaved")):
     micro_batch = draw(st.sampled_from([1, 2]))
     num_micro = draw(st.sampled_from([1, 2, 4])) * (pp if schedule == "interleaved" else 1)
     plan = Plan(
-        tp=tp, pp=pp, dp=dp, micro_batch=micro_batch, global_batch=micro_batch * dp * num_micro,
+        tp=tp,
+        pp=pp,
+        dp=dp,
+        micro_batch=micro_batch,
+        global_batch=micro_batch * dp * num_micro,
         dp_type=draw(st.sampled_from(["ddp", "zero1", "zero2", "zero3"])),
         recompute=draw(st.sampled_from(["none", "selective", "full"])),
-        sequence_parallel=draw(st.booleans()) and tp > 1, schedule=schedule,
+        sequence_parallel=draw(st.booleans()) and tp > 1,
+        schedule=schedule,
         virtual_stages=2 if schedule == "interleaved" else 1,
     )
     return workload, cluster, plan
@@ -108,10 +115,14 @@ def test_iteration_is_at_least_the_critical_path_lower_bounds(case):
         assert result.iteration_time >= serial * (1 - 1e-12)
     # The first micro-batch must go forward through every stage and back before the last stage's
     # backward of it: a chain of the stages' uncontended compute.
-    chain = sum(max(r.cost.runs and sum(rc.count * rc.times.forward for rc in r.cost.runs) for r in reps)
-                for reps in result.stage_reps)
-    chain += sum(max(sum(rc.count * (rc.times.backward + rc.recompute) for rc in r.cost.runs) for r in reps)
-                 for reps in result.stage_reps)
+    chain = sum(
+        max(r.cost.runs and sum(rc.count * rc.times.forward for rc in r.cost.runs) for r in reps)
+        for reps in result.stage_reps
+    )
+    chain += sum(
+        max(sum(rc.count * (rc.times.backward + rc.recompute) for rc in r.cost.runs) for r in reps)
+        for reps in result.stage_reps
+    )
     assert result.iteration_time >= chain * (1 - 1e-12)
 
 
@@ -123,8 +134,13 @@ def test_iteration_is_at_least_the_critical_path_lower_bounds(case):
     gigabytes=st.floats(0.01, 50.0),
     rep_choice=st.integers(0, 100),
 )
-@example(case=(WORKLOADS["gpt3-350m"], CLUSTERS["dgx2"], Plan(tp=2, pp=2, global_batch=64)), port="nic.tx",
-         start_fraction=0.5, gigabytes=5.0, rep_choice=0)
+@example(
+    case=(WORKLOADS["gpt3-350m"], CLUSTERS["dgx2"], Plan(tp=2, pp=2, global_batch=64)),
+    port="nic.tx",
+    start_fraction=0.5,
+    gigabytes=5.0,
+    rep_choice=0,
+)
 def test_a_competing_flow_never_makes_the_iteration_finish_earlier(case, port, start_fraction, gigabytes, rep_choice):
     workload, cluster, plan = case
     bound = _bind(workload, cluster, plan)
@@ -134,6 +150,7 @@ def test_a_competing_flow_never_makes_the_iteration_finish_earlier(case, port, s
     assert busy.iteration_time >= base.iteration_time * (1 - 1e-12)
     for before, after in zip(base.reps, busy.reps):
         assert after.finish >= before.finish * (1 - 1e-12)
+
     # Task by task: each compute task (its n-th occurrence on its representative) ends no earlier.
     def ends(result):
         seen, out = Counter(), {}

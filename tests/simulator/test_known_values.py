@@ -73,9 +73,18 @@ def test_parameter_counts_match_published_checkpoints_exactly(name, published):
 @pytest.mark.parametrize(
     "name, nominal",
     [
-        ("gpt3-125m", 125e6), ("gpt3-350m", 350e6), ("gpt3-760m", 760e6), ("gpt3-1.3b", 1.3e9),
-        ("gpt3-2.7b", 2.7e9), ("gpt3-6.7b", 6.7e9), ("gpt3-13b", 13e9), ("gpt3-175b", 175e9),
-        ("bert-huge-32", 672e6), ("t5-large-32", 502e6), ("vit-huge-32", 632e6), ("bert-large", 336e6),
+        ("gpt3-125m", 125e6),
+        ("gpt3-350m", 350e6),
+        ("gpt3-760m", 760e6),
+        ("gpt3-1.3b", 1.3e9),
+        ("gpt3-2.7b", 2.7e9),
+        ("gpt3-6.7b", 6.7e9),
+        ("gpt3-13b", 13e9),
+        ("gpt3-175b", 175e9),
+        ("bert-huge-32", 672e6),
+        ("t5-large-32", 502e6),
+        ("vit-huge-32", 632e6),
+        ("bert-large", 336e6),
     ],
 )
 def test_parameter_counts_match_nominal_sizes(name, nominal):

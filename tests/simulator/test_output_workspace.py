@@ -19,8 +19,16 @@ LLAMA = load_workload("tinyllama-1.1b")
 
 
 def _output(seq_len: int, micro_batch: int = 1, tp: int = 1):
-    shape = ShardShape(micro_batch=micro_batch, seq_len=seq_len, tp=tp, sequence_parallel=False, cp=1, ep=1,
-                       dtype_bytes=2, attention="flash")
+    shape = ShardShape(
+        micro_batch=micro_batch,
+        seq_len=seq_len,
+        tp=tp,
+        sequence_parallel=False,
+        cp=1,
+        ep=1,
+        dtype_bytes=2,
+        attention="flash",
+    )
     return layer_profile(LLAMA.with_seq_len(seq_len), "head", shape)
 
 
@@ -35,8 +43,9 @@ def test_vocabulary_parallel_losses_need_no_workspace(tp):
 
 
 def test_blocks_have_no_workspace():
-    shape = ShardShape(micro_batch=1, seq_len=2048, tp=1, sequence_parallel=False, cp=1, ep=1, dtype_bytes=2,
-                       attention="flash")
+    shape = ShardShape(
+        micro_batch=1, seq_len=2048, tp=1, sequence_parallel=False, cp=1, ep=1, dtype_bytes=2, attention="flash"
+    )
     assert layer_profile(LLAMA, "decoder", shape).backward_workspace == 0.0
 
 

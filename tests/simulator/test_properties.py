@@ -60,7 +60,7 @@ class Case:
     def cluster(self) -> ClusterSpec:
         return CLUSTERS[self.cluster_key]
 
-    def with_plan(self, **changes) -> "Case":
+    def with_plan(self, **changes) -> Case:
         return Case(self.workload_name, self.cluster_key, self.plan.model_copy(update=changes))
 
     def __repr__(self) -> str:
@@ -82,7 +82,11 @@ def cases(draw, schedules=("gpipe", "1f1b", "interleaved")) -> Case:
     n = cluster.num_devices
     tp = draw(
         st.sampled_from(
-            [t for t in (1, 2, 4, 8) if n % t == 0 and cfg.num_heads % t == 0 and cfg.kv_heads % t == 0 and cfg.ffn % t == 0]
+            [
+                t
+                for t in (1, 2, 4, 8)
+                if n % t == 0 and cfg.num_heads % t == 0 and cfg.kv_heads % t == 0 and cfg.ffn % t == 0
+            ]
         )
     )
     pp = draw(st.sampled_from([p for p in _divisors(n // tp, 8) if p <= cfg.num_layers]))
@@ -242,7 +246,7 @@ def test_more_recompute_never_keeps_more_activations(case):
 def test_utilization_bounds(case):
     report = run(case)
     assert 0 < report.mfu <= 1
-    assert 0 < report.hfu
+    assert report.hfu > 0
     assert report.hfu >= report.mfu
     if case.plan.recompute == "none":
         assert report.hfu == report.mfu
@@ -267,7 +271,14 @@ def test_utilization_bounds(case):
 def test_time_breakdown_sums_to_iteration_time(case):
     report = run(case)
     parts = report.time_breakdown_s.model_dump()
-    assert set(parts) == {"compute", "recompute", "exposed_communication", "pipeline_bubble", "offload_stall", "optimizer"}
+    assert set(parts) == {
+        "compute",
+        "recompute",
+        "exposed_communication",
+        "pipeline_bubble",
+        "offload_stall",
+        "optimizer",
+    }
     for name, value in parts.items():
         assert value >= 0, f"{name} = {value}"
     assert report.time_breakdown_s.compute > 0
@@ -367,7 +378,9 @@ def any_family_shapes(draw):
         data.update(num_experts=draw(st.sampled_from((2, 4, 8))), experts_top_k=draw(st.sampled_from((1, 2))))
     if family == "vit":
         patch = draw(st.sampled_from((8, 16, 32)))
-        data.update(image_size=patch * draw(st.integers(1, 8)), patch_size=patch, num_classes=draw(st.integers(2, 1000)))
+        data.update(
+            image_size=patch * draw(st.integers(1, 8)), patch_size=patch, num_classes=draw(st.integers(2, 1000))
+        )
         data.pop("seq_len")
     cfg = WorkloadConfig(**data)
     seq_len = cfg.seq_len

@@ -28,8 +28,10 @@ LAYOUTS = [Layout(1, False), Layout(2, False), Layout(2, True), Layout(4, False)
 
 def _moves(src: Layout, dst: Layout):
     move = relayout(CLUSTER, STAGE, 0, src, dst, PER_SEQUENCE)
-    return ([(k, n / PER_SEQUENCE, s.size) for k, n, s in move.forward],
-            [(k, n / PER_SEQUENCE, s.size) for k, n, s in move.backward])
+    return (
+        [(k, n / PER_SEQUENCE, s.size) for k, n, s in move.forward],
+        [(k, n / PER_SEQUENCE, s.size) for k, n, s in move.backward],
+    )
 
 
 def test_the_executors_three_steps():
@@ -41,8 +43,10 @@ def test_the_executors_three_steps():
     assert _moves(Layout(2, True), Layout(2, False)) == ([("all_gather", 4, 2)], [])
     assert _moves(Layout(2, False), Layout(2, True)) == ([], [("all_gather", 4, 2)])
     # tp2+sp -> tp4+sp: gather the sequence, merge two slices, keep a chunk (its gradient gathered back).
-    assert _moves(Layout(2, True), Layout(4, True)) == ([("all_gather", 4, 2), ("all_gather", 8, 2)],
-                                                        [("all_gather", 8, 4)])
+    assert _moves(Layout(2, True), Layout(4, True)) == (
+        [("all_gather", 4, 2), ("all_gather", 8, 2)],
+        [("all_gather", 8, 4)],
+    )
     assert _moves(Layout(4, False), Layout(4, False)) == ([], [])
 
 
@@ -58,7 +62,7 @@ def test_the_gradient_path_mirrors_the_opposite_change(a, b):
 def test_groups_are_the_ranks_whose_slices_merge():
     # Rank 5 of 8 going tp2 -> tp4 (2 replicas of 8 sequences): the slices of ranks 5 and 7 merge.
     move = relayout(CLUSTER, STAGE, 5, Layout(2, False), Layout(4, False), PER_SEQUENCE)
-    (kind, nbytes, span), = move.forward
+    ((kind, nbytes, span),) = move.forward
     assert kind == "all_gather" and span.size == 2 and nbytes == 8 * PER_SEQUENCE
 
 
@@ -72,8 +76,12 @@ def test_engines_charge_each_boundary_once_and_agree():
     cost = stage_cost(bound, stage, stage.ranks[0], None)
     moves = [(rc.run.kind, rc.run.tp, bool(rc.relayout_in), bool(rc.relayout_out)) for rc in cost.runs]
     # tp2 blocks -> tp1 blocks, tp1 blocks -> the head in the home layout (tp2): two moves, nothing else.
-    assert moves == [("embedding", 2, False, False), ("decoder", 2, False, False), ("decoder", 1, True, False),
-                     ("head", 2, True, False)]
+    assert moves == [
+        ("embedding", 2, False, False),
+        ("decoder", 2, False, False),
+        ("decoder", 1, True, False),
+        ("head", 2, True, False),
+    ]
     runs_only = sum(rc.count * (rc.forward + rc.backward) for rc in cost.runs)
     moved = sum(m.forward_s + m.backward_s for rc in cost.runs for m in (rc.relayout_in, rc.relayout_out))
     assert moved > 0 and cost.per_micro_batch == pytest.approx(runs_only + moved, rel=1e-12)
@@ -93,8 +101,14 @@ def test_galvatron_prices_a_transition_as_the_engines_do():
     tables = CostTables(LLAMA, CLUSTER, "bf16")
     group = StageGroup(0, 8, 8)
     a, b = Strategy(2, True, "ddp", "none"), Strategy(1, False, "zero3", "none")
-    move = relayout(CLUSTER, BoundStage(0, range(8), 1, (), 16), 0, Layout(2, True), Layout(1, False),
-                    LLAMA.seq_len * LLAMA.hidden_size * 2)
+    move = relayout(
+        CLUSTER,
+        BoundStage(0, range(8), 1, (), 16),
+        0,
+        Layout(2, True),
+        Layout(1, False),
+        LLAMA.seq_len * LLAMA.hidden_size * 2,
+    )
     assert tables.transition(group, 16, a, b) == pytest.approx(move.forward_s + move.backward_s, rel=1e-12)
     assert tables.transition(group, 16, a, a) == 0.0
 
@@ -127,8 +141,9 @@ def test_the_cost_is_what_the_executors_redistribution_gathers(monkeypatch, src,
     seq, hidden, rank = 8, 4, 0
     sequences = STAGE.micro_batch_of(rank, src.tp)
     x = torch.randn(sequences, seq // src.tp if src.sp else seq, hidden, dtype=torch.float64, requires_grad=True)
-    y = mixed_layout.relayout(x, mixed_layout.ActLayout(src.tp, src.sp), mixed_layout.ActLayout(dst.tp, dst.sp),
-                              Meshes, rank)
+    y = mixed_layout.relayout(
+        x, mixed_layout.ActLayout(src.tp, src.sp), mixed_layout.ActLayout(dst.tp, dst.sp), Meshes, rank
+    )
     forward = list(calls)
     calls.clear()
     y.backward(torch.ones_like(y))

@@ -118,8 +118,21 @@ def test_llama2_7b_matches_the_catalog(tmp_path):
     assert model_flops_per_sample(hf) == model_flops_per_sample(catalog)
     assert hf.family == "llama"
     assert hf.name == "Llama-2-7b-hf"  # named after the folder holding config.json
-    shape = ("num_layers", "hidden_size", "ffn", "num_heads", "kv_heads", "vocab_size", "seq_len",
-             "position_embedding", "mlp", "norm", "bias", "tied_embeddings", "causal")
+    shape = (
+        "num_layers",
+        "hidden_size",
+        "ffn",
+        "num_heads",
+        "kv_heads",
+        "vocab_size",
+        "seq_len",
+        "position_embedding",
+        "mlp",
+        "norm",
+        "bias",
+        "tied_embeddings",
+        "causal",
+    )
     assert {k: getattr(hf, k) for k in shape} == {k: getattr(catalog, k) for k in shape}
 
 
@@ -163,7 +176,14 @@ def test_gpt2_small(tmp_path):
     w = load_workload(str(write_config(tmp_path, GPT2_SMALL)))
     assert parameter_count(w) == 124439808
     assert w.family == "gpt" and w.position_embedding == "learned" and w.tied_embeddings is True
-    assert (w.num_layers, w.hidden_size, w.num_heads, w.ffn, w.vocab_size, w.seq_len) == (12, 768, 12, 3072, 50257, 1024)
+    assert (w.num_layers, w.hidden_size, w.num_heads, w.ffn, w.vocab_size, w.seq_len) == (
+        12,
+        768,
+        12,
+        3072,
+        50257,
+        1024,
+    )
 
 
 def test_gpt_neox_pythia_70m(tmp_path):
@@ -251,8 +271,20 @@ def _simulate(monkeypatch, capsys, *args) -> tuple[int, str, str]:
 
 def test_cli_runs_a_hf_config(monkeypatch, capsys, tmp_path):
     path = write_config(tmp_path, MISTRAL_7B)
-    code, out, err = _simulate(monkeypatch, capsys, "run", "-w", path, "-c", "dgx-a100-80g", "--seq-len", "4096",
-                               "--plan", "tp=2,micro_batch=1,global_batch=64", "--json")
+    code, out, err = _simulate(
+        monkeypatch,
+        capsys,
+        "run",
+        "-w",
+        path,
+        "-c",
+        "dgx-a100-80g",
+        "--seq-len",
+        "4096",
+        "--plan",
+        "tp=2,micro_batch=1,global_batch=64",
+        "--json",
+    )
     assert code == 0, err
     report = json.loads(out)
     assert report["seq_len"] == 4096 and report["tokens_per_s"] > 0

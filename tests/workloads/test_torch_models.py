@@ -22,17 +22,29 @@ from workloads.torch_models import (
     loss_fn,
 )
 
-TINY_GPT = WorkloadConfig(name="tiny-gpt", family="gpt", num_layers=2, hidden_size=32, num_heads=4, vocab_size=97,
-                          seq_len=16, dropout=False)
-TINY_LLAMA = WorkloadConfig(name="tiny-llama", family="llama", num_layers=2, hidden_size=32, ffn_hidden_size=48,
-                            num_heads=4, num_kv_heads=2, vocab_size=97, seq_len=16)
+TINY_GPT = WorkloadConfig(
+    name="tiny-gpt", family="gpt", num_layers=2, hidden_size=32, num_heads=4, vocab_size=97, seq_len=16, dropout=False
+)
+TINY_LLAMA = WorkloadConfig(
+    name="tiny-llama",
+    family="llama",
+    num_layers=2,
+    hidden_size=32,
+    ffn_hidden_size=48,
+    num_heads=4,
+    num_kv_heads=2,
+    vocab_size=97,
+    seq_len=16,
+)
 
 
 def count(model: torch.nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())  # shared (tied) parameters once
 
 
-@pytest.mark.parametrize("name", ["gpt3-125m", "gpt3-1.3b", "mpt-125m", "mpt-1b", "llama2-7b", "llama3-8b", "llama2-70b"])
+@pytest.mark.parametrize(
+    "name", ["gpt3-125m", "gpt3-1.3b", "mpt-125m", "mpt-1b", "llama2-7b", "llama3-8b", "llama2-70b"]
+)
 def test_parameter_count_matches_the_cost_model_for_catalog_models(name):
     cfg = load_workload(name)
     model = build_model(cfg)  # meta: no memory even for 70B
@@ -51,8 +63,9 @@ def test_parameter_count_matches_the_cost_model_for_catalog_models(name):
     ],
 )
 def test_parameter_count_matches_for_variants(extra):
-    cfg = WorkloadConfig(name="v", num_layers=3, hidden_size=48, ffn_hidden_size=80, num_heads=4, vocab_size=101,
-                         seq_len=32, **extra)
+    cfg = WorkloadConfig(
+        name="v", num_layers=3, hidden_size=48, ffn_hidden_size=80, num_heads=4, vocab_size=101, seq_len=32, **extra
+    )
     assert count(build_model(cfg)) == parameter_count(cfg)
 
 

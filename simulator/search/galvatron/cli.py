@@ -5,21 +5,18 @@ from __future__ import annotations
 
 import re
 from pathlib import Path
-from typing import Optional
 
 import typer
 import yaml
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
 from hwmodel.catalog import load_cluster
-from hwmodel.cli_common import check_new_file, write_new_file
-from hwmodel.cli_common import make_console
+from hwmodel.cli_common import check_new_file, make_console, write_new_file
 from hwmodel.errors import UserError
 from hwmodel.units import DIMENSIONS, format_bytes, parse_quantity
-from workloads.catalog import load_workload
-
 from simulator.search.galvatron.search import search_galvatron
 from simulator.search.render import render_search
+from workloads.catalog import load_workload
 
 
 def parse_budget(text: str) -> float:
@@ -40,19 +37,25 @@ def plan_yaml(plan) -> str:
 
 
 def galvatron_command(
-    workload: str = typer.Option(..., "--workload", "-w", help="Workload name or file (see `simulate workloads list`)."),
+    workload: str = typer.Option(
+        ..., "--workload", "-w", help="Workload name or file (see `simulate workloads list`)."
+    ),
     cluster: str = typer.Option(..., "--cluster", "-c", help="Cluster name or YAML file (see `simulate specs list`)."),
     memory_budget: str = typer.Option(..., "--memory-budget", "-m", help="Per-device memory budget, e.g. 16GiB."),
-    nodes: Optional[int] = typer.Option(None, "--nodes", "-n", help="Node count for a cluster of identical nodes."),
-    devices_per_node: Optional[int] = typer.Option(None, "--devices-per-node", help="Devices in every node."),
-    global_batch: Optional[int] = typer.Option(None, "--global-batch", help="Sequences per iteration (default: searched up to 8 per device)."),
-    max_global_batch: Optional[int] = typer.Option(
-        None, "--max-global-batch", help="Search the global batch too, up to this many sequences."),
+    nodes: int | None = typer.Option(None, "--nodes", "-n", help="Node count for a cluster of identical nodes."),
+    devices_per_node: int | None = typer.Option(None, "--devices-per-node", help="Devices in every node."),
+    global_batch: int | None = typer.Option(
+        None, "--global-batch", help="Sequences per iteration (default: searched up to 8 per device)."
+    ),
+    max_global_batch: int | None = typer.Option(
+        None, "--max-global-batch", help="Search the global batch too, up to this many sequences."
+    ),
     top: int = typer.Option(3, "--top", help="How many plans to list (the chosen one and runners-up)."),
-    out_file: Optional[Path] = typer.Option(None, "--out", help="Write the chosen plan as YAML for `execute --plan`."),
+    out_file: Path | None = typer.Option(None, "--out", help="Write the chosen plan as YAML for `execute --plan`."),
     as_json: bool = typer.Option(False, "--json", help="Print the shared search result shape as JSON."),
     engine_rerank: bool = typer.Option(
-        True, "--engine-rerank/--no-engine-rerank", help="Re-rank the top plans with the discrete-event engine."),
+        True, "--engine-rerank/--no-engine-rerank", help="Re-rank the top plans with the discrete-event engine."
+    ),
     force: bool = typer.Option(False, "--force", help="Allow --out to replace an existing file."),
 ) -> None:
     """Galvatron-BMW: choose tp (with or without sequence parallel), ZeRO stage and recompute per layer, the
@@ -70,8 +73,14 @@ def galvatron_command(
     if as_json:
         result = search_galvatron(wl, cl, budget, global_batch, max_global_batch, top, engine_rerank)
     else:
-        with Progress(TextColumn("{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
-                      TimeElapsedColumn(), console=err, transient=True) as progress:
+        with Progress(
+            TextColumn("{task.description}"),
+            BarColumn(),
+            TextColumn("{task.completed}/{task.total}"),
+            TimeElapsedColumn(),
+            console=err,
+            transient=True,
+        ) as progress:
             task = progress.add_task("searching", total=None)
 
             def report(done: int, total: int, what: str) -> None:
@@ -85,8 +94,12 @@ def galvatron_command(
         return
     console = make_console()
     d = result.details
-    render_search(result, console, f"Galvatron-BMW on {cl.name} ({cl.num_devices} devices): {wl.name}, "
-                                   f"budget {format_bytes(budget)} per device, {d['engine']} engine")
+    render_search(
+        result,
+        console,
+        f"Galvatron-BMW on {cl.name} ({cl.num_devices} devices): {wl.name}, "
+        f"budget {format_bytes(budget)} per device, {d['engine']} engine",
+    )
     best = result.best.report
     feasible = [b.report for b in result.baselines if b.report is not None]
     if feasible:
@@ -100,8 +113,13 @@ def galvatron_command(
     if plan.stages:
         console.print("stages: " + "; ".join(f"{s.num_layers} layers on {s.devices} (tp {s.tp})" for s in plan.stages))
     if plan.layers:
-        console.print("layers: " + "; ".join(
-            f"{l.layers[0]}-{l.layers[1]}: tp{l.tp}{'+sp' if l.sequence_parallel else ''} {l.dp_type} "
-            f"recompute {l.recompute}" for l in plan.layers))
+        console.print(
+            "layers: "
+            + "; ".join(
+                f"{l.layers[0]}-{l.layers[1]}: tp{l.tp}{'+sp' if l.sequence_parallel else ''} {l.dp_type} "
+                f"recompute {l.recompute}"
+                for l in plan.layers
+            )
+        )
     if out_file is not None:
         console.print(f"wrote {out_file}: run it with `execute --plan {out_file}` or `simulate run --plan {out_file}`")

@@ -12,8 +12,6 @@ from __future__ import annotations
 from dataclasses import astuple, dataclass
 
 from hwmodel.cluster import ClusterSpec
-from workloads.config import WorkloadConfig
-
 from simulator.analytic import representative_ranks
 from simulator.binding import BoundPlan, BoundStage, LayerRun
 from simulator.cost.compute import DTYPE_BYTES
@@ -22,6 +20,7 @@ from simulator.cost.stage import stage_cost
 from simulator.errors import InfeasiblePlan, UnsupportedPlan
 from simulator.plan import Plan
 from simulator.search.galvatron.space import StageGroup, Strategy
+from workloads.config import WorkloadConfig
 
 
 @dataclass(frozen=True)
@@ -65,15 +64,17 @@ class CostTables:
         self._transitions: dict = {}
         self.probes = 0
 
-    def figures(self, kind: str, group: StageGroup, micro_step: int, strategy: Strategy, multi_stage: bool,
-                index: int = 1) -> LayerFigures:
+    def figures(
+        self, kind: str, group: StageGroup, micro_step: int, strategy: Strategy, multi_stage: bool, index: int = 1
+    ) -> LayerFigures:
         """The figures of one layer of `kind` (layer index `index` in `layer_kinds`) with `strategy`."""
         key = (kind, group.first, group.size, micro_step, strategy, multi_stage)
         hit = self._figures.get(key)
         if hit is not None:
             return hit
-        run = LayerRun(index, 1, kind, strategy.tp, strategy.sequence_parallel, strategy.recompute,
-                       strategy.dp_type, 0.0)
+        run = LayerRun(
+            index, 1, kind, strategy.tp, strategy.sequence_parallel, strategy.recompute, strategy.dp_type, 0.0
+        )
         stage = BoundStage(0, group.ranks, 1, (run,), micro_step)
         stages = (stage, stage) if multi_stage else (stage,)
         bound = BoundPlan(self.base_plan, self.workload, self.cluster, stages, 1, ())
@@ -117,8 +118,14 @@ class CostTables:
         if hit is None:
             stage = BoundStage(0, group.ranks, 1, (), micro_step)
             per_sequence = self.workload.seq_len * self.workload.hidden_size * DTYPE_BYTES[self.base_plan.dtype]
-            move = relayout(self.cluster, stage, group.first, Layout.of(a.tp, a.sequence_parallel),
-                            Layout.of(b.tp, b.sequence_parallel), per_sequence)
+            move = relayout(
+                self.cluster,
+                stage,
+                group.first,
+                Layout.of(a.tp, a.sequence_parallel),
+                Layout.of(b.tp, b.sequence_parallel),
+                per_sequence,
+            )
             hit = move.forward_s + move.backward_s
             self._transitions[key] = hit
         return hit

@@ -74,8 +74,9 @@ class ChainResult:
         return out[::-1]
 
 
-def chain_dp(elements: list[ChainElement], transition: np.ndarray, capacity: int,
-             end_cost: list[np.ndarray | None] | None = None) -> ChainResult:
+def chain_dp(
+    elements: list[ChainElement], transition: np.ndarray, capacity: int, end_cost: list[np.ndarray | None] | None = None
+) -> ChainResult:
     """Minimize the summed time of a chain of layers under `capacity` memory buckets.
 
     Args:
@@ -181,8 +182,9 @@ def _min_sum(stage_times: list[np.ndarray], num_layers: int, bottleneck: float) 
     return float(f[num_layers]), counts[::-1]
 
 
-def partition(stage_times: list[np.ndarray], num_layers: int, num_micro_batches: int,
-              tries: int = 6) -> list[tuple[float, list[int]]]:
+def partition(
+    stage_times: list[np.ndarray], num_layers: int, num_micro_batches: int, tries: int = 6
+) -> list[tuple[float, list[int]]]:
     """Layer counts per stage, best first by sum + (m - 1) * max of the stage times (a few of them).
 
     Returns (estimated pipeline time, counts) pairs; empty when no partition fits.

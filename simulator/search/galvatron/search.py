@@ -42,9 +42,6 @@ import numpy as np
 from hwmodel.cluster import ClusterSpec
 from hwmodel.errors import UserError
 from hwmodel.units import format_bytes
-from workloads.config import WorkloadConfig
-from workloads.transformer import layer_kinds
-
 from simulator.analytic import evaluate_bound
 from simulator.binding import bind
 from simulator.errors import InfeasiblePlan, UnsupportedPlan
@@ -53,7 +50,6 @@ from simulator.report import Report
 from simulator.search.baselines import BaselineOutcome, evaluate_baselines
 from simulator.search.galvatron.costs import CostTables, LayerFigures
 from simulator.search.galvatron.dp import INF, ChainElement, ChainResult, chain_dp, partition
-from simulator.search.galvatron.split import split_candidates
 from simulator.search.galvatron.space import (
     StageGroup,
     Strategy,
@@ -63,7 +59,10 @@ from simulator.search.galvatron.space import (
     prune_dominated,
     stage_layouts,
 )
+from simulator.search.galvatron.split import split_candidates
 from simulator.search.result import Baseline, Candidate, SearchResult
+from workloads.config import WorkloadConfig
+from workloads.transformer import layer_kinds
 
 Progress = Callable[[int, int, str], None]  # (done, total, what is being searched)
 
@@ -93,7 +92,9 @@ def uniform_view(cluster: ClusterSpec, group: int = 0) -> ClusterSpec:
     same_shape = all(x.node.num_devices == g.node.num_devices for x in cluster.node_groups)
     if not same_shape:
         raise UserError(f"cluster {cluster.name!r} mixes node sizes; a uniform view would move ranks")
-    return cluster.replaced(name=f"{cluster.name} (as {g.name} only)", node_groups=(g.model_copy(update={"count": nodes}),))
+    return cluster.replaced(
+        name=f"{cluster.name} (as {g.name} only)", node_groups=(g.model_copy(update={"count": nodes}),)
+    )
 
 
 @dataclass
@@ -140,8 +141,9 @@ class _ConfigSearch:
     """One node of the pipeline level: a global batch, a cut into stages, a micro-step and the plan-wide
     dp_type of the embedding and output layers."""
 
-    def __init__(self, ctx: "_Context", global_batch: int, layout: tuple[StageGroup, ...], micro_step: int,
-                 edge_dp_type: str):
+    def __init__(
+        self, ctx: _Context, global_batch: int, layout: tuple[StageGroup, ...], micro_step: int, edge_dp_type: str
+    ):
         self.ctx = ctx
         self.global_batch = global_batch
         self.layout = layout
@@ -199,7 +201,7 @@ class _ConfigSearch:
             start = 0
         kinds = ctx.block_kinds
         if not first and not last:
-            span = tuple(kinds[start: start + self.max_count])
+            span = tuple(kinds[start : start + self.max_count])
             shape_key = span if not ctx.homogeneous else ("same", len(span))
         else:
             shape_key = None
@@ -246,13 +248,17 @@ class _ConfigSearch:
         for edge in (edge_first, edge_last):
             if edge is not None:
                 hungriest += float(edge[2].max()) + float(edge[3].max())
-        device_capacity = min(self.ctx.cluster.topology.devices[r].memory.capacity for r in (group.first, group.first + group.size - 1))
+        device_capacity = min(
+            self.ctx.cluster.topology.devices[r].memory.capacity for r in (group.first, group.first + group.size - 1)
+        )
         delta = max(min(device_capacity, hungriest), 1.0) / MEMORY_BUCKETS
         reserves = sorted({float(x) for e in elems + [x for x in (edge_first, edge_last) if x] for x in e[3]})
         if len(reserves) > RESERVE_LEVELS:
             picks = np.linspace(0, len(reserves) - 1, RESERVE_LEVELS).round().astype(int)
             reserves = [reserves[i] for i in sorted(set(picks))]
-        layouts = sorted({s.layout for e in elems for s in e[0]} | {s.layout for x in (edge_first, edge_last) if x for s in x[0]})
+        layouts = sorted(
+            {s.layout for e in elems for s in e[0]} | {s.layout for x in (edge_first, edge_last) if x for s in x[0]}
+        )
         lay_index = {lay: i for i, lay in enumerate(layouts)}
 
         def transition_matrix() -> np.ndarray:
@@ -412,12 +418,15 @@ class _ConfigSearch:
             edges = edge_strategies(ctx.workload, g, self.micro_step, self.edge_dp_type)
             per_kind = {}
             for kind in dict.fromkeys(ctx.block_kinds):
-                per_kind[kind] = min((ctx.tables.figures(kind, g, self.micro_step, s, multi).time for s in blocks),
-                                     default=INF)
+                per_kind[kind] = min(
+                    (ctx.tables.figures(kind, g, self.micro_step, s, multi).time for s in blocks), default=INF
+                )
             whole[sig] = sum(per_kind[k] for k in ctx.block_kinds)
             for side, kind in enumerate(ctx.edge_kinds):
                 index = 0 if side == 0 else self.num_layers + 1
-                t = min((ctx.tables.figures(kind, g, self.micro_step, s, multi, index).time for s in edges), default=INF)
+                t = min(
+                    (ctx.tables.figures(kind, g, self.micro_step, s, multi, index).time for s in edges), default=INF
+                )
                 edge_best[side] = min(edge_best[side], t)
         per_stage = [whole[ctx.group_signature(g)] for g in self.layout]
         if not all(np.isfinite(per_stage)):
@@ -443,7 +452,7 @@ class _ConfigSearch:
             solutions.append(sol)
         per_block: list[Strategy] = []
         for sol, a in zip(solutions, starts):
-            per_block.extend(_grouped(sol.blocks, ctx.block_kinds[a: a + len(sol.blocks)]))
+            per_block.extend(_grouped(sol.blocks, ctx.block_kinds[a : a + len(sol.blocks)]))
         assert len(per_block) == self.num_layers
         first_edge = solutions[0].edge
         last_edge = solutions[-1].edge_out or solutions[-1].edge
@@ -460,8 +469,17 @@ class _ConfigSearch:
         sp_everywhere = all(ctx.workload.seq_len % t == 0 for t in used_tps)
         dp0 = self.layout[0].size // stage_tps[0]
         return build_plan(
-            per_block, self.layout, counts, stage_tps, self.edge_dp_type, sp_everywhere, dp0,
-            self.micro_step, self.global_batch, ctx.dtype, not ctx.homogeneous,
+            per_block,
+            self.layout,
+            counts,
+            stage_tps,
+            self.edge_dp_type,
+            sp_everywhere,
+            dp0,
+            self.micro_step,
+            self.global_batch,
+            ctx.dtype,
+            not ctx.homogeneous,
         )
 
 
@@ -483,9 +501,19 @@ def _grouped(blocks: list[Strategy], kinds) -> list[Strategy]:
     return out
 
 
-def build_plan(per_block: list[Strategy], layout: tuple[StageGroup, ...], counts: list[int], stage_tps: list[int],
-               dp_type: str, sequence_parallel: bool, dp0: int, micro_step: int, global_batch: int, dtype: str,
-               mixed_kinds: bool = False) -> Plan:
+def build_plan(
+    per_block: list[Strategy],
+    layout: tuple[StageGroup, ...],
+    counts: list[int],
+    stage_tps: list[int],
+    dp_type: str,
+    sequence_parallel: bool,
+    dp0: int,
+    micro_step: int,
+    global_batch: int,
+    dtype: str,
+    mixed_kinds: bool = False,
+) -> Plan:
     """A plan in the shared contract: uniform fields where everything agrees, `stages` and `layers` where not.
 
     `mixed_kinds` (blocks of different kinds, e.g. t5's encoder and decoder) keeps the `layers` section even
@@ -498,23 +526,43 @@ def build_plan(per_block: list[Strategy], layout: tuple[StageGroup, ...], counts
     even = counts == _even(sum(counts), p) and len(sizes) == 1 and layout[0].first == 0
     same_tp = len(set(stage_tps)) == 1 and uniform_layers and per_block[0].tp == stage_tps[0]
     base = dict(
-        pp=p, dp=dp0, micro_batch=micro_step // dp0, global_batch=global_batch, dtype=dtype, schedule="1f1b",
+        pp=p,
+        dp=dp0,
+        micro_batch=micro_step // dp0,
+        global_batch=global_batch,
+        dtype=dtype,
+        schedule="1f1b",
         sequence_parallel=sequence_parallel,
     )
     if uniform_layers and same_tp and per_block[0].dp_type == dp_type and not mixed_kinds:
         # One strategy everywhere: plan-wide fields, and explicit stages only where the split is uneven.
         s = per_block[0]
-        stages = () if even else tuple(
-            StageSpec(num_layers=n, devices=g.devices, tp=t) for n, g, t in zip(counts, layout, stage_tps))
-        return Plan(tp=s.tp, dp_type=s.dp_type, recompute=s.recompute, stages=stages,
-                    **{**base, "sequence_parallel": s.sequence_parallel})
+        stages = (
+            ()
+            if even
+            else tuple(StageSpec(num_layers=n, devices=g.devices, tp=t) for n, g, t in zip(counts, layout, stage_tps))
+        )
+        return Plan(
+            tp=s.tp,
+            dp_type=s.dp_type,
+            recompute=s.recompute,
+            stages=stages,
+            **{**base, "sequence_parallel": s.sequence_parallel},
+        )
     layers = []
     start = 0
     for i in range(1, len(per_block) + 1):
         if i == len(per_block) or per_block[i] != per_block[start]:
             s = per_block[start]
-            layers.append(LayerStrategy(layers=(start, i - 1), tp=s.tp, dp_type=s.dp_type,
-                                        sequence_parallel=s.sequence_parallel, recompute=s.recompute))
+            layers.append(
+                LayerStrategy(
+                    layers=(start, i - 1),
+                    tp=s.tp,
+                    dp_type=s.dp_type,
+                    sequence_parallel=s.sequence_parallel,
+                    recompute=s.recompute,
+                )
+            )
             start = i
     stages = tuple(StageSpec(num_layers=n, devices=g.devices, tp=t) for n, g, t in zip(counts, layout, stage_tps))
     return Plan(tp=stage_tps[0], dp_type=dp_type, layers=tuple(layers), stages=stages, **base)
@@ -552,7 +600,9 @@ class _Context:
             shapes = []
             t = 1
             while t <= group.size:
-                shapes.append((id(cluster.span(ranks[:t])), id(cluster.span(ranks[0::t])), id(cluster.span(ranks[t - 1::t]))))
+                shapes.append(
+                    (id(cluster.span(ranks[:t])), id(cluster.span(ranks[0::t])), id(cluster.span(ranks[t - 1 :: t])))
+                )
                 t *= 2
             devices = tuple(sorted({id(cluster.topology.devices[r]) for r in ranks}))
             sig = (group.size, group.node_size, devices, tuple(shapes))
@@ -594,8 +644,12 @@ def _no_split_error(workload: WorkloadConfig, cluster: ClusterSpec, batches: lis
     n = cluster.num_devices
     works = []
     for b in range(1, 8 * n + 1):
-        if any(layer_strategies(workload, g, ms) for layout in stage_layouts(cluster, workload.num_layers)
-               for ms in micro_step_options(b, layout) for g in layout[:1]):
+        if any(
+            layer_strategies(workload, g, ms)
+            for layout in stage_layouts(cluster, workload.num_layers)
+            for ms in micro_step_options(b, layout)
+            for g in layout[:1]
+        ):
             works.append(b)
         if len(works) >= 4:
             break
@@ -763,13 +817,15 @@ def search_galvatron(
             # Analytic samples/s of the search's own best plan and of the best baseline configuration.
             "search_best_samples_per_s": pool.search_best,
             "baseline_best_samples_per_s": max(
-                (o.report.samples_per_s for o in baseline_outcomes if o.report is not None), default=0.0),
+                (o.report.samples_per_s for o in baseline_outcomes if o.report is not None), default=0.0
+            ),
         },
     )
 
 
-def _balance(search: _ConfigSearch, counts: list[int], speed: float, pool: _Pool, workload, cluster,
-             max_moves: int = 64) -> None:
+def _balance(
+    search: _ConfigSearch, counts: list[int], speed: float, pool: _Pool, workload, cluster, max_moves: int = 64
+) -> None:
     """Move layers from the slowest stage to a neighbour until throughput stops improving."""
     best_counts, best_speed = list(counts), speed
     report = None
@@ -801,8 +857,9 @@ def _balance(search: _ConfigSearch, counts: list[int], speed: float, pool: _Pool
             return
 
 
-def _rerank_des(ranked: list[tuple[Plan, Report]], baselines: list[Baseline], top_k: int, pool: _Pool,
-                workload, cluster) -> tuple[list[tuple[Plan, Report]], list[Baseline]]:
+def _rerank_des(
+    ranked: list[tuple[Plan, Report]], baselines: list[Baseline], top_k: int, pool: _Pool, workload, cluster
+) -> tuple[list[tuple[Plan, Report]], list[Baseline]]:
     """Re-rank the analytic top K, and the feasible baselines, with the discrete-event engine."""
     from simulator.des import evaluate_des
 
@@ -826,11 +883,15 @@ def _rerank_des(ranked: list[tuple[Plan, Report]], baselines: list[Baseline], to
         if rep is None:
             new_baselines.append(b.model_copy(update={"report": None, "reason": "infeasible"}))
         elif not pool.fits(rep):
-            new_baselines.append(b.model_copy(update={
-                "report": None,
-                "reason": f"out of memory: needs {format_bytes(rep.peak_memory_bytes)} > budget "
-                          f"{format_bytes(pool.budget)} (event engine)",
-            }))
+            new_baselines.append(
+                b.model_copy(
+                    update={
+                        "report": None,
+                        "reason": f"out of memory: needs {format_bytes(rep.peak_memory_bytes)} > budget "
+                        f"{format_bytes(pool.budget)} (event engine)",
+                    }
+                )
+            )
         else:
             new_baselines.append(b.model_copy(update={"report": rep}))
             rescored.setdefault(rep.plan.model_dump_json(), (rep.plan, rep))
@@ -840,4 +901,4 @@ def _rerank_des(ranked: list[tuple[Plan, Report]], baselines: list[Baseline], to
     return order, new_baselines
 
 
-__all__ = ["search_galvatron", "uniform_view", "default_dtype", "build_plan", "BaselineOutcome"]
+__all__ = ["BaselineOutcome", "build_plan", "default_dtype", "search_galvatron", "uniform_view"]

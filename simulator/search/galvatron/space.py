@@ -99,8 +99,8 @@ def layer_strategies(workload: WorkloadConfig, group: StageGroup, micro_step: in
         dp = group.size // tp
         if micro_step % dp:
             continue
-        for sp in ((False, True) if sp_allowed(workload, tp) else (False,)):
-            for dp_type in (DP_TYPES if dp > 1 else ("ddp",)):
+        for sp in (False, True) if sp_allowed(workload, tp) else (False,):
+            for dp_type in DP_TYPES if dp > 1 else ("ddp",):
                 for recompute in RECOMPUTE:
                     out.append(Strategy(tp, sp, dp_type, recompute))
     return out
@@ -117,8 +117,9 @@ def edge_strategies(workload: WorkloadConfig, group: StageGroup, micro_step: int
     return out
 
 
-def prune_dominated(strategies: Sequence[Strategy], time: Sequence[float], memory: Sequence[float],
-                    reserve: Sequence[float]) -> list[int]:
+def prune_dominated(
+    strategies: Sequence[Strategy], time: Sequence[float], memory: Sequence[float], reserve: Sequence[float]
+) -> list[int]:
     """Indices of the strategies no other strategy of the same layout beats in time, memory and reserve.
 
     Same layout matters: two layouts differ in what it costs to switch to the neighbours, so a slower
@@ -181,8 +182,12 @@ def stage_layouts(cluster: ClusterSpec, num_layers: int, max_pp: int | None = No
         if n % pp:
             continue
         size = n // pp
-        add(tuple(StageGroup(i * size, size, min(node_size_at[r] for r in range(i * size, (i + 1) * size)))
-                  for i in range(pp)))
+        add(
+            tuple(
+                StageGroup(i * size, size, min(node_size_at[r] for r in range(i * size, (i + 1) * size)))
+                for i in range(pp)
+            )
+        )
     if len(groups) > 1:
         # Each group cut into its own number of stages: every combination of powers of two.
         options = []
@@ -197,8 +202,9 @@ def stage_layouts(cluster: ClusterSpec, num_layers: int, max_pp: int | None = No
             # cuts of one group against a coarse other only add bubble (and search time).
             if max(counts) > 4 * min(counts) or sum(counts) > 16:
                 continue
-            layout = tuple(StageGroup(first + i * size, size, node_size) for first, size, node_size, k in combo
-                           for i in range(k))
+            layout = tuple(
+                StageGroup(first + i * size, size, node_size) for first, size, node_size, k in combo for i in range(k)
+            )
             add(layout)
     return layouts
 

@@ -16,14 +16,13 @@ import dataclasses
 import heapq
 
 from hwmodel.cluster import ClusterSpec
-from workloads.config import WorkloadConfig
-
 from simulator.analytic import evaluate_bound, stage_memory
 from simulator.binding import BoundPlan, bind
 from simulator.cost.stage import stage_cost
 from simulator.errors import InfeasiblePlan, UnsupportedPlan
 from simulator.plan import Plan
 from simulator.report import Report
+from workloads.config import WorkloadConfig
 
 SPLIT_PLANS = 6  # best plans with replicas of mixed GPU types that get a split tried
 
@@ -31,7 +30,7 @@ SPLIT_PLANS = 6  # best plans with replicas of mixed GPU types that get a split 
 def _replica_ranks(bound: BoundPlan, stage_index: int, replica: int) -> list[int]:
     stage = bound.stages[stage_index]
     per = stage.tp * stage.cp
-    return list(stage.ranks[replica * per: (replica + 1) * per])
+    return list(stage.ranks[replica * per : (replica + 1) * per])
 
 
 def _signature(bound: BoundPlan, replica: int) -> tuple:
@@ -39,7 +38,8 @@ def _signature(bound: BoundPlan, replica: int) -> tuple:
     cluster = bound.cluster
     return tuple(
         (id(cluster.topology.devices[r]), id(cluster.node_of(r)))
-        for j in range(len(bound.stages)) for r in _replica_ranks(bound, j, replica)
+        for j in range(len(bound.stages))
+        for r in _replica_ranks(bound, j, replica)
     )
 
 
@@ -110,8 +110,13 @@ def speed_split(bound: BoundPlan, memory_budget_bytes: float) -> tuple[int, ...]
     return None if len(set(split)) == 1 else split
 
 
-def split_candidates(ranked: list[tuple[Plan, Report]], workload: WorkloadConfig, cluster: ClusterSpec,
-                     memory_budget_bytes: float, limit: int = SPLIT_PLANS) -> list[tuple[Plan, Report]]:
+def split_candidates(
+    ranked: list[tuple[Plan, Report]],
+    workload: WorkloadConfig,
+    cluster: ClusterSpec,
+    memory_budget_bytes: float,
+    limit: int = SPLIT_PLANS,
+) -> list[tuple[Plan, Report]]:
     """The best `limit` plans whose replicas differ in GPU type, each with its speed split, evaluated.
 
     Plans that cannot take a split (dp that changes across stages or layers) are passed over; the caller's

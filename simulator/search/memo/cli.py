@@ -4,7 +4,6 @@ with --sweep, how the chosen alpha and MFU move with sequence length, PCIe bandw
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Optional
 
 import typer
 import yaml
@@ -12,17 +11,15 @@ from rich.console import Console
 from rich.table import Table
 
 from hwmodel.catalog import load_cluster
-from hwmodel.cli_common import check_new_file, write_new_file
+from hwmodel.cli_common import make_console, write_new_file
 from hwmodel.cluster import ClusterSpec
-from hwmodel.cli_common import make_console
 from hwmodel.errors import UserError
 from hwmodel.units import format_bytes, parse_quantity
 from hwmodel.whatif import with_link_bandwidth
-from workloads.catalog import load_workload
-
 from simulator.errors import InfeasiblePlan
-from simulator.search.render import render_search
 from simulator.search.memo.search import best_megatron_mfu, search_memo
+from simulator.search.render import render_search
+from workloads.catalog import load_workload
 
 SWEEP_KEYS = ("seq_len", "host_link_bandwidth", "host_memory")
 
@@ -32,7 +29,9 @@ def with_host_memory(cluster: ClusterSpec, memory: float) -> ClusterSpec:
     if memory <= 0:
         raise UserError(f"host_memory must be positive, got {memory}")
     groups = tuple(
-        g.model_copy(update={"node": g.node.model_copy(update={"host": g.node.host.model_copy(update={"memory": memory})})})
+        g.model_copy(
+            update={"node": g.node.model_copy(update={"host": g.node.host.model_copy(update={"memory": memory})})}
+        )
         for g in cluster.node_groups
     )
     return cluster.replaced(node_groups=groups)
@@ -50,8 +49,14 @@ def _parse_sweep(text: str) -> tuple[str, list[str]]:
     return key, items
 
 
-def sweep_rows(workload: str, cluster: ClusterSpec, seq_len: int | None, key: str, values: list[str],
-               micro_batches: tuple[int, ...]) -> list[dict]:
+def sweep_rows(
+    workload: str,
+    cluster: ClusterSpec,
+    seq_len: int | None,
+    key: str,
+    values: list[str],
+    micro_batches: tuple[int, ...],
+) -> list[dict]:
     """One row per swept value: chosen alpha, plan, MFU, the best Megatron-style MFU and their ratio."""
     rows = []
     for value in values:
@@ -75,12 +80,19 @@ def sweep_rows(workload: str, cluster: ClusterSpec, seq_len: int | None, key: st
             continue
         best = result.best.report
         megatron = best_megatron_mfu(result)
-        rows.append({
-            **row, "alpha": result.best.plan.offload, "plan": result.best.plan.shorthand(), "mfu": best.mfu,
-            "megatron_mfu": megatron, "ratio": best.mfu / megatron if megatron else None,
-            "stall_s": best.time_breakdown_s.offload_stall, "host_memory_bytes": best.host_memory_bytes,
-            "why": result.details.get("why"),
-        })
+        rows.append(
+            {
+                **row,
+                "alpha": result.best.plan.offload,
+                "plan": result.best.plan.shorthand(),
+                "mfu": best.mfu,
+                "megatron_mfu": megatron,
+                "ratio": best.mfu / megatron if megatron else None,
+                "stall_s": best.time_breakdown_s.offload_stall,
+                "host_memory_bytes": best.host_memory_bytes,
+                "why": result.details.get("why"),
+            }
+        )
     return rows
 
 
@@ -93,43 +105,58 @@ def _render_sweep(rows: list[dict], key: str, console: Console, title: str) -> N
             table.add_row(r[key], "-", "-", "-", "-", "-", "-", f"[red]{r['reason']}[/red]")
             continue
         table.add_row(
-            r[key], f"{r['alpha']:.3f}", f"{100 * r['mfu']:.1f}%",
-            f"{100 * r['megatron_mfu']:.1f}%" if r["megatron_mfu"] else "-", f"{r['ratio']:.2f}x" if r["ratio"] else "-",
-            f"{r['stall_s']:.3g} s", format_bytes(r["host_memory_bytes"] or 0), f"{r['plan']} ({r['why']})",
+            r[key],
+            f"{r['alpha']:.3f}",
+            f"{100 * r['mfu']:.1f}%",
+            f"{100 * r['megatron_mfu']:.1f}%" if r["megatron_mfu"] else "-",
+            f"{r['ratio']:.2f}x" if r["ratio"] else "-",
+            f"{r['stall_s']:.3g} s",
+            format_bytes(r["host_memory_bytes"] or 0),
+            f"{r['plan']} ({r['why']})",
         )
     console.print(table)
 
 
 def memo_command(
-    workload: str = typer.Option(..., "--workload", "-w", help="Workload name or file (see `simulate workloads list`)."),
+    workload: str = typer.Option(
+        ..., "--workload", "-w", help="Workload name or file (see `simulate workloads list`)."
+    ),
     cluster: str = typer.Option(..., "--cluster", "-c", help="Cluster name or YAML file."),
-    seq_len: Optional[int] = typer.Option(None, "--seq-len", help="Train at this sequence length (tokens)."),
-    nodes: Optional[int] = typer.Option(None, "--nodes", "-n", help="Node count for clusters of identical nodes."),
-    host_memory: Optional[str] = typer.Option(None, "--host-memory", help="What-if: every node with this much host DRAM (e.g. 4TiB)."),
+    seq_len: int | None = typer.Option(None, "--seq-len", help="Train at this sequence length (tokens)."),
+    nodes: int | None = typer.Option(None, "--nodes", "-n", help="Node count for clusters of identical nodes."),
+    host_memory: str | None = typer.Option(
+        None, "--host-memory", help="What-if: every node with this much host DRAM (e.g. 4TiB)."
+    ),
     micro_batch: str = typer.Option("1,2", "--micro-batch", help="Micro-batch sizes to try, comma-separated."),
     top: int = typer.Option(5, "--top", help="Runners-up to list."),
-    sweep: Optional[str] = typer.Option(
-        None, "--sweep",
+    sweep: str | None = typer.Option(
+        None,
+        "--sweep",
         help="Re-plan for each value and tabulate alpha and MFU: seq_len=65536,131072 | "
         "host_link_bandwidth=16,32,64GB/s | host_memory=512GiB,1TiB,2TiB.",
     ),
     memory_plan_time: float = typer.Option(
         10.0, "--memory-plan-time", help="CBC time limit (s) for the memory plan of the chosen plan; 0 skips it."
     ),
-    as_json: bool = typer.Option(False, "--json", help="Print the shared search result shape (or the sweep rows) as JSON."),
-    out_file: Optional[Path] = typer.Option(None, "--out", help="Write the chosen plan (YAML) for `simulate run`/`execute`."),
+    as_json: bool = typer.Option(
+        False, "--json", help="Print the shared search result shape (or the sweep rows) as JSON."
+    ),
+    out_file: Path | None = typer.Option(
+        None, "--out", help="Write the chosen plan (YAML) for `simulate run`/`execute`."
+    ),
     force: bool = typer.Option(False, "--force", help="Allow --out to replace an existing file."),
 ) -> None:
     """MEMO: swap a share alpha of every block's activations to host by token and recompute the rest token-wise;
     choose alpha with tp/cp/sequence parallel and micro-batch for the best MFU within device and host memory."""
     import json
 
-
     console = make_console()
     try:
         micro_batches = tuple(int(v) for v in micro_batch.split(",") if v.strip())
     except ValueError:
-        raise UserError(f"--micro-batch: expected comma-separated integers such as 1,2,4; got {micro_batch!r}") from None
+        raise UserError(
+            f"--micro-batch: expected comma-separated integers such as 1,2,4; got {micro_batch!r}"
+        ) from None
     if top < 1:
         raise UserError(f"--top must be at least 1, got {top}")
     if memory_plan_time < 0:
@@ -156,9 +183,14 @@ def memo_command(
             # The offsets go beside the plan; the plan names the file.
             offsets_file = out_file.with_suffix(".offsets.json")
             write_new_file(offsets_file, json.dumps(offsets, indent=1), force)
-            plan = plan.model_copy(update={"memory_plan": plan.memory_plan.model_copy(update={"offsets": offsets_file.name})})
-        write_new_file(out_file, yaml.safe_dump({"plan": plan.model_dump(mode="json", exclude_defaults=True)},
-                                                 sort_keys=False), force)
+            plan = plan.model_copy(
+                update={"memory_plan": plan.memory_plan.model_copy(update={"offsets": offsets_file.name})}
+            )
+        write_new_file(
+            out_file,
+            yaml.safe_dump({"plan": plan.model_dump(mode="json", exclude_defaults=True)}, sort_keys=False),
+            force,
+        )
     if as_json:
         print(result.to_json())
         return

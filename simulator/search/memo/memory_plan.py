@@ -74,6 +74,7 @@ class MemoryPlanError(UserError):
 
 # ---- data ------------------------------------------------------------------------------------------
 
+
 @dataclass(frozen=True)
 class TensorLife:
     """One tensor: `size` bytes, alive over op steps [start, end] inclusive (created at `start`, last
@@ -98,7 +99,7 @@ class TensorLife:
                 f"tensor {self.name!r}: lifetime [{self.start}, {self.end}] must satisfy 0 <= start <= end"
             )
 
-    def overlaps(self, other: "TensorLife") -> bool:
+    def overlaps(self, other: TensorLife) -> bool:
         """Alive at a common step."""
         return self.start <= other.end and other.start <= self.end
 
@@ -172,6 +173,7 @@ class ModelMemoryPlan(_PlanFigures):
 
 # ---- checks and bounds -------------------------------------------------------------------------------
 
+
 def _check_tensors(tensors: Sequence[TensorLife]) -> list[TensorLife]:
     tensors = list(tensors)
     seen: set[str] = set()
@@ -240,8 +242,12 @@ def check_plan(tensors: Sequence[TensorLife], offsets: dict[str, int], alignment
     for i in range(len(tensors)):
         j = np.arange(i + 1, len(tensors))
         clash = (
-            (starts[j] <= ends[i]) & (starts[i] <= ends[j])
-            & (offs[j] < tops[i]) & (offs[i] < tops[j]) & (sizes[j] > 0) & (sizes[i] > 0)
+            (starts[j] <= ends[i])
+            & (starts[i] <= ends[j])
+            & (offs[j] < tops[i])
+            & (offs[i] < tops[j])
+            & (sizes[j] > 0)
+            & (sizes[i] > 0)
         )
         if clash.any():
             k = int(j[np.argmax(clash)])
@@ -253,6 +259,7 @@ def check_plan(tensors: Sequence[TensorLife], offsets: dict[str, int], alignment
 
 
 # ---- greedy best-fit ---------------------------------------------------------------------------------
+
 
 def _greedy(sizes: np.ndarray, starts: np.ndarray, ends: np.ndarray, order: Sequence[int]) -> np.ndarray:
     """Place items in `order`, each at the lowest offset where it fits beside the already placed items
@@ -278,11 +285,13 @@ def _greedy_order(tensors: Sequence[TensorLife], sizes: np.ndarray, bottom: Coll
     its space joins the free space above), then the others by decreasing aligned size; ties: earlier
     start, longer lifetime, name. Largest first is the classic rule: big tensors are the hardest to fit
     into holes."""
+
     def key(i: int):
         t = tensors[i]
         if t.name in bottom:
             return (0, -t.end, -int(sizes[i]), t.start, t.name)
         return (1, -int(sizes[i]), t.start, -(t.end - t.start), t.name)
+
     return sorted(range(len(tensors)), key=key)
 
 
@@ -348,6 +357,7 @@ def online_best_fit(tensors: Sequence[TensorLife], alignment: int = DEFAULT_ALIG
 
 # ---- level one: the DSA mixed-integer program --------------------------------------------------------
 
+
 def _compact(sizes: np.ndarray, starts: np.ndarray, ends: np.ndarray, xs: Sequence[float]) -> np.ndarray:
     """Turn the solver's (floating-point) offsets into exact integer ones: keep the order the solution
     puts overlapping tensors in and drop each tensor onto the highest of the tensors below it. Every
@@ -401,7 +411,9 @@ def _solve_dsa(
     singleton = {members[0] for members in classes.values() if len(members) == 1}
 
     pairs = [
-        (i, j) for i in range(n) for j in range(i + 1, n)
+        (i, j)
+        for i in range(n)
+        for j in range(i + 1, n)
         if sizes[i] > 0 and sizes[j] > 0 and starts[i] <= ends[j] and starts[j] <= ends[i]
     ]
     # Mirror symmetry (offset -> peak - offset - size) maps every solution to one as good; fix the side of
@@ -490,8 +502,15 @@ def plan_layer(
         unit = math.gcd(*(int(s) for s in sizes if s > 0))
         pin_height = int(sizes[pinned].sum())
         solution, proven = _solve_dsa(
-            sizes // unit, starts, ends, pinned, pin_height // unit, best // unit,
-            best_peak // unit, -(-bound // unit), time_limit_s,
+            sizes // unit,
+            starts,
+            ends,
+            pinned,
+            pin_height // unit,
+            best // unit,
+            best_peak // unit,
+            -(-bound // unit),
+            time_limit_s,
         )
         status = OPTIMAL if proven else TIME_LIMIT
         if solution is not None:
@@ -506,14 +525,13 @@ def plan_layer(
 
 # ---- level two: stacking layer frames ----------------------------------------------------------------
 
+
 def _canonical(tensors: Sequence[TensorLife], pinned: Collection[str], alignment: int) -> tuple:
     """What makes two frames the same problem: sizes, pinning and the order of lifetime events (only
     that order decides which tensors overlap)."""
     points = sorted({t.start for t in tensors} | {t.end for t in tensors})
     rank = {p: r for r, p in enumerate(points)}
-    return tuple(
-        (_aligned(t.size, alignment), rank[t.start], rank[t.end], t.name in pinned) for t in tensors
-    )
+    return tuple((_aligned(t.size, alignment), rank[t.start], rank[t.end], t.name in pinned) for t in tensors)
 
 
 def plan_model(
@@ -575,8 +593,17 @@ def plan_model(
             first = keys.index(key)
             # Same problem: carry the template's offsets over by position.
             mapping = {t.name: template.offsets[u.name] for t, u in zip(frames[l], frames[first])}
-            plans.append(LayerMemoryPlan(mapping, template.peak_bytes, template.greedy_peak_bytes,
-                                         template.lower_bound_bytes, template.solver_status, 0.0, False))
+            plans.append(
+                LayerMemoryPlan(
+                    mapping,
+                    template.peak_bytes,
+                    template.greedy_peak_bytes,
+                    template.lower_bound_bytes,
+                    template.solver_status,
+                    0.0,
+                    False,
+                )
+            )
 
     offsets: dict[str, int] = {}
     bases = []
@@ -612,6 +639,7 @@ def plan_model(
 
 
 # ---- transformer-shaped inputs -------------------------------------------------------------------------
+
 
 @dataclass(frozen=True)
 class LayerTensors:
@@ -711,8 +739,29 @@ def transformer_layer_tensors(
 
     def forward(tag: str, *, first: bool) -> dict[str, str]:
         """The block's forward ops; `tag` renames the tensors a recompute pass creates again."""
-        n = {k: k + tag for k in ("n1", "n1_full", "qkv", "q", "k", "v", "o", "lse", "attn_mask", "h", "n2",
-                                   "n2_full", "gate", "up", "s", "u", "m", "mlp_mask")}
+        n = {
+            k: k + tag
+            for k in (
+                "n1",
+                "n1_full",
+                "qkv",
+                "q",
+                "k",
+                "v",
+                "o",
+                "lse",
+                "attn_mask",
+                "h",
+                "n2",
+                "n2_full",
+                "gate",
+                "up",
+                "s",
+                "u",
+                "m",
+                "mlp_mask",
+            )
+        }
         ops.op(["x_in"], {n["n1"]: t_sp * h * e})  # norm
         qkv_in = n["n1"]
         if sp:
@@ -779,8 +828,13 @@ def transformer_layer_tensors(
         lse = "lse@recompute"
     ops.op(
         ["do", n["q"], n["k"], n["v"], n["o"], lse],
-        {"dq": tokens * q_w * e, "dk": tokens * kv_w * e, "dv": tokens * kv_w * e,
-         "dq_accum": tokens * q_w * 4, "softmax_d": tokens * heads * 4},  # flash backward workspaces
+        {
+            "dq": tokens * q_w * e,
+            "dk": tokens * kv_w * e,
+            "dv": tokens * kv_w * e,
+            "dq_accum": tokens * q_w * 4,
+            "softmax_d": tokens * heads * 4,
+        },  # flash backward workspaces
     )
     d_qkv = ["dq", "dk", "dv"]
     if rope:
@@ -823,7 +877,9 @@ def stack_layers(layer: LayerTensors, num_layers: int) -> tuple[list[list[Tensor
     for l in range(L):
         for tensor in layer.intra:
             if tensor.name not in special:
-                layers[l].append(TensorLife(f"layer{l}.{tensor.name}", tensor.size, at(l, tensor.start), at(l, tensor.end)))
+                layers[l].append(
+                    TensorLife(f"layer{l}.{tensor.name}", tensor.size, at(l, tensor.start), at(l, tensor.end))
+                )
         for tensor in layer.cross:
             if tensor.name not in special:
                 cross.append(TensorLife(f"layer{l}.{tensor.name}", tensor.size, at(l, tensor.start), at(l, tensor.end)))

@@ -32,11 +32,6 @@ from dataclasses import dataclass
 
 from hwmodel.cluster import ClusterSpec
 from hwmodel.errors import UserError
-from workloads.activations import block_activations
-from workloads.config import WorkloadConfig
-from workloads.ops import ShardShape, kernel_family
-from workloads.transformer import layer_profile
-
 from simulator.analytic import evaluate
 from simulator.binding import bind
 from simulator.cost.compute import DTYPE_BYTES, layer_times, roofline
@@ -46,6 +41,10 @@ from simulator.errors import InfeasiblePlan, UnsupportedPlan
 from simulator.plan import MemoryPlanSpec, Plan
 from simulator.report import Report
 from simulator.search.result import Baseline, Candidate, SearchResult
+from workloads.activations import block_activations
+from workloads.config import WorkloadConfig
+from workloads.ops import ShardShape, kernel_family
+from workloads.transformer import layer_profile
 
 
 @dataclass(frozen=True)
@@ -72,15 +71,22 @@ def choose_alpha(plan: Plan, workload: WorkloadConfig, cluster: ClusterSpec) -> 
             device = cluster.topology.devices[rank]
             line = roofline(device, bp.dtype, bp.attention)
             bw = node.host_link.effective_bandwidth
-            k = micro_batches_in_flight(bp.schedule, stage.index, len(bound.stages), bound.num_micro_batches, bp.virtual_stages)
+            k = micro_batches_in_flight(
+                bp.schedule, stage.index, len(bound.stages), bound.num_micro_batches, bp.virtual_stages
+            )
             fixed = per_alpha = 0.0  # host bytes per device at alpha = 0, and per unit of alpha
             for run in stage.runs:
                 if run.kind not in ("decoder", "encoder"):
                     continue
                 shape = ShardShape(
-                    micro_batch=stage.micro_batch_of(rank, run.tp), seq_len=cfg.seq_len, tp=run.tp,
-                    sequence_parallel=run.sequence_parallel, cp=stage.cp, ep=bp.ep,
-                    dtype_bytes=DTYPE_BYTES[bp.dtype], attention=kernel_family(bp.attention),
+                    micro_batch=stage.micro_batch_of(rank, run.tp),
+                    seq_len=cfg.seq_len,
+                    tp=run.tp,
+                    sequence_parallel=run.sequence_parallel,
+                    cp=stage.cp,
+                    ep=bp.ep,
+                    dtype_bytes=DTYPE_BYTES[bp.dtype],
+                    attention=kernel_family(bp.attention),
                 )
                 acts = block_activations(cfg, run.kind, shape)
                 fwd = layer_times(layer_profile(cfg, run.kind, shape), line).forward
@@ -144,7 +150,7 @@ def layouts(workload: WorkloadConfig, cluster: ClusterSpec, micro_batches: Itera
             dp = n // (tp * cp)
             for mb in micro_batches:
                 # ZeRO shards over the ranks holding the same weights: dp x cp (simulator.cost.stage).
-                for dp_type in (("ddp", "zero1", "zero3") if dp * cp > 1 else ("ddp",)):
+                for dp_type in ("ddp", "zero1", "zero3") if dp * cp > 1 else ("ddp",):
                     plans.append(Plan(tp=tp, cp=cp, dp=dp, sequence_parallel=tp > 1, micro_batch=mb, dp_type=dp_type))
     return plans
 
@@ -160,7 +166,9 @@ def _least_fitting_offload(plan: Plan, workload: WorkloadConfig, cluster: Cluste
     return None
 
 
-def _best(plans: Iterable[Plan], workload: WorkloadConfig, cluster: ClusterSpec) -> tuple[Plan | None, Report | None, str]:
+def _best(
+    plans: Iterable[Plan], workload: WorkloadConfig, cluster: ClusterSpec
+) -> tuple[Plan | None, Report | None, str]:
     best: tuple[Plan | None, Report | None] = (None, None)
     last_reason = "no layout divides the cluster"
     for plan in plans:
@@ -192,16 +200,25 @@ def _deepspeed(workload: WorkloadConfig, cluster: ClusterSpec) -> Baseline:
     except (InfeasiblePlan, UnsupportedPlan) as exc:
         return Baseline(name=name, plan=plan, reason=str(exc))
     if not report.fits_memory:
-        return Baseline(name=name, plan=plan, reason=f"out of memory: {report.peak_memory_bytes / 2**30:.1f} GiB > "
-                        f"{report.memory_capacity_bytes / 2**30:.1f} GiB ({reason})")
+        return Baseline(
+            name=name,
+            plan=plan,
+            reason=f"out of memory: {report.peak_memory_bytes / 2**30:.1f} GiB > "
+            f"{report.memory_capacity_bytes / 2**30:.1f} GiB ({reason})",
+        )
     return Baseline(name=name, plan=plan, report=report, reason=reason)
 
 
-def megatron_baselines(workload: WorkloadConfig, cluster: ClusterSpec, micro_batches: Iterable[int] = (1,)) -> list[Baseline]:
+def megatron_baselines(
+    workload: WorkloadConfig, cluster: ClusterSpec, micro_batches: Iterable[int] = (1,)
+) -> list[Baseline]:
     """Megatron-LM style: tp + sequence parallel + context parallel, distributed optimizer (ZeRO-1)."""
     out = []
-    base = [p.model_copy(update={"dp_type": "zero1" if (p.dp or 1) * p.cp > 1 else "ddp"})
-            for p in layouts(workload, cluster, micro_batches) if p.dp_type == "ddp"]
+    base = [
+        p.model_copy(update={"dp_type": "zero1" if (p.dp or 1) * p.cp > 1 else "ddp"})
+        for p in layouts(workload, cluster, micro_batches)
+        if p.dp_type == "ddp"
+    ]
     for recompute in ("full", "selective"):
         plans = [p.model_copy(update={"recompute": recompute}) for p in base]
         plan, report, reason = _best(plans, workload, cluster)
@@ -228,8 +245,14 @@ def layer_memory_plan(plan: Plan, workload: WorkloadConfig, time_limit_s: float 
     return plan_layer(list(intra) + list(cross), time_limit_s=time_limit_s)
 
 
-def search_memo(workload: WorkloadConfig, cluster: ClusterSpec, micro_batches: Iterable[int] = (1, 2),
-                top: int = 5, baselines: bool = True, memory_plan_time_s: float | None = None) -> SearchResult:
+def search_memo(
+    workload: WorkloadConfig,
+    cluster: ClusterSpec,
+    micro_batches: Iterable[int] = (1, 2),
+    top: int = 5,
+    baselines: bool = True,
+    memory_plan_time_s: float | None = None,
+) -> SearchResult:
     """The best MEMO plan for `workload` (at its seq_len) on `cluster`, the runners-up and the baselines.
 
     `memory_plan_time_s`: solve MEMO's memory plan for the chosen plan
@@ -268,7 +291,9 @@ def search_memo(workload: WorkloadConfig, cluster: ClusterSpec, micro_batches: I
         )
     scored.sort(key=lambda s: -s[0])
     candidates = [Candidate(plan=p, report=r) for _, p, r, _ in scored[:top]]
-    out_baselines = (megatron_baselines(workload, cluster, micro_batches) + [_deepspeed(workload, cluster)]) if baselines else []
+    out_baselines = (
+        (megatron_baselines(workload, cluster, micro_batches) + [_deepspeed(workload, cluster)]) if baselines else []
+    )
     best = scored[0]
     offsets = None
     if memory_plan_time_s is not None and best[1].recompute == "tokenwise":
@@ -279,19 +304,34 @@ def search_memo(workload: WorkloadConfig, cluster: ClusterSpec, micro_batches: I
             best = (best[0], planned, best[2].model_copy(update={"plan": planned}), best[3])
             candidates[0] = Candidate(plan=planned, report=best[2])
             offsets = layer_plan.offsets
-    details = {"alpha": best[1].offload, "why": best[3], "recompute": best[1].recompute,
-               "host_memory_bytes": best[2].host_memory_bytes}
+    details = {
+        "alpha": best[1].offload,
+        "why": best[3],
+        "recompute": best[1].recompute,
+        "host_memory_bytes": best[2].host_memory_bytes,
+    }
     if best[1].recompute == "tokenwise":
         choice = choose_alpha(best[1], workload, cluster)
         details.update(alpha_pcie=choice.alpha_pcie, alpha_host=choice.alpha_host)
     if offsets is not None:
         mp = best[1].memory_plan
-        details.update(memory_plan_peak_bytes=mp.peak_bytes, memory_plan_greedy_peak_bytes=mp.greedy_peak_bytes,
-                       memory_plan_status=layer_plan.solver_status, memory_plan_solve_time_s=layer_plan.solve_time_s,
-                       memory_plan_lower_bound_bytes=layer_plan.lower_bound_bytes,
-                       fragmentation_avoided_bytes=layer_plan.fragmentation_avoided_bytes, memory_plan_offsets=offsets)
-    return SearchResult(planner="memo", best=candidates[0], candidates=candidates, baselines=out_baselines,
-                        search_time_s=time.perf_counter() - start, details=details)
+        details.update(
+            memory_plan_peak_bytes=mp.peak_bytes,
+            memory_plan_greedy_peak_bytes=mp.greedy_peak_bytes,
+            memory_plan_status=layer_plan.solver_status,
+            memory_plan_solve_time_s=layer_plan.solve_time_s,
+            memory_plan_lower_bound_bytes=layer_plan.lower_bound_bytes,
+            fragmentation_avoided_bytes=layer_plan.fragmentation_avoided_bytes,
+            memory_plan_offsets=offsets,
+        )
+    return SearchResult(
+        planner="memo",
+        best=candidates[0],
+        candidates=candidates,
+        baselines=out_baselines,
+        search_time_s=time.perf_counter() - start,
+        details=details,
+    )
 
 
 def best_megatron_mfu(result: SearchResult) -> float | None:

@@ -6,7 +6,6 @@ from __future__ import annotations
 import json
 import math
 from pathlib import Path
-from typing import Optional
 
 import typer
 import yaml
@@ -18,14 +17,13 @@ from hwmodel.cli_common import check_new_file, make_console, write_new_file
 from hwmodel.cluster import ClusterSpec
 from hwmodel.errors import UnknownNameError, UserError
 from hwmodel.units import format_bandwidth, format_bytes, format_seconds, parse_quantity
-from workloads import vfl as wl
-
 from simulator.plan import Plan
 from simulator.search.result import SearchResult
 from simulator.search.vfl.costs import default_sites
 from simulator.search.vfl.efficiency import load_efficiency
 from simulator.search.vfl.report import VflReport
 from simulator.search.vfl.search import UPDATES_GRID, WORKSET_GRID, evaluate, plan_mode, search_vfl, with_wan
+from workloads import vfl as wl
 
 MODE_NAMES = {"vanilla": "vanilla VFL", "fedbcd": "FedBCD", "celu": "CELU-VFL"}
 
@@ -49,7 +47,7 @@ def load_vfl(name: str) -> wl.VflWorkloadConfig:
         raise
 
 
-def _parse_sites(parties: Optional[str], cluster: ClusterSpec) -> tuple[str, str]:
+def _parse_sites(parties: str | None, cluster: ClusterSpec) -> tuple[str, str]:
     if parties is None:
         return default_sites(cluster)
     sites = tuple(s.strip() for s in parties.split(",") if s.strip())
@@ -58,7 +56,7 @@ def _parse_sites(parties: Optional[str], cluster: ClusterSpec) -> tuple[str, str
     return sites  # type: ignore[return-value]
 
 
-def _parse_grid(text: Optional[str], name: str, default: tuple[int, ...]) -> tuple[int, ...]:
+def _parse_grid(text: str | None, name: str, default: tuple[int, ...]) -> tuple[int, ...]:
     if text is None:
         return default
     try:
@@ -70,7 +68,7 @@ def _parse_grid(text: Optional[str], name: str, default: tuple[int, ...]) -> tup
     return values
 
 
-def _parse_list(text: Optional[str], dimension: str, option: str, example: str) -> list[float | None]:
+def _parse_list(text: str | None, dimension: str, option: str, example: str) -> list[float | None]:
     if text is None:
         return [None]
     items = [v.strip() for v in text.split(",") if v.strip()]
@@ -106,9 +104,15 @@ def render_vfl_search(result: SearchResult, console: Console) -> None:
     def row(label: str, report: VflReport, style: str | None = None) -> None:
         speed = report.time_to_target_s / best.time_to_target_s if best.time_to_target_s > 0 else math.inf
         table.add_row(
-            label, str(report.workset), str(report.local_updates), format_seconds(report.round_time_s),
-            format_seconds(report.epoch_time_s), f"{report.round_worth:.2f}", _time(report.time_to_target_s),
-            f"{speed:.2f}x", style=style,
+            label,
+            str(report.workset),
+            str(report.local_updates),
+            format_seconds(report.round_time_s),
+            format_seconds(report.epoch_time_s),
+            f"{report.round_worth:.2f}",
+            _time(report.time_to_target_s),
+            f"{speed:.2f}x",
+            style=style,
         )
 
     for i, candidate in enumerate(result.candidates or [result.best]):
@@ -146,18 +150,30 @@ def render_sweep(rows: list[dict], console: Console, title: str) -> None:
         table.add_column(column, justify="left" if column == "WAN" else "right", no_wrap=True)
     for r in rows:
         table.add_row(
-            r["bandwidth_label"], r["latency_label"], f"{r['workset']},{r['local_updates']}", _seconds(r["vanilla_s"]),
-            _seconds(r["fedbcd_s"]), _seconds(r["celu_s"]), f"{r['speedup_over_vanilla']:.2f}x",
+            r["bandwidth_label"],
+            r["latency_label"],
+            f"{r['workset']},{r['local_updates']}",
+            _seconds(r["vanilla_s"]),
+            _seconds(r["fedbcd_s"]),
+            _seconds(r["celu_s"]),
+            f"{r['speedup_over_vanilla']:.2f}x",
             f"{r['speedup_over_fedbcd']:.2f}x",
         )
     console.print(table)
-    console.print("predicted wall time to the target AUC of each mode with its best W and R; WAN is the line rate, "
-                  "latency one way")
+    console.print(
+        "predicted wall time to the target AUC of each mode with its best W and R; WAN is the line rate, "
+        "latency one way"
+    )
 
 
 # ---- the commands -------------------------------------------------------------------------------------------
-def sweep_rows(cfg: wl.VflWorkloadConfig, cluster: ClusterSpec, bandwidths: list[float | None],
-               latencies: list[float | None], **search) -> list[dict]:
+def sweep_rows(
+    cfg: wl.VflWorkloadConfig,
+    cluster: ClusterSpec,
+    bandwidths: list[float | None],
+    latencies: list[float | None],
+    **search,
+) -> list[dict]:
     """The search repeated for every (WAN bandwidth, one-way latency); None keeps the cluster's own."""
     rows = []
     for bandwidth in bandwidths:
@@ -165,23 +181,31 @@ def sweep_rows(cfg: wl.VflWorkloadConfig, cluster: ClusterSpec, bandwidths: list
             swept = with_wan(cluster, bandwidth, latency)
             result = search_vfl(cfg, swept, **search)
             best: VflReport = result.best.report  # type: ignore[assignment]
-            by_mode = {b.report.mode: b.report for b in result.baselines if isinstance(b.report, VflReport)
-                       and b.report.weighting}
+            by_mode = {
+                b.report.mode: b.report
+                for b in result.baselines
+                if isinstance(b.report, VflReport) and b.report.weighting
+            }
             link = swept.wan[0].link
-            rows.append({
-                "bandwidth": link.bandwidth, "latency_s": link.latency,
-                "bandwidth_label": _bits(link.bandwidth),
-                "latency_label": format_seconds(link.latency),
-                "workset": best.workset, "local_updates": best.local_updates,
-                "vanilla_s": by_mode["vanilla"].time_to_target_s, "fedbcd_s": by_mode["fedbcd"].time_to_target_s,
-                "fedbcd_local_updates": by_mode["fedbcd"].local_updates,
-                "celu_s": best.time_to_target_s,
-                "speedup_over_vanilla": result.details["speedup_over_vanilla"],
-                "speedup_over_fedbcd": result.details["speedup_over_fedbcd"],
-                "epoch_time_ratio_to_vanilla": result.details["epoch_time_ratio_to_vanilla"],
-                "plan": result.best.plan.model_dump(mode="json", exclude_defaults=True),
-                "report": best.model_dump(mode="json"),
-            })
+            rows.append(
+                {
+                    "bandwidth": link.bandwidth,
+                    "latency_s": link.latency,
+                    "bandwidth_label": _bits(link.bandwidth),
+                    "latency_label": format_seconds(link.latency),
+                    "workset": best.workset,
+                    "local_updates": best.local_updates,
+                    "vanilla_s": by_mode["vanilla"].time_to_target_s,
+                    "fedbcd_s": by_mode["fedbcd"].time_to_target_s,
+                    "fedbcd_local_updates": by_mode["fedbcd"].local_updates,
+                    "celu_s": best.time_to_target_s,
+                    "speedup_over_vanilla": result.details["speedup_over_vanilla"],
+                    "speedup_over_fedbcd": result.details["speedup_over_fedbcd"],
+                    "epoch_time_ratio_to_vanilla": result.details["epoch_time_ratio_to_vanilla"],
+                    "plan": result.best.plan.model_dump(mode="json", exclude_defaults=True),
+                    "report": best.model_dump(mode="json"),
+                }
+            )
     return rows
 
 
@@ -203,26 +227,45 @@ def plan_yaml(plan: Plan, report: VflReport) -> str:
 
 
 def vfl_command(
-    workload: str = typer.Option(..., "--workload", "-w", help="VFL workload: " + ", ".join(wl.vfl_workload_names())
-                                 + " (or a YAML file with family: vfl-wdl)."),
-    cluster: str = typer.Option(..., "--cluster", "-c", help="Cluster with two sites joined by a WAN (e.g. two-sites-wan)."),
-    target_auc: Optional[float] = typer.Option(
-        None, "--target-auc", help="Test AUC to reach; default: vanilla's AUC at the end of the run the model was "
-        "fitted to, less 0.005."),
-    parties: Optional[str] = typer.Option(None, "--parties", help="The two parties' sites, the active (label) party "
-                                          "first, e.g. 'dc-a,dc-b'; default: the cluster's first two sites."),
-    worksets: Optional[str] = typer.Option(None, "--workset", help="Workset sizes W to try, e.g. '1,2,4,8' "
-                                           f"(default {','.join(map(str, WORKSET_GRID))})."),
-    local_updates: Optional[str] = typer.Option(None, "--local-updates", help="R to try: uses of each batch's "
-                                                "statistics, the fresh update included, so R=1 is vanilla VFL "
-                                                f"(default {','.join(map(str, UPDATES_GRID))})."),
+    workload: str = typer.Option(
+        ...,
+        "--workload",
+        "-w",
+        help="VFL workload: " + ", ".join(wl.vfl_workload_names()) + " (or a YAML file with family: vfl-wdl).",
+    ),
+    cluster: str = typer.Option(
+        ..., "--cluster", "-c", help="Cluster with two sites joined by a WAN (e.g. two-sites-wan)."
+    ),
+    target_auc: float | None = typer.Option(
+        None,
+        "--target-auc",
+        help="Test AUC to reach; default: vanilla's AUC at the end of the run the model was fitted to, less 0.005.",
+    ),
+    parties: str | None = typer.Option(
+        None,
+        "--parties",
+        help="The two parties' sites, the active (label) party "
+        "first, e.g. 'dc-a,dc-b'; default: the cluster's first two sites.",
+    ),
+    worksets: str | None = typer.Option(
+        None, "--workset", help=f"Workset sizes W to try, e.g. '1,2,4,8' (default {','.join(map(str, WORKSET_GRID))})."
+    ),
+    local_updates: str | None = typer.Option(
+        None,
+        "--local-updates",
+        help="R to try: uses of each batch's "
+        "statistics, the fresh update included, so R=1 is vanilla VFL "
+        f"(default {','.join(map(str, UPDATES_GRID))}).",
+    ),
     top: int = typer.Option(5, "--top", min=1, help="Candidates to list, the chosen one included."),
-    sweep_bandwidth: Optional[str] = typer.Option(
-        None, "--sweep-bandwidth", help="Repeat the search for these WAN line rates, e.g. '10Mbit/s,100Mbit/s,1Gbit/s'."),
-    sweep_latency: Optional[str] = typer.Option(
-        None, "--sweep-latency", help="Repeat the search for these one-way WAN latencies, e.g. '5ms,20ms,50ms'."),
+    sweep_bandwidth: str | None = typer.Option(
+        None, "--sweep-bandwidth", help="Repeat the search for these WAN line rates, e.g. '10Mbit/s,100Mbit/s,1Gbit/s'."
+    ),
+    sweep_latency: str | None = typer.Option(
+        None, "--sweep-latency", help="Repeat the search for these one-way WAN latencies, e.g. '5ms,20ms,50ms'."
+    ),
     as_json: bool = typer.Option(False, "--json", help="Print the result as JSON (the shared search shape)."),
-    out_file: Optional[Path] = typer.Option(None, "--out", help="Write the chosen plan (YAML) for `execute --plan`."),
+    out_file: Path | None = typer.Option(None, "--out", help="Write the chosen plan (YAML) for `execute --plan`."),
     force: bool = typer.Option(False, "--force", help="Allow --out to replace an existing file."),
 ) -> None:
     """CELU-VFL: the workset size W and local updates R that reach the target AUC soonest over your WAN."""
@@ -232,16 +275,25 @@ def vfl_command(
     cfg = load_vfl(workload)
     cl = load_cluster(cluster)
     sites = _parse_sites(parties, cl)
-    search = dict(target=target_auc, sites=sites, worksets=_parse_grid(worksets, "--workset", WORKSET_GRID),
-                  updates=_parse_grid(local_updates, "--local-updates", UPDATES_GRID), top_k=top)
+    search = dict(
+        target=target_auc,
+        sites=sites,
+        worksets=_parse_grid(worksets, "--workset", WORKSET_GRID),
+        updates=_parse_grid(local_updates, "--local-updates", UPDATES_GRID),
+        top_k=top,
+    )
     if target_auc is not None:
         load_efficiency(cfg.name).check_target(target_auc)
     if sweep_bandwidth is not None or sweep_latency is not None:
         if out_file is not None:
             raise UserError("--out writes one plan; leave it out with --sweep-bandwidth/--sweep-latency")
         rows = sweep_rows(
-            cfg, cl, _parse_list(sweep_bandwidth, "bandwidth", "--sweep-bandwidth", "'10Mbit/s,100Mbit/s,1Gbit/s'"),
-            _parse_list(sweep_latency, "time", "--sweep-latency", "'5ms,20ms,50ms'"), **search)
+            cfg,
+            cl,
+            _parse_list(sweep_bandwidth, "bandwidth", "--sweep-bandwidth", "'10Mbit/s,100Mbit/s,1Gbit/s'"),
+            _parse_list(sweep_latency, "time", "--sweep-latency", "'5ms,20ms,50ms'"),
+            **search,
+        )
         if as_json:
             print(json.dumps({"workload": cfg.name, "cluster": cl.name, "rows": rows}, indent=2))
         else:
@@ -275,14 +327,19 @@ def run_vfl(workload: str, cluster: ClusterSpec, plan: Plan, target: float | Non
         if mode not in ("vanilla", "fedbcd", "celu"):
             raise UserError(f"plan.federated.mode must be vanilla, fedbcd or celu, got {mode!r}")
         if mode == "vanilla" and (w, r) != (1, 1):
-            raise UserError(f"vanilla VFL has W=1 and R=1; the plan says W={w}, R={r} (mode fedbcd or celu for local updates)")
-    return evaluate(mode, w, r, cfg=cfg, cluster=cluster, efficiency=efficiency, target=target, sites=sites,
-                    full=True)  # type: ignore[arg-type]
+            raise UserError(
+                f"vanilla VFL has W=1 and R=1; the plan says W={w}, R={r} (mode fedbcd or celu for local updates)"
+            )
+    return evaluate(mode, w, r, cfg=cfg, cluster=cluster, efficiency=efficiency, target=target, sites=sites, full=True)  # type: ignore[arg-type]
 
 
 def render_vfl_report(report: VflReport, console: Console) -> None:
-    table = Table(title=f"{report.workload} on {report.cluster}: {MODE_NAMES[report.mode]} W={report.workset} "
-                  f"R={report.local_updates} (prediction, {report.engine})", title_justify="left", show_edge=False)
+    table = Table(
+        title=f"{report.workload} on {report.cluster}: {MODE_NAMES[report.mode]} W={report.workset} "
+        f"R={report.local_updates} (prediction, {report.engine})",
+        title_justify="left",
+        show_edge=False,
+    )
     table.add_column("figure")
     table.add_column("value", justify="right")
     for label, value in (
@@ -300,8 +357,17 @@ def render_vfl_report(report: VflReport, console: Console) -> None:
     console.print(table)
 
 
-def simulate_run_vfl(workload: str, cluster: ClusterSpec, plan: Plan, engine: str, trace: Optional[Path],
-                     plot: Optional[Path], as_json: bool, out_file: Optional[Path], force: bool) -> None:
+def simulate_run_vfl(
+    workload: str,
+    cluster: ClusterSpec,
+    plan: Plan,
+    engine: str,
+    trace: Path | None,
+    plot: Path | None,
+    as_json: bool,
+    out_file: Path | None,
+    force: bool,
+) -> None:
     """`simulate run --workload <a VFL workload>`: one mode's prediction (plan.federated: CELU-VFL with its W
     and R; no federated section: vanilla VFL). To choose W and R, `simulate search vfl`."""
 
@@ -318,21 +384,25 @@ def simulate_run_vfl(workload: str, cluster: ClusterSpec, plan: Plan, engine: st
         print(report.model_dump_json(indent=2))
     else:
         render_vfl_report(report, _console())
-        _console().print("To choose W and R for this link: simulate search vfl --workload "
-                         f"{report.workload} --cluster {report.cluster}")
+        _console().print(
+            "To choose W and R for this link: simulate search vfl --workload "
+            f"{report.workload} --cluster {report.cluster}"
+        )
 
 
-SWEEP_KEYS = {"wan_bandwidth": ("bandwidth", "'wan_bandwidth=10,100,1000Mbit/s'"),
-              "wan_latency": ("time", "'wan_latency=5,20,50ms'")}
+SWEEP_KEYS = {
+    "wan_bandwidth": ("bandwidth", "'wan_bandwidth=10,100,1000Mbit/s'"),
+    "wan_latency": ("time", "'wan_latency=5,20,50ms'"),
+}
 
 
-def compare_vfl(workload: str, clusters: list[str], sweep: Optional[str], as_json: bool, csv_file: Optional[Path],
-                force: bool) -> None:
+def compare_vfl(
+    workload: str, clusters: list[str], sweep: str | None, as_json: bool, csv_file: Path | None, force: bool
+) -> None:
     """`simulate compare` for a VFL workload: the planner's predicted speedups per cluster, or over a WAN sweep
     (`--sweep wan_bandwidth=...` line rates, `--sweep wan_latency=...` one-way latencies)."""
     import csv
     import io
-
 
     if csv_file is not None:
         check_new_file(csv_file, force)
@@ -343,8 +413,10 @@ def compare_vfl(workload: str, clusters: list[str], sweep: Optional[str], as_jso
         key, _, values = sweep.partition("=")
         key = key.strip()
         if key not in SWEEP_KEYS or not values.strip():
-            raise UserError(f"--sweep for a VFL workload takes {' or '.join(SWEEP_KEYS)} with values, e.g. "
-                            f"{SWEEP_KEYS['wan_bandwidth'][1]} or {SWEEP_KEYS['wan_latency'][1]}; got {sweep!r}")
+            raise UserError(
+                f"--sweep for a VFL workload takes {' or '.join(SWEEP_KEYS)} with values, e.g. "
+                f"{SWEEP_KEYS['wan_bandwidth'][1]} or {SWEEP_KEYS['wan_latency'][1]}; got {sweep!r}"
+            )
         dimension, example = SWEEP_KEYS[key]
         parsed = _parse_list(values, dimension, "--sweep", example)
         bandwidths, latencies = (parsed, [None]) if key == "wan_bandwidth" else ([None], parsed)
@@ -355,11 +427,26 @@ def compare_vfl(workload: str, clusters: list[str], sweep: Optional[str], as_jso
     if as_json:
         print(json.dumps(rows, indent=2))
     else:
-        render_sweep(rows, _console(), f"{cfg.name}: CELU-VFL against vanilla VFL and FedBCD"
-                     + (f" on {', '.join(clusters)}" if len(clusters) > 1 else f" on {clusters[0]}"))
+        render_sweep(
+            rows,
+            _console(),
+            f"{cfg.name}: CELU-VFL against vanilla VFL and FedBCD"
+            + (f" on {', '.join(clusters)}" if len(clusters) > 1 else f" on {clusters[0]}"),
+        )
     if csv_file is not None:
-        columns = ["cluster", "bandwidth", "latency_s", "workset", "local_updates", "vanilla_s", "fedbcd_s", "celu_s",
-                   "speedup_over_vanilla", "speedup_over_fedbcd", "epoch_time_ratio_to_vanilla"]
+        columns = [
+            "cluster",
+            "bandwidth",
+            "latency_s",
+            "workset",
+            "local_updates",
+            "vanilla_s",
+            "fedbcd_s",
+            "celu_s",
+            "speedup_over_vanilla",
+            "speedup_over_fedbcd",
+            "epoch_time_ratio_to_vanilla",
+        ]
         buffer = io.StringIO()
         writer = csv.writer(buffer)
         writer.writerow(columns)

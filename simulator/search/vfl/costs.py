@@ -30,10 +30,9 @@ import numpy as np
 from hwmodel.cluster import ClusterSpec
 from hwmodel.errors import UserError
 from simulator.cost.compute import op_times, roofline
+from simulator.search.vfl.engine import Direction, PartyCompute, TimingModel
 from workloads import vfl as wl
 from workloads.ops import MATRIX, VECTOR
-
-from simulator.search.vfl.engine import Direction, PartyCompute, TimingModel
 
 # AES-GCM with AES-NI on one core encrypts ~1.5-3 GB/s; Python's ssl adds record framing and copies [E].
 TLS_BYTES_PER_S = 1.5e9
@@ -59,7 +58,7 @@ class Ops:
     min_dim: list[float]
 
     @classmethod
-    def empty(cls) -> "Ops":
+    def empty(cls) -> Ops:
         return cls([], [], [], [], [])
 
     def add(self, flops: float, nbytes: float, kernels: float, unit: int, min_dim: float = 0.0) -> None:
@@ -73,9 +72,16 @@ class Ops:
         if not self.flops:
             return 0.0
         line = roofline(device, DTYPE)
-        return float(op_times(np.array(self.flops, dtype=float), np.array(self.nbytes, dtype=float),
-                              np.array(self.kernels, dtype=float), np.array(self.unit, dtype=int),
-                              np.array(self.min_dim, dtype=float), line).sum())
+        return float(
+            op_times(
+                np.array(self.flops, dtype=float),
+                np.array(self.nbytes, dtype=float),
+                np.array(self.kernels, dtype=float),
+                np.array(self.unit, dtype=int),
+                np.array(self.min_dim, dtype=float),
+                line,
+            ).sum()
+        )
 
 
 def _gemm(ops: Ops, m: int, k: int, n: int) -> None:
@@ -104,8 +110,9 @@ def _mlp_backward(ops: Ops, dims: list[tuple[int, int]], batch: int, first_needs
 
 
 def _adam(ops: Ops, num_params: int, num_tensors: int) -> None:
-    ops.add(12.0 * num_params, float(ADAM_BYTES_PER_PARAMETER * num_params), ADAM_KERNELS_PER_TENSOR * num_tensors,
-            VECTOR)
+    ops.add(
+        12.0 * num_params, float(ADAM_BYTES_PER_PARAMETER * num_params), ADAM_KERNELS_PER_TENSOR * num_tensors, VECTOR
+    )
 
 
 def party_ops(cfg: wl.VflWorkloadConfig, party: str, weighting: bool = True) -> tuple[Ops, Ops, Ops]:
@@ -145,7 +152,9 @@ def party_ops(cfg: wl.VflWorkloadConfig, party: str, weighting: bool = True) -> 
     return forward, backward, local
 
 
-def party_compute(cfg: wl.VflWorkloadConfig, party: str, device, mode: str = "vanilla", weighting: bool = True) -> PartyCompute:
+def party_compute(
+    cfg: wl.VflWorkloadConfig, party: str, device, mode: str = "vanilla", weighting: bool = True
+) -> PartyCompute:
     """A party's seconds per batch in `mode`. FedBCD's local steps are unweighted. In CELU-VFL the passive
     party's forward runs without a graph (local updates may change the weights before the gradients come
     back), so its fresh update is a local update: forward again, weights, backward and step."""
@@ -185,8 +194,13 @@ def direction(cluster: ClusterSpec, src: int, dst: int) -> Direction:
     return Direction(bandwidth=path.bandwidth, latency=path.latency)
 
 
-def timing_model(cfg: wl.VflWorkloadConfig, cluster: ClusterSpec, sites: tuple[str, str] | None = None,
-                 mode: str = "vanilla", weighting: bool = True) -> TimingModel:
+def timing_model(
+    cfg: wl.VflWorkloadConfig,
+    cluster: ClusterSpec,
+    sites: tuple[str, str] | None = None,
+    mode: str = "vanilla",
+    weighting: bool = True,
+) -> TimingModel:
     """The round's figures for workload `cfg` in `mode`, the active party at sites[0], the passive at sites[1]."""
     sites = sites or default_sites(cluster)
     active_rank, passive_rank = party_ranks(cluster, sites)

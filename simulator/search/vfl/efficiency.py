@@ -42,7 +42,6 @@ import numpy as np
 from pydantic import BaseModel, ConfigDict, Field
 
 from hwmodel.errors import UserError
-
 from simulator.fitting import nelder_mead
 from simulator.search.vfl.engine import Timeline
 
@@ -61,7 +60,8 @@ class AucCurve(BaseModel):
 
     def auc(self, rounds: float | np.ndarray) -> float | np.ndarray:
         return self.auc_limit - (self.auc_limit - self.auc_start) * (1.0 + np.asarray(rounds) / self.scale_rounds) ** (
-            -self.power)
+            -self.power
+        )
 
     def rounds_to(self, target: float) -> float:
         """Rounds of fresh updates until the AUC reaches `target` (inf when it never does)."""
@@ -212,16 +212,20 @@ def fit_curve(rounds: Sequence[float], auc: Sequence[float]) -> AucCurve:
         return float(((pred - a) ** 2).sum())
 
     best = min(
-        (nelder_mead(loss, [math.log(d), math.log(s * e.max()), -1.5], [0.5, 0.5, 0.5])
-         for d in (0.002, 0.02) for s in (0.05, 0.5)),
+        (
+            nelder_mead(loss, [math.log(d), math.log(s * e.max()), -1.5], [0.5, 0.5, 0.5])
+            for d in (0.002, 0.02)
+            for s in (0.05, 0.5)
+        ),
         key=loss,
     )
     limit, scale, power = unpack(best)
     return AucCurve(auc_start=0.5, auc_limit=limit, scale_rounds=scale, power=power)
 
 
-def fit_local_value(curve: AucCurve, runs: Sequence[tuple[Timeline, Sequence[float], Sequence[float]]],
-                    start: LocalValue | None = None) -> LocalValue:
+def fit_local_value(
+    curve: AucCurve, runs: Sequence[tuple[Timeline, Sequence[float], Sequence[float]]], start: LocalValue | None = None
+) -> LocalValue:
     """Fit rho, tau, kappa so that each run's AUC after n rounds matches the vanilla curve at n x its round worth.
 
     Args:
@@ -250,10 +254,11 @@ def fit_local_value(curve: AucCurve, runs: Sequence[tuple[Timeline, Sequence[flo
     return unpack(nelder_mead(loss, x0, [0.5, 0.7, 0.5]))
 
 
-def fit_jointly(vanilla: Sequence[tuple[Sequence[float], Sequence[float]]],
-                weighted: Sequence[tuple[Timeline, Sequence[float], Sequence[float]]],
-                unweighted: Sequence[tuple[Timeline, Sequence[float], Sequence[float]]],
-                ) -> tuple[AucCurve, LocalValue | None, LocalValue | None]:
+def fit_jointly(
+    vanilla: Sequence[tuple[Sequence[float], Sequence[float]]],
+    weighted: Sequence[tuple[Timeline, Sequence[float], Sequence[float]]],
+    unweighted: Sequence[tuple[Timeline, Sequence[float], Sequence[float]]],
+) -> tuple[AucCurve, LocalValue | None, LocalValue | None]:
     """The curve and both local values fitted together, so that where the runs with local updates plateau
     tells the curve's limit too (a short vanilla run alone, still rising, cannot); kappa is shared.
 
@@ -284,7 +289,9 @@ def fit_jointly(vanilla: Sequence[tuple[Sequence[float], Sequence[float]]],
     # correct, and only runs that repeat batches (FedBCD, W=1) can tell it.
     def decode(x) -> tuple[AucCurve, LocalValue, LocalValue]:
         limit = min(0.999, top + math.exp(x[0]))
-        c = AucCurve(auc_start=0.5, auc_limit=limit, scale_rounds=math.exp(x[1]), power=0.2 + 4.8 / (1 + math.exp(-x[2])))
+        c = AucCurve(
+            auc_start=0.5, auc_limit=limit, scale_rounds=math.exp(x[1]), power=0.2 + 4.8 / (1 + math.exp(-x[2]))
+        )
         kappa = 1 / (1 + math.exp(-x[7]))
         return c, decode_local(x[3:5], kappa), decode_local(x[5:7], kappa)
 
@@ -301,8 +308,14 @@ def fit_jointly(vanilla: Sequence[tuple[Sequence[float], Sequence[float]]],
 
     power = min(max(curve.power, 0.21), 4.99)
     w0, u0 = encode(local), encode(local_unweighted)
-    x0 = [math.log(max(curve.auc_limit - top, 1e-4)), math.log(curve.scale_rounds), logit((power - 0.2) / 4.8),
-          *w0[:2], *u0[:2], (w0[2] + u0[2]) / 2]
+    x0 = [
+        math.log(max(curve.auc_limit - top, 1e-4)),
+        math.log(curve.scale_rounds),
+        logit((power - 0.2) / 4.8),
+        *w0[:2],
+        *u0[:2],
+        (w0[2] + u0[2]) / 2,
+    ]
     best, value = np.asarray(x0), loss(x0)
     for _ in range(3):  # restarts: the simplex shrinks in 8 dimensions
         x = nelder_mead(loss, best, [0.5] * 8, iterations=1500)

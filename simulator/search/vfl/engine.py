@@ -101,7 +101,9 @@ class PartyTimeline:
     local_updates: int = 0
     room_wait_s: float = 0.0  # main loop waiting for room in a full workset
     staleness: list[int] = field(default_factory=list)  # per local update: this party's updates since caching
-    repeat: list[int] = field(default_factory=list)  # per local update: this party's updates just before it on the same batch
+    repeat: list[int] = field(
+        default_factory=list
+    )  # per local update: this party's updates just before it on the same batch
     last_batch: int = -1  # the batch of this party's latest update (fresh or local)
     run: int = 0  # how many updates in a row used `last_batch`
     changed: simpy.Event | None = None  # fires when the workset changes (a batch added or evicted)
@@ -147,8 +149,17 @@ class Timeline:
 class RoundSimulation:
     """`rounds` rounds of one mode; `run()` returns the time each round's main loops finished."""
 
-    def __init__(self, model: TimingModel, mode: str, workset: int = 1, local_updates: int = 1, seed: int = 0,
-                 cap: int | None = None, lock: str = "fifo", sampling: str = "uniform"):
+    def __init__(
+        self,
+        model: TimingModel,
+        mode: str,
+        workset: int = 1,
+        local_updates: int = 1,
+        seed: int = 0,
+        cap: int | None = None,
+        lock: str = "fifo",
+        sampling: str = "uniform",
+    ):
         if mode not in MODES:
             raise ValueError(f"mode must be one of {', '.join(MODES)}, got {mode!r}")
         if workset < 1 or local_updates < 1:
@@ -170,7 +181,12 @@ class RoundSimulation:
 
         # A party's model lock: one update (or forward) at a time, main loop and background worker alike.
         def party(name: str, compute: PartyCompute, offset: int) -> PartyTimeline:
-            return PartyTimeline(name, compute, simpy.Resource(self.env, capacity=1), Workset(self.w, self.r, sampling=sampling, seed=seed + offset))
+            return PartyTimeline(
+                name,
+                compute,
+                simpy.Resource(self.env, capacity=1),
+                Workset(self.w, self.r, sampling=sampling, seed=seed + offset),
+            )
 
         self.active = party("active", model.active, 0)
         self.passive = party("passive", model.passive, 1)
@@ -254,7 +270,9 @@ class RoundSimulation:
                     entry = workset.choose() if self.lock == "worker_first" else None
 
     def _mark(self, party: PartyTimeline, t: int) -> None:
-        self.marks[party.name].append((t, party.local_updates, party.local_busy_s, party.room_wait_s, len(party.staleness)))
+        self.marks[party.name].append(
+            (t, party.local_updates, party.local_busy_s, party.room_wait_s, len(party.staleness))
+        )
 
     # ---- the parties' main loops ------------------------------------------------------------------------
     def _passive(self, rounds: int, done: simpy.Event):
@@ -298,8 +316,16 @@ def _chunk(workset: int) -> int:
     return max(8, 2 * workset + 4)
 
 
-def simulate_mode(model: TimingModel, mode: str, workset: int = 1, local_updates: int = 1, seed: int = 0,
-                  full: bool = False, lock: str = "fifo", sampling: str = "uniform") -> Timeline:
+def simulate_mode(
+    model: TimingModel,
+    mode: str,
+    workset: int = 1,
+    local_updates: int = 1,
+    seed: int = 0,
+    full: bool = False,
+    lock: str = "fifo",
+    sampling: str = "uniform",
+) -> Timeline:
     """Round and epoch time of `mode`: R uses per batch (FedBCD, CELU-VFL), W cached batches (CELU-VFL).
 
     With `full`, the whole epoch is simulated. Otherwise rounds are simulated in chunks until they look
@@ -324,8 +350,10 @@ def simulate_mode(model: TimingModel, mode: str, workset: int = 1, local_updates
         a, b, c = rounds - 2 * chunk - 1, rounds - chunk - 1, rounds - 1
         before = (ends[b] - (ends[a] if a >= 0 else 0.0)) / chunk
         last = (ends[c] - ends[b]) / chunk
-        settled = all(abs(local_count(p, c) - local_count(p, b) - need * chunk) <= sim.w * max(need, 1) / 2
-                      for p in (sim.active, sim.passive))
+        settled = all(
+            abs(local_count(p, c) - local_count(p, b) - need * chunk) <= sim.w * max(need, 1) / 2
+            for p in (sim.active, sim.passive)
+        )
         if settled and abs(last - before) <= 0.01 * last:
             break
         rounds = min(total, rounds + chunk)

@@ -75,7 +75,9 @@ def _epoch_times(record: dict, per_epoch: int) -> tuple[float, ...]:
         return tuple(float(t) for t in record["epoch_times_s"])
     if record.get("epoch_time_s"):
         return (float(record["epoch_time_s"]),)
-    ends = {int(e["round"]): float(e["train_time_s"]) for e in record.get("evals") or () if int(e["round"]) % per_epoch == 0}
+    ends = {
+        int(e["round"]): float(e["train_time_s"]) for e in record.get("evals") or () if int(e["round"]) % per_epoch == 0
+    }
     times, previous = [], 0.0
     for k in range(1, int(record.get("rounds", 0)) // per_epoch + 1):
         if k * per_epoch not in ends:
@@ -85,16 +87,32 @@ def _epoch_times(record: dict, per_epoch: int) -> tuple[float, ...]:
     return tuple(times)
 
 
-def _run(name: str, kind: str, record: dict, cfg: VflWorkloadConfig, bandwidth: float, latency: float,
-         where: str, target: float | None = None) -> MeasuredRun:
+def _run(
+    name: str,
+    kind: str,
+    record: dict,
+    cfg: VflWorkloadConfig,
+    bandwidth: float,
+    latency: float,
+    where: str,
+    target: float | None = None,
+) -> MeasuredRun:
     times = _epoch_times(record, batches_per_epoch(cfg))
     if not times and not record.get("evals"):
         raise UserError(f"{where}: neither epoch times nor AUC evaluations")
     return MeasuredRun(
-        name=name, kind=kind, workload=cfg, mode=str(record["mode"]), workset=int(record.get("workset", 1)),
+        name=name,
+        kind=kind,
+        workload=cfg,
+        mode=str(record["mode"]),
+        workset=int(record.get("workset", 1)),
         local_updates=int(record.get("local_updates", record.get("local_updates_per_batch", 1))),
-        sampling=str(record.get("sampling", "uniform")), weighting=bool(record.get("weighting", True)),
-        bandwidth=bandwidth, latency_s=latency, epoch_times_s=times, evals=tuple(record.get("evals") or ()),
+        sampling=str(record.get("sampling", "uniform")),
+        weighting=bool(record.get("weighting", True)),
+        bandwidth=bandwidth,
+        latency_s=latency,
+        epoch_times_s=times,
+        evals=tuple(record.get("evals") or ()),
         target_auc=target,
     )
 
@@ -105,12 +123,31 @@ def _benchmark_file(data: dict, path: Path) -> list[MeasuredRun]:
     conv = data.get("convergence")
     if conv:
         for i, record in enumerate(conv.get("runs") or ()):
-            runs.append(_run(str(record.get("name", i)), "convergence", record, cfg, conv["bandwidth_bit_s"] / 8,
-                             conv["rtt_s"] / 2, f"{path}: convergence run {i}", conv.get("target_auc")))
+            runs.append(
+                _run(
+                    str(record.get("name", i)),
+                    "convergence",
+                    record,
+                    cfg,
+                    conv["bandwidth_bit_s"] / 8,
+                    conv["rtt_s"] / 2,
+                    f"{path}: convergence run {i}",
+                    conv.get("target_auc"),
+                )
+            )
     for i, record in enumerate(data.get("epoch_times") or ()):
         link = f"{record['bandwidth_bit_s'] / 1e6:g}mbit/{record['rtt_s'] * 1e3:g}ms"
-        runs.append(_run(f"{record['mode']} {link} #{i}", "epoch", record, cfg, record["bandwidth_bit_s"] / 8,
-                         record["rtt_s"] / 2, f"{path}: epoch_times[{i}]"))
+        runs.append(
+            _run(
+                f"{record['mode']} {link} #{i}",
+                "epoch",
+                record,
+                cfg,
+                record["bandwidth_bit_s"] / 8,
+                record["rtt_s"] / 2,
+                f"{path}: epoch_times[{i}]",
+            )
+        )
     return runs
 
 

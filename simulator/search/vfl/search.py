@@ -16,14 +16,13 @@ from collections.abc import Sequence
 
 from hwmodel.cluster import ClusterSpec
 from hwmodel.errors import UserError
-from workloads import vfl as wl
-
 from simulator.plan import FederatedSpec, Plan
 from simulator.search.result import Baseline, Candidate, SearchResult
 from simulator.search.vfl.costs import default_sites, timing_model
 from simulator.search.vfl.efficiency import EfficiencyModel, load_efficiency
-from simulator.search.vfl.engine import TimingModel, Timeline, simulate_mode
+from simulator.search.vfl.engine import Timeline, TimingModel, simulate_mode
 from simulator.search.vfl.report import PartyFigures, VflReport
+from workloads import vfl as wl
 
 WORKSET_GRID: tuple[int, ...] = (1, 2, 3, 4, 6, 8, 12, 16)
 UPDATES_GRID: tuple[int, ...] = (2, 3, 4, 6, 8, 12, 16)  # R counts the fresh use: R=1 is vanilla VFL
@@ -57,9 +56,21 @@ def _party(site: str, timeline: Timeline, name: str, model: TimingModel) -> Part
     )
 
 
-def evaluate(mode: str, workset: int, local_updates: int, *, cfg: wl.VflWorkloadConfig, cluster: ClusterSpec,
-             efficiency: EfficiencyModel, target: float, sites: tuple[str, str], weighting: bool = True,
-             full: bool = False, lock: str = "fifo", sampling: str = "uniform") -> VflReport:
+def evaluate(
+    mode: str,
+    workset: int,
+    local_updates: int,
+    *,
+    cfg: wl.VflWorkloadConfig,
+    cluster: ClusterSpec,
+    efficiency: EfficiencyModel,
+    target: float,
+    sites: tuple[str, str],
+    weighting: bool = True,
+    full: bool = False,
+    lock: str = "fifo",
+    sampling: str = "uniform",
+) -> VflReport:
     """One mode with W and R, simulated (`full`: the whole first epoch, not just to its steady state) and valued."""
     model = timing_model(cfg, cluster, sites, mode, weighting)
     timeline = simulate_mode(model, mode, workset, local_updates, full=full, lock=lock, sampling=sampling)
@@ -148,8 +159,11 @@ def search_vfl(
         best_key = min(done.values(), key=key)
         w0, r0 = best_key.report.workset, best_key.report.local_updates
         wi, ri = worksets.index(w0) if w0 in worksets else 0, updates.index(r0)
-        near = [point(worksets[i], updates[j]) for i in range(max(0, wi - 1), min(len(worksets), wi + 2))
-                for j in range(max(0, ri - 1), min(len(updates), ri + 2))]
+        near = [
+            point(worksets[i], updates[j])
+            for i in range(max(0, wi - 1), min(len(worksets), wi + 2))
+            for j in range(max(0, ri - 1), min(len(updates), ri + 2))
+        ]
         if set(near) <= set(done):
             break
         visit(near)
@@ -158,18 +172,33 @@ def search_vfl(
     chosen: VflReport = best.report  # type: ignore[assignment]
 
     vanilla = evaluate("vanilla", 1, 1, **common)
-    fedbcd = min((evaluate("fedbcd", 1, r, **common) for r in updates),
-                 key=lambda rep: (rep.time_to_target_s, rep.local_updates))
+    fedbcd = min(
+        (evaluate("fedbcd", 1, r, **common) for r in updates), key=lambda rep: (rep.time_to_target_s, rep.local_updates)
+    )
     baselines = [
-        Baseline(name="vanilla VFL", plan=federated_plan(sites, 1, 1, "vanilla"), report=vanilla,
-                 reason="one fresh exchange per batch, no local updates"),
-        Baseline(name=f"FedBCD R={fedbcd.local_updates}", plan=federated_plan(sites, 1, fedbcd.local_updates, "fedbcd"),
-                 report=fedbcd, reason="R-1 local steps on each round's stale statistics, in the main loop (its best R)"),
+        Baseline(
+            name="vanilla VFL",
+            plan=federated_plan(sites, 1, 1, "vanilla"),
+            report=vanilla,
+            reason="one fresh exchange per batch, no local updates",
+        ),
+        Baseline(
+            name=f"FedBCD R={fedbcd.local_updates}",
+            plan=federated_plan(sites, 1, fedbcd.local_updates, "fedbcd"),
+            report=fedbcd,
+            reason="R-1 local steps on each round's stale statistics, in the main loop (its best R)",
+        ),
     ]
     if efficiency.local_unweighted is not None:
         ablation = evaluate("celu", chosen.workset, chosen.local_updates, weighting=False, **common)
-        baselines.append(Baseline(name="CELU-VFL, no weighting", plan=best.plan, report=ablation,
-                                  reason="the chosen W and R without per-instance weights"))
+        baselines.append(
+            Baseline(
+                name="CELU-VFL, no weighting",
+                plan=best.plan,
+                report=ablation,
+                reason="the chosen W and R without per-instance weights",
+            )
+        )
 
     def speedup(other: VflReport) -> float:
         return other.time_to_target_s / chosen.time_to_target_s if chosen.time_to_target_s > 0 else math.inf

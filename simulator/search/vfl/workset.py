@@ -122,8 +122,12 @@ class Workset:
 
     def state(self) -> dict:
         """What a checkpoint keeps (payloads included)."""
-        return {"entries": [(e.batch_id, e.added_at, e.uses, e.payload) for e in self.entries], "updates": self.updates,
-                "recent": list(self.recent), "rng": self._rng.getstate()}
+        return {
+            "entries": [(e.batch_id, e.added_at, e.uses, e.payload) for e in self.entries],
+            "updates": self.updates,
+            "recent": list(self.recent),
+            "rng": self._rng.getstate(),
+        }
 
     def load_state(self, state: dict) -> None:
         self.entries = [Entry(b, a, u, p) for b, a, u, p in state["entries"]]

@@ -24,7 +24,6 @@ import yaml
 from rich.console import Console
 
 import executor.calibrate.cli as cli
-from executor.calibrate.run import build_specs, check_outputs
 from executor.calibrate.fit import (
     COLLECTIVE_KINDS,
     RESOLVABLE,
@@ -48,6 +47,7 @@ from executor.calibrate.fit import (
     roofline_time,
 )
 from executor.calibrate.measure import attention_flops
+from executor.calibrate.run import build_specs, check_outputs
 from hwmodel import ClusterSpec, EfficiencyCurve, load_cluster, load_device
 from hwmodel.catalog import clear_caches
 from hwmodel.components import CollectiveFit, ComputeSpec, DeviceSpec, DtypeEfficiency, MemorySpec
@@ -75,9 +75,21 @@ TRUTH = {
 }
 PEAKS = {d: t["peak"] for d, t in TRUTH.items()}
 MEM_BW = 100e9
-MEM_RATES = {4096: 20e9, 16384: 60e9, 65536: 90e9, 262144: 100e9, MiB: 95e9, 4 * MiB: 60e9, 16 * MiB: 25e9,
-             64 * MiB: 20e9, 256 * MiB: 20e9}
-MEM_TRUE = EfficiencyCurve(sizes=tuple(2.0 * b for b in sorted(MEM_RATES)), efficiencies=tuple(MEM_RATES[b] / MEM_BW for b in sorted(MEM_RATES)))
+MEM_RATES = {
+    4096: 20e9,
+    16384: 60e9,
+    65536: 90e9,
+    262144: 100e9,
+    MiB: 95e9,
+    4 * MiB: 60e9,
+    16 * MiB: 25e9,
+    64 * MiB: 20e9,
+    256 * MiB: 20e9,
+}
+MEM_TRUE = EfficiencyCurve(
+    sizes=tuple(2.0 * b for b in sorted(MEM_RATES)),
+    efficiencies=tuple(MEM_RATES[b] / MEM_BW for b in sorted(MEM_RATES)),
+)
 KERNEL_OVERHEAD = 20e-6
 # One link figure for every kind (the joint fit's known answer) ...
 LINK_BW, LINK_LAT = 1.5e9, 120e-6
@@ -97,11 +109,23 @@ GEMM_ZERO = 2e-6
 def gemm_table(zero: float = GEMM_ZERO) -> list[dict]:
     rows = []
     for dtype, truth in TRUTH.items():
-        shapes = [("square", n, n, n) for n in SQUARES] + [(v, t, k, n) for t, k, n in LINEARS for v in ("fwd", "dgrad", "wgrad")]
+        shapes = [("square", n, n, n) for n in SQUARES] + [
+            (v, t, k, n) for t, k, n in LINEARS for v in ("fwd", "dgrad", "wgrad")
+        ]
         for variant, t, k, n in shapes:
             flops, dim = 2.0 * t * k * n, min(t, k, n)
-            rows.append({"dtype": dtype, "variant": variant, "tokens": t, "k": k, "n": n, "flops": flops, "min_dim": dim,
-                         "seconds": flops / (truth["peak"] * truth["flops"](flops) * truth["dim"](dim)) + zero})
+            rows.append(
+                {
+                    "dtype": dtype,
+                    "variant": variant,
+                    "tokens": t,
+                    "k": k,
+                    "n": n,
+                    "flops": flops,
+                    "min_dim": dim,
+                    "seconds": flops / (truth["peak"] * truth["flops"](flops) * truth["dim"](dim)) + zero,
+                }
+            )
     return rows
 
 
@@ -117,7 +141,14 @@ def collective_table(noise: float = 0.0, seed: int = 0, per_kind: bool = False, 
             for nbytes in (4096, 65536, MiB, 16 * MiB, 64 * MiB):
                 a, b = collective_coefficients(kind, k)
                 t = a * nbytes / bw + b * lat
-                rows.append({"kind": kind, "group_size": k, "bytes": nbytes, "seconds": t * math.exp(noise * rng.standard_normal())})
+                rows.append(
+                    {
+                        "kind": kind,
+                        "group_size": k,
+                        "bytes": nbytes,
+                        "seconds": t * math.exp(noise * rng.standard_normal()),
+                    }
+                )
     return rows
 
 
@@ -132,8 +163,14 @@ def synthetic_raw(collectives: list[dict] | None = None) -> dict:
             vzero[f"{dtype}/{op}"] = 1e-6
             for elems in (2**16, 2**18, 2**20, 2**22):
                 f, b = VECTOR_COUNTS[op]
-                vector.append({"dtype": dtype, "op": op, "elems": elems,
-                               "seconds": roofline_time(f * elems, b * e * elems, truth["vector"], MEM_BW, MEM_TRUE) + 1e-6})
+                vector.append(
+                    {
+                        "dtype": dtype,
+                        "op": op,
+                        "elems": elems,
+                        "seconds": roofline_time(f * elems, b * e * elems, truth["vector"], MEM_BW, MEM_TRUE) + 1e-6,
+                    }
+                )
     attention = []
     for dtype, truth in TRUTH.items():
         peak, curve = truth["peak"], truth["attention"]
@@ -141,34 +178,75 @@ def synthetic_raw(collectives: list[dict] | None = None) -> dict:
             f = attention_flops(1, 8, s, 64)
             fwd = f / (peak * curve(f)) + 5e-6
             bwd = 2.5 * f / (peak * curve(2.5 * f)) + 10e-6
-            attention.append({"dtype": dtype, "batch": 1, "heads": 8, "seq": s, "head_dim": 64, "fwd_flops": f,
-                              "fwd_s": fwd, "fwd_bwd_s": fwd + bwd})
+            attention.append(
+                {
+                    "dtype": dtype,
+                    "batch": 1,
+                    "heads": 8,
+                    "seq": s,
+                    "head_dim": 64,
+                    "fwd_flops": f,
+                    "fwd_s": fwd,
+                    "fwd_bwd_s": fwd + bwd,
+                }
+            )
     return {
-        "ranks": 2, "threads_per_rank": 1, "curve_dtype": "bf16", "sweep": "synthetic", "clock": "thread CPU time",
+        "ranks": 2,
+        "threads_per_rank": 1,
+        "curve_dtype": "bf16",
+        "sweep": "synthetic",
+        "clock": "thread CPU time",
         "sweep_vector_elems": [2**16, 2**22],
-        "gemm": gemm_table(), "gemm_zero_s": {"bf16": GEMM_ZERO, "fp32": GEMM_ZERO}, "gemm_dtypes": ["fp32", "bf16"],
+        "gemm": gemm_table(),
+        "gemm_zero_s": {"bf16": GEMM_ZERO, "fp32": GEMM_ZERO},
+        "gemm_dtypes": ["fp32", "bf16"],
         "attention": attention,
         "attention_zero": {d: {"fwd_s": 5e-6, "fwd_bwd_s": 15e-6} for d in PEAKS},
-        "copy": copy, "copy_zero_s": copy_zero, "copy_per_rank": [[r["seconds"] for r in copy]] * 2,
-        "vector": vector, "vector_zero_s": vzero,
+        "copy": copy,
+        "copy_zero_s": copy_zero,
+        "copy_per_rank": [[r["seconds"] for r in copy]] * 2,
+        "vector": vector,
+        "vector_zero_s": vzero,
         "overhead": {"layer_s": 25 * KERNEL_OVERHEAD, "layer_kernels": 25.0, "dispatch_s": 1.5e-6},
         "collectives": collectives if collectives is not None else collective_table(per_kind=True),
         "overlap": {"sigma": 0.4, "per_rank": [0.4, 0.4], "gemm_n": 512, "dtype": "bf16"},
         "per_rank_reserved_bytes": [250 * MiB, 260 * MiB],
         "unsupported": {},
-        "storage": {"bytes": 128 * MiB, "write_s": 128 * MiB / 1e9, "read_s": 128 * MiB / 2e9, "latency_s": 80e-6,
-                    "free_bytes": 50e9, "filesystem": "ext4 on /dev/test", "page_cache_dropped": True},
+        "storage": {
+            "bytes": 128 * MiB,
+            "write_s": 128 * MiB / 1e9,
+            "read_s": 128 * MiB / 2e9,
+            "latency_s": 80e-6,
+            "free_bytes": 50e9,
+            "filesystem": "ext4 on /dev/test",
+            "page_cache_dropped": True,
+        },
     }
 
 
 def true_device() -> DeviceSpec:
     """The device the synthetic tables were generated from, as a spec with its own per-dtype curves."""
-    per_dtype = {d: DtypeEfficiency(matrix_efficiency=t["flops"], matrix_dim_efficiency=t["dim"],
-                                    attention_efficiency=t["attention"], vector_efficiency=0.5) for d, t in TRUTH.items()}
-    compute = ComputeSpec(matrix=dict(PEAKS), vector={d: t["vector"] / 0.5 for d, t in TRUTH.items()},
-                          kernel_overhead=KERNEL_OVERHEAD, per_dtype=per_dtype)
-    return DeviceSpec(name="truth", kind="cpu", compute=compute,
-                      memory=MemorySpec(capacity=8 * 2**30, bandwidth=MEM_BW, efficiency=MEM_TRUE))
+    per_dtype = {
+        d: DtypeEfficiency(
+            matrix_efficiency=t["flops"],
+            matrix_dim_efficiency=t["dim"],
+            attention_efficiency=t["attention"],
+            vector_efficiency=0.5,
+        )
+        for d, t in TRUTH.items()
+    }
+    compute = ComputeSpec(
+        matrix=dict(PEAKS),
+        vector={d: t["vector"] / 0.5 for d, t in TRUTH.items()},
+        kernel_overhead=KERNEL_OVERHEAD,
+        per_dtype=per_dtype,
+    )
+    return DeviceSpec(
+        name="truth",
+        kind="cpu",
+        compute=compute,
+        memory=MemorySpec(capacity=8 * 2**30, bandwidth=MEM_BW, efficiency=MEM_TRUE),
+    )
 
 
 # ---- unit: fitting functions ---------------------------------------------------------------------
@@ -265,8 +343,10 @@ def test_fit_vector_gives_each_dtype_its_rate_as_peak_times_efficiency():
 
 
 def test_layout_spread_finds_gemms_of_one_shape_that_run_apart():
-    rows = [{"dtype": "fp16", "variant": v, "tokens": 8, "k": 512, "n": 2048, "flops": 2.0 * 8 * 512 * 2048, "seconds": s}
-            for v, s in (("fwd", 1e-3), ("dgrad", 8e-3), ("wgrad", 4e-3))]
+    rows = [
+        {"dtype": "fp16", "variant": v, "tokens": 8, "k": 512, "n": 2048, "flops": 2.0 * 8 * 512 * 2048, "seconds": s}
+        for v, s in (("fwd", 1e-3), ("dgrad", 8e-3), ("wgrad", 4e-3))
+    ]
     rows += [dict(r, dtype="fp32", seconds=1e-3 * (1.1 if r["variant"] == "wgrad" else 1.0)) for r in rows]
     spread = layout_spread(rows)
     assert spread["fp16"] == pytest.approx(8.0) and spread["fp32"] == pytest.approx(1.1)
@@ -303,7 +383,10 @@ def test_alpha_beta_formulas_are_the_simulators():
             for cluster, (bw, lat) in ((plain, (link.effective_bandwidth, link.latency)), (fitted, LINKS[kind])):
                 span = cluster.span(range(k))
                 for nbytes in (4096.0, 1e6, 1e8):
-                    assert collective_time(kind, nbytes, span) == pytest.approx(a * nbytes / bw + b * lat, rel=1e-12), (kind, k)
+                    assert collective_time(kind, nbytes, span) == pytest.approx(a * nbytes / bw + b * lat, rel=1e-12), (
+                        kind,
+                        k,
+                    )
     # A pipeline send between two devices of the node is one send/recv step.
     path = fitted.path(0, 1)
     assert (path.bandwidth, path.latency) == LINKS["send_recv"]
@@ -328,7 +411,7 @@ def test_fit_collectives_recovers_each_kinds_link_figures():
         assert noisy[kind].latency == pytest.approx(lat, rel=0.25), kind
         assert 0 < noisy[kind].errors[kind][0] < 0.1
     # A kind timed at one message size cannot tell bandwidth from latency: no fit of its own.
-    one_size = [s for s in samples if s["kind"] != "all_to_all" or s["bytes"] == MiB and s["group_size"] == 2]
+    one_size = [s for s in samples if s["kind"] != "all_to_all" or (s["bytes"] == MiB and s["group_size"] == 2)]
     assert "all_to_all" not in fit_collectives(one_size)[1]
 
 
@@ -364,7 +447,12 @@ def test_build_specs_on_synthetic_timings_gives_the_true_figures():
     assert set(c.per_dtype) == {"fp32", "bf16"}
     for dtype, truth in TRUTH.items():
         own = c.per_dtype[dtype]
-        assert None not in (own.matrix_efficiency, own.matrix_dim_efficiency, own.attention_efficiency, own.vector_efficiency)
+        assert None not in (
+            own.matrix_efficiency,
+            own.matrix_dim_efficiency,
+            own.attention_efficiency,
+            own.vector_efficiency,
+        )
         for size in (1e6, 1e8, 1e10):
             assert own.matrix_efficiency(size) == pytest.approx(truth["flops"](size), abs=0.05), (dtype, size)
         for size in (3e7, 1e8, 1e9, 1e10):
@@ -400,16 +488,23 @@ def test_per_dtype_curves_reproduce_each_dtypes_timings_through_the_simulator():
         line = roofline(dev, dtype)
         gemms = [r for r in raw["gemm"] if r["dtype"] == dtype]
         flops = np.array([r["flops"] for r in gemms])
-        predicted = op_times(flops, np.zeros_like(flops), np.zeros_like(flops), np.full(len(gemms), MATRIX),
-                             np.array([float(r["min_dim"]) for r in gemms]), line)
+        predicted = op_times(
+            flops,
+            np.zeros_like(flops),
+            np.zeros_like(flops),
+            np.full(len(gemms), MATRIX),
+            np.array([float(r["min_dim"]) for r in gemms]),
+            line,
+        )
         measured = np.array([r["seconds"] - GEMM_ZERO for r in gemms])
         assert np.abs(predicted / measured - 1).max() < 0.02, dtype
         # Attention: forward at its FLOPs, backward at 2.5x (the simulator's counts), fixed costs apart.
         att = [r for r in raw["attention"] if r["dtype"] == dtype]
         f = np.array([r["fwd_flops"] for r in att])
         both = np.concatenate([f, 2.5 * f])
-        predicted = op_times(both, np.zeros_like(both), np.zeros_like(both), np.full(len(both), ATTENTION),
-                             np.ones_like(both), line)
+        predicted = op_times(
+            both, np.zeros_like(both), np.zeros_like(both), np.full(len(both), ATTENTION), np.ones_like(both), line
+        )
         measured = np.array([r["fwd_s"] - 5e-6 for r in att] + [r["fwd_bwd_s"] - r["fwd_s"] - 10e-6 for r in att])
         assert np.abs(predicted / measured - 1).max() < 0.02, dtype
         # Elementwise ops: the vector roofline with the dtype's element size.
@@ -422,7 +517,9 @@ def test_per_dtype_curves_reproduce_each_dtypes_timings_through_the_simulator():
         assert np.abs(predicted / measured - 1).max() < 0.02, dtype
     # A layer the fits never saw: the calibrated spec predicts the true device's layer time in both dtypes.
     truth = true_device()
-    cfg = WorkloadConfig(name="check", family="gpt", num_layers=1, hidden_size=512, num_heads=8, vocab_size=1024, seq_len=256)
+    cfg = WorkloadConfig(
+        name="check", family="gpt", num_layers=1, hidden_size=512, num_heads=8, vocab_size=1024, seq_len=256
+    )
     for dtype, nbytes in (("fp32", 4), ("bf16", 2)):
         profile = layer_profile(cfg, "decoder", ShardShape(micro_batch=2, seq_len=256, dtype_bytes=nbytes))
         want = layer_times(profile, roofline(truth, dtype))
@@ -433,7 +530,9 @@ def test_per_dtype_curves_reproduce_each_dtypes_timings_through_the_simulator():
         if dtype == "fp32":
             # Without its own curves fp32 would borrow bf16's: the test can tell.
             wrong = layer_times(profile, roofline(shared_only, dtype))
-            assert abs(wrong.forward + wrong.backward - want.forward - want.backward) > 0.1 * (want.forward + want.backward)
+            assert abs(wrong.forward + wrong.backward - want.forward - want.backward) > 0.1 * (
+                want.forward + want.backward
+            )
 
 
 def test_a_dtype_measured_in_part_gets_what_was_measured():
@@ -442,11 +541,23 @@ def test_a_dtype_measured_in_part_gets_what_was_measured():
     raw = synthetic_raw()
     for n in (32, 64):
         flops = 2.0 * n**3
-        raw["gemm"].append({"dtype": "fp16", "variant": "square", "tokens": n, "k": n, "n": n, "flops": flops, "min_dim": n,
-                            "seconds": flops / 3e9 + GEMM_ZERO})
+        raw["gemm"].append(
+            {
+                "dtype": "fp16",
+                "variant": "square",
+                "tokens": n,
+                "k": n,
+                "n": n,
+                "flops": flops,
+                "min_dim": n,
+                "seconds": flops / 3e9 + GEMM_ZERO,
+            }
+        )
     raw["gemm_zero_s"]["fp16"] = GEMM_ZERO
     raw["vector"] += [dict(r, dtype="fp16", seconds=2 * r["seconds"]) for r in raw["vector"] if r["dtype"] == "bf16"]
-    raw["vector_zero_s"].update({k.replace("bf16", "fp16"): v for k, v in raw["vector_zero_s"].items() if k.startswith("bf16")})
+    raw["vector_zero_s"].update(
+        {k.replace("bf16", "fp16"): v for k, v in raw["vector_zero_s"].items() if k.startswith("bf16")}
+    )
     raw["unsupported"]["matmul fp16"] = "12 GEMM(s) skipped: too slow"
     cal = build_specs(raw, name="synthetic-box", device_type="cpu")
     c = cal.device.compute
@@ -470,7 +581,10 @@ def test_collective_fits_reproduce_each_kind_through_collective_time():
     by_kind = cal.fits["link_by_kind"]
     for kind in COLLECTIVE_KINDS:
         rows = [r for r in samples if r["kind"] == kind]
-        rel = [abs(collective_time(kind, r["bytes"], cluster.span(range(r["group_size"]))) / r["seconds"] - 1) for r in rows]
+        rel = [
+            abs(collective_time(kind, r["bytes"], cluster.span(range(r["group_size"]))) / r["seconds"] - 1)
+            for r in rows
+        ]
         med, mx = by_kind[kind].errors[kind]
         assert max(rel) <= mx + 2e-3, kind
         assert float(np.median(rel)) == pytest.approx(med, abs=2e-3), kind
@@ -552,7 +666,9 @@ def test_bad_options_exit_2_before_measuring(monkeypatch, tmp_path, args, messag
 
 
 def test_help_runs_standalone():
-    proc = subprocess.run([sys.executable, "-m", "executor.calibrate.cli", "--help"], capture_output=True, text=True, timeout=60)
+    proc = subprocess.run(
+        [sys.executable, "-m", "executor.calibrate.cli", "--help"], capture_output=True, text=True, timeout=60
+    )
     assert proc.returncode == 0, proc.stderr
     for option in ("--out", "--device-out", "--name", "--ranks", "--quick", "--storage-dir", "--force"):
         assert option in proc.stdout
@@ -560,8 +676,22 @@ def test_help_runs_standalone():
 
 def test_quick_calibration_writes_a_spec_simulate_uses(monkeypatch, tmp_path, simulate):
     out, device_out, raw = tmp_path / "box.yaml", tmp_path / "box-device.yaml", tmp_path / "box.json"
-    result = run_cli(monkeypatch, "--out", out, "--device-out", device_out, "--raw", raw, "--quick", "--ranks", "2",
-                     "--storage-dir", tmp_path, "--name", "test-box")
+    result = run_cli(
+        monkeypatch,
+        "--out",
+        out,
+        "--device-out",
+        device_out,
+        "--raw",
+        raw,
+        "--quick",
+        "--ranks",
+        "2",
+        "--storage-dir",
+        tmp_path,
+        "--name",
+        "test-box",
+    )
     assert result.code == 0, result.err
     assert "matmul throughput" in result.err and "collectives" in result.err  # the progress bars
     assert "measured on this machine vs catalog cpu-local" in result.out
@@ -597,7 +727,12 @@ def test_quick_calibration_writes_a_spec_simulate_uses(monkeypatch, tmp_path, si
     assert {"fp32", "bf16"} <= set(c.per_dtype)
     for dtype in ("fp32", "bf16"):
         own = c.per_dtype[dtype]
-        assert None not in (own.matrix_efficiency, own.matrix_dim_efficiency, own.attention_efficiency, own.vector_efficiency)
+        assert None not in (
+            own.matrix_efficiency,
+            own.matrix_dim_efficiency,
+            own.attention_efficiency,
+            own.vector_efficiency,
+        )
     assert c.matrix_efficiency == c.per_dtype["bf16"].matrix_efficiency
     # Each dtype's GEMMs through `op_times` on the written spec, as closely as its fit says.
     mm = fit_matmul(timings["gemm"], timings["curve_dtype"], timings["gemm_zero_s"])
@@ -605,8 +740,14 @@ def test_quick_calibration_writes_a_spec_simulate_uses(monkeypatch, tmp_path, si
         zero = timings["gemm_zero_s"][dtype]
         rows = [r for r in timings["gemm"] if r["dtype"] == dtype and r["seconds"] >= RESOLVABLE * zero]
         flops = np.array([r["flops"] for r in rows])
-        predicted = op_times(flops, np.zeros_like(flops), np.zeros_like(flops), np.full(len(rows), MATRIX),
-                             np.array([float(r["min_dim"]) for r in rows]), roofline(dev, dtype))
+        predicted = op_times(
+            flops,
+            np.zeros_like(flops),
+            np.zeros_like(flops),
+            np.full(len(rows), MATRIX),
+            np.array([float(r["min_dim"]) for r in rows]),
+            roofline(dev, dtype),
+        )
         rel = np.abs(predicted / np.array([r["seconds"] - zero for r in rows]) - 1)
         assert float(np.median(rel)) == pytest.approx(mm.errors[dtype][0], abs=5e-3), dtype
     # Each collective kind its own fit, which `collective_time` on the written spec reproduces within
@@ -617,7 +758,10 @@ def test_quick_calibration_writes_a_spec_simulate_uses(monkeypatch, tmp_path, si
     _, by_kind = fit_collectives(timings["collectives"])
     for kind, fit in by_kind.items():
         rows = [r for r in timings["collectives"] if r["kind"] == kind]
-        rel = [abs(collective_time(kind, r["bytes"], cluster.span(range(r["group_size"]))) / r["seconds"] - 1) for r in rows]
+        rel = [
+            abs(collective_time(kind, r["bytes"], cluster.span(range(r["group_size"]))) / r["seconds"] - 1)
+            for r in rows
+        ]
         # The spec writes 3-4 significant digits: allow their rounding on top of the fit's own residual.
         assert max(rel) <= fit.errors[kind][1] * 1.01 + 5e-3, kind
         assert float(np.median(rel)) == pytest.approx(fit.errors[kind][0], abs=5e-3), kind
@@ -628,7 +772,11 @@ def test_quick_calibration_writes_a_spec_simulate_uses(monkeypatch, tmp_path, si
     assert yaml.safe_load(out.read_text())["node_groups"][0]["node"]["device"]["name"] == "test-box-device"
 
     # simulate accepts it, for one rank and for both.
-    for plan in ("micro_batch=1,global_batch=2", "tp=2,micro_batch=1,global_batch=2", "pp=2,micro_batch=1,global_batch=4,dtype=fp32"):
+    for plan in (
+        "micro_batch=1,global_batch=2",
+        "tp=2,micro_batch=1,global_batch=2",
+        "pp=2,micro_batch=1,global_batch=4,dtype=fp32",
+    ):
         sim = simulate("run", "--cluster", out, "--workload", "gpt3-125m", "--seq-len", "128", "--plan", plan, "--json")
         assert sim.code == 0, sim.err
         report = json.loads(sim.out)

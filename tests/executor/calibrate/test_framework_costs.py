@@ -10,6 +10,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from executor.calibrate.framework import PROBES, _predictor, fit_framework, probe_plans
+from hwmodel.catalog import cluster_file, device_file
 from hwmodel.cluster import ClusterSpec
 from hwmodel.loading import read_mapping, validate
 from simulator.analytic import evaluate
@@ -19,9 +21,6 @@ from simulator.cost.stage import stage_cost
 from simulator.des import evaluate_des
 from simulator.plan import parse_shorthand
 from workloads import load_workload
-
-from executor.calibrate.framework import PROBES, _predictor, fit_framework, probe_plans
-from hwmodel.catalog import cluster_file, device_file
 from workloads.config import WorkloadConfig
 
 DP = "dp=2,micro_batch=4,global_batch=8,dtype=fp32"
@@ -64,7 +63,9 @@ def test_blocking_collectives_put_every_reduction_on_the_critical_path(gpt):
     assert a_block == pytest.approx(d_block, rel=1e-6)
     # The last backward grows by all of the reductions (minus what was already exposed without blocking).
     assert a_block > a_over
-    single = evaluate(parse_shorthand("dp=1,micro_batch=4,global_batch=4,dtype=fp32"), gpt, _cluster(1)).iteration_time_s
+    single = evaluate(
+        parse_shorthand("dp=1,micro_batch=4,global_batch=4,dtype=fp32"), gpt, _cluster(1)
+    ).iteration_time_s
     assert a_block == pytest.approx(single + reductions, rel=0.02)
 
 
@@ -93,7 +94,10 @@ def test_zero3_copies_gathered_weights_every_micro_batch_and_engines_agree(gpt):
 
 def test_sharded_kernel_overhead_touches_only_tensor_parallel_layers(gpt):
     base, dispatch = _cluster(), _cluster(sharded_kernel_overhead="100 us")
-    assert evaluate(parse_shorthand(DP), gpt, dispatch).iteration_time_s == evaluate(parse_shorthand(DP), gpt, base).iteration_time_s
+    assert (
+        evaluate(parse_shorthand(DP), gpt, dispatch).iteration_time_s
+        == evaluate(parse_shorthand(DP), gpt, base).iteration_time_s
+    )
     a0, d0 = _both(TP, gpt, base)
     a1, d1 = _both(TP, gpt, dispatch)
     assert a1 > a0
@@ -184,16 +188,21 @@ def test_fit_recovers_the_fields_that_produced_the_timings(sharded, inv_bw, fixe
     """Timings made by the simulator with known fields (and a device model off by a constant ratio) fit back
     to those fields."""
     mapping = _cpu_mapping()
-    workloads = {p["name"]: validate(WorkloadConfig, p, "probe")
-                 for p in PROBES}
+    workloads = {p["name"]: validate(WorkloadConfig, p, "probe") for p in PROBES}
     predict = _predictor(mapping, workloads, 2)
-    truth = {"sharded_kernel_overhead": sharded, "grad_pack_bandwidth": 1.0 / inv_bw, "dp_layer_overhead": fixed,
-             "layer_call_overhead": per_call}
+    truth = {
+        "sharded_kernel_overhead": sharded,
+        "grad_pack_bandwidth": 1.0 / inv_bw,
+        "dp_layer_overhead": fixed,
+        "layer_call_overhead": per_call,
+    }
     bias = 1.3  # the device model is 30% optimistic on every probe: the fit must not blame the framework
     measured = {(p, name): bias * predict(truth, p, plan) for p in workloads for name, plan in probe_plans(2).items()}
     fit = fit_framework(measured, predict, 2)
     assert fit.sharded_kernel_overhead == pytest.approx(sharded, rel=0.05)
-    assert fit.grad_pack_bandwidth is not None and 1.0 / fit.grad_pack_bandwidth == pytest.approx(inv_bw, rel=0.1, abs=2e-11)
+    assert fit.grad_pack_bandwidth is not None and 1.0 / fit.grad_pack_bandwidth == pytest.approx(
+        inv_bw, rel=0.1, abs=2e-11
+    )
     assert fit.dp_layer_overhead == pytest.approx(fixed, rel=0.1, abs=1e-4)
     assert fit.layer_call_overhead == pytest.approx(per_call, rel=1e-3, abs=1e-7)
     for row in fit.rows:
@@ -206,8 +215,12 @@ def test_fit_without_the_small_micro_batch_probe_leaves_layer_calls_uncosted():
     workloads = {p["name"]: validate(WorkloadConfig, p, "probe") for p in PROBES}
     predict = _predictor(mapping, workloads, 2)
     truth = {"sharded_kernel_overhead": 2e-4, "grad_pack_bandwidth": 2e9, "dp_layer_overhead": 1e-3}
-    measured = {(p, name): predict(truth, p, plan) for p in workloads for name, plan in probe_plans(2).items()
-                if name != "single-mb1"}
+    measured = {
+        (p, name): predict(truth, p, plan)
+        for p in workloads
+        for name, plan in probe_plans(2).items()
+        if name != "single-mb1"
+    }
     fit = fit_framework(measured, predict, 2)
     assert fit.layer_call_overhead == 0.0
     assert fit.sharded_kernel_overhead == pytest.approx(2e-4, rel=0.05)

@@ -22,10 +22,20 @@ from simulator.plan import parse_shorthand
 from workloads import WorkloadConfig
 from workloads.torch_models import build_model, loss_fn
 
-GPT = WorkloadConfig(name="tiny-gpt", family="gpt", num_layers=3, hidden_size=64, num_heads=4, vocab_size=256,
-                     seq_len=48, dropout=False)
-LLAMA = WorkloadConfig(name="tiny-llama", family="llama", num_layers=3, hidden_size=64, ffn_hidden_size=96,
-                       num_heads=4, num_kv_heads=2, vocab_size=256, seq_len=48)  # GQA: k/v repeated in the core
+GPT = WorkloadConfig(
+    name="tiny-gpt", family="gpt", num_layers=3, hidden_size=64, num_heads=4, vocab_size=256, seq_len=48, dropout=False
+)
+LLAMA = WorkloadConfig(
+    name="tiny-llama",
+    family="llama",
+    num_layers=3,
+    hidden_size=64,
+    ffn_hidden_size=96,
+    num_heads=4,
+    num_kv_heads=2,
+    vocab_size=256,
+    seq_len=48,
+)  # GQA: k/v repeated in the core
 
 
 def _grads(model, tokens, *, between=None):
@@ -62,7 +72,9 @@ def test_gradients_equal_the_plain_run(setup, alpha, recompute):
     assert list(grads) == list(reference)  # parameter names unchanged by the wrapping
     assert _relative(grads, reference) < 1e-5
     for name in reference:  # and parameter by parameter (absolute floor for gradients that are ~0)
-        torch.testing.assert_close(grads[name], reference[name], rtol=1e-5, atol=1e-6 * reference[name].abs().max().item() + 1e-9)
+        torch.testing.assert_close(
+            grads[name], reference[name], rtol=1e-5, atol=1e-6 * reference[name].abs().max().item() + 1e-9
+        )
     assert STATS.host_bytes > 0
     if recompute == "tokenwise":
         # Each block recomputes its two token-wise segments for the tokens it did not swap.
@@ -139,8 +151,11 @@ def test_split_tensors_are_not_kept_alive_until_backward(recompute):
     # The MLP's full-length intermediate (batch, seq, 4 * hidden): only its swapped and kept halves may live.
     with warnings.catch_warnings():  # scanning every object touches deprecated torch attributes
         warnings.simplefilter("ignore")
-        full = [o for o in gc.get_objects()
-                if torch.is_tensor(o) and tuple(o.shape) == (2, GPT.seq_len, 4 * GPT.hidden_size)]
+        full = [
+            o
+            for o in gc.get_objects()
+            if torch.is_tensor(o) and tuple(o.shape) == (2, GPT.seq_len, 4 * GPT.hidden_size)
+        ]
     loss.backward()
     assert not full
 
@@ -206,11 +221,14 @@ def test_recomputed_tokens_draw_the_dropout_masks_of_forward(monkeypatch):
     assert ((recomputed - kept).norm() / kept.norm()).item() < 1e-6
 
 
-@pytest.mark.parametrize("plan, message", [
-    ("recompute=full,offload=0.5", "recompute=none .* or recompute=tokenwise"),
-    ("recompute=selective,offload=0.5", "recompute=none .* or recompute=tokenwise"),
-    ("tp=2,sequence_parallel=true,recompute=tokenwise,offload=0.5", "sequence_parallel"),
-])
+@pytest.mark.parametrize(
+    "plan, message",
+    [
+        ("recompute=full,offload=0.5", "recompute=none .* or recompute=tokenwise"),
+        ("recompute=selective,offload=0.5", "recompute=none .* or recompute=tokenwise"),
+        ("tp=2,sequence_parallel=true,recompute=tokenwise,offload=0.5", "sequence_parallel"),
+    ],
+)
 def test_executor_refuses_what_it_cannot_swap(plan, message):
     with pytest.raises(UnsupportedPlan, match=message):
         check_features(parse_shorthand(plan), "cpu")

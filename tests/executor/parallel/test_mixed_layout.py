@@ -23,6 +23,7 @@ from executor.parallel.mixed_layout import ActLayout, block_strategies, is_mixed
 from hwmodel.catalog import load_cluster
 from simulator.binding import bind
 from simulator.plan import LayerStrategy, Plan, StageSpec, load_plan
+
 # The executor suites' helpers: the tiny GPT and its Job, and `execute` run in-process with its checks.
 from tests.executor.helpers import GPT, STEPS, job, refused
 
@@ -40,28 +41,49 @@ TWO_RANKS = {
     "tp2 blocks 0-1, dp2 blocks 2-3": Plan(tp=2, micro_batch=2, layers=layers(((2, 3), dict(tp=1))), **FP32),
     "tp2 blocks 0-1, dp2 blocks 2-3 (sgd)": Plan(tp=2, micro_batch=2, layers=layers(((2, 3), dict(tp=1))), **SGD),
     "dp2 zero3, tp2+sp blocks 1-2, zero2+full recompute block 3 (sgd)": Plan(
-        dp=2, dp_type="zero3", micro_batch=1,
-        layers=layers(((1, 2), dict(tp=2, sequence_parallel=True)), ((3, 3), dict(dp_type="zero2", recompute="full"))), **SGD),
+        dp=2,
+        dp_type="zero3",
+        micro_batch=1,
+        layers=layers(((1, 2), dict(tp=2, sequence_parallel=True)), ((3, 3), dict(dp_type="zero2", recompute="full"))),
+        **SGD,
+    ),
     "tp2+sp edges, dp2 ddp blocks 0-1, selective block 2 (sgd)": Plan(
-        tp=2, sequence_parallel=True, micro_batch=2,
-        layers=layers(((0, 1), dict(tp=1, dp_type="ddp")), ((2, 2), dict(recompute="selective"))), **SGD),
+        tp=2,
+        sequence_parallel=True,
+        micro_batch=2,
+        layers=layers(((0, 1), dict(tp=1, dp_type="ddp")), ((2, 2), dict(recompute="selective"))),
+        **SGD,
+    ),
     "dp2 ddp, zero3 blocks 0-1 (per-layer dp_type only, sgd)": Plan(
-        dp=2, micro_batch=1, layers=layers(((0, 1), dict(dp_type="zero3"))), **SGD),
+        dp=2, micro_batch=1, layers=layers(((0, 1), dict(dp_type="zero3"))), **SGD
+    ),
     # Uneven pipeline stages: 1 block on rank 0, 3 on rank 1.
-    "pp2 uneven stages 1+3": Plan(pp=2, micro_batch=2, stages=(StageSpec(num_layers=1), StageSpec(num_layers=3)), **FP32),
+    "pp2 uneven stages 1+3": Plan(
+        pp=2, micro_batch=2, stages=(StageSpec(num_layers=1), StageSpec(num_layers=3)), **FP32
+    ),
     "pp2 uneven stages 3+1, gpipe (sgd)": Plan(
-        pp=2, micro_batch=2, schedule="gpipe", stages=(StageSpec(num_layers=3), StageSpec(num_layers=1)), **SGD),
+        pp=2, micro_batch=2, schedule="gpipe", stages=(StageSpec(num_layers=3), StageSpec(num_layers=1)), **SGD
+    ),
 }
 FOUR_RANKS = {
     # Uneven stages whose blocks change layout inside a stage (each stage home tp2, block 2-3 dp2 zero3).
     "pp2 uneven 1+3, stage 2: tp2 then dp2 zero3 (sgd)": Plan(
-        pp=2, tp=2, micro_batch=2, stages=(StageSpec(num_layers=1), StageSpec(num_layers=3)),
-        layers=layers(((2, 3), dict(tp=1, dp_type="zero3"))), **SGD),
+        pp=2,
+        tp=2,
+        micro_batch=2,
+        stages=(StageSpec(num_layers=1), StageSpec(num_layers=3)),
+        layers=layers(((2, 3), dict(tp=1, dp_type="zero3"))),
+        **SGD,
+    ),
     # One stage of 4: tp1 (dp4) -> tp4 -> tp2+sp (dp2, 2D FSDP) -> tp1 -> tp2 -> back to dp4 for the head.
     "dp4 edges, tp4 / tp2+sp zero2 / dp4 / tp2 blocks (sgd)": Plan(
-        dp=4, micro_batch=1,
-        layers=layers(((0, 0), dict(tp=4)), ((1, 1), dict(tp=2, sequence_parallel=True, dp_type="zero2")),
-                      ((3, 3), dict(tp=2))), **SGD),
+        dp=4,
+        micro_batch=1,
+        layers=layers(
+            ((0, 0), dict(tp=4)), ((1, 1), dict(tp=2, sequence_parallel=True, dp_type="zero2")), ((3, 3), dict(tp=2))
+        ),
+        **SGD,
+    ),
 }
 
 
@@ -128,7 +150,9 @@ def test_is_mixed_only_when_a_block_differs_from_the_plan():
 
 
 def test_block_strategies_follow_bind():
-    plan = Plan(tp=2, sequence_parallel=True, micro_batch=2, layers=layers(((1, 2), dict(tp=1, dp_type="zero2"))), **FP32)
+    plan = Plan(
+        tp=2, sequence_parallel=True, micro_batch=2, layers=layers(((1, 2), dict(tp=1, dp_type="zero2"))), **FP32
+    )
     got = block_strategies(bound(plan, 2))
     assert got[0] == (ActLayout(2, True), "ddp") and got[3] == (ActLayout(2, True), "ddp")
     # Sequence parallelism means nothing without tensor parallelism.
@@ -144,8 +168,17 @@ def test_each_block_runs_in_the_layout_bind_gives_it(home, blocks):
     """Whatever per-block (tp, sequence_parallel, dp_type) a plan writes, the executor lays each block out as
     bind resolved it (sp only with tp > 1) and takes the mixed path exactly when a block differs from the plan."""
     tp, sp, dp_type = home
-    plan = Plan(tp=tp, sequence_parallel=sp, dp_type=dp_type, micro_batch=2 * tp, **FP32, layers=tuple(
-        LayerStrategy(layers=(i, i), tp=b_tp, sequence_parallel=b_sp, dp_type=b_dp) for i, (b_tp, b_sp, b_dp) in enumerate(blocks)))
+    plan = Plan(
+        tp=tp,
+        sequence_parallel=sp,
+        dp_type=dp_type,
+        micro_batch=2 * tp,
+        **FP32,
+        layers=tuple(
+            LayerStrategy(layers=(i, i), tp=b_tp, sequence_parallel=b_sp, dp_type=b_dp)
+            for i, (b_tp, b_sp, b_dp) in enumerate(blocks)
+        ),
+    )
     got = block_strategies(bound(plan, 2))
     want = {i: (ActLayout(b_tp, b_sp and b_tp > 1), b_dp) for i, (b_tp, b_sp, b_dp) in enumerate(blocks)}
     assert got == want
@@ -160,24 +193,41 @@ def test_execute_runs_a_dumped_plan_yaml_unchanged(execute, tiny, tmp_path, refe
     path = tmp_path / "plan.yaml"
     path.write_text(yaml.safe_dump(plan.model_dump(mode="json")))
     assert load_plan(path) == plan
-    result = execute("--workload", tiny, "--cluster", "cpu-local", "--plan", path, "--steps", 3, "--warmup", 0, "--json")
+    result = execute(
+        "--workload", tiny, "--cluster", "cpu-local", "--plan", path, "--steps", 3, "--warmup", 0, "--json"
+    )
     assert result.code == 0, result.err
     assert json.loads(result.out)["losses"] == pytest.approx(reference["adam"].losses[:3], rel=1e-4)
 
 
-def test_refuses_per_layer_layouts_with_zero1(execute, no_launch, tiny, tmp_path):  # noqa: F811
+def test_refuses_per_layer_layouts_with_zero1(execute, no_launch, tiny, tmp_path):
     path = tmp_path / "plan.yaml"
-    path.write_text(yaml.safe_dump({"dp": 2, "dp_type": "zero1", "dtype": "fp32", "layers": [{"layers": [0, 1], "tp": 2}]}))
-    refused(execute("--workload", tiny, "--cluster", "cpu-local", "--plan", path), "layers[0] with tp=2 and dp_type=zero1",
-            "cannot mix with per-layer layouts", "zero2")
+    path.write_text(
+        yaml.safe_dump({"dp": 2, "dp_type": "zero1", "dtype": "fp32", "layers": [{"layers": [0, 1], "tp": 2}]})
+    )
+    refused(
+        execute("--workload", tiny, "--cluster", "cpu-local", "--plan", path),
+        "layers[0] with tp=2 and dp_type=zero1",
+        "cannot mix with per-layer layouts",
+        "zero2",
+    )
     path.write_text(yaml.safe_dump({"dp": 2, "dtype": "fp32", "layers": [{"layers": [0, 1], "dp_type": "zero1"}]}))
     refused(execute("--workload", tiny, "--cluster", "cpu-local", "--plan", path), "dp_type=zero1", "ZeRO-1")
 
 
-def test_still_refuses_stages_with_their_own_tp(execute, no_launch, tiny, tmp_path):  # noqa: F811
+def test_still_refuses_stages_with_their_own_tp(execute, no_launch, tiny, tmp_path):
     path = tmp_path / "plan.yaml"
-    plan = {"pp": 2, "tp": 1, "dtype": "fp32", "micro_batch": 2, "global_batch": 4,
-            "stages": [{"num_layers": 2, "devices": "0-1", "tp": 2}, {"num_layers": 2, "devices": "2-3", "tp": 1}]}
+    plan = {
+        "pp": 2,
+        "tp": 1,
+        "dtype": "fp32",
+        "micro_batch": 2,
+        "global_batch": 4,
+        "stages": [{"num_layers": 2, "devices": "0-1", "tp": 2}, {"num_layers": 2, "devices": "2-3", "tp": 1}],
+    }
     path.write_text(yaml.safe_dump(plan))
-    refused(execute("--workload", tiny, "--cluster", "cpu-local", "--devices-per-node", 4, "--plan", path),
-            "stages[0].tp=2", "every stage must use the plan's tp")
+    refused(
+        execute("--workload", tiny, "--cluster", "cpu-local", "--devices-per-node", 4, "--plan", path),
+        "stages[0].tp=2",
+        "every stage must use the plan's tp",
+    )

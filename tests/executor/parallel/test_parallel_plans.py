@@ -10,11 +10,9 @@ from __future__ import annotations
 
 import pytest
 
-from executor.job import Job
 from executor.launch import run_jobs
-from simulator.plan import Plan, StageSpec, parse_shorthand
-from tests.executor.helpers import BATCH, GPT, LLAMA, STEPS, job
-
+from simulator.plan import Plan, StageSpec
+from tests.executor.helpers import GPT, LLAMA, STEPS, job
 
 TWO_RANKS = {
     "dp2": ("dp=2,micro_batch=2", GPT),
@@ -28,8 +26,12 @@ TWO_RANKS = {
     "pp2 interleaved": ("pp=2,schedule=interleaved,virtual_stages=2,micro_batch=1", GPT),
     "llama tp2 sequence parallel (GQA)": ("tp=2,sequence_parallel=true,micro_batch=2", LLAMA),
     # Explicit stages with an uneven split (1 + 3 blocks), as a heterogeneous planner writes them.
-    "pp2 uneven stages": (Plan(pp=2, stages=(StageSpec(num_layers=1), StageSpec(num_layers=3)), micro_batch=2,
-                               global_batch=8, dtype="fp32"), GPT),
+    "pp2 uneven stages": (
+        Plan(
+            pp=2, stages=(StageSpec(num_layers=1), StageSpec(num_layers=3)), micro_batch=2, global_batch=8, dtype="fp32"
+        ),
+        GPT,
+    ),
     # Context parallelism: each rank holds two of four token chunks of every sequence (learned positions,
     # rotary angles, the causal mask by position), keys and values gathered across the two ranks.
     "cp2 (learned positions)": ("cp=2,micro_batch=2", GPT),
@@ -67,9 +69,11 @@ def two_ranks(tmp_path_factory):
     plans = [job(plan, cfg, 2) for plan, cfg in TWO_RANKS.values()]
     # Checkpoint/resume in the same ranks: 4 iterations saved at 2 and 4, then resumed to 6.
     ckpt = dict(checkpoint_dir=str(folder), checkpoint_every=2)
-    plans += [job("dp=2,dp_type=zero3,micro_batch=2", GPT, 2, steps=6),
-              job("dp=2,dp_type=zero3,micro_batch=2", GPT, 2, steps=4, **ckpt),
-              job("dp=2,dp_type=zero3,micro_batch=2", GPT, 2, steps=6, resume=True, **ckpt)]
+    plans += [
+        job("dp=2,dp_type=zero3,micro_batch=2", GPT, 2, steps=6),
+        job("dp=2,dp_type=zero3,micro_batch=2", GPT, 2, steps=4, **ckpt),
+        job("dp=2,dp_type=zero3,micro_batch=2", GPT, 2, steps=6, resume=True, **ckpt),
+    ]
     results = run_jobs(plans)
     return dict(zip(list(TWO_RANKS) + ["uninterrupted", "checkpointed", "resumed"], results))
 
@@ -102,7 +106,10 @@ def test_sharding_shows_in_the_measured_memory(two_ranks, reference):
     zero1, zero2, zero3 = (two_ranks[k].memory[0] for k in ("dp2 zero1", "dp2 zero2 selective recompute", "dp2 zero3"))
     assert dp["weights"] == single["weights"] and dp["optimizer"] == single["optimizer"]
     assert zero1["optimizer"] == pytest.approx(dp["optimizer"] / 2, rel=0.1) and zero1["gradients"] == dp["gradients"]
-    assert zero2["gradients"] == pytest.approx(dp["gradients"] / 2, rel=0.02) and zero2["optimizer"] < 0.55 * dp["optimizer"]
+    assert (
+        zero2["gradients"] == pytest.approx(dp["gradients"] / 2, rel=0.02)
+        and zero2["optimizer"] < 0.55 * dp["optimizer"]
+    )
     assert zero3["weights"] == pytest.approx(dp["weights"] / 2, rel=0.02)
     tp = two_ranks["tp2"].memory[0]
     assert 0.5 * single["weights"] < tp["weights"] < 0.6 * single["weights"]

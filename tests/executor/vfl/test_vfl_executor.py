@@ -6,7 +6,6 @@ import json
 import subprocess
 import sys
 import threading
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -127,7 +126,7 @@ def _pair(certs, active_kw=None, passive_kw=None, **common):
     def go(party, **kw):
         try:
             results[party] = run_party(PartyConfig(party=party, workload=TINY, certs=str(certs), **common, **kw))
-        except Exception as exc:  # noqa: BLE001
+        except Exception as exc:
             errors[party] = exc
 
     active = threading.Thread(target=go, args=("active",), kwargs={"listen": ("127.0.0.1", port), **(active_kw or {})})
@@ -157,7 +156,9 @@ def test_modes_train_and_count_their_updates(certs, mode, w, r):
 
 
 def test_parties_that_disagree_are_refused(certs):
-    results, errors = _pair(certs, active_kw={"local_updates": 2}, passive_kw={"local_updates": 3}, mode="fedbcd", epochs=1)
+    results, errors = _pair(
+        certs, active_kw={"local_updates": 2}, passive_kw={"local_updates": 3}, mode="fedbcd", epochs=1
+    )
     assert isinstance(errors.get("active"), UserError) and isinstance(errors.get("passive"), UserError)
     assert "disagree on local_updates" in str(errors["active"])
 
@@ -181,18 +182,21 @@ def test_keys_command_refuses_to_overwrite(execute, tmp_path):
     assert code == 2 and "--force" in err
 
 
-@pytest.mark.parametrize("args,message", [
-    (["--party", "middle"], "--party must be active or passive"),
-    (["--party", "passive"], "needs --peer HOST:PORT"),
-    (["--party", "active", "--peer", "h:1"], "the active party listens"),
-    (["--party", "passive", "--peer", "nohost"], "--peer must be HOST:PORT"),
-    (["--party", "active", "--mode", "vanilla", "-W", "3"], "vanilla VFL has W=1 and R=1"),
-    (["--party", "active", "--mode", "warp"], "--mode must be vanilla, fedbcd or celu"),
-    (["--party", "active", "--sampling", "random"], "--sampling must be uniform or latest"),
-    (["--party", "active", "--workload", "vfl-wdll"], "unknown VFL workload 'vfl-wdll'"),
-    (["--party", "active", "--set", "batch_size"], "--set takes KEY=VALUE"),
-    (["--party", "active", "--cluster", "cpu-local"], "needs two sites"),
-])
+@pytest.mark.parametrize(
+    "args,message",
+    [
+        (["--party", "middle"], "--party must be active or passive"),
+        (["--party", "passive"], "needs --peer HOST:PORT"),
+        (["--party", "active", "--peer", "h:1"], "the active party listens"),
+        (["--party", "passive", "--peer", "nohost"], "--peer must be HOST:PORT"),
+        (["--party", "active", "--mode", "vanilla", "-W", "3"], "vanilla VFL has W=1 and R=1"),
+        (["--party", "active", "--mode", "warp"], "--mode must be vanilla, fedbcd or celu"),
+        (["--party", "active", "--sampling", "random"], "--sampling must be uniform or latest"),
+        (["--party", "active", "--workload", "vfl-wdll"], "unknown VFL workload 'vfl-wdll'"),
+        (["--party", "active", "--set", "batch_size"], "--set takes KEY=VALUE"),
+        (["--party", "active", "--cluster", "cpu-local"], "needs two sites"),
+    ],
+)
 def test_run_bad_input(execute, certs, args, message):
     code, _, err = execute("vfl", "run", "--certs", certs, *args)
     assert code == 2, err
@@ -205,7 +209,9 @@ def test_run_bad_plan_and_certs(execute, certs, tmp_path):
     code, _, err = execute("vfl", "run", "--party", "active", "--certs", certs, "--plan", plan)
     assert code == 2 and "has no federated section" in err
     plan.write_text("federated: {parties: [dc-a, dc-x], mode: celu, workset: 2, local_updates: 2}\n")
-    code, _, err = execute("vfl", "run", "--party", "active", "--certs", certs, "--plan", plan, "--cluster", "two-sites-wan")
+    code, _, err = execute(
+        "vfl", "run", "--party", "active", "--certs", certs, "--plan", plan, "--cluster", "two-sites-wan"
+    )
     assert code == 2 and "names site 'dc-x'" in err
     plan.write_text("federated: {parties: [dc-a, dc-b], mode: turbo}\n")
     code, _, err = execute("vfl", "run", "--party", "active", "--certs", certs, "--plan", plan)
@@ -227,9 +233,26 @@ def test_local_runs_both_parties_as_processes(tmp_path):
     plan = tmp_path / "plan.yaml"
     plan.write_text("federated: {parties: [dc-a, dc-b], mode: celu, workset: 2, local_updates: 3}\n")
     proc = subprocess.run(
-        [sys.executable, "-m", "executor.vfl.cli", "local", "--json", "--plan", str(plan), "--cluster", "two-sites-wan",
-         "--workload", "vfl-wdl-tiny", "--max-rounds", "24"],
-        cwd=REPO_ROOT, capture_output=True, text=True, timeout=240)
+        [
+            sys.executable,
+            "-m",
+            "executor.vfl.cli",
+            "local",
+            "--json",
+            "--plan",
+            str(plan),
+            "--cluster",
+            "two-sites-wan",
+            "--workload",
+            "vfl-wdl-tiny",
+            "--max-rounds",
+            "24",
+        ],
+        cwd=REPO_ROOT,
+        capture_output=True,
+        text=True,
+        timeout=240,
+    )
     assert proc.returncode == 0, proc.stderr
     data = json.loads(proc.stdout)
     assert data["mode"] == "celu" and data["workset"] == 2 and data["local_updates_per_batch"] == 3
@@ -281,11 +304,13 @@ def test_shaped_link_has_the_rate_and_the_delay():
     rate, delay = 50e6, 0.015
     with ShapedLink(rate, delay) as link:
         namespaces = set(link.ns.values())
-        server = link.run_in("active", [sys.executable, "-c", _ECHO_SERVER, link.active_listen],
-                             stdout=subprocess.PIPE, text=True)
+        server = link.run_in(
+            "active", [sys.executable, "-c", _ECHO_SERVER, link.active_listen], stdout=subprocess.PIPE, text=True
+        )
         assert server.stdout.readline().strip() == "listening"
-        client = link.run_in("passive", [sys.executable, "-c", _PING_CLIENT, link.active_address],
-                             stdout=subprocess.PIPE, text=True)
+        client = link.run_in(
+            "passive", [sys.executable, "-c", _PING_CLIENT, link.active_address], stdout=subprocess.PIPE, text=True
+        )
         out, _ = client.communicate(timeout=60)
         server.wait(timeout=10)
     times = dict(line.split() for line in out.strip().splitlines())

@@ -22,12 +22,27 @@ from tests.helpers import REPO_ROOT
 from workloads import vfl as wl
 
 sys.path.insert(0, str(REPO_ROOT / "benchmarks" / "wan"))
-from delay_relay import DelayRelay, TlsRecords  # noqa: E402
+from delay_relay import DelayRelay, TlsRecords
 
 WORKLOAD = "vfl-wdl-tiny"
 EPOCHS = 2
-ARGS = ["--workload", WORKLOAD, "--epochs", str(EPOCHS), "--mode", "fedbcd", "--local-updates", "2", "--eval-every", "16",
-        "--reconnect-timeout", "4", "--connect-timeout", "180", "--quiet"]
+ARGS = [
+    "--workload",
+    WORKLOAD,
+    "--epochs",
+    str(EPOCHS),
+    "--mode",
+    "fedbcd",
+    "--local-updates",
+    "2",
+    "--eval-every",
+    "16",
+    "--reconnect-timeout",
+    "4",
+    "--connect-timeout",
+    "180",
+    "--quiet",
+]
 
 
 @pytest.fixture(scope="module")
@@ -46,13 +61,38 @@ def _free_port() -> int:
 def _party(party: str, certs: Path, address: str, extra: list[str]) -> subprocess.Popen:
     where = ["--listen", address] if party == "active" else ["--peer", address]
     return subprocess.Popen(
-        [sys.executable, "-m", "executor.vfl.cli", "run", "--party", party, "--certs", str(certs), *where, *ARGS, *extra],
-        cwd=REPO_ROOT, env={**os.environ, "OMP_NUM_THREADS": "1"}, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        [
+            sys.executable,
+            "-m",
+            "executor.vfl.cli",
+            "run",
+            "--party",
+            party,
+            "--certs",
+            str(certs),
+            *where,
+            *ARGS,
+            *extra,
+        ],
+        cwd=REPO_ROOT,
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
 
 
 def _config(certs: Path, **kw) -> dict:
-    return dict(workload=wl.load_vfl_workload(WORKLOAD), certs=str(certs), mode="fedbcd", local_updates=2, epochs=EPOCHS,
-                eval_every=16, reconnect_timeout=4.0, **kw)
+    return dict(
+        workload=wl.load_vfl_workload(WORKLOAD),
+        certs=str(certs),
+        mode="fedbcd",
+        local_updates=2,
+        epochs=EPOCHS,
+        eval_every=16,
+        reconnect_timeout=4.0,
+        **kw,
+    )
 
 
 def _run_both_in_threads(certs: Path, **kw) -> dict:
@@ -62,8 +102,10 @@ def _run_both_in_threads(certs: Path, **kw) -> dict:
 
     def active() -> None:
         try:
-            results["active"] = run_party(PartyConfig(party="active", listen=("127.0.0.1", port), **_config(certs, **kw)))
-        except Exception as exc:  # noqa: BLE001
+            results["active"] = run_party(
+                PartyConfig(party="active", listen=("127.0.0.1", port), **_config(certs, **kw))
+            )
+        except Exception as exc:
             results["active_error"] = exc
 
     thread = threading.Thread(target=active)
@@ -81,14 +123,24 @@ def test_killed_party_stops_the_other_and_both_resume_to_the_same_auc(certs, tmp
     # The passive party is its own process (to be killed); the active party runs here. A 25 ms each-way relay
     # slows the rounds so that the kill lands mid-run.
     relay = DelayRelay(("127.0.0.1", 0), ("127.0.0.1", port), delay=0.025).start()
-    passive = _party("passive", certs, f"127.0.0.1:{relay.address[1]}", ["--checkpoint-dir", str(ckpt), "--checkpoint-every", "8"])
+    passive = _party(
+        "passive", certs, f"127.0.0.1:{relay.address[1]}", ["--checkpoint-dir", str(ckpt), "--checkpoint-every", "8"]
+    )
     outcome: dict = {}
 
     def active() -> None:
         try:
-            run_party(PartyConfig(party="active", listen=("127.0.0.1", port), checkpoint_dir=str(ckpt), checkpoint_every=8,
-                                  connect_timeout=180.0, **_config(certs)))
-        except Exception as exc:  # noqa: BLE001
+            run_party(
+                PartyConfig(
+                    party="active",
+                    listen=("127.0.0.1", port),
+                    checkpoint_dir=str(ckpt),
+                    checkpoint_every=8,
+                    connect_timeout=180.0,
+                    **_config(certs),
+                )
+            )
+        except Exception as exc:
             outcome["error"] = exc
         outcome["stopped"] = time.monotonic()
 
@@ -120,9 +172,27 @@ def test_killed_party_stops_the_other_and_both_resume_to_the_same_auc(certs, tmp
 
 def test_resume_without_checkpoints_is_refused(certs, tmp_path):
     proc = subprocess.run(
-        [sys.executable, "-m", "executor.vfl.cli", "run", "--party", "active", "--certs", str(certs), "--listen",
-         "127.0.0.1:0", *ARGS, "--checkpoint-dir", str(tmp_path / "none"), "--resume"],
-        cwd=REPO_ROOT, capture_output=True, text=True, timeout=60)
+        [
+            sys.executable,
+            "-m",
+            "executor.vfl.cli",
+            "run",
+            "--party",
+            "active",
+            "--certs",
+            str(certs),
+            "--listen",
+            "127.0.0.1:0",
+            *ARGS,
+            "--checkpoint-dir",
+            str(tmp_path / "none"),
+            "--resume",
+        ],
+        cwd=REPO_ROOT,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert proc.returncode == 2 and "holds no checkpoint of the active party" in " ".join(proc.stderr.split())
 
 
@@ -141,20 +211,24 @@ def test_a_dropped_connection_is_re_established(certs):
             return data, False
         start, length = messages[9]
         cut["done"] = True
-        return data[:start + 5 + length - offset], True  # the 10th activations pass whole, then the link drops
+        return data[: start + 5 + length - offset], True  # the 10th activations pass whole, then the link drops
 
     relay = DelayRelay(("127.0.0.1", 0), ("127.0.0.1", port), delay=0.0, mangle=drop_after_tenth_message).start()
-    cfg = dict(workload=wl.load_vfl_workload(WORKLOAD), certs=str(certs), mode="vanilla", epochs=1, reconnect_timeout=10.0)
+    cfg = dict(
+        workload=wl.load_vfl_workload(WORKLOAD), certs=str(certs), mode="vanilla", epochs=1, reconnect_timeout=10.0
+    )
     results, errors = {}, {}
 
     def go(party, **kw):
         try:
             results[party] = run_party(PartyConfig(party=party, **cfg, **kw))
-        except Exception as exc:  # noqa: BLE001
+        except Exception as exc:
             errors[party] = exc
 
-    threads = [threading.Thread(target=go, args=("active",), kwargs={"listen": ("127.0.0.1", port)}),
-               threading.Thread(target=go, args=("passive",), kwargs={"connect": tuple(relay.address)})]
+    threads = [
+        threading.Thread(target=go, args=("active",), kwargs={"listen": ("127.0.0.1", port)}),
+        threading.Thread(target=go, args=("passive",), kwargs={"connect": tuple(relay.address)}),
+    ]
     threads[0].start()
     time.sleep(0.2)
     threads[1].start()

@@ -10,14 +10,22 @@ import ssl
 import sys
 import threading
 import time
-from pathlib import Path
 
 import numpy as np
 import pytest
 
 from executor.vfl.channel import (
-    Channel, ChannelError, MsgType, PeerFailed, PeerGone, ProtocolViolation, Refused, TamperedMessage, TensorSpec,
-    TruncatedMessage, parse_frames,
+    Channel,
+    ChannelError,
+    MsgType,
+    PeerFailed,
+    PeerGone,
+    ProtocolViolation,
+    Refused,
+    TamperedMessage,
+    TensorSpec,
+    TruncatedMessage,
+    parse_frames,
 )
 from executor.vfl.keys import make_keys
 from executor.vfl.party import PartyConfig, run_party
@@ -25,10 +33,12 @@ from tests.helpers import REPO_ROOT
 from workloads import vfl as wl
 
 sys.path.insert(0, str(REPO_ROOT / "benchmarks" / "wan"))
-from delay_relay import DelayRelay, TlsRecords  # noqa: E402
+from delay_relay import DelayRelay, TlsRecords
 
 # Frames of 64 x 128 float32 = 32 KiB span several TLS records, so a cut inside one leaves part of a frame read.
-WORKLOAD = wl.load_vfl_workload("vfl-wdl-tiny", interface_dim=128, batch_size=64, num_samples=1024, num_test_samples=256)
+WORKLOAD = wl.load_vfl_workload(
+    "vfl-wdl-tiny", interface_dim=128, batch_size=64, num_samples=1024, num_test_samples=256
+)
 
 
 @pytest.fixture(scope="module")
@@ -59,7 +69,7 @@ def _open_server_in_thread(server: Channel):
         try:
             server._connect(time.monotonic() + server.connect_timeout, first=True)
             box["ok"] = True
-        except Exception as exc:  # noqa: BLE001 - reported to the test
+        except Exception as exc:
             box["error"] = exc
 
     thread = threading.Thread(target=accept, daemon=True)
@@ -91,11 +101,10 @@ def test_client_without_any_certificate_is_refused(certs):
     ctx.check_hostname = False
     ctx.verify_mode = ssl.CERT_NONE
     raw = socket.create_connection(tuple(server.listen_addr))
-    with pytest.raises((ssl.SSLError, OSError)):
-        with ctx.wrap_socket(raw) as sock:
-            sock.settimeout(5)
-            if not sock.recv(100):  # the server's first message would arrive here; an alert does instead
-                raise ConnectionError("closed without data")
+    with pytest.raises((ssl.SSLError, OSError)), ctx.wrap_socket(raw) as sock:
+        sock.settimeout(5)
+        if not sock.recv(100):  # the server's first message would arrive here; an alert does instead
+            raise ConnectionError("closed without data")
     thread.join(10)
     assert isinstance(box.get("error"), PeerGone)
     assert any("certificate" in reason.lower() or "peer did not return" in reason.lower() for reason in server.refused)
@@ -248,13 +257,15 @@ def _run_pair(certs, workload, relay_kwargs=None, active_kw=None, passive_kw=Non
     def go(party, **kw):
         try:
             results[party] = run_party(PartyConfig(party=party, workload=workload, certs=str(certs), **common, **kw))
-        except Exception as exc:  # noqa: BLE001
+        except Exception as exc:
             errors[party] = exc
 
     active = threading.Thread(target=go, args=("active",), kwargs={"listen": ("127.0.0.1", port), **(active_kw or {})})
     active.start()
     time.sleep(0.2)
-    passive = threading.Thread(target=go, args=("passive",), kwargs={"connect": tuple(relay.address), **(passive_kw or {})})
+    passive = threading.Thread(
+        target=go, args=("passive",), kwargs={"connect": tuple(relay.address), **(passive_kw or {})}
+    )
     passive.start()
     active.join(60)
     passive.join(60)
@@ -266,8 +277,15 @@ def _run_pair(certs, workload, relay_kwargs=None, active_kw=None, passive_kw=Non
 @pytest.mark.parametrize("attack,error", [("tamper", TamperedMessage), ("truncate", TruncatedMessage)])
 def test_tampered_or_truncated_message_stops_the_run(certs, attack, error):
     started = time.monotonic()
-    results, errors = _run_pair(certs, WORKLOAD, relay_kwargs={"delay": 0.0, "mangle": _attack_after_a_full_record(attack)},
-                                epochs=1, reconnect_timeout=3.0, connect_timeout=10.0, timeout=20.0)
+    results, errors = _run_pair(
+        certs,
+        WORKLOAD,
+        relay_kwargs={"delay": 0.0, "mangle": _attack_after_a_full_record(attack)},
+        epochs=1,
+        reconnect_timeout=3.0,
+        connect_timeout=10.0,
+        timeout=20.0,
+    )
     assert isinstance(errors.get("active"), error), errors
     message = str(errors["active"])
     assert ("integrity check" in message) if attack == "tamper" else ("truncated message" in message)
@@ -283,16 +301,39 @@ def test_only_agreed_tensors_cross_the_wire(certs, tmp_path):
     def tap_for(party):
         return lambda direction, frame: frames[party].append(frame)
 
-    results, errors = _run_pair(certs, WORKLOAD, relay_kwargs={"delay": 0.0, "record": record}, epochs=1, eval_every=8,
-                                active_kw={"tap": tap_for("active")}, passive_kw={"tap": tap_for("passive")},
-                                mode="celu", workset=2, local_updates=2)
+    results, errors = _run_pair(
+        certs,
+        WORKLOAD,
+        relay_kwargs={"delay": 0.0, "record": record},
+        epochs=1,
+        eval_every=8,
+        active_kw={"tap": tap_for("active")},
+        passive_kw={"tap": tap_for("passive")},
+        mode="celu",
+        workset=2,
+        local_updates=2,
+    )
     assert not errors, errors
     batch, width = WORKLOAD.batch_size, WORKLOAD.interface_dim
-    allowed = {"passive": {MsgType.HELLO, MsgType.ACTIVATIONS, MsgType.EVAL_ACTIVATIONS, MsgType.CONTROL},
-               "active": {MsgType.HELLO, MsgType.GRADIENTS, MsgType.CONTROL}}
-    json_keys = {MsgType.HELLO: {"workload", "mode", "workset", "local_updates", "total_rounds", "eval_every",
-                                 "checkpoint_every", "party", "resume", "checkpoints"},
-                 MsgType.CONTROL: {"op"}}
+    allowed = {
+        "passive": {MsgType.HELLO, MsgType.ACTIVATIONS, MsgType.EVAL_ACTIVATIONS, MsgType.CONTROL},
+        "active": {MsgType.HELLO, MsgType.GRADIENTS, MsgType.CONTROL},
+    }
+    json_keys = {
+        MsgType.HELLO: {
+            "workload",
+            "mode",
+            "workset",
+            "local_updates",
+            "total_rounds",
+            "eval_every",
+            "checkpoint_every",
+            "party",
+            "resume",
+            "checkpoints",
+        },
+        MsgType.CONTROL: {"op"},
+    }
     plaintext = {}
     for party, sent in frames.items():
         stream = b"".join(sent)
@@ -315,8 +356,14 @@ def test_only_agreed_tensors_cross_the_wire(certs, tmp_path):
     everything = plaintext["active"] + plaintext["passive"]
     for step in range(4):
         idx = wl.batch_indices(WORKLOAD, 0, step)
-        for raw in (cats[idx].tobytes(), cats[idx].astype(np.int32).tobytes(), dense[idx].tobytes(),
-                    labels[idx].tobytes(), labels[idx].astype(np.uint8).tobytes(), dense[idx][:, 0].tobytes()):
+        for raw in (
+            cats[idx].tobytes(),
+            cats[idx].astype(np.int32).tobytes(),
+            dense[idx].tobytes(),
+            labels[idx].tobytes(),
+            labels[idx].astype(np.uint8).tobytes(),
+            dense[idx][:, 0].tobytes(),
+        ):
             assert raw not in everything
     # And on the wire itself there is only TLS: no frame header in the clear.
     wire = b"".join(p.read_bytes() for p in record.iterdir())

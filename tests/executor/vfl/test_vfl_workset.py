@@ -40,8 +40,11 @@ def _drive(workset: Workset, arrivals: list[bool], num_batches: int):
 
 @settings(max_examples=200, deadline=None)
 @given(
-    size=st.integers(1, 7), reuse=st.integers(1, 7), sampling=st.sampled_from(["uniform", "latest"]),
-    arrivals=st.lists(st.booleans(), min_size=1, max_size=600), seed=st.integers(0, 1000),
+    size=st.integers(1, 7),
+    reuse=st.integers(1, 7),
+    sampling=st.sampled_from(["uniform", "latest"]),
+    arrivals=st.lists(st.booleans(), min_size=1, max_size=600),
+    seed=st.integers(0, 1000),
 )
 def test_workset_rules_hold_for_any_interleaving(size, reuse, sampling, arrivals, seed):
     workset = Workset(size, reuse, sampling, seed)
@@ -54,7 +57,7 @@ def test_workset_rules_hold_for_any_interleaving(size, reuse, sampling, arrivals
     assert len(cached) <= size
     assert max(staleness) <= size * reuse  # nothing older than W*R updates is used
     for i, batch in enumerate(order):  # no batch reused within the last W-1 updates
-        assert batch not in order[max(0, i - (size - 1)):i]
+        assert batch not in order[max(0, i - (size - 1)) : i]
 
 
 @settings(max_examples=60, deadline=None)
@@ -142,7 +145,7 @@ def test_weights_are_cosine_and_zero_below_threshold():
     fresh = torch.tensor([[2.0, 0.0], [1.0, 1.0], [0.2, 1.0], [-1.0, 0.0]])
     w = instance_weights(stale, fresh, threshold=0.5)
     assert w[0] == pytest.approx(1.0)
-    assert w[1] == pytest.approx(2 ** -0.5)
+    assert w[1] == pytest.approx(2**-0.5)
     assert w[2] == 0.0  # cos ~ 0.196 < 0.5
     assert w[3] == 0.0  # opposite direction
     assert torch.equal(instance_weights(stale, fresh, enabled=False), torch.ones(4))

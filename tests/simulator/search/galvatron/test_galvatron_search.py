@@ -15,8 +15,8 @@ from hwmodel.catalog import load_cluster
 from hwmodel.errors import UserError
 from simulator.analytic import evaluate
 from simulator.plan import load_plan
-from simulator.search.galvatron.search import search_galvatron, uniform_view
 from simulator.search.galvatron.dp import ChainElement, chain_dp, partition
+from simulator.search.galvatron.search import search_galvatron, uniform_view
 from simulator.search.galvatron.space import (
     StageGroup,
     Strategy,
@@ -145,8 +145,11 @@ def test_partition_finds_the_best_bottleneck(layers, stages, m, data):
                 t[a, n] = n * per_layer[j]
         tables.append(t)
     found = partition(tables, layers, m)
-    options = [cs for cs in itertools.product(range(1, layers + 1), repeat=stages)
-               if sum(cs) == layers and all(c <= limit[j] for j, c in enumerate(cs))]
+    options = [
+        cs
+        for cs in itertools.product(range(1, layers + 1), repeat=stages)
+        if sum(cs) == layers and all(c <= limit[j] for j, c in enumerate(cs))
+    ]
     if not options:
         assert found == []
         return
@@ -161,7 +164,9 @@ def test_partition_finds_the_best_bottleneck(layers, stages, m, data):
     assert found[0][0] == pytest.approx(estimate(counts))
     # At least as good as the best partition with the smallest possible bottleneck.
     bottleneck = min(max(c * per_layer[j] for j, c in enumerate(cs)) for cs in options)
-    at_bottleneck = [cs for cs in options if max(c * per_layer[j] for j, c in enumerate(cs)) <= bottleneck * (1 + 1e-12)]
+    at_bottleneck = [
+        cs for cs in options if max(c * per_layer[j] for j, c in enumerate(cs)) <= bottleneck * (1 + 1e-12)
+    ]
     assert found[0][0] <= min(estimate(cs) for cs in at_bottleneck) * (1 + 1e-9)
 
 
@@ -237,8 +242,9 @@ def test_mixed_cluster_gets_uneven_stages_that_beat_a_uniform_view(gpt30m, mixed
     aware = search_galvatron(gpt30m, mixed, 8 * GiB, global_batch=64, rerank_with_des=False)
     view = uniform_view(mixed)
     assert view.num_devices == mixed.num_devices and view.is_homogeneous
-    naive = search_galvatron(gpt30m, view, 8 * GiB, global_batch=64, rerank_with_des=False,
-                             dtype=aware.details["dtype"])
+    naive = search_galvatron(
+        gpt30m, view, 8 * GiB, global_batch=64, rerank_with_des=False, dtype=aware.details["dtype"]
+    )
     naive_on_real = evaluate(naive.best.plan, gpt30m, mixed)
     assert aware.best.report.samples_per_s >= 1.2 * naive_on_real.samples_per_s
     stages = aware.best.plan.stages
@@ -263,8 +269,18 @@ def test_conflicting_batch_options_are_refused(gpt30m, small_cluster):
 
 
 # ---- CLI -------------------------------------------------------------------------------------------------
-ARGS = ("search", "galvatron", "--workload", "gpt-30m", "--cluster", "titan-rtx-8", "--devices-per-node", "4",
-        "--global-batch", "16")
+ARGS = (
+    "search",
+    "galvatron",
+    "--workload",
+    "gpt-30m",
+    "--cluster",
+    "titan-rtx-8",
+    "--devices-per-node",
+    "4",
+    "--global-batch",
+    "16",
+)
 
 
 def test_cli_json_has_the_shared_shape(simulate):
@@ -286,8 +302,20 @@ def test_cli_out_writes_a_plan_that_runs(simulate, tmp_path):
     assert result.code == 0, result.err
     assert "chosen" in result.out and "Megatron" in result.out
     plan = load_plan(str(out))
-    run = simulate("run", "--workload", "gpt-30m", "--cluster", "titan-rtx-8", "--devices-per-node", "4",
-                   "--plan", out, "--engine", "analytic", "--json")
+    run = simulate(
+        "run",
+        "--workload",
+        "gpt-30m",
+        "--cluster",
+        "titan-rtx-8",
+        "--devices-per-node",
+        "4",
+        "--plan",
+        out,
+        "--engine",
+        "analytic",
+        "--json",
+    )
     assert run.code == 0, run.err
     assert json.loads(run.out)["peak_memory_bytes"] <= GiB
     assert plan.global_batch == 16

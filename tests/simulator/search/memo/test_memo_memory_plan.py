@@ -86,8 +86,10 @@ def test_mip_beats_greedy_where_largest_first_fragments():
     # Greedy puts the two 4-unit tensors at 0 and 4; the 2-unit one alive with the second no longer fits
     # beside the 3-unit one and lands on top (peak 10). Optimal: 9, the bytes alive at step 5.
     tensors = [
-        TensorLife("a", 4 * KB, 3, 4), TensorLife("b", 3 * KB, 5, 5),
-        TensorLife("c", 2 * KB, 5, 5), TensorLife("d", 4 * KB, 4, 5),
+        TensorLife("a", 4 * KB, 3, 4),
+        TensorLife("b", 3 * KB, 5, 5),
+        TensorLife("c", 2 * KB, 5, 5),
+        TensorLife("d", 4 * KB, 4, 5),
     ]
     plan = plan_layer(tensors, time_limit_s=5.0)
     assert plan.greedy_peak_bytes == 10 * KB
@@ -187,7 +189,9 @@ def test_model_plan_is_valid_optimal_and_reuses_addresses_across_layers():
     # Neighbouring layers' workspaces share bytes: layer 30's backward gradients and layer 31's (they are
     # never alive together).
     overlaps = [
-        (a.name, b.name) for a in layers[30] for b in layers[31]
+        (a.name, b.name)
+        for a in layers[30]
+        for b in layers[31]
         if plan.offsets[a.name] < plan.offsets[b.name] + b.size and plan.offsets[b.name] < plan.offsets[a.name] + a.size
     ]
     assert overlaps
@@ -225,9 +229,11 @@ def random_layers(draw):
     """A random block: workspace tensors inside its forward or its backward, saved tensors from forward
     to backward, the hand-off input/output and the carried residual gradient."""
     nf, nb = draw(st.integers(2, 5)), draw(st.integers(2, 5))
-    tensors = [TensorLife("x_in", draw(st.integers(1, 4)) * KB, 0, nf + nb - 1),
-               TensorLife("x_out", draw(st.integers(1, 4)) * KB, nf - 1, nf - 1),
-               TensorLife("resid_grad", draw(st.integers(1, 4)) * KB, nf, nf + nb - 1)]
+    tensors = [
+        TensorLife("x_in", draw(st.integers(1, 4)) * KB, 0, nf + nb - 1),
+        TensorLife("x_out", draw(st.integers(1, 4)) * KB, nf - 1, nf - 1),
+        TensorLife("resid_grad", draw(st.integers(1, 4)) * KB, nf, nf + nb - 1),
+    ]
     for i in range(draw(st.integers(0, 5))):
         start = draw(st.integers(0, nf - 1))
         tensors.append(TensorLife(f"saved{i}", draw(st.integers(1, 6)) * KB, start, draw(st.integers(nf, nf + nb - 1))))

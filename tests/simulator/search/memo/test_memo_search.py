@@ -5,16 +5,17 @@ from __future__ import annotations
 import json
 
 import pytest
-from hypothesis import given, settings, strategies as st
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from hwmodel.catalog import load_cluster
 from hwmodel.whatif import with_link_bandwidth
 from simulator.analytic import evaluate
 from simulator.des import evaluate_des
 from simulator.errors import InfeasiblePlan
+from simulator.plan import Plan, parse_shorthand
 from simulator.search.memo.cli import with_host_memory
 from simulator.search.memo.search import choose_alpha, search_memo
-from simulator.plan import Plan, parse_shorthand
 from workloads.activations import block_activations
 from workloads.catalog import load_workload
 from workloads.ops import ShardShape
@@ -24,8 +25,14 @@ CLUSTER = load_cluster("hgx-a800")
 
 
 @pytest.mark.parametrize("name", ["llama2-7b", "gpt-tiny", "llama3-8b"])
-@pytest.mark.parametrize("shape", [ShardShape(1, 8192), ShardShape(2, 8192, tp=4, sequence_parallel=True, cp=2),
-                                   ShardShape(1, 8192, attention="naive")])
+@pytest.mark.parametrize(
+    "shape",
+    [
+        ShardShape(1, 8192),
+        ShardShape(2, 8192, tp=4, sequence_parallel=True, cp=2),
+        ShardShape(1, 8192, attention="naive"),
+    ],
+)
 def test_saved_tensors_sum_to_the_profile(name, shape):
     cfg = load_workload(name, 8192)
     acts = block_activations(cfg, "decoder", shape)
@@ -90,16 +97,21 @@ def test_more_host_memory_or_faster_pcie_never_lowers_mfu(seq, pcie, factor):
     wl = load_workload("llama2-7b", seq)
     cl = with_link_bandwidth(CLUSTER, "host_link_bandwidth", pcie)
     base = search_memo(wl, cl, (1,), top=1, baselines=False).best.report.mfu
-    faster = search_memo(wl, with_link_bandwidth(CLUSTER, "host_link_bandwidth", pcie * factor), (1,), top=1,
-                         baselines=False).best.report.mfu
-    bigger = search_memo(wl, with_host_memory(cl, cl.node_groups[0].node.host.memory * factor), (1,), top=1,
-                         baselines=False).best.report.mfu
+    faster = search_memo(
+        wl, with_link_bandwidth(CLUSTER, "host_link_bandwidth", pcie * factor), (1,), top=1, baselines=False
+    ).best.report.mfu
+    bigger = search_memo(
+        wl, with_host_memory(cl, cl.node_groups[0].node.host.memory * factor), (1,), top=1, baselines=False
+    ).best.report.mfu
     assert faster >= base - 1e-9 and bigger >= base - 1e-9
 
 
 @settings(max_examples=15, deadline=None)
-@given(seq=st.sampled_from([4096, 16384, 65536]), pcie=st.sampled_from([1e9, 4e9, 16e9]),
-       margin=st.sampled_from([-0.2, -0.05, 0.05, 0.3]))
+@given(
+    seq=st.sampled_from([4096, 16384, 65536]),
+    pcie=st.sampled_from([1e9, 4e9, 16e9]),
+    margin=st.sampled_from([-0.2, -0.05, 0.05, 0.3]),
+)
 def test_stall_appears_exactly_when_alpha_exceeds_what_pcie_hides(seq, pcie, margin):
     wl = load_workload("llama2-7b", seq)
     cl = with_link_bandwidth(with_host_memory(CLUSTER, 64 * 2**40), "host_link_bandwidth", pcie)
@@ -123,33 +135,61 @@ def test_memo_alpha_zero_is_full_recompute_without_the_attention_core():
 
 def test_search_memo_cli_json_shape_and_out(simulate, tmp_path):
     out = tmp_path / "plan.yaml"
-    result = simulate("search", "memo", "--workload", "llama2-7b", "--cluster", "hgx-a800", "--seq-len", "131072",
-                 "--json", "--out", str(out))
-    assert result.code == 0, (result.out + result.err)
+    result = simulate(
+        "search",
+        "memo",
+        "--workload",
+        "llama2-7b",
+        "--cluster",
+        "hgx-a800",
+        "--seq-len",
+        "131072",
+        "--json",
+        "--out",
+        str(out),
+    )
+    assert result.code == 0, result.out + result.err
     data = json.loads(result.out)
     assert set(data) >= {"best", "candidates", "baselines", "search_time_s"}
-    assert {b["name"] for b in data["baselines"]} >= {"megatron-tp-sp-cp-full", "megatron-tp-sp-cp-selective",
-                                                     "deepspeed-ulysses-zero3-full"}
+    assert {b["name"] for b in data["baselines"]} >= {
+        "megatron-tp-sp-cp-full",
+        "megatron-tp-sp-cp-selective",
+        "deepspeed-ulysses-zero3-full",
+    }
     assert data["best"]["plan"]["recompute"] in ("tokenwise", "none")
-    again = simulate("search", "memo", "--workload", "llama2-7b", "--cluster", "hgx-a800", "--seq-len", "131072", "--out", str(out))
+    again = simulate(
+        "search", "memo", "--workload", "llama2-7b", "--cluster", "hgx-a800", "--seq-len", "131072", "--out", str(out)
+    )
     assert again.code == 2 and "already exists" in (again.out + again.err)
     assert out.exists()
 
 
-@pytest.mark.parametrize("args, message", [
-    (["--sweep", "bogus=1"], "unknown key"),
-    (["--sweep", "seq_len=abc"], "not an integer"),
-    (["--micro-batch", "x"], "comma-separated integers"),
-    (["--top", "0"], "--top"),
-])
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--sweep", "bogus=1"], "unknown key"),
+        (["--sweep", "seq_len=abc"], "not an integer"),
+        (["--micro-batch", "x"], "comma-separated integers"),
+        (["--top", "0"], "--top"),
+    ],
+)
 def test_search_memo_bad_input(simulate, args, message):
     result = simulate("search", "memo", "--workload", "llama2-7b", "--cluster", "hgx-a800", "--seq-len", "65536", *args)
     assert result.code == 2 and message in (result.out + result.err)
 
 
 def test_sweep_seq_len_table(simulate):
-    result = simulate("search", "memo", "--workload", "llama2-7b", "--cluster", "hgx-a800", "--sweep",
-                 "seq_len=32768,131072", "--json")
-    assert result.code == 0, (result.out + result.err)
+    result = simulate(
+        "search",
+        "memo",
+        "--workload",
+        "llama2-7b",
+        "--cluster",
+        "hgx-a800",
+        "--sweep",
+        "seq_len=32768,131072",
+        "--json",
+    )
+    assert result.code == 0, result.out + result.err
     rows = json.loads(result.out)
     assert [r["seq_len"] for r in rows] == ["32768", "131072"] and all("alpha" in r for r in rows)

@@ -15,7 +15,14 @@ from simulator.binding import bind
 from simulator.errors import UnsupportedPlan
 from simulator.plan import FederatedSpec, Plan
 from simulator.search.vfl.costs import timing_model
-from simulator.search.vfl.efficiency import AucCurve, EfficiencyModel, LocalValue, fit_curve, fit_local_value, load_efficiency
+from simulator.search.vfl.efficiency import (
+    AucCurve,
+    EfficiencyModel,
+    LocalValue,
+    fit_curve,
+    fit_local_value,
+    load_efficiency,
+)
 from simulator.search.vfl.engine import Direction, PartyCompute, TimingModel, simulate_mode
 from simulator.search.vfl.search import search_vfl, with_wan
 from workloads import load_workload
@@ -27,9 +34,14 @@ WDL = load_vfl_workload("vfl-wdl")
 SMALL_GRID = dict(worksets=(1, 2, 4), updates=(2, 4))
 
 
-def toy(bandwidth: float = 10e6, latency: float = 0.02, nbytes: float = 1e6, rounds: int = 50,
-        active: PartyCompute = PartyCompute(0.004, 0.006, 0.01),
-        passive: PartyCompute = PartyCompute(0.003, 0.005, 0.008)) -> TimingModel:
+def toy(
+    bandwidth: float = 10e6,
+    latency: float = 0.02,
+    nbytes: float = 1e6,
+    rounds: int = 50,
+    active: PartyCompute = PartyCompute(0.004, 0.006, 0.01),
+    passive: PartyCompute = PartyCompute(0.003, 0.005, 0.008),
+) -> TimingModel:
     link = Direction(bandwidth, latency)
     return TimingModel(active, passive, nbytes, nbytes, link, link, rounds)
 
@@ -95,13 +107,29 @@ def test_celu_stalls_the_round_when_local_work_cannot_keep_up():
 
 # ---- properties -------------------------------------------------------------------------------------------
 party = st.builds(PartyCompute, st.floats(1e-4, 0.05), st.floats(1e-4, 0.05), st.floats(1e-4, 0.1))
-modes = st.sampled_from([("vanilla", 1, 1), ("fedbcd", 1, 2), ("fedbcd", 1, 4), ("celu", 1, 2), ("celu", 3, 3),
-                         ("celu", 5, 5), ("celu", 8, 3)])
+modes = st.sampled_from(
+    [
+        ("vanilla", 1, 1),
+        ("fedbcd", 1, 2),
+        ("fedbcd", 1, 4),
+        ("celu", 1, 2),
+        ("celu", 3, 3),
+        ("celu", 5, 5),
+        ("celu", 8, 3),
+    ]
+)
 
 
 @SETTINGS
-@given(active=party, passive=party, bw=st.floats(1e5, 1e9), lat=st.floats(0, 0.1), factor=st.floats(1.0, 10.0),
-       mode=modes, nbytes=st.floats(1e3, 1e7))
+@given(
+    active=party,
+    passive=party,
+    bw=st.floats(1e5, 1e9),
+    lat=st.floats(0, 0.1),
+    factor=st.floats(1.0, 10.0),
+    mode=modes,
+    nbytes=st.floats(1e3, 1e7),
+)
 def test_a_better_link_never_slows_a_mode(active, passive, bw, lat, factor, mode, nbytes):
     name, w, r = mode
     slow = simulate_mode(toy(bw, lat, nbytes, 200, active, passive), name, w, r)
@@ -113,8 +141,9 @@ def test_a_better_link_never_slows_a_mode(active, passive, bw, lat, factor, mode
 
 
 @SETTINGS
-@given(active=party, passive=party, bw=st.floats(1e5, 1e9), lat=st.floats(0, 0.1), w=st.integers(1, 8),
-       r=st.integers(1, 8))
+@given(
+    active=party, passive=party, bw=st.floats(1e5, 1e9), lat=st.floats(0, 0.1), w=st.integers(1, 8), r=st.integers(1, 8)
+)
 def test_celu_costs_at_most_its_local_work_and_never_beats_vanilla_per_round(active, passive, bw, lat, w, r):
     m = toy(bw, lat, 1e6, 60, active, passive)
     vanilla = simulate_mode(m, "vanilla")
@@ -126,13 +155,17 @@ def test_celu_costs_at_most_its_local_work_and_never_beats_vanilla_per_round(act
         assert celu.local_updates_per_round[name] <= r - 1 + 1e-9
         assert all(s <= w * r for s in celu.staleness[name])  # never older than W x R updates (the executor asserts it)
     fedbcd = simulate_mode(m, "fedbcd", 1, r)
-    assert vanilla.round_time_s * (1 - 1e-9) <= fedbcd.round_time_s <= vanilla.round_time_s + (r - 1) * (
-        active.local_s + passive.local_s) + 1e-9
+    assert (
+        vanilla.round_time_s * (1 - 1e-9)
+        <= fedbcd.round_time_s
+        <= vanilla.round_time_s + (r - 1) * (active.local_s + passive.local_s) + 1e-9
+    )
 
 
 @SETTINGS
-@given(active=party, passive=party, bw=st.floats(1e5, 1e9), lat=st.floats(0, 0.1), w=st.integers(1, 6),
-       r=st.integers(1, 8))
+@given(
+    active=party, passive=party, bw=st.floats(1e5, 1e9), lat=st.floats(0, 0.1), w=st.integers(1, 6), r=st.integers(1, 8)
+)
 def test_speedup_over_vanilla_is_bounded_by_the_local_updates(active, passive, bw, lat, w, r):
     m = toy(bw, lat, 1e6, 60, active, passive)
     model = load_efficiency("vfl-wdl")
@@ -199,8 +232,12 @@ def test_fits_recover_the_parameters_that_made_the_data():
         runs.append((timeline, rounds[:8], model.auc_after(rounds[:8], timeline).tolist()))
     got = fit_local_value(truth, runs)
     for timeline, _, _ in runs:  # what matters: each run's worth is reproduced
-        want = EfficiencyModel(workload="t", curve=truth, local=local, reference_rounds=500, fitted=True).round_worth(timeline)
-        have = EfficiencyModel(workload="t", curve=truth, local=got, reference_rounds=500, fitted=True).round_worth(timeline)
+        want = EfficiencyModel(workload="t", curve=truth, local=local, reference_rounds=500, fitted=True).round_worth(
+            timeline
+        )
+        have = EfficiencyModel(workload="t", curve=truth, local=got, reference_rounds=500, fitted=True).round_worth(
+            timeline
+        )
         assert have == pytest.approx(want, rel=0.02)
 
 
@@ -253,12 +290,28 @@ def test_one_site_cluster_and_unknown_party_site_exit_2(simulate):
 
 
 def test_sweep_prints_one_row_per_link(simulate):
-    r = simulate("search", "vfl", "-w", "vfl-wdl", "-c", "two-sites-wan", "--sweep-bandwidth", "10,1000Mbit/s",
-                 "--sweep-latency", "5ms,50ms", "--json", *FAST)
+    r = simulate(
+        "search",
+        "vfl",
+        "-w",
+        "vfl-wdl",
+        "-c",
+        "two-sites-wan",
+        "--sweep-bandwidth",
+        "10,1000Mbit/s",
+        "--sweep-latency",
+        "5ms,50ms",
+        "--json",
+        *FAST,
+    )
     assert r.code == 0, r.err
     rows = json.loads(r.out)["rows"]
     assert [(row["bandwidth"], row["latency_s"]) for row in rows] == [
-        (1.25e6, 0.005), (1.25e6, 0.05), (1.25e8, 0.005), (1.25e8, 0.05)]
+        (1.25e6, 0.005),
+        (1.25e6, 0.05),
+        (1.25e8, 0.005),
+        (1.25e8, 0.05),
+    ]
     assert all(row["speedup_over_vanilla"] >= 1.0 for row in rows)
     r = simulate("search", "vfl", "-w", "vfl-wdl", "-c", "two-sites-wan", "--sweep-latency", "5GB", *FAST)
     assert r.code == 2 and "--sweep-latency" in r.err
@@ -274,7 +327,11 @@ def test_out_writes_a_plan_that_simulate_run_predicts(simulate, tmp_path):
     r = simulate("run", "--workload", "vfl-wdl", "--cluster", "two-sites-wan", "--plan", plan, "--json")
     assert r.code == 0, r.err
     report = json.loads(r.out)
-    assert (report["mode"], report["workset"], report["local_updates"]) == ("celu", chosen["workset"], chosen["local_updates"])
+    assert (report["mode"], report["workset"], report["local_updates"]) == (
+        "celu",
+        chosen["workset"],
+        chosen["local_updates"],
+    )
     # run simulates the whole epoch; the search screens to the steady state and extrapolates.
     assert report["epoch_time_s"] == pytest.approx(chosen["epoch_time_s"], rel=0.02)
     r = simulate("run", "--workload", "vfl-wdl", "--cluster", "two-sites-wan")
@@ -291,8 +348,9 @@ def test_transformer_plan_with_federated_section_points_to_vfl(dgx_a100):
 
 def test_compare_sweeps_the_wan_for_a_vfl_workload(simulate, tmp_path):
     out = tmp_path / "sweep.csv"
-    r = simulate("compare", "-w", "vfl-wdl", "-c", "two-sites-wan", "--sweep", "wan_bandwidth=10,1000Mbit/s",
-                 "--csv", out)
+    r = simulate(
+        "compare", "-w", "vfl-wdl", "-c", "two-sites-wan", "--sweep", "wan_bandwidth=10,1000Mbit/s", "--csv", out
+    )
     assert r.code == 0, r.err
     assert "10 Mbit/s" in r.out and "1 Gbit/s" in r.out
     assert len(out.read_text().strip().splitlines()) == 3  # header and two rows
