@@ -41,7 +41,7 @@ class LayerRun:
     dp_type: str
     offload: float
 
-    def strategy_key(self) -> tuple:
+    def strategy_key(self) -> _Strategy:
         return (self.kind, self.tp, self.sequence_parallel, self.recompute, self.dp_type, self.offload)
 
     @property
@@ -123,7 +123,7 @@ class BoundPlan:
         return tuple(r for stage in self.stages for r in stage.ranks)
 
 
-def _parse_devices(spec, cluster: ClusterSpec, where: str) -> tuple[int, ...]:
+def _parse_devices(spec: str | tuple[int, ...], cluster: ClusterSpec, where: str) -> tuple[int, ...]:
     if isinstance(spec, tuple):
         ranks = spec
     else:
