@@ -13,6 +13,7 @@ import os
 from functools import lru_cache
 from importlib import resources
 from pathlib import Path
+from typing import Any
 
 from hwmodel.cluster import ClusterSpec
 from hwmodel.components import DeviceSpec
@@ -90,7 +91,7 @@ def load_device(name_or_path: str) -> DeviceSpec:
     return _load_device_file(device_file(name_or_path))
 
 
-def _resolve_devices(data: dict, source: str, base: Path | None = None) -> dict:
+def _resolve_devices(data: dict[str, Any], source: str, base: Path | None = None) -> dict[str, Any]:
     """Replace ``device: NAME`` in node groups by the catalog's DeviceSpec; a path is read relative to
     the cluster file's folder (`base`)."""
     groups = data.get("node_groups")

@@ -224,7 +224,7 @@ class ClusterSpec(Frozen):
         )
         return self.replaced(node_groups=groups)
 
-    def replaced(self, **changes) -> ClusterSpec:
+    def replaced(self, **changes: Any) -> ClusterSpec:
         """A new, validated cluster with some fields changed (`model_copy` would skip validation and keep
         this cluster's cached topology)."""
         fields = {name: getattr(self, name) for name in type(self).model_fields}
@@ -308,15 +308,18 @@ class ClusterSpec(Frozen):
             )
         nodes_per_site = max(len(v) for v in by_site_nodes.values())
         if nodes_per_site > 1:
-            networks = [n.network for n in nodes]
-            share = min(n.network.ports / n.num_devices for n in nodes)  # type: ignore[union-attr]
+            networks: list[LinkSpec] = []
+            for n in nodes:
+                assert n.network is not None  # validation gives every node of a multi-node cluster a network
+                networks.append(n.network)
+            share = min(network.ports / n.num_devices for network, n in zip(networks, nodes))
             levels.append(
                 Level(
                     Tier.SITE,
                     nodes_per_site,
                     min(self._inter_node_per_device(n) for n in nodes),
-                    max(n.network.latency for n in nodes) + self.network_latency,  # type: ignore[union-attr]
-                    _fits(networks, share, self.network_latency),  # type: ignore[arg-type]
+                    max(network.latency for network in networks) + self.network_latency,
+                    _fits(networks, share, self.network_latency),
                 )
             )
         if len(by_site_nodes) > 1:
@@ -363,7 +366,8 @@ class _Topology:
     """Ranks laid out group by group, node by node; spans cached by device group."""
 
     def __init__(self, cluster: ClusterSpec):
-        locations, nodes = [], []
+        locations: list[DeviceLocation] = []
+        nodes: list[NodeSpec] = []
         rank = 0
         for gi, group in enumerate(cluster.node_groups):
             for _ in range(group.count):

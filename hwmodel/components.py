@@ -19,22 +19,28 @@ DTYPES = ("fp32", "tf32", "fp16", "bf16", "fp8")
 Dtype = Literal["fp32", "tf32", "fp16", "bf16", "fp8"]
 
 
-def _curve_type(dimension: str):
+def _curve_validator(dimension: str) -> BeforeValidator:
     def validate(value: Any, info: ValidationInfo) -> EfficiencyCurve:
         strict = bool(info.context and info.context.get("strict_units"))
         return EfficiencyCurve.parse(value, dimension, strict)
 
-    def serialize(curve: EfficiencyCurve) -> Any:
-        if len(curve.sizes) == 1:
-            return curve.efficiencies[0]
-        return [[s, e] for s, e in zip(curve.sizes, curve.efficiencies)]
-
-    return Annotated[EfficiencyCurve, BeforeValidator(validate), PlainSerializer(serialize)]
+    return BeforeValidator(validate)
 
 
-ComputeCurve = _curve_type("flops")
-TransferCurve = _curve_type("bytes")
-DimensionCurve = _curve_type("count")
+def _serialize_curve(curve: EfficiencyCurve) -> Any:
+    # A flat curve is written back as the single number a spec file gives for it.
+    if len(curve.sizes) == 1:
+        return curve.efficiencies[0]
+    return [[s, e] for s, e in zip(curve.sizes, curve.efficiencies)]
+
+
+_CURVE_SERIALIZER = PlainSerializer(_serialize_curve)
+
+# Curves keyed by FLOPs, bytes or a plain count. Spelled out as `Annotated[...]` (not built by a function) so
+# that type checkers see them as aliases of EfficiencyCurve.
+ComputeCurve = Annotated[EfficiencyCurve, _curve_validator("flops"), _CURVE_SERIALIZER]
+TransferCurve = Annotated[EfficiencyCurve, _curve_validator("bytes"), _CURVE_SERIALIZER]
+DimensionCurve = Annotated[EfficiencyCurve, _curve_validator("count"), _CURVE_SERIALIZER]
 
 
 class Frozen(BaseModel):
@@ -105,12 +111,13 @@ class ComputeSpec(Frozen):
     # `execute calibrate` measures it there (executor/calibrate/framework.py).
     sharded_kernel_overhead: NonNegativeSeconds = Field(
         0.0,
-        description="extra cost per kernel of a tensor-parallel layer (sharded-tensor dispatch), on top of kernel_overhead",
+        description="extra cost per kernel of a tensor-parallel layer (sharded-tensor dispatch), on top of "
+        "kernel_overhead",
     )
     grad_pack_bandwidth: Bandwidth | None = Field(
         None,
-        description="data-parallel gradient bytes (and ZeRO-3 gathered weight bytes) per second that the framework copies "
-        "into and out of communication buffers on the compute cores; left out, the copies are not costed",
+        description="data-parallel gradient bytes (and ZeRO-3 gathered weight bytes) per second that the framework "
+        "copies into and out of communication buffers on the compute cores; left out, the copies are not costed",
     )
     dp_layer_overhead: NonNegativeSeconds = Field(
         0.0, description="fixed framework cost per layer and gradient reduction (hooks, buffer setup)"
@@ -129,7 +136,8 @@ class ComputeSpec(Frozen):
 
     def efficiencies(self, dtype: str) -> tuple[EfficiencyCurve, EfficiencyCurve, EfficiencyCurve, float]:
         """(matrix, matrix_dim, attention, vector) efficiencies for `dtype`."""
-        own = self.per_dtype.get(dtype)  # type: ignore[call-overload]
+        # Any dtype name may be asked for; one without its own curves is simply not in the table.
+        own = self.per_dtype.get(dtype)  # type: ignore[call-overload]  # str key into a Literal-keyed dict
         if own is None:
             return self.matrix_efficiency, self.matrix_dim_efficiency, self.attention_efficiency, self.vector_efficiency
         return (
@@ -252,7 +260,8 @@ class LinkSpec(Frozen):
 
     def achieved(self, kind: str) -> tuple[float, float]:
         """(bytes/s through one port, latency) a collective of `kind` achieves on this link."""
-        fit = self.collectives.get(kind)  # type: ignore[call-overload]
+        # Any collective name may be asked for; one not measured is simply not in the table.
+        fit = self.collectives.get(kind)  # type: ignore[call-overload]  # str key into a Literal-keyed dict
         if fit is not None:
             return fit.bandwidth, fit.latency
         return self.effective_bandwidth, self.latency

@@ -109,7 +109,8 @@ class EfficiencyCurve(BaseModel):
         if len(self.sizes) == 1:
             return np.full(np.shape(sizes), self._effs[0])
         safe = np.log(np.maximum(sizes, 1.0))
-        return np.interp(safe, self._log_sizes, self._effs)
+        efficiencies: np.ndarray = np.interp(safe, self._log_sizes, self._effs)  # an array for an array of sizes
+        return efficiencies
 
     def scaled(self, factor: float) -> EfficiencyCurve:
         """The same curve with every efficiency multiplied by `factor` (capped at 1)."""

@@ -50,7 +50,7 @@ def parse_mapping(text: str, source: str, json_only: bool = False) -> dict[str, 
     return data
 
 
-def _fields_at(model: type[BaseModel], loc: tuple) -> list[str] | None:
+def _fields_at(model: type[BaseModel], loc: tuple[int | str, ...]) -> list[str] | None:
     """Field names accepted by the model that `loc` points into (best effort, for 'unknown field' errors)."""
     current: Any = model
     for part in loc:
@@ -81,7 +81,7 @@ def _model_in(annotation: Any) -> Any:
     return None
 
 
-def format_loc(loc: tuple) -> str:
+def format_loc(loc: tuple[int | str, ...]) -> str:
     out = ""
     for part in loc:
         if isinstance(part, int):

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import math
 import re
+from collections.abc import Callable
 from typing import Annotated, Any
 
 from pydantic import BeforeValidator, PlainSerializer, ValidationInfo
@@ -141,7 +142,7 @@ def _strict(info: ValidationInfo | None) -> bool:
     return bool(info is not None and info.context and info.context.get("strict_units"))
 
 
-def _make_validator(dimension: str, lower: float | None, inclusive: bool):
+def _make_validator(dimension: str, lower: float | None, inclusive: bool) -> Callable[[Any, ValidationInfo], float]:
     def validate(value: Any, info: ValidationInfo) -> float:
         number = parse_quantity(value, dimension, allow_bare_number=not _strict(info))
         if lower is not None:
@@ -154,23 +155,23 @@ def _make_validator(dimension: str, lower: float | None, inclusive: bool):
     return validate
 
 
-def _quantity_type(dimension: str, *, positive: bool = True):
+def _quantity_validator(dimension: str, *, positive: bool = True) -> BeforeValidator:
     lower, inclusive = (0.0, False) if positive else (0.0, True)
-    return Annotated[
-        float,
-        BeforeValidator(_make_validator(dimension, lower, inclusive)),
-        PlainSerializer(lambda v: v, return_type=float),
-    ]
+    return BeforeValidator(_make_validator(dimension, lower, inclusive))
 
+
+# Quantities are stored as plain floats in SI units and written back as such.
+_AS_FLOAT = PlainSerializer(lambda v: v, return_type=float)
 
 # Pydantic field types. Positive* reject zero and negatives; NonNegative* reject negatives only.
-Bytes = _quantity_type("bytes")
-NonNegativeBytes = _quantity_type("bytes", positive=False)
-Bandwidth = _quantity_type("bandwidth")
-FlopRate = _quantity_type("flop_rate")
-Flops = _quantity_type("flops")
-Seconds = _quantity_type("time")
-NonNegativeSeconds = _quantity_type("time", positive=False)
+# Spelled out as `Annotated[...]` (not built by a function) so that type checkers see them as aliases of float.
+Bytes = Annotated[float, _quantity_validator("bytes"), _AS_FLOAT]
+NonNegativeBytes = Annotated[float, _quantity_validator("bytes", positive=False), _AS_FLOAT]
+Bandwidth = Annotated[float, _quantity_validator("bandwidth"), _AS_FLOAT]
+FlopRate = Annotated[float, _quantity_validator("flop_rate"), _AS_FLOAT]
+Flops = Annotated[float, _quantity_validator("flops"), _AS_FLOAT]
+Seconds = Annotated[float, _quantity_validator("time"), _AS_FLOAT]
+NonNegativeSeconds = Annotated[float, _quantity_validator("time", positive=False), _AS_FLOAT]
 
 
 def _fmt(value: float, steps: list[tuple[float, str]], digits: int = 3) -> str:

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from hwmodel.components import DeviceSpec
 from simulator import metrics
 from simulator.binding import BoundPlan, BoundStage
-from simulator.report import MemoryBreakdown, Report, StageReport, TimeBreakdown
+from simulator.report import EngineName, MemoryBreakdown, Report, StageReport, TimeBreakdown
 from workloads.ops import ShardShape
 from workloads.transformer import layer_profile, model_flops_per_sample
 
@@ -72,7 +72,7 @@ def recompute_model_flops_per_sample(bound: BoundPlan) -> float:
 
 def assemble_report(
     bound: BoundPlan,
-    engine: str,
+    engine: EngineName,
     iteration: float,
     breakdown: TimeBreakdown,
     stages: list[StageTiming],

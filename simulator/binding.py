@@ -41,7 +41,7 @@ class LayerRun:
     dp_type: str
     offload: float
 
-    def strategy_key(self) -> tuple:
+    def strategy_key(self) -> _Strategy:
         return (self.kind, self.tp, self.sequence_parallel, self.recompute, self.dp_type, self.offload)
 
     @property
@@ -123,7 +123,7 @@ class BoundPlan:
         return tuple(r for stage in self.stages for r in stage.ranks)
 
 
-def _parse_devices(spec, cluster: ClusterSpec, where: str) -> tuple[int, ...]:
+def _parse_devices(spec: str | tuple[int, ...], cluster: ClusterSpec, where: str) -> tuple[int, ...]:
     if isinstance(spec, tuple):
         ranks = spec
     else:
@@ -193,10 +193,11 @@ def _split_text(split: tuple[int, ...]) -> str:
     return "+".join(str(n) for n in split)
 
 
-def _check_batch_split(plan: Plan, dp: int, stage_ranks: list[Sequence[int]], stage_tps: list[int]) -> None:
+def _check_batch_split(
+    plan: Plan, split: tuple[int, ...], dp: int, stage_ranks: list[Sequence[int]], stage_tps: list[int]
+) -> None:
     """An uneven micro-batch split names one share per data-parallel replica, so every stage must have the
     same replicas: dp equal across stages (and, checked per layer, across layers)."""
-    split = plan.batch_split
     text = _split_text(split)
     if len(split) != dp:
         raise InfeasiblePlan(
@@ -230,8 +231,44 @@ def bind(plan: Plan, workload: WorkloadConfig, cluster: ClusterSpec) -> BoundPla
             that does not split, too many stages, bad device groups.
         UnsupportedPlan: sections this release cannot simulate yet.
     """
-    cfg = workload
+    # The checks run in this order so that the first message is the most useful one: what the engine
+    # cannot simulate, then what the model forbids, then what the cluster and the batch forbid.
     warnings: list[str] = []
+    _check_simulated_sections(plan, workload)
+    _check_degrees_fit_model(plan, workload)
+    if plan.stages:
+        layout = _explicit_stage_layout(plan, workload, cluster, warnings)
+    else:
+        layout = _uniform_stage_layout(plan, cluster)
+    batch = _split_batch(plan, workload, layout, warnings)
+    strategies = _LayerStrategies(plan, workload, layout, batch.micro_step)
+    stages = _bound_stages(plan, layout, batch, strategies)
+    warnings.extend(_tensor_core_warnings(plan, cluster))
+    bound_plan = plan.model_copy(update={"dp": layout.dp, "global_batch": batch.global_batch})
+    return BoundPlan(bound_plan, workload, cluster, stages, batch.num_micro_batches, tuple(warnings))
+
+
+@dataclass(frozen=True)
+class _StageLayout:
+    """The device groups of the pipeline stages, before their layers are placed."""
+
+    ranks: list[Sequence[int]]
+    tps: list[int]
+    layer_counts: list[int]  # blocks per stage as the plan lists them; empty when they split evenly
+    dp: int
+
+
+@dataclass(frozen=True)
+class _BatchSplit:
+    """How the global batch splits: sequences per micro-step (all replicas), per iteration, micro-steps."""
+
+    micro_step: int
+    global_batch: int
+    num_micro_batches: int
+
+
+def _check_simulated_sections(plan: Plan, workload: WorkloadConfig) -> None:
+    """Reject the plan sections this engine does not simulate (UnsupportedPlan)."""
     if plan.tasks:
         raise UnsupportedPlan("plan.tasks (multi-task wavefront schedules) is not simulated by this engine yet")
     if plan.federated is not None:
@@ -242,11 +279,15 @@ def bind(plan: Plan, workload: WorkloadConfig, cluster: ClusterSpec) -> BoundPla
         )
     if plan.model_states is not None and plan.model_states.gpu < 1.0:
         raise UnsupportedPlan("plan.model_states with CPU/SSD pages is not simulated by this engine yet")
+
+
+def _check_degrees_fit_model(plan: Plan, cfg: WorkloadConfig) -> None:
+    """Check the parallel degrees against the model alone: experts, sequence length, heads and widths
+    for every tp the plan names, and enough blocks for the pipeline's model chunks."""
     if plan.ep > 1 and cfg.family != "moe":
         raise InfeasiblePlan(f"ep={plan.ep} needs a mixture-of-experts workload; {cfg.name!r} is {cfg.family}")
     if cfg.seq_len % plan.cp:
         raise InfeasiblePlan(f"cp={plan.cp} does not divide seq_len={cfg.seq_len}")
-    # What the model itself forbids comes first: it is the more useful message.
     for tp in {plan.tp} | {s.tp for s in plan.stages if s.tp} | {s.tp for s in plan.layers if s.tp}:
         _check_tp(tp, cfg, plan, "")
     num_blocks = cfg.num_layers
@@ -257,72 +298,87 @@ def bind(plan: Plan, workload: WorkloadConfig, cluster: ClusterSpec) -> BoundPla
             f"pp={plan.pp} x virtual_stages={plan.virtual_stages} = {plan.pp * plan.virtual_stages} model chunks, "
             f"but the model has only num_layers={num_blocks}"
         )
+
+
+def _explicit_stage_layout(plan: Plan, cfg: WorkloadConfig, cluster: ClusterSpec, warnings: list[str]) -> _StageLayout:
+    """The device groups of the stages the plan lists (`plan.stages`), checked against the cluster and the
+    model's block count; warns when devices are left idle."""
     n = cluster.num_devices
-
-    # ---- device groups per stage ----------------------------------------------------------------
-    if plan.stages:
-        stage_ranks: list[Sequence[int]] = []
-        next_rank = 0
-        for i, stage in enumerate(plan.stages):
-            tp_s = stage.tp or plan.tp
-            if stage.devices is None:
-                count = tp_s * plan.cp * (plan.dp or 1)
-                ranks = tuple(range(next_rank, next_rank + count))
-                if ranks and ranks[-1] >= n:
-                    raise InfeasiblePlan(
-                        f"stages[{i}]: not enough devices left in cluster {cluster.name!r} ({n} devices)"
-                    )
-            else:
-                ranks = _parse_devices(stage.devices, cluster, f"stages[{i}].devices")
-            next_rank = max(ranks) + 1
-            if len(ranks) % (tp_s * plan.cp):
-                raise InfeasiblePlan(f"stages[{i}]: {len(ranks)} devices are not a multiple of tp*cp={tp_s * plan.cp}")
-            stage_ranks.append(ranks)
-        used = [r for ranks in stage_ranks for r in ranks]
-        if len(set(used)) != len(used):
-            raise InfeasiblePlan("stages: a device belongs to two stages")
-        if sum(s.num_layers for s in plan.stages) != num_blocks:
-            raise InfeasiblePlan(
-                f"stages hold {sum(s.num_layers for s in plan.stages)} layers in all, but the model has num_layers={num_blocks}"
-            )
-        if plan.schedule == "interleaved":
-            raise InfeasiblePlan(
-                "explicit stages cannot be combined with schedule=interleaved; list the stages and use 1f1b"
-            )
-        dp = plan.dp or len(stage_ranks[0]) // ((plan.stages[0].tp or plan.tp) * plan.cp)
-        stage_tps = [s.tp or plan.tp for s in plan.stages]
-        stage_layer_counts = [s.num_layers for s in plan.stages]
-        if len(used) < n:
-            warnings.append(f"the plan uses {len(used)} of the cluster's {n} devices")
-    else:
-        per_dp = plan.tp * plan.pp * plan.cp
-        if plan.dp is None:
-            if n % per_dp:
-                raise InfeasiblePlan(
-                    f"tp*pp*cp = {plan.tp}*{plan.pp}*{plan.cp} = {per_dp} does not divide the cluster's {n} devices"
-                )
-            dp = n // per_dp
+    num_blocks = cfg.num_layers
+    stage_ranks: list[Sequence[int]] = []
+    next_rank = 0
+    for i, stage in enumerate(plan.stages):
+        tp_s = stage.tp or plan.tp
+        if stage.devices is None:
+            count = tp_s * plan.cp * (plan.dp or 1)
+            ranks = tuple(range(next_rank, next_rank + count))
+            if ranks and ranks[-1] >= n:
+                raise InfeasiblePlan(f"stages[{i}]: not enough devices left in cluster {cluster.name!r} ({n} devices)")
         else:
-            dp = plan.dp
-            if per_dp * dp != n:
-                hint = f"; dp={n // per_dp} would fill it" if n % per_dp == 0 else ""
-                raise InfeasiblePlan(
-                    f"tp*pp*dp*cp = {plan.tp}*{plan.pp}*{dp}*{plan.cp} = {per_dp * dp}, but cluster "
-                    f"{cluster.name!r} has {n} devices{hint}"
-                )
-        size = plan.tp * plan.cp * dp
-        stage_ranks = [range(i * size, (i + 1) * size) for i in range(plan.pp)]
-        stage_tps = [plan.tp] * plan.pp
-        stage_layer_counts = []  # filled below from chunks
+            ranks = _parse_devices(stage.devices, cluster, f"stages[{i}].devices")
+        next_rank = max(ranks) + 1
+        if len(ranks) % (tp_s * plan.cp):
+            raise InfeasiblePlan(f"stages[{i}]: {len(ranks)} devices are not a multiple of tp*cp={tp_s * plan.cp}")
+        stage_ranks.append(ranks)
+    used = [r for ranks in stage_ranks for r in ranks]
+    if len(set(used)) != len(used):
+        raise InfeasiblePlan("stages: a device belongs to two stages")
+    layers_held = sum(s.num_layers for s in plan.stages)
+    if layers_held != num_blocks:
+        raise InfeasiblePlan(f"stages hold {layers_held} layers in all, but the model has num_layers={num_blocks}")
+    if plan.schedule == "interleaved":
+        raise InfeasiblePlan(
+            "explicit stages cannot be combined with schedule=interleaved; list the stages and use 1f1b"
+        )
+    dp = plan.dp or len(stage_ranks[0]) // ((plan.stages[0].tp or plan.tp) * plan.cp)
+    if len(used) < n:
+        warnings.append(f"the plan uses {len(used)} of the cluster's {n} devices")
+    return _StageLayout(
+        ranks=stage_ranks,
+        tps=[s.tp or plan.tp for s in plan.stages],
+        layer_counts=[s.num_layers for s in plan.stages],
+        dp=dp,
+    )
 
-    # ---- batch ----------------------------------------------------------------------------------
+
+def _uniform_stage_layout(plan: Plan, cluster: ClusterSpec) -> _StageLayout:
+    """pp equal stages of tp x cp x dp consecutive ranks; dp, left out, fills the cluster."""
+    n = cluster.num_devices
+    per_dp = plan.tp * plan.pp * plan.cp
+    if plan.dp is None:
+        if n % per_dp:
+            raise InfeasiblePlan(
+                f"tp*pp*cp = {plan.tp}*{plan.pp}*{plan.cp} = {per_dp} does not divide the cluster's {n} devices"
+            )
+        dp = n // per_dp
+    else:
+        dp = plan.dp
+        if per_dp * dp != n:
+            hint = f"; dp={n // per_dp} would fill it" if n % per_dp == 0 else ""
+            raise InfeasiblePlan(
+                f"tp*pp*dp*cp = {plan.tp}*{plan.pp}*{dp}*{plan.cp} = {per_dp * dp}, but cluster "
+                f"{cluster.name!r} has {n} devices{hint}"
+            )
+    size = plan.tp * plan.cp * dp
+    return _StageLayout(
+        ranks=[range(i * size, (i + 1) * size) for i in range(plan.pp)],
+        tps=[plan.tp] * plan.pp,
+        layer_counts=[],  # the blocks split evenly over the model chunks (_bound_stages)
+        dp=dp,
+    )
+
+
+def _split_batch(plan: Plan, cfg: WorkloadConfig, layout: _StageLayout, warnings: list[str]) -> _BatchSplit:
+    """Check that experts and the batch split over the data-parallel replicas, and count the micro-steps;
+    warns when there are fewer micro-batches than pipeline stages."""
+    dp = layout.dp
     if plan.ep > 1:
         if dp % plan.ep:
             raise InfeasiblePlan(f"ep={plan.ep} does not divide dp={dp}")
         if cfg.num_experts % plan.ep:
             raise InfeasiblePlan(f"ep={plan.ep} does not divide num_experts={cfg.num_experts}")
     if plan.batch_split is not None:
-        _check_batch_split(plan, dp, stage_ranks, stage_tps)
+        _check_batch_split(plan, plan.batch_split, dp, layout.ranks, layout.tps)
     micro_step = plan.micro_batch * dp
     global_batch = plan.global_batch if plan.global_batch is not None else micro_step
     if global_batch % micro_step:
@@ -339,18 +395,33 @@ def bind(plan: Plan, workload: WorkloadConfig, cluster: ClusterSpec) -> BoundPla
         warnings.append(
             f"only {num_micro_batches} micro-batches for {plan.pp} pipeline stages: most of the pipeline idles"
         )
+    return _BatchSplit(micro_step, global_batch, num_micro_batches)
 
-    # ---- layers per stage ------------------------------------------------------------------------
-    kinds = layer_kinds(cfg)
-    overrides = _layer_overrides(plan, num_blocks)
 
-    checked: set[tuple] = set()
+# (kind, tp, sequence_parallel, recompute, dp_type, offload) of one layer: the fields of a LayerRun after
+# its position.
+_Strategy = tuple[str, int, bool, str, str, float]
 
-    def strategy_of(stage_index: int, idx: int) -> tuple:
+
+class _LayerStrategies:
+    """The strategy of each layer on each stage (plan defaults, per-layer overrides), each (stage, tp)
+    pair checked once against the model, the stage's devices and the batch."""
+
+    def __init__(self, plan: Plan, cfg: WorkloadConfig, layout: _StageLayout, micro_step: int):
+        self.plan = plan
+        self.cfg = cfg
+        self.layout = layout
+        self.micro_step = micro_step
+        self.kinds = layer_kinds(cfg)
+        self.overrides = _layer_overrides(plan, cfg.num_layers)
+        self.checked: set[tuple[int, int]] = set()
+
+    def of(self, stage_index: int, idx: int) -> _Strategy:
         """(kind, tp, sequence_parallel, recompute, dp_type, offload) of one layer, checked."""
-        kind = kinds[idx]
-        strategy = overrides[idx - 1] if 0 < idx <= num_blocks else None
-        tp_layer = (strategy.tp if strategy and strategy.tp else None) or stage_tps[stage_index]
+        plan = self.plan
+        kind = self.kinds[idx]
+        strategy = self.overrides[idx - 1] if 0 < idx <= self.cfg.num_layers else None
+        tp_layer = (strategy.tp if strategy and strategy.tp else None) or self.layout.tps[stage_index]
         sp = (
             strategy.sequence_parallel
             if strategy and strategy.sequence_parallel is not None
@@ -363,75 +434,98 @@ def bind(plan: Plan, workload: WorkloadConfig, cluster: ClusterSpec) -> BoundPla
         )
         dp_type = strategy.dp_type if strategy and strategy.dp_type else plan.dp_type
         offload = strategy.offload if strategy and strategy.offload is not None else plan.offload
-        if (stage_index, tp_layer) not in checked:
+        if (stage_index, tp_layer) not in self.checked:
             where = (
                 f"layers (block {idx - 1}): "
                 if strategy and strategy.tp
                 else (f"stages[{stage_index}]: " if plan.stages else "")
             )
-            _check_tp(tp_layer, cfg, plan, where)
-            ranks = stage_ranks[stage_index]
-            if len(ranks) % (tp_layer * plan.cp):
-                raise InfeasiblePlan(
-                    f"{where}tp={tp_layer} x cp={plan.cp} does not divide the stage's {len(ranks)} devices"
-                )
-            dp_layer = len(ranks) // (tp_layer * plan.cp)
-            if plan.batch_split is not None and dp_layer != dp:
-                raise InfeasiblePlan(
-                    f"{where}tp={tp_layer} gives the stage's {len(ranks)} devices dp={dp_layer} replicas, but batch_split "
-                    f"{_split_text(plan.batch_split)} is for dp={dp}; with batch_split every layer of every stage needs "
-                    "the same dp (per-layer tp that changes dp is accepted only without batch_split)"
-                )
-            if micro_step % dp_layer:
-                raise InfeasiblePlan(
-                    f"{where}a micro-step of {micro_step} sequences does not split over dp={dp_layer} replicas"
-                )
-            checked.add((stage_index, tp_layer))
+            self._check_layer_tp(stage_index, tp_layer, where)
+            self.checked.add((stage_index, tp_layer))
         return (kind, tp_layer, sp and tp_layer > 1, recompute, dp_type, offload)
 
-    def runs_of(stage_index: int, spans: list[range]) -> tuple[LayerRun, ...]:
-        """Runs of layers with one strategy, from consecutive index ranges (chunks and edge layers)."""
+    def _check_layer_tp(self, stage_index: int, tp_layer: int, where: str) -> None:
+        """A layer's tp must divide the model and the stage's devices into replicas the batch splits over."""
+        plan, dp, micro_step = self.plan, self.layout.dp, self.micro_step
+        _check_tp(tp_layer, self.cfg, plan, where)
+        ranks = self.layout.ranks[stage_index]
+        if len(ranks) % (tp_layer * plan.cp):
+            raise InfeasiblePlan(
+                f"{where}tp={tp_layer} x cp={plan.cp} does not divide the stage's {len(ranks)} devices"
+            )
+        dp_layer = len(ranks) // (tp_layer * plan.cp)
+        if plan.batch_split is not None and dp_layer != dp:
+            raise InfeasiblePlan(
+                f"{where}tp={tp_layer} gives the stage's {len(ranks)} devices dp={dp_layer} replicas, but "
+                f"batch_split {_split_text(plan.batch_split)} is for dp={dp}; with batch_split every layer of "
+                "every stage needs the same dp (per-layer tp that changes dp is accepted only without batch_split)"
+            )
+        if micro_step % dp_layer:
+            raise InfeasiblePlan(
+                f"{where}a micro-step of {micro_step} sequences does not split over dp={dp_layer} replicas"
+            )
+
+    def runs(self, stage_index: int, spans: list[range]) -> tuple[LayerRun, ...]:
+        """Runs of layers with one strategy, from consecutive, non-empty index ranges (chunks and edge layers)."""
         runs: list[LayerRun] = []
         for span in spans:
-            if not plan.layers:
+            if not self.plan.layers:
                 # Without per-layer strategies a chunk's blocks share one strategy; a run still ends where the
                 # block kind changes (T5's encoder then decoder blocks).
                 first = span.start
                 for idx in range(span.start + 1, span.stop + 1):
-                    if idx == span.stop or kinds[idx] != kinds[first]:
-                        runs.append(LayerRun(first, idx - first, *strategy_of(stage_index, first)))
+                    if idx == span.stop or self.kinds[idx] != self.kinds[first]:
+                        runs.append(LayerRun(first, idx - first, *self.of(stage_index, first)))
                         first = idx
                 continue
-            key, first, count = None, span.start, 0
-            for idx in span:
-                this = strategy_of(stage_index, idx)
-                if this != key and count:
+            first, count, key = span.start, 1, self.of(stage_index, span.start)
+            for idx in span[1:]:
+                this = self.of(stage_index, idx)
+                if this != key:
                     runs.append(LayerRun(first, count, *key))
-                    first, count = idx, 0
-                key = this
+                    first, count, key = idx, 0, this
                 count += 1
             runs.append(LayerRun(first, count, *key))
         return tuple(runs)
 
+
+def _stage_chunks(plan: Plan, layer_counts: list[int], num_blocks: int) -> list[list[range]]:
+    """The block index ranges (model chunks) of each stage: as the plan lists them, or the blocks split
+    evenly over pp x virtual_stages chunks dealt round-robin to the stages (interleaved)."""
     if plan.stages:
-        bounds = [sum(stage_layer_counts[:i]) for i in range(plan.pp + 1)]
-        chunks_per_stage = [[range(bounds[i] + 1, bounds[i + 1] + 1)] for i in range(plan.pp)]
-    else:
-        counts = _even_split(num_blocks, plan.pp * plan.virtual_stages)
-        chunks_per_stage = [[] for _ in range(plan.pp)]
-        start = 1
-        for j, count in enumerate(counts):
-            chunks_per_stage[j % plan.pp].append(range(start, start + count))
-            start += count
+        bounds = [sum(layer_counts[:i]) for i in range(plan.pp + 1)]
+        return [[range(bounds[i] + 1, bounds[i + 1] + 1)] for i in range(plan.pp)]
+    counts = _even_split(num_blocks, plan.pp * plan.virtual_stages)
+    chunks_per_stage: list[list[range]] = [[] for _ in range(plan.pp)]
+    start = 1
+    for j, count in enumerate(counts):
+        chunks_per_stage[j % plan.pp].append(range(start, start + count))
+        start += count
+    return chunks_per_stage
+
+
+def _bound_stages(
+    plan: Plan, layout: _StageLayout, batch: _BatchSplit, strategies: _LayerStrategies
+) -> tuple[BoundStage, ...]:
+    """Each stage with its ranks and runs of layers: its chunks, the input layer on the first stage and
+    the output layer on the last."""
+    chunks_per_stage = _stage_chunks(plan, layout.layer_counts, strategies.cfg.num_layers)
+    num_kinds = len(strategies.kinds)
     stages = []
     for i in range(plan.pp):
         spans = [chunk for chunk in chunks_per_stage[i] if len(chunk)]
         if i == 0:
             spans = [range(0, 1)] + spans
         if i == plan.pp - 1:
-            spans = spans + [range(len(kinds) - 1, len(kinds))]
-        stages.append(BoundStage(i, stage_ranks[i], plan.cp, runs_of(i, spans), micro_step, plan.batch_split))
+            spans = spans + [range(num_kinds - 1, num_kinds)]
+        runs = strategies.runs(i, spans)
+        stages.append(BoundStage(i, layout.ranks[i], plan.cp, runs, batch.micro_step, plan.batch_split))
+    return tuple(stages)
 
+
+def _tensor_core_warnings(plan: Plan, cluster: ClusterSpec) -> list[str]:
+    """A warning for each GPU type without tensor cores for the plan's dtype (its matmuls fall back)."""
+    warnings = []
     for name in cluster.device_types():
         device = next(g.node.device for g in cluster.node_groups if g.node.device.name == name)
         if plan.dtype not in device.compute.matrix and device.kind == "gpu":
@@ -439,5 +533,4 @@ def bind(plan: Plan, workload: WorkloadConfig, cluster: ClusterSpec) -> BoundPla
                 f"{name} has no {plan.dtype} tensor cores; its {plan.dtype} matmuls run at the "
                 f"{device.compute.peak(plan.dtype) / 1e12:.3g} TFLOPS fallback rate"
             )
-    bound_plan = plan.model_copy(update={"dp": dp, "global_batch": global_batch})
-    return BoundPlan(bound_plan, cfg, cluster, tuple(stages), num_micro_batches, tuple(warnings))
+    return warnings

@@ -35,7 +35,7 @@ def _pct(part: float, whole: float) -> str:
 
 
 def _bar(part: float, whole: float, width: int = 24) -> str:
-    filled = int(round(width * part / whole)) if whole > 0 else 0
+    filled = round(width * part / whole) if whole > 0 else 0
     return "█" * filled + "·" * (width - filled)
 
 

@@ -69,12 +69,16 @@ class StageReport(BaseModel):
     memory_bytes: MemoryBreakdown
 
 
+# Who produced a Report: one of the simulator's engines, or a run on the hardware.
+EngineName = Literal["analytic", "des", "measured"]
+
+
 class Report(BaseModel):
     """What a plan does: predicted (engine 'analytic' or 'des') or measured (engine 'measured')."""
 
     model_config = ConfigDict(frozen=True)
 
-    engine: Literal["analytic", "des", "measured"]
+    engine: EngineName
     workload: str
     cluster: str
     plan: Plan

@@ -154,7 +154,8 @@ class WorkloadConfig(BaseModel):
             and self.seq_len > self.max_position_embeddings
         ):
             raise ValueError(
-                f"seq_len={self.seq_len} exceeds max_position_embeddings={self.max_position_embeddings} of the learned position table"
+                f"seq_len={self.seq_len} exceeds max_position_embeddings={self.max_position_embeddings} "
+                "of the learned position table"
             )
         return self
 

@@ -48,6 +48,7 @@ RESIDUAL_PROJECTIONS = ("attn.wo.weight", "mlp.w2.weight")
 def _flash_attn_func():
     """flash-attn's function when the optional `gpu` extra is installed, else None (SDPA is used)."""
     try:
+        # flash-attn is the optional `gpu` extra, not installed where mypy runs.
         from flash_attn import flash_attn_func  # type: ignore[import-not-found]
     except Exception:  # not installed, or built for another CUDA: SDPA does the same computation
         return None

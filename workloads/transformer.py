@@ -16,6 +16,7 @@ FLOPs used for MFU count self-attention as 4*b*s^2*h per forward, halved under a
 from __future__ import annotations
 
 from functools import lru_cache
+from typing import Literal
 
 from workloads.config import WorkloadConfig
 from workloads.ops import ATTENTION, MATRIX, VECTOR, Collective, LayerProfile, OpTableBuilder, ShardShape
@@ -112,14 +113,23 @@ class _LayerBuilder:
 
     # ---- attention -------------------------------------------------------------------------------
     def attention(self, prefix: str, seq_q: int, seq_kv: int, *, causal: bool, cross: bool) -> None:
-        cfg, e, t, c = self.cfg, self.e, self.t, self.c
+        """An attention block: norm, projections, the attention core, the ring exchange of context
+        parallelism, output projection and residual. `cross` attends to `seq_kv` encoder tokens."""
+        self.attention_projections(prefix, seq_q, seq_kv, cross=cross)
+        self.attention_core(prefix, seq_q, seq_kv, causal=causal)
+        if self.c > 1 and not cross:
+            self.ring_attention_exchange(seq_kv)
+        self.attention_output(prefix, seq_q)
+
+    def attention_projections(self, prefix: str, seq_q: int, seq_kv: int, *, cross: bool) -> None:
+        """The norm, the q/k/v projections (fused for self-attention) and rotary embeddings."""
+        cfg, e, t = self.cfg, self.e, self.t
         h, a, kvh, d = cfg.hidden_size, cfg.num_heads, cfg.kv_heads, cfg.head_dim
         mb = self.shape.micro_batch
         tq, tkv = self.tokens(seq_q), self.tokens(seq_kv)
         self.norm(f"{prefix}norm", seq_q)
         q_out, kv_out = a * d, 2 * kvh * d
-        bias = cfg.bias
-        qkv_bias = cfg.qkv_bias if cfg.qkv_bias is not None else bias
+        qkv_bias = cfg.qkv_bias if cfg.qkv_bias is not None else cfg.bias
         if cross:
             self.linear(f"{prefix}q_proj", tq, h, q_out / t, model_tokens=mb * seq_q)
             self.linear(f"{prefix}kv_proj", tkv, h, kv_out / t, model_tokens=mb * seq_kv)
@@ -132,6 +142,12 @@ class _LayerBuilder:
             rope_elems = tq * (a + kvh) * d / t
             self.b.op(f"{prefix}rope", VECTOR, 6 * rope_elems, 4 * rope_elems * e)
 
+    def attention_core(self, prefix: str, seq_q: int, seq_kv: int, *, causal: bool) -> None:
+        """Scores, softmax and context: one fused kernel (flash) or three unfused ones."""
+        cfg, e, t, c = self.cfg, self.e, self.t, self.c
+        a, kvh, d = cfg.num_heads, cfg.kv_heads, cfg.head_dim
+        mb = self.shape.micro_batch
+        tq, tkv = self.tokens(seq_q), self.tokens(seq_kv)
         heads = a / t
         # Score elements on this device: its query tokens against every key.
         score_elems = mb * heads * (seq_q / c) * seq_kv
@@ -160,41 +176,65 @@ class _LayerBuilder:
             self.b.keep(q_bytes + 2 * kv_bytes_local)  # q, k, v
             self.b.keep(tq * heads * 4, dropped_by_selective=True)  # fp32 log-sum-exp per row
         else:
-            self.b.op(
-                f"{prefix}scores",
-                MATRIX,
-                2 * score_elems * d,
-                q_bytes + mb * seq_kv * kvh * d / t * e + score_elems * e,
-                selective=True,
-                model_flops=model_core / 2,
-                min_dim=min(d, seq_q / c),
-            )
-            self.b.keep(q_bytes + kv_bytes_local)  # q, k
-            self.b.op(f"{prefix}softmax", VECTOR, 5 * score_elems, 2 * score_elems * e, selective=True)
-            self.b.keep(score_elems * e, dropped_by_selective=True)  # softmax output
-            if cfg.dropout:
-                self.b.op(f"{prefix}attn_dropout", VECTOR, 2 * score_elems, score_elems * (2 * e + 1), selective=True)
-                self.b.keep(score_elems, dropped_by_selective=True)  # mask
-                self.b.keep(score_elems * e, dropped_by_selective=True)  # dropped probabilities
-            self.b.op(
-                f"{prefix}context",
-                MATRIX,
-                2 * score_elems * d,
-                score_elems * e + mb * seq_kv * kvh * d / t * e + q_bytes,
-                selective=True,
-                model_flops=model_core / 2,
-                min_dim=min(d, seq_q / c),
-            )
-            self.b.keep(kv_bytes_local)  # v
-        if c > 1 and not cross:
-            # Ring attention passes every rank's k and v around the cp group.
-            kv_chunk = 2 * tkv * kvh * d / t * e
-            self.b.fwd_comm.append(Collective("send_recv", kv_chunk * (c - 1), "cp"))
-            self.b.bwd_comm.append(Collective("send_recv", 2 * kv_chunk * (c - 1), "cp"))
-        self.linear(f"{prefix}out_proj", tq, q_out / t, h, model_tokens=mb * seq_q)
+            kv_bytes = mb * seq_kv * kvh * d / t * e  # one of k or v, every key
+            self.unfused_attention_core(prefix, seq_q, score_elems, q_bytes, kv_bytes, kv_bytes_local, model_core)
+
+    def unfused_attention_core(
+        self,
+        prefix: str,
+        seq_q: int,
+        score_elems: float,
+        q_bytes: float,
+        kv_bytes: float,
+        kv_bytes_local: float,
+        model_core: float,
+    ) -> None:
+        """Scores, softmax (with dropout) and context as separate kernels, the score matrix saved."""
+        e, d = self.e, self.cfg.head_dim
+        min_dim = min(d, seq_q / self.c)
+        self.b.op(
+            f"{prefix}scores",
+            MATRIX,
+            2 * score_elems * d,
+            q_bytes + kv_bytes + score_elems * e,
+            selective=True,
+            model_flops=model_core / 2,
+            min_dim=min_dim,
+        )
+        self.b.keep(q_bytes + kv_bytes_local)  # q, k
+        self.b.op(f"{prefix}softmax", VECTOR, 5 * score_elems, 2 * score_elems * e, selective=True)
+        self.b.keep(score_elems * e, dropped_by_selective=True)  # softmax output
+        if self.cfg.dropout:
+            self.b.op(f"{prefix}attn_dropout", VECTOR, 2 * score_elems, score_elems * (2 * e + 1), selective=True)
+            self.b.keep(score_elems, dropped_by_selective=True)  # mask
+            self.b.keep(score_elems * e, dropped_by_selective=True)  # dropped probabilities
+        self.b.op(
+            f"{prefix}context",
+            MATRIX,
+            2 * score_elems * d,
+            score_elems * e + kv_bytes + q_bytes,
+            selective=True,
+            model_flops=model_core / 2,
+            min_dim=min_dim,
+        )
+        self.b.keep(kv_bytes_local)  # v
+
+    def ring_attention_exchange(self, seq_kv: int) -> None:
+        """Ring attention passes every rank's k and v around the cp group (twice as much in backward)."""
+        cfg, c = self.cfg, self.c
+        kv_chunk = 2 * self.tokens(seq_kv) * cfg.kv_heads * cfg.head_dim / self.t * self.e
+        self.b.fwd_comm.append(Collective("send_recv", kv_chunk * (c - 1), "cp"))
+        self.b.bwd_comm.append(Collective("send_recv", 2 * kv_chunk * (c - 1), "cp"))
+
+    def attention_output(self, prefix: str, seq_q: int) -> None:
+        """The output projection, leaving the tensor-parallel region, and the residual."""
+        cfg, e, t = self.cfg, self.e, self.t
+        h, q_out = cfg.hidden_size, cfg.num_heads * cfg.head_dim
+        tq = self.tokens(seq_q)
+        self.linear(f"{prefix}out_proj", tq, q_out / t, h, model_tokens=self.shape.micro_batch * seq_q)
         self.b.keep(tq * q_out / t * e)  # attention output, input of the projection
         self.b.params(q_out * h, t)
-        self.b.params(h if bias else 0)
+        self.b.params(h if cfg.bias else 0)
         self.row_parallel_exit(seq_q)
         self.residual(f"{prefix}residual", seq_q)
 
@@ -232,6 +272,7 @@ class _LayerBuilder:
             self.b.op("swiglu", VECTOR, 4 * elems, 5 * elems * e)
             self.b.keep(3 * elems * e)  # gate (for silu), silu(gate) and up (for the product)
         else:
+            assert cfg.mlp is not None  # every family's defaults name an MLP
             self.linear("fc1", routed, h, f / t, model_tokens=model_routed)
             self.b.params(experts * (h * f + (f if cfg.bias else 0)), shard)
             elems = routed * f / t
@@ -280,7 +321,9 @@ class _LayerBuilder:
             self.b.keep(tsp * h)
         if t > 1:
             full = tokens * h * e
-            kind = "reduce_scatter" if self.shape.sequence_parallel else "all_reduce"
+            kind: Literal["reduce_scatter", "all_reduce"] = (
+                "reduce_scatter" if self.shape.sequence_parallel else "all_reduce"
+            )
             self.b.fwd_comm.append(Collective(kind, full, "tp"))
             if self.shape.sequence_parallel:
                 self.b.bwd_comm.append(Collective("all_gather", full, "tp"))
@@ -381,7 +424,7 @@ def layer_profile(cfg: WorkloadConfig, kind: str, shape: ShardShape) -> LayerPro
 def parameter_count(cfg: WorkloadConfig) -> int:
     """Total parameters of the model (tied embeddings counted once)."""
     shape = ShardShape(micro_batch=1, seq_len=cfg.seq_len)
-    return int(round(sum(layer_profile(cfg, kind, shape).params_total for kind in layer_kinds(cfg))))
+    return round(sum(layer_profile(cfg, kind, shape).params_total for kind in layer_kinds(cfg)))
 
 
 @lru_cache(maxsize=256)

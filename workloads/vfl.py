@@ -71,7 +71,10 @@ class VflWorkloadConfig(BaseModel):
 
     name: str = "vfl-wdl"
     family: Literal["vfl-wdl"] = "vfl-wdl"
-    description: str = "two-party wide-and-deep (Criteo-like): categorical fields at the passive party, dense fields and labels at the active party"
+    description: str = (
+        "two-party wide-and-deep (Criteo-like): categorical fields at the passive party, dense fields and labels "
+        "at the active party"
+    )
     # data
     num_samples: int = Field(200_000, gt=0, description="training samples")
     num_test_samples: int = Field(8_192, gt=0, description="held-out samples for AUC")
@@ -337,7 +340,8 @@ def test_batches(cfg: VflWorkloadConfig) -> list[np.ndarray]:
     ]
 
 
-test_batches.__test__ = False  # not a pytest test
+# Not a pytest test, though tests import it by its name. Functions take any attribute; mypy knows of none.
+test_batches.__test__ = False  # type: ignore[attr-defined]
 
 
 # ----------------------------------------------------------------------------------------------------------

@@ -94,7 +94,8 @@ def op_times(
     t_compute = flops / (line.peaks[unit] * eff)
     mem_eff = line.device.memory.efficiency.many(nbytes)
     t_memory = nbytes / (line.memory_bandwidth * mem_eff)
-    return np.maximum(t_compute, t_memory) + kernels * line.kernel_overhead
+    seconds: np.ndarray = np.maximum(t_compute, t_memory) + kernels * line.kernel_overhead  # numpy types it Any
+    return seconds
 
 
 @dataclass(frozen=True)

@@ -11,13 +11,20 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
+from typing import Any
 
-from hwmodel.cluster import ClusterSpec, GroupSpan
-from hwmodel.components import DeviceSpec, LinkSpec
+from hwmodel.cluster import ClusterSpec, GroupSpan, NodeSpec
+from hwmodel.components import ComputeSpec, DeviceSpec, LinkSpec
 from simulator.binding import BoundPlan, BoundStage, LayerRun
 from simulator.cost.collectives import collective_time
 from simulator.cost.compute import DTYPE_BYTES, LayerTimes, Roofline, layer_times, optimizer_time, roofline
-from simulator.cost.memory import OPTIMIZER_TRAFFIC, micro_batches_in_flight, model_state_memory, state_bytes
+from simulator.cost.memory import (
+    OPTIMIZER_TRAFFIC,
+    StateBytes,
+    micro_batches_in_flight,
+    model_state_memory,
+    state_bytes,
+)
 from simulator.cost.relayout import NONE, Layout, Relayout, relayout
 from simulator.errors import InfeasiblePlan, UnsupportedPlan
 from workloads.activations import block_activations, supports_tokenwise
@@ -170,7 +177,7 @@ class StageCost:
     saved_activations: float = 0.0  # bytes one micro-batch keeps for backward on this stage
     host_activations: float = 0.0  # bytes one micro-batch swaps to host memory on this stage
     comm_buffer: float = 0.0  # unsharded gradients (ZeRO-2/3) and gathered weights (ZeRO-3) in flight
-    extra: dict = field(default_factory=dict)
+    extra: dict[str, Any] = field(default_factory=dict)
 
     @property
     def per_micro_batch(self) -> float:
@@ -207,7 +214,13 @@ class StageCost:
         return best + copies
 
 
-def _stage_key(bound: BoundPlan, stage: BoundStage, rank: int, span_sets: dict) -> tuple:
+# What makes two stages cost the same (see `_stage_key`); a `memo` maps it to the cost computed once.
+StageKey = tuple[object, ...]
+
+
+def _stage_key(
+    bound: BoundPlan, stage: BoundStage, rank: int, span_sets: dict[int, dict[str, list[GroupSpan]]]
+) -> StageKey:
     cluster = bound.cluster
     return (
         tuple((run.strategy_key(), run.count) for run in stage.runs),
@@ -223,184 +236,26 @@ def _stage_key(bound: BoundPlan, stage: BoundStage, rank: int, span_sets: dict) 
     )
 
 
-def stage_cost(bound: BoundPlan, stage: BoundStage, rank: int, memo: dict | None = None) -> StageCost:
+def stage_cost(
+    bound: BoundPlan, stage: BoundStage, rank: int, memo: dict[StageKey, StageCost] | None = None
+) -> StageCost:
     """Per micro-batch costs and model-state memory of `stage` on the device at `rank`.
 
     Stages with the same layers, device, links and group shapes cost the same, so they are computed
     once per `memo`: a 1,000-GPU plan costs what its distinct stages cost.
     """
-    plan, cfg, cluster = bound.plan, bound.workload, bound.cluster
-    span_sets = {tp: _spans(cluster, stage, tp, plan.ep) for tp in {run.tp for run in stage.runs}}
+    span_sets = {tp: _spans(bound.cluster, stage, tp, bound.plan.ep) for tp in {run.tp for run in stage.runs}}
     key = _stage_key(bound, stage, rank, span_sets)
     if memo is not None and key in memo:
         return memo[key]
-    device = cluster.topology.devices[rank]
-    node = cluster.node_of(rank)
-    line: Roofline = roofline(device, plan.dtype, plan.attention)
-    e = DTYPE_BYTES[plan.dtype]
-    per_param = state_bytes(plan.dtype, plan.optimizer)
-    reduce_bytes = DTYPE_BYTES[plan.grad_reduce_dtype or ("fp16" if plan.dtype == "fp16" else "fp32")]
-    sigma = line.overlap_slowdown
-    framework = device.compute
-
-    def _copy(nbytes: float) -> float:
-        """The framework copying a layer's data-parallel buffers on the compute cores."""
-        bw = framework.grad_pack_bandwidth
-        return nbytes / bw if bw else 0.0
-
-    host_bw = node.host_link.effective_bandwidth
-    multi_stage = len(bound.stages) > 1
-    cost = StageCost(device=device, host_link=node.host_link)
+    ctx = _StageContext.of(bound, stage, rank, span_sets)
+    cost = StageCost(device=ctx.device, host_link=ctx.node.host_link)
     runs = []
-    opt_params = 0.0
+    opt_params = 0.0  # parameters this device's optimizer step updates
     for run in stage.runs:
-        n = run.count
-        # Context-parallel ranks hold the whole layer as data-parallel ones do: gradients are averaged, and
-        # ZeRO shards, over dp x cp (Megatron-LM's data-parallel group with context parallelism; the
-        # executor's flattened ("dp", "cp") mesh).
-        dp = stage.dp_for(run.tp) * stage.cp
-        shape = ShardShape(
-            micro_batch=stage.micro_batch_of(rank, run.tp),  # the rank's replica's share (plan.batch_split)
-            seq_len=cfg.seq_len,
-            tp=run.tp,
-            sequence_parallel=run.sequence_parallel,
-            cp=stage.cp,
-            ep=plan.ep,
-            dtype_bytes=e,
-            attention=kernel_family(plan.attention),
-        )
-        prof = layer_profile(cfg, run.kind, shape)
-        times = layer_times(prof, line)
-        if run.tp > 1 and framework.sharded_kernel_overhead > 0:
-            times = _with_sharded_dispatch(times, prof, framework.sharded_kernel_overhead)
-        if framework.layer_call_overhead > 0:
-            times = _with_layer_call(times, framework.layer_call_overhead)
-        if bound.num_micro_batches > 1 and prof.params_local > 0:
-            # ZeRO-3 reduce-scatters every micro-batch's gradients (see `scatter`), so it accumulates its shard.
-            accumulated = prof.params_local * per_param.gradients / (dp if run.dp_type == "zero3" else 1)
-            times = _with_gradient_accumulation(times, accumulated, device, bound.num_micro_batches)
-        spans = span_sets[run.tp]
-        tp_fwd = comm_time(prof.fwd_comm, spans, cp=False)
-        tp_bwd = comm_time(prof.bwd_comm, spans, cp=False)
-        # Ring attention hides its k/v passes behind the attention core, where the device runs collectives
-        # beside compute; a device whose collectives block it (a CPU, see ComputeSpec.blocking_collectives)
-        # waits for them, as it waits for the executor's k/v all-gather (executor.parallel.context_parallel).
-        hidden = 0.0 if framework.blocking_collectives else 1.0
-        cp_fwd = max(0.0, comm_time(prof.fwd_comm, spans, cp=True) - hidden * times.recompute_selective)
-        cp_bwd = max(0.0, comm_time(prof.bwd_comm, spans, cp=True) - hidden * 2.5 * times.recompute_selective)
-        if run.recompute == "full":
-            recompute = times.recompute_full + tp_fwd + cp_fwd
-        elif run.recompute == "selective":
-            recompute = times.recompute_selective
-        elif run.recompute == "tokenwise":
-            why = supports_tokenwise(cfg, run.kind)
-            if why:
-                raise UnsupportedPlan(f"recompute=tokenwise (MEMO): {why}")
-            # MEMO: the (1 - alpha) share of tokens re-runs everything but the attention core, with the
-            # tensor-parallel collectives of those tokens.
-            recompute = (1.0 - run.offload) * (times.forward - times.recompute_selective + tp_fwd)
-        else:
-            recompute = 0.0
-        gather = scatter = gather_bytes = scatter_bytes = 0.0
-        reduce = regather = grad_bytes = 0.0
-        dp_copy_forward = dp_copy_backward = reduce_copy = 0.0
-        reduce_kind = "all_reduce" if run.dp_type == "ddp" else "reduce_scatter"
-        if dp > 1:
-            if run.dp_type == "zero3":
-                gather_bytes = prof.params_local * per_param.weights
-                scatter_bytes = prof.params_local * reduce_bytes
-                gather = max(collective_time("all_gather", gather_bytes, s) for s in spans["dp"])
-                scatter = max(collective_time("reduce_scatter", scatter_bytes, s) for s in spans["dp"])
-                # The framework copies gathered weights out of, and gradients into, flat buffers.
-                dp_copy_forward = _copy(gather_bytes)
-                dp_copy_backward = _copy(gather_bytes) + _copy(scatter_bytes) + framework.dp_layer_overhead
-            else:
-                grad_bytes = prof.params_local * reduce_bytes
-                reduce = max(collective_time(reduce_kind, grad_bytes, s) for s in spans["dp"])
-                reduce_copy = _copy(grad_bytes) + framework.dp_layer_overhead
-                if run.dp_type != "ddp":
-                    regather = max(
-                        collective_time("all_gather", prof.params_local * per_param.weights, s) for s in spans["dp"]
-                    )
-            if run.dp_type in ("zero2", "zero3"):
-                # A layer's gradients exist unsharded until reduce-scattered; ZeRO-3 also holds the gathered
-                # weights of the layer it computes and of the one it prefetches.
-                gathered = 2 * per_param.weights if run.dp_type == "zero3" else 0.0
-                cost.comm_buffer = max(cost.comm_buffer, prof.params_local * (gathered + reduce_bytes))
-        copy = host = 0.0
-        if run.recompute == "tokenwise":
-            # Nothing stays on the device between forward and backward: the attention core's tensors and the
-            # alpha share of token-wise ones go to host, with the block input and attention output of the
-            # tokens that backward recomputes (workloads.activations).
-            host = block_activations(cfg, run.kind, shape).host_bytes(run.offload)
-            copy = host / host_bw
-            saved = 0.0
-        else:
-            saved = prof.saved_bytes[run.recompute]
-            # Under a MEMO plan alpha is the blocks' token share; the input and output layers keep theirs.
-            if run.offload > 0 and not (
-                plan.recompute == "tokenwise" and run.kind in ("embedding", "patch_embedding", "head")
-            ):
-                host = run.offload * saved
-                copy = host / host_bw
-                saved *= 1.0 - run.offload
-        rc = RunCost(
-            run=run,
-            profile=prof,
-            times=times,
-            spans=spans,
-            dp=dp,
-            recompute=recompute,
-            tp_forward=tp_fwd,
-            tp_backward=tp_bwd,
-            cp_forward=cp_fwd,
-            cp_backward=cp_bwd,
-            gather=gather,
-            scatter=scatter,
-            gather_bytes=gather_bytes,
-            scatter_bytes=scatter_bytes,
-            reduce=reduce,
-            reduce_bytes=grad_bytes,
-            reduce_kind=reduce_kind,
-            regather=regather,
-            offload_copy=copy,
-            saved=saved,
-            # Backward re-materializes, for one layer at a time, what its recompute mode dropped.
-            transient=_transient(prof, run.recompute, host),
-            sigma=sigma,
-            host=host,
-            copy_on_compute=device.kind == "cpu",
-            dp_copy_forward=dp_copy_forward,
-            dp_copy_backward=dp_copy_backward,
-            reduce_copy=reduce_copy,
-            blocking_dp=framework.blocking_collectives,
-        )
+        rc = _run_cost(ctx, run)
         runs.append(rc)
-        cost.compute += n * (times.forward + times.backward)
-        cost.backward_compute += n * times.backward
-        cost.recompute += n * recompute
-        cost.forward += n * rc.forward
-        cost.backward += n * rc.backward
-        cost.stall += n * rc.stall
-        cost.saved_activations += n * saved
-        cost.host_activations += n * host
-        cost.regather += n * regather
-        states = model_state_memory(n * prof.params_local, plan.dtype, plan.optimizer, run.dp_type, dp)
-        cost.weights += states.weights
-        cost.gradients += states.gradients
-        cost.optimizer_states += states.optimizer
-        opt_params += n * prof.params_local / (dp if run.dp_type != "ddp" else 1)
-        cost.output_bytes = prof.output_bytes
-        if prof.tied_params_local and multi_stage:
-            # The output layer keeps its own copy of the tied embedding, kept in sync with it.
-            tied = model_state_memory(prof.tied_params_local, plan.dtype, plan.optimizer, run.dp_type, dp)
-            cost.weights += tied.weights
-            cost.gradients += tied.gradients
-            cost.optimizer_states += tied.optimizer
-            opt_params += prof.tied_params_local / (dp if run.dp_type != "ddp" else 1)
-            if dp > 1:
-                cost.tied_reduce_bytes = prof.tied_params_local * reduce_bytes
-                cost.tied_reduce = max(collective_time("all_reduce", cost.tied_reduce_bytes, s) for s in spans["dp"])
+        opt_params = _add_run(cost, ctx, rc, opt_params)
     runs = _with_relayouts(bound, stage, rank, runs)
     for rc in runs:
         for move in (rc.relayout_in, rc.relayout_out):
@@ -408,12 +263,272 @@ def stage_cost(bound: BoundPlan, stage: BoundStage, rank: int, memo: dict | None
             cost.backward += move.backward_s
     cost.runs = tuple(runs)
     if cost.host_activations:
-        _check_host_memory(bound, stage, node, cost.host_activations)
+        _check_host_memory(bound, stage, ctx.node, cost.host_activations)
     cost.comm = cost.forward + cost.backward - cost.compute - cost.recompute - cost.stall
-    cost.optimizer = optimizer_time(opt_params, OPTIMIZER_TRAFFIC[(plan.optimizer, plan.dtype != "fp32")], line)
+    plan = bound.plan
+    cost.optimizer = optimizer_time(opt_params, OPTIMIZER_TRAFFIC[(plan.optimizer, plan.dtype != "fp32")], ctx.line)
     if memo is not None:
         memo[key] = cost
     return cost
+
+
+@dataclass(frozen=True)
+class _StageContext:
+    """What every run of a stage on one device shares: the plan, the device and its links, the dtype's
+    byte sizes and the group spans per tensor-parallel degree."""
+
+    bound: BoundPlan
+    stage: BoundStage
+    rank: int
+    device: DeviceSpec
+    node: NodeSpec
+    line: Roofline
+    span_sets: dict[int, dict[str, list[GroupSpan]]]
+    per_param: StateBytes  # bytes per parameter of each model state
+    reduce_bytes: int  # bytes per gradient element in data-parallel reductions
+
+    @classmethod
+    def of(
+        cls, bound: BoundPlan, stage: BoundStage, rank: int, span_sets: dict[int, dict[str, list[GroupSpan]]]
+    ) -> _StageContext:
+        plan, cluster = bound.plan, bound.cluster
+        device = cluster.topology.devices[rank]
+        return cls(
+            bound=bound,
+            stage=stage,
+            rank=rank,
+            device=device,
+            node=cluster.node_of(rank),
+            line=roofline(device, plan.dtype, plan.attention),
+            span_sets=span_sets,
+            per_param=state_bytes(plan.dtype, plan.optimizer),
+            reduce_bytes=DTYPE_BYTES[plan.grad_reduce_dtype or ("fp16" if plan.dtype == "fp16" else "fp32")],
+        )
+
+    @property
+    def framework(self) -> ComputeSpec:
+        """The device's compute figures, which also carry the training framework's overheads."""
+        return self.device.compute
+
+    def framework_copy(self, nbytes: float) -> float:
+        """The framework copying a layer's data-parallel buffers on the compute cores."""
+        bw = self.framework.grad_pack_bandwidth
+        return nbytes / bw if bw else 0.0
+
+
+def _run_cost(ctx: _StageContext, run: LayerRun) -> RunCost:
+    """Per layer and per micro-batch figures of one run of identical layers: its profile and times, the
+    collectives that block it, recompute, data-parallel traffic and where its saved activations live."""
+    stage, framework = ctx.stage, ctx.framework
+    # Context-parallel ranks hold the whole layer as data-parallel ones do: gradients are averaged, and
+    # ZeRO shards, over dp x cp (Megatron-LM's data-parallel group with context parallelism; the
+    # executor's flattened ("dp", "cp") mesh).
+    dp = stage.dp_for(run.tp) * stage.cp
+    shape = _shard_shape(ctx, run)
+    prof = layer_profile(ctx.bound.workload, run.kind, shape)
+    times = _framework_layer_times(ctx, run, prof, dp)
+    spans = ctx.span_sets[run.tp]
+    tp_fwd = comm_time(prof.fwd_comm, spans, cp=False)
+    tp_bwd = comm_time(prof.bwd_comm, spans, cp=False)
+    # Ring attention hides its k/v passes behind the attention core, where the device runs collectives
+    # beside compute; a device whose collectives block it (a CPU, see ComputeSpec.blocking_collectives)
+    # waits for them, as it waits for the executor's k/v all-gather (executor.parallel.context_parallel).
+    hidden = 0.0 if framework.blocking_collectives else 1.0
+    cp_fwd = max(0.0, comm_time(prof.fwd_comm, spans, cp=True) - hidden * times.recompute_selective)
+    cp_bwd = max(0.0, comm_time(prof.bwd_comm, spans, cp=True) - hidden * 2.5 * times.recompute_selective)
+    recompute = _recompute_time(ctx, run, times, tp_fwd, cp_fwd)
+    dpc = _data_parallel_costs(ctx, run, prof, dp, spans)
+    saved, host, copy = _activation_placement(ctx, run, prof, shape)
+    return RunCost(
+        run=run,
+        profile=prof,
+        times=times,
+        spans=spans,
+        dp=dp,
+        recompute=recompute,
+        tp_forward=tp_fwd,
+        tp_backward=tp_bwd,
+        cp_forward=cp_fwd,
+        cp_backward=cp_bwd,
+        gather=dpc.gather,
+        scatter=dpc.scatter,
+        gather_bytes=dpc.gather_bytes,
+        scatter_bytes=dpc.scatter_bytes,
+        reduce=dpc.reduce,
+        reduce_bytes=dpc.reduce_bytes,
+        reduce_kind=dpc.reduce_kind,
+        regather=dpc.regather,
+        offload_copy=copy,
+        saved=saved,
+        # Backward re-materializes, for one layer at a time, what its recompute mode dropped.
+        transient=_transient(prof, run.recompute, host),
+        sigma=ctx.line.overlap_slowdown,
+        host=host,
+        copy_on_compute=ctx.device.kind == "cpu",
+        dp_copy_forward=dpc.copy_forward,
+        dp_copy_backward=dpc.copy_backward,
+        reduce_copy=dpc.reduce_copy,
+        blocking_dp=framework.blocking_collectives,
+    )
+
+
+def _shard_shape(ctx: _StageContext, run: LayerRun) -> ShardShape:
+    """How one micro-batch of the run's layers is laid onto the device at the context's rank."""
+    plan = ctx.bound.plan
+    return ShardShape(
+        micro_batch=ctx.stage.micro_batch_of(ctx.rank, run.tp),  # the rank's replica's share (plan.batch_split)
+        seq_len=ctx.bound.workload.seq_len,
+        tp=run.tp,
+        sequence_parallel=run.sequence_parallel,
+        cp=ctx.stage.cp,
+        ep=plan.ep,
+        dtype_bytes=DTYPE_BYTES[plan.dtype],
+        attention=kernel_family(plan.attention),
+    )
+
+
+def _framework_layer_times(ctx: _StageContext, run: LayerRun, prof: LayerProfile, dp: int) -> LayerTimes:
+    """The layer's operator times with what the framework adds: sharded-tensor dispatch, the per-layer
+    call, and gradient accumulation over the micro-batches."""
+    framework, num_micro_batches = ctx.framework, ctx.bound.num_micro_batches
+    times = layer_times(prof, ctx.line)
+    if run.tp > 1 and framework.sharded_kernel_overhead > 0:
+        times = _with_sharded_dispatch(times, prof, framework.sharded_kernel_overhead)
+    if framework.layer_call_overhead > 0:
+        times = _with_layer_call(times, framework.layer_call_overhead)
+    if num_micro_batches > 1 and prof.params_local > 0:
+        # ZeRO-3 reduce-scatters every micro-batch's gradients (see `scatter`), so it accumulates its shard.
+        accumulated = prof.params_local * ctx.per_param.gradients / (dp if run.dp_type == "zero3" else 1)
+        times = _with_gradient_accumulation(times, accumulated, ctx.device, num_micro_batches)
+    return times
+
+
+def _recompute_time(ctx: _StageContext, run: LayerRun, times: LayerTimes, tp_fwd: float, cp_fwd: float) -> float:
+    """Forward work the run's recompute mode repeats in backward, per layer and micro-batch."""
+    if run.recompute == "full":
+        return times.recompute_full + tp_fwd + cp_fwd
+    if run.recompute == "selective":
+        return times.recompute_selective
+    if run.recompute == "tokenwise":
+        why = supports_tokenwise(ctx.bound.workload, run.kind)
+        if why:
+            raise UnsupportedPlan(f"recompute=tokenwise (MEMO): {why}")
+        # MEMO: the (1 - alpha) share of tokens re-runs everything but the attention core, with the
+        # tensor-parallel collectives of those tokens.
+        return (1.0 - run.offload) * (times.forward - times.recompute_selective + tp_fwd)
+    return 0.0
+
+
+@dataclass(frozen=True)
+class _DataParallelCosts:
+    """One layer's data-parallel traffic: ZeRO-3 gathers and scatters per micro-batch, or the ddp / ZeRO-1/2
+    reduction (and ZeRO-1/2 regather) once per iteration, with the framework's copies around them."""
+
+    reduce_kind: str
+    gather: float = 0.0
+    scatter: float = 0.0
+    gather_bytes: float = 0.0
+    scatter_bytes: float = 0.0
+    reduce: float = 0.0
+    reduce_bytes: float = 0.0
+    regather: float = 0.0
+    copy_forward: float = 0.0
+    copy_backward: float = 0.0
+    reduce_copy: float = 0.0
+
+
+def _data_parallel_costs(
+    ctx: _StageContext, run: LayerRun, prof: LayerProfile, dp: int, spans: dict[str, list[GroupSpan]]
+) -> _DataParallelCosts:
+    """The run's data-parallel collectives over its widest-waiting group, per layer (nothing when dp is 1)."""
+    reduce_kind = "all_reduce" if run.dp_type == "ddp" else "reduce_scatter"
+    if dp <= 1:
+        return _DataParallelCosts(reduce_kind)
+    per_param, reduce_bytes = ctx.per_param, ctx.reduce_bytes
+    overhead = ctx.framework.dp_layer_overhead
+    if run.dp_type == "zero3":
+        gather_bytes = prof.params_local * per_param.weights
+        scatter_bytes = prof.params_local * reduce_bytes
+        return _DataParallelCosts(
+            reduce_kind,
+            gather=max(collective_time("all_gather", gather_bytes, s) for s in spans["dp"]),
+            scatter=max(collective_time("reduce_scatter", scatter_bytes, s) for s in spans["dp"]),
+            gather_bytes=gather_bytes,
+            scatter_bytes=scatter_bytes,
+            # The framework copies gathered weights out of, and gradients into, flat buffers.
+            copy_forward=ctx.framework_copy(gather_bytes),
+            copy_backward=ctx.framework_copy(gather_bytes) + ctx.framework_copy(scatter_bytes) + overhead,
+        )
+    grad_bytes = prof.params_local * reduce_bytes
+    regather = 0.0
+    if run.dp_type != "ddp":
+        regather = max(collective_time("all_gather", prof.params_local * per_param.weights, s) for s in spans["dp"])
+    return _DataParallelCosts(
+        reduce_kind,
+        reduce=max(collective_time(reduce_kind, grad_bytes, s) for s in spans["dp"]),
+        reduce_bytes=grad_bytes,
+        regather=regather,
+        reduce_copy=ctx.framework_copy(grad_bytes) + overhead,
+    )
+
+
+def _activation_placement(
+    ctx: _StageContext, run: LayerRun, prof: LayerProfile, shape: ShardShape
+) -> tuple[float, float, float]:
+    """(bytes kept on the device, bytes swapped to host, seconds to copy them each way) per layer."""
+    host_bw = ctx.node.host_link.effective_bandwidth
+    if run.recompute == "tokenwise":
+        # Nothing stays on the device between forward and backward: the attention core's tensors and the
+        # alpha share of token-wise ones go to host, with the block input and attention output of the
+        # tokens that backward recomputes (workloads.activations).
+        host = block_activations(ctx.bound.workload, run.kind, shape).host_bytes(run.offload)
+        return 0.0, host, host / host_bw
+    saved = prof.saved_bytes[run.recompute]
+    # Under a MEMO plan alpha is the blocks' token share; the input and output layers keep theirs.
+    if run.offload > 0 and not (
+        ctx.bound.plan.recompute == "tokenwise" and run.kind in ("embedding", "patch_embedding", "head")
+    ):
+        host = run.offload * saved
+        return saved * (1.0 - run.offload), host, host / host_bw
+    return saved, 0.0, 0.0
+
+
+def _add_run(cost: StageCost, ctx: _StageContext, rc: RunCost, opt_params: float) -> float:
+    """Add a run's `count` layers to the stage's per micro-batch times, activations, model states and
+    buffers; returns `opt_params` with the parameters the run's optimizer step updates added."""
+    plan, multi_stage = ctx.bound.plan, len(ctx.bound.stages) > 1
+    run, prof, times, dp, n = rc.run, rc.profile, rc.times, rc.dp, rc.count
+    if dp > 1 and run.dp_type in ("zero2", "zero3"):
+        # A layer's gradients exist unsharded until reduce-scattered; ZeRO-3 also holds the gathered
+        # weights of the layer it computes and of the one it prefetches.
+        gathered = 2 * ctx.per_param.weights if run.dp_type == "zero3" else 0.0
+        cost.comm_buffer = max(cost.comm_buffer, prof.params_local * (gathered + ctx.reduce_bytes))
+    cost.compute += n * (times.forward + times.backward)
+    cost.backward_compute += n * times.backward
+    cost.recompute += n * rc.recompute
+    cost.forward += n * rc.forward
+    cost.backward += n * rc.backward
+    cost.stall += n * rc.stall
+    cost.saved_activations += n * rc.saved
+    cost.host_activations += n * rc.host
+    cost.regather += n * rc.regather
+    states = model_state_memory(n * prof.params_local, plan.dtype, plan.optimizer, run.dp_type, dp)
+    cost.weights += states.weights
+    cost.gradients += states.gradients
+    cost.optimizer_states += states.optimizer
+    opt_params += n * prof.params_local / (dp if run.dp_type != "ddp" else 1)
+    cost.output_bytes = prof.output_bytes
+    if prof.tied_params_local and multi_stage:
+        # The output layer keeps its own copy of the tied embedding, kept in sync with it.
+        tied = model_state_memory(prof.tied_params_local, plan.dtype, plan.optimizer, run.dp_type, dp)
+        cost.weights += tied.weights
+        cost.gradients += tied.gradients
+        cost.optimizer_states += tied.optimizer
+        opt_params += prof.tied_params_local / (dp if run.dp_type != "ddp" else 1)
+        if dp > 1:
+            cost.tied_reduce_bytes = prof.tied_params_local * ctx.reduce_bytes
+            cost.tied_reduce = max(collective_time("all_reduce", cost.tied_reduce_bytes, s) for s in rc.spans["dp"])
+    return opt_params
 
 
 def _with_relayouts(bound: BoundPlan, stage: BoundStage, rank: int, runs: list[RunCost]) -> list[RunCost]:
@@ -464,7 +579,9 @@ def _with_layer_call(times: LayerTimes, per_call: float) -> LayerTimes:
     )
 
 
-def _with_gradient_accumulation(times: LayerTimes, grad_bytes: float, device, micro_batches: int) -> LayerTimes:
+def _with_gradient_accumulation(
+    times: LayerTimes, grad_bytes: float, device: DeviceSpec, micro_batches: int
+) -> LayerTimes:
     """A layer's backward with the gradient accumulation of a multi-micro-batch iteration: every micro-batch
     after the first adds its gradients into the layer's `.grad` (read both, write one: 3x its bytes, memory
     bound), spread evenly over the micro-batches as the engines cost every micro-batch alike. Data-parallel
@@ -497,7 +614,7 @@ def host_memory_per_device(bound: BoundPlan, stage: BoundStage, host_activations
     return k * host_activations
 
 
-def _check_host_memory(bound: BoundPlan, stage: BoundStage, node, host_activations: float) -> None:
+def _check_host_memory(bound: BoundPlan, stage: BoundStage, node: NodeSpec, host_activations: float) -> None:
     """Swapped activations share the node's DRAM with its other devices (taken to swap as much)."""
     per_device = host_memory_per_device(bound, stage, host_activations)
     need = per_device * node.num_devices

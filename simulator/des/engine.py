@@ -3,11 +3,11 @@
 Model. Ranks that do identical work on identical hardware behave identically, so each pipeline stage
 is simulated by one representative device per device type it contains (a 1,024-GPU uniform plan with
 16 stages simulates 16 devices; a stage mixing A100s and V100s keeps both; replicas of an uneven batch
-split keep one per distinct share). Each representative has a
-compute stream and ports: intra-node fabric, its share of the NICs, PCIe to the host (the
-device-to-host and host-to-device copy engines) and the WAN, each in two directions, and its share of
-the node's SSD bandwidth (read and write). All transfers are flows sharing those ports (`fluid.py`), so a gradient reduction
-and a pipeline send on one NIC slow each other, and a ZeRO-3 gather slows the compute beside it.
+split keep one per distinct share). Each representative has a compute stream and ports: intra-node
+fabric, its share of the NICs, PCIe to the host (the device-to-host and host-to-device copy engines) and
+the WAN, each in two directions, and its share of the node's SSD bandwidth (read and write). All
+transfers are flows sharing those ports (`fluid.py`), so a gradient reduction and a pipeline send on one
+NIC slow each other, and a ZeRO-3 gather slows the compute beside it.
 
 Lowering. The plan's schedule (`simulator.schedules`) gives each stage its order of forward and
 backward operations; each operation runs the stage's runs of identical layers as compute tasks whose
@@ -60,6 +60,7 @@ class Rep:
     rank: int
     cost: StageCost
     num_ranks: int  # ranks of the stage it stands for
+    grad_stream: simpy.Resource  # gradient reductions queue on one communicator stream
     ports: dict[str, Port] = field(default_factory=dict)
     memory_base: float = 0.0
     memory_now: float = 0.0
@@ -68,7 +69,6 @@ class Rep:
     memory_events: list[tuple[float, float]] = field(default_factory=list)
     busy: dict[str, float] = field(default_factory=dict)
     finish: float = 0.0
-    grad_stream: simpy.Resource | None = None  # gradient reductions queue on one communicator stream
 
     def label(self) -> str:
         return f"stage {self.stage.index} {self.cost.device.name} (x{self.num_ranks})"
@@ -131,8 +131,7 @@ class Simulation:
             reps = []
             for rank, same in representatives(cluster, stage).items():
                 cost = stage_cost(bound, stage, rank, memo)
-                rep = Rep(len(self.reps), stage, rank, cost, same)
-                rep.grad_stream = simpy.Resource(self.env, capacity=1)
+                rep = Rep(len(self.reps), stage, rank, cost, same, simpy.Resource(self.env, capacity=1))
                 self._make_ports(rep)
                 rep.memory_base = cost.weights + cost.gradients + cost.optimizer_states + buffer_memory(cost, self.p)
                 rep.memory_now = rep.memory_peak = rep.memory_base
@@ -265,7 +264,7 @@ class Simulation:
     def _run_forward(self, rep: Rep, rc: RunCost, mb: int, count: int):
         """Process: `count` layers of a run forward for one micro-batch."""
         start = self.env.now
-        side = []
+        side: list[simpy.Event] = []  # transfers that run beside the compute
         dp_span = rc.dp_span
         if rc.gather and rc.blocking_dp:
             # The framework waits for the gather before computing (ComputeSpec.blocking_collectives).
@@ -295,7 +294,7 @@ class Simulation:
         """Process: `count` layers of a run backward (recompute included) for one micro-batch."""
         start = self.env.now
         self._memory(rep, rc.transient)
-        side = []
+        side: list[simpy.Event] = []  # transfers that run beside the compute
         dp_span = rc.dp_span
         if rc.gather and rc.blocking_dp:
             yield from self._zero3(rep, rc, "all_gather", dp_span, count)

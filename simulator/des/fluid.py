@@ -120,7 +120,7 @@ class FluidNetwork:
         self._version += 1
         version = self._version
         timer = self.env.timeout(max(wait, 0.0))
-        timer.callbacks.append(lambda _event, v=version: self._wake(v))
+        timer.callbacks.append(lambda _event: self._wake(version))
 
     def _wake(self, version: int) -> None:
         if version != self._version:
