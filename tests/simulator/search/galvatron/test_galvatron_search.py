@@ -73,7 +73,10 @@ def test_layer_strategies_are_powers_of_two_inside_a_node(gpt30m):
         assert is_power_of_two(s.tp) and s.tp <= 8, s
         assert gpt30m.num_heads % s.tp == 0
         assert not (s.sequence_parallel and s.tp == 1)
-    assert {s.tp for s in strategies} == {1, 2, 4, 8}
+    # Every power of two up to the node that splits the model's heads, kv heads and FFN.
+    divides = [gpt30m.num_heads, gpt30m.kv_heads, gpt30m.ffn]
+    assert {s.tp for s in strategies} == {t for t in (1, 2, 4, 8) if all(v % t == 0 for v in divides)}
+    assert 8 in {s.tp for s in strategies}  # a whole node: what the next assertion needs
     # dp = 1 makes ddp/zero2/zero3 the same strategy: only ddp is kept.
     one = layer_strategies(gpt30m, StageGroup(0, 2, 8), micro_step=4)
     assert {s.dp_type for s in one if s.tp == 2} == {"ddp"}
@@ -88,7 +91,9 @@ def test_layer_strategies_respect_the_micro_step(gpt30m):
 def test_stage_layouts_on_a_mixed_cluster_keep_groups_apart(mixed):
     layouts = stage_layouts(mixed, num_layers=32)
     sizes = {tuple(g.size for g in layout) for layout in layouts}
-    assert (16, 16) in sizes and (8, 8, 16) in sizes and (16, 8, 8) in sizes
+    a, b = (g.count * g.node.num_devices for g in mixed.node_groups)  # devices of each node group
+    # One stage per group, and either group cut in two while the other stays whole.
+    assert (a, b) in sizes and (a // 2, a // 2, b) in sizes and (a, b // 2, b // 2) in sizes
     for layout in layouts:
         assert sum(g.size for g in layout) == 32
         for g in layout:
@@ -186,17 +191,15 @@ def test_partition_finds_the_best_bottleneck(layers, stages, m, data):
 BUDGETS = [0.9, 1.0, 1.25, 2.0, 4.0]
 
 
-@settings(max_examples=6, deadline=None)
-@given(low=st.sampled_from(BUDGETS), high=st.sampled_from(BUDGETS))
+# Every pair of neighbouring budgets (so, by transitivity, every pair): five searches in all, memoized.
+@pytest.mark.parametrize(("low", "high"), list(itertools.pairwise(BUDGETS)))
 def test_more_budget_never_gives_a_slower_plan(gpt30m, small_cluster, low, high):
-    low, high = min(low, high), max(low, high)
     slow = _search(gpt30m, small_cluster, low).best.report.samples_per_s
     fast = _search(gpt30m, small_cluster, high).best.report.samples_per_s
     assert fast >= slow * (1 - 1e-12)
 
 
-@settings(max_examples=5, deadline=None)
-@given(budget=st.sampled_from(BUDGETS))
+@pytest.mark.parametrize("budget", BUDGETS)
 def test_best_fits_the_budget_and_is_self_contained(gpt30m, small_cluster, budget):
     result = _search(gpt30m, small_cluster, budget)
     best = result.best.report
