@@ -339,6 +339,16 @@ def test_event_engine_rerank_keeps_the_invariants(gpt30m, small_cluster):
             assert result.best.report.samples_per_s >= baseline.report.samples_per_s * (1 - 1e-12)
 
 
+def test_event_engine_rerank_keeps_baselines_kept_apart_out_of_the_ranking(gpt30m, small_cluster):
+    # A top K larger than the pool: every plan the event engine re-ranks is returned, so a baseline that
+    # joined the ranking would show.
+    result = search_galvatron(gpt30m, small_cluster, 1.25 * GiB, global_batch=16, top_k=100, baselines_in_pool=False)
+    assert result.best.report.engine == "des"
+    baseline_plans = {b.plan for b in result.baselines if b.report is not None}
+    assert baseline_plans and all(b.report.engine == "des" for b in result.baselines if b.report is not None)
+    assert not baseline_plans & {c.plan for c in result.candidates}
+
+
 def test_max_global_batch_searches_the_batch(gpt30m, small_cluster):
     result = search_galvatron(gpt30m, small_cluster, 2 * GiB, max_global_batch=32, rerank_with_des=False)
     assert result.details["global_batches"][0] == 32
