@@ -182,6 +182,12 @@ class _StageProgram:
         self.edge_first = self._options(self.ctx.edge_kinds[0], 0, edges) if self.first else None
         self.edge_last = self._options(self.ctx.edge_kinds[1], self.num_layers + 1, edges) if self.last else None
         self.results: list[tuple[ChainResult, list[list[Strategy]], float]] = []
+        # Set by run(): the memory grid, the layouts' indices, and the best time and result per layer count.
+        self.capacity, self.delta = 0.0, 1.0
+        self.reserves: list[float] = []
+        self.lay_index: dict[tuple[int, bool], int] = {}
+        self.best = np.full(self.max_count + 1, INF)
+        self.who = np.full(self.max_count + 1, -1)
 
     def _chain_order(self, start: int) -> list[int]:
         """The blocks this stage's program walks: the last stage walks backwards from the output layer, so
