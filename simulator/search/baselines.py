@@ -137,9 +137,9 @@ def evaluate_baselines(
                 continue
             evaluated.append((plan, report))
             least = report.peak_memory_bytes if least is None else min(least, report.peak_memory_bytes)
-            if report.fits_memory and report.peak_memory_bytes <= budget:
-                if best is None or report.samples_per_s > best[1].samples_per_s:
-                    best = (plan, report)
+            fits = report.fits_memory and report.peak_memory_bytes <= budget
+            if fits and (best is None or report.samples_per_s > best[1].samples_per_s):
+                best = (plan, report)
         if best is not None:
             outcomes.append(BaselineOutcome(name, best[0], best[1], None, evaluated))
         elif least is not None:

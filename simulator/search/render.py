@@ -3,7 +3,7 @@ with throughput, MFU, peak memory and the speedup of the chosen plan over each."
 
 from __future__ import annotations
 
-from rich.console import Console
+from rich.console import Console, JustifyMethod
 from rich.table import Table
 
 from hwmodel.units import format_bytes, format_seconds
@@ -20,7 +20,7 @@ def render_search(result: SearchResult, console: Console, title: str) -> None:
     best = result.best.report
     assert isinstance(best, Report), "render_search draws training Reports; planners with other reports draw their own"
     table = Table(title=title, title_justify="left")
-    for column, justify in (
+    columns: tuple[tuple[str, JustifyMethod], ...] = (
         ("", "left"),
         ("plan", "left"),
         ("iteration", "right"),
@@ -28,7 +28,8 @@ def render_search(result: SearchResult, console: Console, title: str) -> None:
         ("MFU", "right"),
         ("peak memory", "right"),
         ("best is", "right"),
-    ):
+    )
+    for column, justify in columns:
         table.add_column(column, justify=justify, overflow="fold")
 
     def row(label: str, shorthand: str, report: Report | None, reason: str | None, style: str | None = None) -> None:
@@ -48,6 +49,7 @@ def render_search(result: SearchResult, console: Console, title: str) -> None:
         )
 
     for i, candidate in enumerate(result.candidates or [result.best]):
+        assert isinstance(candidate.report, Report), "a planner's candidates carry reports of one kind"
         row(
             "chosen" if i == 0 else f"#{i + 1}",
             candidate.plan.shorthand(),

@@ -18,7 +18,7 @@ from simulator.cost.compute import DTYPE_BYTES
 from simulator.cost.relayout import Layout, relayout
 from simulator.cost.stage import stage_cost
 from simulator.errors import InfeasiblePlan, UnsupportedPlan
-from simulator.plan import Plan
+from simulator.plan import Plan, PlanDtype
 from simulator.search.galvatron.space import StageGroup, Strategy
 from workloads.config import WorkloadConfig
 
@@ -55,7 +55,7 @@ UNUSABLE = LayerFigures(*(float("inf"),) * 10)
 class CostTables:
     """Memoized per-layer figures of one workload on one cluster with one dtype."""
 
-    def __init__(self, workload: WorkloadConfig, cluster: ClusterSpec, dtype: str):
+    def __init__(self, workload: WorkloadConfig, cluster: ClusterSpec, dtype: PlanDtype):
         self.workload = workload
         self.cluster = cluster
         self.base_plan = Plan(dtype=dtype)
@@ -100,10 +100,7 @@ class CostTables:
                 comm_buffer=cost.comm_buffer,
                 output_bytes=cost.output_bytes,
             )
-            if worst is None:
-                worst = fig
-            else:
-                worst = LayerFigures(*(max(a, b) for a, b in zip(astuple(worst), astuple(fig))))
+            worst = fig if worst is None else LayerFigures(*(max(a, b) for a, b in zip(astuple(worst), astuple(fig))))
         assert worst is not None
         self._figures[key] = worst
         return worst

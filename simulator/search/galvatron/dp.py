@@ -207,7 +207,7 @@ def partition(
         got = _min_sum(stage_times, num_layers, values[k])
         if got is None:
             continue
-        total, counts = got
+        _, counts = got
         times = [stage_times[j][sum(counts[:j]), counts[j]] for j in range(len(counts))]
         estimate = float(sum(times) + (num_micro_batches - 1) * max(times))
         found.setdefault(tuple(counts), estimate)

@@ -15,6 +15,9 @@ The tree has four levels, outermost first (Galvatron-BMW, Miao et al. 2023, sect
 A data-parallel degree of 1 makes ddp/zero2/zero3 the same strategy, so only ddp is kept there.
 Strategies dominated in both time and memory by another of the same layout are dropped after costing
 (`prune_dominated`).
+
+`SearchSpace` narrows the tree (no ZeRO-3, no recompute, tensor parallel up to a degree): what one
+dimension of the space is worth is the difference it makes to the chosen plan.
 """
 
 from __future__ import annotations
@@ -23,10 +26,12 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 from hwmodel.cluster import ClusterSpec
+from hwmodel.errors import UserError
+from simulator.plan import DpType, Recompute
 from workloads.config import WorkloadConfig
 
-DP_TYPES = ("ddp", "zero2", "zero3")
-RECOMPUTE = ("none", "selective", "full")
+DP_TYPES: tuple[DpType, ...] = ("ddp", "zero2", "zero3")
+RECOMPUTE: tuple[Recompute, ...] = ("none", "selective", "full")
 
 
 @dataclass(frozen=True, order=True)
@@ -35,8 +40,8 @@ class Strategy:
 
     tp: int
     sequence_parallel: bool
-    dp_type: str
-    recompute: str
+    dp_type: DpType
+    recompute: Recompute
 
     @property
     def layout(self) -> tuple[int, bool]:
@@ -65,6 +70,36 @@ class StageGroup:
         return f"{self.first}-{self.first + self.size - 1}"
 
 
+@dataclass(frozen=True)
+class SearchSpace:
+    """The part of the tree a search may use; the default is all of it.
+
+    `dp_types`: how data-parallel replicas may hold model states (the embedding and output layers follow
+    the plan-wide one of them); `recompute`: the recompute modes a block may use; `max_tp`: the largest
+    tensor-parallel degree (None: a node).
+    """
+
+    dp_types: tuple[DpType, ...] = DP_TYPES
+    recompute: tuple[Recompute, ...] = RECOMPUTE
+    max_tp: int | None = None
+
+    def __post_init__(self) -> None:
+        for name, values, allowed in (("dp_types", self.dp_types, DP_TYPES), ("recompute", self.recompute, RECOMPUTE)):
+            unknown = [v for v in values if v not in allowed]
+            if not values or unknown:
+                raise UserError(f"search space {name} takes some of {', '.join(allowed)}, got {list(values)}")
+        if self.max_tp is not None and not is_power_of_two(self.max_tp):
+            raise UserError(f"search space max_tp must be a power of two, got {self.max_tp}")
+
+    def tp_limit(self, group: StageGroup) -> int:
+        """The largest tensor-parallel degree on `group`: inside a node, and within `max_tp`."""
+        limit = min(group.size, group.node_size)
+        return limit if self.max_tp is None else min(limit, self.max_tp)
+
+
+FULL_SPACE = SearchSpace()
+
+
 def is_power_of_two(n: int) -> bool:
     return n > 0 and n & (n - 1) == 0
 
@@ -86,30 +121,35 @@ def sp_allowed(workload: WorkloadConfig, tp: int) -> bool:
     return tp > 1 and workload.seq_len % tp == 0
 
 
-def layer_strategies(workload: WorkloadConfig, group: StageGroup, micro_step: int) -> list[Strategy]:
+def layer_strategies(
+    workload: WorkloadConfig, group: StageGroup, micro_step: int, space: SearchSpace = FULL_SPACE
+) -> list[Strategy]:
     """The pruned strategies of one block on `group` when a micro-step carries `micro_step` sequences.
 
     Each data-parallel replica needs a whole number of sequences, so tp must leave a dp that divides the
     micro-step.
     """
     out = []
-    for tp in powers_of_two(min(group.size, group.node_size)):
+    for tp in powers_of_two(space.tp_limit(group)):
         if group.size % tp or not tp_allowed(workload, tp):
             continue
         dp = group.size // tp
         if micro_step % dp:
             continue
         for sp in (False, True) if sp_allowed(workload, tp) else (False,):
-            for dp_type in DP_TYPES if dp > 1 else ("ddp",):
-                for recompute in RECOMPUTE:
+            dp_types: tuple[DpType, ...] = space.dp_types if dp > 1 else ("ddp",)
+            for dp_type in dp_types:
+                for recompute in space.recompute:
                     out.append(Strategy(tp, sp, dp_type, recompute))
     return out
 
 
-def edge_strategies(workload: WorkloadConfig, group: StageGroup, micro_step: int, dp_type: str) -> list[Strategy]:
+def edge_strategies(
+    workload: WorkloadConfig, group: StageGroup, micro_step: int, dp_type: DpType, space: SearchSpace = FULL_SPACE
+) -> list[Strategy]:
     """Strategies of the embedding or output layer: the stage's tp, the plan's dp_type, no recompute."""
     out = []
-    for tp in powers_of_two(min(group.size, group.node_size)):
+    for tp in powers_of_two(space.tp_limit(group)):
         if group.size % tp or not tp_allowed(workload, tp) or micro_step % (group.size // tp):
             continue
         dp = group.size // tp

@@ -129,10 +129,11 @@ def split_candidates(
     for plan, _ in ranked:
         if tried >= limit:
             break
-        if plan.batch_split is not None or (plan.dp or 1) < 2:
+        dp = plan.dp or 1
+        if plan.batch_split is not None or dp < 2:
             continue
         try:
-            bound = bind(plan.model_copy(update={"batch_split": (plan.micro_batch,) * plan.dp}), workload, cluster)
+            bound = bind(plan.model_copy(update={"batch_split": (plan.micro_batch,) * dp}), workload, cluster)
         except (InfeasiblePlan, UnsupportedPlan):
             continue
         if not mixed_replicas(bound):

@@ -51,7 +51,7 @@ from __future__ import annotations
 import math
 import time
 import warnings
-from collections.abc import Collection, Iterator, Sequence
+from collections.abc import Collection, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -376,6 +376,40 @@ def _drop_in_order(sizes: np.ndarray, starts: np.ndarray, ends: np.ndarray, orde
     return offsets
 
 
+def _sort_within_classes(warm: np.ndarray, classes: dict[tuple, list[int]]) -> None:
+    """Give each class of identical tensors its greedy slots in index order (in place)."""
+    for members in classes.values():
+        if len(members) > 1:
+            for i, o in zip(members, sorted(warm[members])):
+                warm[i] = o
+
+
+def _break_mirror(
+    sizes: np.ndarray,
+    pinned: np.ndarray,
+    pairs: list[tuple[int, int]],
+    classes: dict[tuple, list[int]],
+    warm: np.ndarray,
+) -> tuple[tuple[int, int] | None, np.ndarray]:
+    """The pair whose side is fixed to cut the mirror symmetry, and the warm start mirrored to agree with it.
+
+    Mirror symmetry (offset -> peak - offset - size) maps every solution to one as good; fixing the side of
+    one pair of distinct tensors cuts it, unless pinning already breaks it.
+    """
+    if pinned.any():
+        return None, warm
+    singleton = {members[0] for members in classes.values() if len(members) == 1}
+    candidates = [(int(sizes[i] + sizes[j]), i, j) for i, j in pairs if i in singleton and j in singleton]
+    if not candidates:
+        return None, warm
+    _, i, j = max(candidates)
+    if warm[i] > warm[j]:
+        top = int((warm + sizes).max())
+        warm = top - warm - sizes
+        _sort_within_classes(warm, classes)
+    return (i, j), warm
+
+
 def _solve_dsa(
     sizes: np.ndarray,
     starts: np.ndarray,
@@ -404,33 +438,14 @@ def _solve_dsa(
     for i in range(n):
         classes.setdefault(key[i], []).append(i)
     warm = warm.copy()
-    for members in classes.values():
-        if len(members) > 1:  # give the class's greedy slots to its members in index order
-            for i, o in zip(members, sorted(warm[members])):
-                warm[i] = o
-    singleton = {members[0] for members in classes.values() if len(members) == 1}
-
+    _sort_within_classes(warm, classes)
     pairs = [
         (i, j)
         for i in range(n)
         for j in range(i + 1, n)
         if sizes[i] > 0 and sizes[j] > 0 and starts[i] <= ends[j] and starts[j] <= ends[i]
     ]
-    # Mirror symmetry (offset -> peak - offset - size) maps every solution to one as good; fix the side of
-    # one pair of distinct tensors to cut it, unless pinning already breaks it.
-    mirror = None
-    if not pinned.any():
-        candidates = [(int(sizes[i] + sizes[j]), i, j) for i, j in pairs if i in singleton and j in singleton]
-        if candidates:
-            _, i, j = max(candidates)
-            mirror = (i, j)
-            if warm[i] > warm[j]:
-                top = int((warm + sizes).max())
-                warm = top - warm - sizes
-                for members in classes.values():
-                    if len(members) > 1:
-                        for m, o in zip(members, sorted(warm[members])):
-                            warm[m] = o
+    mirror, warm = _break_mirror(sizes, pinned, pairs, classes, warm)
 
     peak.setInitialValue(int((warm + sizes).max()))
     for i in range(n):
@@ -534,6 +549,84 @@ def _canonical(tensors: Sequence[TensorLife], pinned: Collection[str], alignment
     return tuple((_aligned(t.size, alignment), rank[t.start], rank[t.end], t.name in pinned) for t in tensors)
 
 
+def _owned_by_layer(
+    layers: Sequence[Sequence[TensorLife]], cross_layer: Sequence[TensorLife]
+) -> list[list[TensorLife]]:
+    """The cross-layer tensors each layer owns: the lowest layer whose workspace a tensor meets in time;
+    one that meets none goes to the top layer, so that no other layer has to step over it."""
+    spans = []
+    for layer in layers:
+        s = np.array([t.start for t in layer], dtype=np.int64)
+        e = np.array([t.end for t in layer], dtype=np.int64)
+        spans.append((s, e))
+    owned: list[list[TensorLife]] = [[] for _ in layers]
+    for tensor in cross_layer:
+        owner = len(layers) - 1
+        for index, (s, e) in enumerate(spans):
+            if len(s) and bool(((s <= tensor.end) & (e >= tensor.start)).any()):
+                owner = index
+                break
+        owned[owner].append(tensor)
+    return owned
+
+
+def _plan_frames(
+    frames: list[list[TensorLife]],
+    pinned_names: list[set[str]],
+    alignment: int,
+    time_limit_s: float,
+    started: float,
+) -> tuple[list[LayerMemoryPlan], dict[tuple, LayerMemoryPlan]]:
+    """Level one for each layer's frame (its owned tensors pinned at the bottom, then its workspace): one
+    MIP per distinct problem, its offsets carried over by position to the frames that repeat it."""
+    keys = [_canonical(frame, pinned, alignment) for frame, pinned in zip(frames, pinned_names)]
+    distinct = list(dict.fromkeys(keys))
+    solved: dict[tuple, LayerMemoryPlan] = {}
+    plans: list[LayerMemoryPlan] = []
+    for index, key in enumerate(keys):
+        if key not in solved:
+            remaining = len(distinct) - len(solved)
+            # Leave a tenth of the budget for greedy on the whole timeline and the final check.
+            budget = time_limit_s * 0.9 - (time.perf_counter() - started)
+            template = plan_layer(frames[index], max(0.5, budget / remaining), alignment, bottom=pinned_names[index])
+            solved[key] = template
+            plans.append(template)
+        else:
+            template = solved[key]
+            first = keys.index(key)
+            # Same problem: carry the template's offsets over by position.
+            mapping = {t.name: template.offsets[u.name] for t, u in zip(frames[index], frames[first])}
+            plans.append(
+                LayerMemoryPlan(
+                    mapping,
+                    template.peak_bytes,
+                    template.greedy_peak_bytes,
+                    template.lower_bound_bytes,
+                    template.solver_status,
+                    0.0,
+                    False,
+                )
+            )
+    return plans, solved
+
+
+def _stack_frames(
+    plans: list[LayerMemoryPlan], owned: list[list[TensorLife]], alignment: int
+) -> tuple[dict[str, int], list[int]]:
+    """Global offsets with each layer's frame based on the top of the pinned tensors of the layers below,
+    and the base of each frame."""
+    offsets: dict[str, int] = {}
+    bases = []
+    base = 0
+    for plan, pinned in zip(plans, owned):
+        bases.append(base)
+        for name, offset in plan.offsets.items():
+            offsets[name] = base + offset
+        pinned_top = max((plan.offsets[t.name] + _aligned(t.size, alignment) for t in pinned), default=0)
+        base += pinned_top
+    return offsets, bases
+
+
 def plan_model(
     layers: Sequence[Sequence[TensorLife]],
     cross_layer: Sequence[TensorLife],
@@ -543,7 +636,7 @@ def plan_model(
     """Level two: offsets for a whole model's activation tensors, all on one timeline of op steps.
 
     Args:
-        layers: layers[l] is layer l's intra-layer tensors (its workspace, alive inside its forward or
+        layers: layers[i] is layer i's intra-layer tensors (its workspace, alive inside its forward or
             backward), in global steps.
         cross_layer: tensors alive across layers (saved activations, hand-offs between layers, the
             residual gradient), in global steps.
@@ -558,62 +651,11 @@ def plan_model(
     if not layers:
         raise MemoryPlanError("plan_model needs at least one layer")
 
-    # Ownership: the lowest layer whose workspace a cross-layer tensor meets in time; one that meets none
-    # goes to the top layer, so that no other layer has to step over it.
-    spans = []
-    for layer in layers:
-        s = np.array([t.start for t in layer], dtype=np.int64)
-        e = np.array([t.end for t in layer], dtype=np.int64)
-        spans.append((s, e))
-    owned: list[list[TensorLife]] = [[] for _ in layers]
-    for tensor in cross_layer:
-        owner = len(layers) - 1
-        for l, (s, e) in enumerate(spans):
-            if len(s) and bool(((s <= tensor.end) & (e >= tensor.start)).any()):
-                owner = l
-                break
-        owned[owner].append(tensor)
-
-    frames = [owned[l] + list(layers[l]) for l in range(len(layers))]
-    pinned_names = [{t.name for t in owned[l]} for l in range(len(layers))]
-    keys = [_canonical(frames[l], pinned_names[l], alignment) for l in range(len(layers))]
-    distinct = list(dict.fromkeys(keys))
-    solved: dict[tuple, LayerMemoryPlan] = {}
-    plans: list[LayerMemoryPlan] = []
-    for l, key in enumerate(keys):
-        if key not in solved:
-            remaining = len(distinct) - len(solved)
-            # Leave a tenth of the budget for greedy on the whole timeline and the final check.
-            budget = time_limit_s * 0.9 - (time.perf_counter() - started)
-            template = plan_layer(frames[l], max(0.5, budget / remaining), alignment, bottom=pinned_names[l])
-            solved[key] = template
-            plans.append(template)
-        else:
-            template = solved[key]
-            first = keys.index(key)
-            # Same problem: carry the template's offsets over by position.
-            mapping = {t.name: template.offsets[u.name] for t, u in zip(frames[l], frames[first])}
-            plans.append(
-                LayerMemoryPlan(
-                    mapping,
-                    template.peak_bytes,
-                    template.greedy_peak_bytes,
-                    template.lower_bound_bytes,
-                    template.solver_status,
-                    0.0,
-                    False,
-                )
-            )
-
-    offsets: dict[str, int] = {}
-    bases = []
-    base = 0
-    for l, plan in enumerate(plans):
-        bases.append(base)
-        for name, offset in plan.offsets.items():
-            offsets[name] = base + offset
-        pinned_top = max((plan.offsets[t.name] + _aligned(t.size, alignment) for t in owned[l]), default=0)
-        base += pinned_top
+    owned = _owned_by_layer(layers, cross_layer)
+    frames = [mine + list(layer) for mine, layer in zip(owned, layers)]
+    pinned_names = [{t.name for t in mine} for mine in owned]
+    plans, solved = _plan_frames(frames, pinned_names, alignment, time_limit_s, started)
+    offsets, bases = _stack_frames(plans, owned, alignment)
 
     status = OPTIMAL if all(p.solver_status == OPTIMAL for p in solved.values()) else TIME_LIMIT
     greedy_offsets, greedy_peak = greedy_best_fit(everything, alignment)
@@ -674,14 +716,14 @@ class _OpSequence:
         self.start: dict[str, int] = {}
         self.end: dict[str, int] = {}
 
-    def op(self, reads: Sequence[str] = (), creates: dict[str, float] | None = None) -> None:
+    def op(self, reads: Sequence[str] = (), creates: Mapping[str, float] | None = None) -> None:
         self.step += 1
         for name in reads:
             assert name in self.start, f"{name} read before it exists"
             self.end[name] = self.step
         for name, nbytes in (creates or {}).items():
             assert name not in self.start, f"{name} created twice"
-            self.sizes[name] = int(round(nbytes))
+            self.sizes[name] = round(nbytes)
             self.start[name] = self.end[name] = self.step
 
     def tensors(self) -> list[TensorLife]:
@@ -694,6 +736,174 @@ def _resolve(workload: str | WorkloadConfig) -> WorkloadConfig:
     from workloads import load_workload
 
     return load_workload(workload)
+
+
+@dataclass(frozen=True)
+class _BlockShape:
+    """What sizes one block's tensors on one device, per micro-batch (bf16 activations, as
+    `workloads.transformer` counts them)."""
+
+    tokens: int  # tokens of the micro-batch
+    t_sp: int  # tokens in the norm/residual regions (split over tp under sequence parallelism)
+    h: int  # hidden size
+    q_w: int  # query width per device
+    kv_w: int  # key/value width per device
+    heads: int  # query heads per device
+    f_w: int  # FFN width per device
+    sp: bool  # sequence parallel (tp > 1)
+    rope: bool
+    swiglu: bool
+    dropout: bool
+    e: int = 2  # bytes per activation element
+
+
+_FORWARD_NAMES = (
+    "n1",
+    "n1_full",
+    "qkv",
+    "q",
+    "k",
+    "v",
+    "o",
+    "lse",
+    "attn_mask",
+    "h",
+    "n2",
+    "n2_full",
+    "gate",
+    "up",
+    "s",
+    "u",
+    "m",
+    "mlp_mask",
+)
+
+
+def _block_shape(cfg: WorkloadConfig, micro_batch: int, seq_len: int, tp: int, recompute: str) -> _BlockShape:
+    """The block's sizes, after checking that the builder covers the workload and that tp splits it."""
+    for name, value in (("micro_batch", micro_batch), ("seq_len", seq_len), ("tp", tp)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise MemoryPlanError(f"{name} must be a positive integer, got {value!r}")
+    if recompute not in RECOMPUTE_MODES:
+        raise MemoryPlanError(f"recompute must be one of {', '.join(RECOMPUTE_MODES)}; got {recompute!r}")
+    if cfg.family in ("t5", "moe"):
+        raise MemoryPlanError(
+            f"workload {cfg.name!r} is family {cfg.family!r}; the layer tensor builder covers single-stack "
+            "dense transformers (gpt, llama, bert, vit)"
+        )
+    a, kvh, d, f = cfg.num_heads, cfg.kv_heads, cfg.head_dim, cfg.ffn
+    for name, value in (("num_heads", a), ("kv_heads", kvh), ("ffn_hidden_size", f)):
+        if value % tp:
+            raise MemoryPlanError(f"tp={tp} must divide {name}={value} of workload {cfg.name!r}")
+    tokens = micro_batch * seq_len
+    if tp > 1 and tokens % tp:
+        raise MemoryPlanError(f"tp={tp} must divide micro_batch*seq_len={tokens} under sequence parallelism")
+    sp = tp > 1
+    return _BlockShape(
+        tokens=tokens,
+        t_sp=tokens // tp if sp else tokens,
+        h=cfg.hidden_size,
+        q_w=a * d // tp,
+        kv_w=kvh * d // tp,
+        heads=a // tp,
+        f_w=f // tp,
+        sp=sp,
+        rope=cfg.position_embedding == "rope",
+        swiglu=cfg.mlp == "swiglu",
+        dropout=bool(cfg.dropout),
+    )
+
+
+def _record_forward(ops: _OpSequence, b: _BlockShape, tag: str, *, first: bool) -> dict[str, str]:
+    """The block's forward ops; `tag` renames the tensors a recompute pass creates again."""
+    n = {k: k + tag for k in _FORWARD_NAMES}
+    tokens, t_sp, h, e, f_w = b.tokens, b.t_sp, b.h, b.e, b.f_w
+    ops.op(["x_in"], {n["n1"]: t_sp * h * e})  # norm
+    qkv_in = n["n1"]
+    if b.sp:
+        ops.op([n["n1"]], {n["n1_full"]: tokens * h * e})  # sequence-parallel all-gather
+        qkv_in = n["n1_full"]
+    qkv_sizes = {n["q"]: tokens * b.q_w * e, n["k"]: tokens * b.kv_w * e, n["v"]: tokens * b.kv_w * e}
+    if b.rope:
+        ops.op([qkv_in], {n["qkv"]: tokens * (b.q_w + 2 * b.kv_w) * e})  # qkv projection
+        ops.op([n["qkv"]], qkv_sizes)  # rotary embedding
+    else:
+        ops.op([qkv_in], qkv_sizes)
+    ops.op([n["q"], n["k"], n["v"]], {n["o"]: tokens * b.q_w * e, n["lse"]: tokens * b.heads * 4})  # flash
+    ops.op([n["o"], "x_in"], {n["h"]: t_sp * h * e, **({n["attn_mask"]: t_sp * h} if b.dropout else {})})
+    ops.op([n["h"]], {n["n2"]: t_sp * h * e})  # mlp norm
+    mlp_in = n["n2"]
+    if b.sp:
+        ops.op([n["n2"]], {n["n2_full"]: tokens * h * e})
+        mlp_in = n["n2_full"]
+    if b.swiglu:
+        ops.op([mlp_in], {n["gate"]: tokens * f_w * e, n["up"]: tokens * f_w * e})
+        ops.op([n["gate"]], {n["s"]: tokens * f_w * e})  # silu(gate)
+        ops.op([n["s"], n["up"]], {n["m"]: tokens * f_w * e})
+    else:
+        ops.op([mlp_in], {n["u"]: tokens * f_w * e})  # fc1
+        ops.op([n["u"]], {n["m"]: tokens * f_w * e})  # gelu / relu
+    if first:  # down projection + residual add: the block output (not re-run by a recompute pass)
+        ops.op([n["m"], n["h"]], {"x_out": t_sp * h * e, **({n["mlp_mask"]: t_sp * h} if b.dropout else {})})
+    elif b.dropout:  # a recompute pass regenerates the residual dropout mask from the saved RNG state
+        ops.op([], {n["mlp_mask"]: t_sp * h})
+    return n
+
+
+def _record_mlp_backward(ops: _OpSequence, b: _BlockShape, n: dict[str, str]) -> None:
+    """The MLP half of the backward, from the residual gradient to the mlp norm's backward."""
+    tokens, h, e, f_w = b.tokens, b.h, b.e, b.f_w
+    grad_in = "resid_grad"
+    if b.sp:
+        ops.op(["resid_grad"], {"grad_full": tokens * h * e})
+        grad_in = "grad_full"
+    ops.op([grad_in, n["m"]] + ([n["mlp_mask"]] if b.dropout else []), {"dm": tokens * f_w * e})  # fc2 backward
+    if b.swiglu:
+        ops.op(["dm", n["gate"], n["up"], n["s"]], {"dgate_up": 2 * tokens * f_w * e})
+        d_mlp_in = "dgate_up"
+    else:
+        ops.op(["dm", n["u"]], {"du": tokens * f_w * e})
+        d_mlp_in = "du"
+    mlp_in = n["n2"]
+    if b.sp:
+        ops.op([n["n2"]], {"n2_full@backward": tokens * h * e})  # re-gathered for the weight gradient
+        mlp_in = "n2_full@backward"
+    ops.op([d_mlp_in, mlp_in], {"dn2": tokens * h * e})  # fc1 / gate-up backward
+    ops.op(["dn2", n["h"], "resid_grad"])  # mlp norm backward, added into the residual gradient
+
+
+def _record_attention_backward(ops: _OpSequence, b: _BlockShape, n: dict[str, str], recompute: str) -> None:
+    """The attention half of the backward, down to the first norm's backward."""
+    tokens, h, e = b.tokens, b.h, b.e
+    grad_in = "resid_grad"
+    if b.sp:
+        ops.op(["resid_grad"], {"grad_full@attn": tokens * h * e})
+        grad_in = "grad_full@attn"
+    ops.op([grad_in, n["o"]] + ([n["attn_mask"]] if b.dropout else []), {"do": tokens * b.q_w * e})
+    lse = n["lse"]
+    if recompute == "selective":  # selective recompute drops the log-sum-exp; the attention core re-runs
+        ops.op([n["q"], n["k"], n["v"]], {"lse@recompute": tokens * b.heads * 4})
+        lse = "lse@recompute"
+    ops.op(
+        ["do", n["q"], n["k"], n["v"], n["o"], lse],
+        {
+            "dq": tokens * b.q_w * e,
+            "dk": tokens * b.kv_w * e,
+            "dv": tokens * b.kv_w * e,
+            "dq_accum": tokens * b.q_w * 4,
+            "softmax_d": tokens * b.heads * 4,
+        },  # flash backward workspaces
+    )
+    d_qkv = ["dq", "dk", "dv"]
+    if b.rope:
+        ops.op(d_qkv, {"dqkv": tokens * (b.q_w + 2 * b.kv_w) * e})  # rotary backward
+        d_qkv = ["dqkv"]
+    qkv_in = n["n1"]
+    if b.sp:
+        ops.op([n["n1"]], {"n1_full@backward": tokens * h * e})
+        qkv_in = "n1_full@backward"
+    ops.op(d_qkv + [qkv_in], {"dn1": tokens * h * e})  # qkv projection backward
+    ops.op(["dn1", "x_in", "resid_grad"])  # norm backward, added into the residual gradient
 
 
 def transformer_layer_tensors(
@@ -710,144 +920,20 @@ def transformer_layer_tensors(
     and the residual add are one op (addmm into the residual), so the block's output is written directly.
     Under full recompute, the backward first re-runs the forward from the saved input.
     """
-    cfg = _resolve(workload)
-    for name, value in (("micro_batch", micro_batch), ("seq_len", seq_len), ("tp", tp)):
-        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-            raise MemoryPlanError(f"{name} must be a positive integer, got {value!r}")
-    if recompute not in RECOMPUTE_MODES:
-        raise MemoryPlanError(f"recompute must be one of {', '.join(RECOMPUTE_MODES)}; got {recompute!r}")
-    if cfg.family in ("t5", "moe"):
-        raise MemoryPlanError(
-            f"workload {cfg.name!r} is family {cfg.family!r}; the layer tensor builder covers single-stack "
-            "dense transformers (gpt, llama, bert, vit)"
-        )
-    h, a, kvh, d, f = cfg.hidden_size, cfg.num_heads, cfg.kv_heads, cfg.head_dim, cfg.ffn
-    for name, value in (("num_heads", a), ("kv_heads", kvh), ("ffn_hidden_size", f)):
-        if value % tp:
-            raise MemoryPlanError(f"tp={tp} must divide {name}={value} of workload {cfg.name!r}")
-    tokens = micro_batch * seq_len
-    if tp > 1 and tokens % tp:
-        raise MemoryPlanError(f"tp={tp} must divide micro_batch*seq_len={tokens} under sequence parallelism")
-    e = 2  # bf16 activations, as `workloads.transformer` counts them
-    sp = tp > 1
-    t_sp = tokens // tp if sp else tokens  # tokens in the norm/residual regions
-    q_w, kv_w, heads, f_w = a * d // tp, kvh * d // tp, a // tp, f // tp
-    rope = cfg.position_embedding == "rope"
-    swiglu = cfg.mlp == "swiglu"
-    dropout = bool(cfg.dropout)
+    shape = _block_shape(_resolve(workload), micro_batch, seq_len, tp, recompute)
     ops = _OpSequence()
-
-    def forward(tag: str, *, first: bool) -> dict[str, str]:
-        """The block's forward ops; `tag` renames the tensors a recompute pass creates again."""
-        n = {
-            k: k + tag
-            for k in (
-                "n1",
-                "n1_full",
-                "qkv",
-                "q",
-                "k",
-                "v",
-                "o",
-                "lse",
-                "attn_mask",
-                "h",
-                "n2",
-                "n2_full",
-                "gate",
-                "up",
-                "s",
-                "u",
-                "m",
-                "mlp_mask",
-            )
-        }
-        ops.op(["x_in"], {n["n1"]: t_sp * h * e})  # norm
-        qkv_in = n["n1"]
-        if sp:
-            ops.op([n["n1"]], {n["n1_full"]: tokens * h * e})  # sequence-parallel all-gather
-            qkv_in = n["n1_full"]
-        qkv_sizes = {n["q"]: tokens * q_w * e, n["k"]: tokens * kv_w * e, n["v"]: tokens * kv_w * e}
-        if rope:
-            ops.op([qkv_in], {n["qkv"]: tokens * (q_w + 2 * kv_w) * e})  # qkv projection
-            ops.op([n["qkv"]], qkv_sizes)  # rotary embedding
-        else:
-            ops.op([qkv_in], qkv_sizes)
-        ops.op([n["q"], n["k"], n["v"]], {n["o"]: tokens * q_w * e, n["lse"]: tokens * heads * 4})  # flash
-        ops.op([n["o"], "x_in"], {n["h"]: t_sp * h * e, **({n["attn_mask"]: t_sp * h} if dropout else {})})
-        ops.op([n["h"]], {n["n2"]: t_sp * h * e})  # mlp norm
-        mlp_in = n["n2"]
-        if sp:
-            ops.op([n["n2"]], {n["n2_full"]: tokens * h * e})
-            mlp_in = n["n2_full"]
-        if swiglu:
-            ops.op([mlp_in], {n["gate"]: tokens * f_w * e, n["up"]: tokens * f_w * e})
-            ops.op([n["gate"]], {n["s"]: tokens * f_w * e})  # silu(gate)
-            ops.op([n["s"], n["up"]], {n["m"]: tokens * f_w * e})
-        else:
-            ops.op([mlp_in], {n["u"]: tokens * f_w * e})  # fc1
-            ops.op([n["u"]], {n["m"]: tokens * f_w * e})  # gelu / relu
-        if first:  # down projection + residual add: the block output (not re-run by a recompute pass)
-            ops.op([n["m"], n["h"]], {"x_out": t_sp * h * e, **({n["mlp_mask"]: t_sp * h} if dropout else {})})
-        elif dropout:  # a recompute pass regenerates the residual dropout mask from the saved RNG state
-            ops.op([], {n["mlp_mask"]: t_sp * h})
-        return n
-
-    ops.op([], {"x_in": t_sp * h * e})  # written by the layer below (its x_out)
-    n = forward("", first=True)
+    ops.op([], {"x_in": shape.t_sp * shape.h * shape.e})  # written by the layer below (its x_out)
+    n = _record_forward(ops, shape, "", first=True)
     forward_steps = ops.step + 1
 
-    ops.op([], {"resid_grad": t_sp * h * e})  # gradient of the block output, accumulated in place
+    ops.op([], {"resid_grad": shape.t_sp * shape.h * shape.e})  # gradient of the block output, accumulated in place
     if recompute == "full":
-        n = forward("@recompute", first=False)
-    grad_in = "resid_grad"
-    if sp:
-        ops.op(["resid_grad"], {"grad_full": tokens * h * e})
-        grad_in = "grad_full"
-    ops.op([grad_in, n["m"]] + ([n["mlp_mask"]] if dropout else []), {"dm": tokens * f_w * e})  # fc2 backward
-    if swiglu:
-        ops.op(["dm", n["gate"], n["up"], n["s"]], {"dgate_up": 2 * tokens * f_w * e})
-        d_mlp_in = "dgate_up"
-    else:
-        ops.op(["dm", n["u"]], {"du": tokens * f_w * e})
-        d_mlp_in = "du"
-    mlp_in = n["n2"]
-    if sp:
-        ops.op([n["n2"]], {"n2_full@backward": tokens * h * e})  # re-gathered for the weight gradient
-        mlp_in = "n2_full@backward"
-    ops.op([d_mlp_in, mlp_in], {"dn2": tokens * h * e})  # fc1 / gate-up backward
-    ops.op(["dn2", n["h"], "resid_grad"])  # mlp norm backward, added into the residual gradient
-    grad_in = "resid_grad"
-    if sp:
-        ops.op(["resid_grad"], {"grad_full@attn": tokens * h * e})
-        grad_in = "grad_full@attn"
-    ops.op([grad_in, n["o"]] + ([n["attn_mask"]] if dropout else []), {"do": tokens * q_w * e})
-    lse = n["lse"]
-    if recompute == "selective":  # selective recompute drops the log-sum-exp; the attention core re-runs
-        ops.op([n["q"], n["k"], n["v"]], {"lse@recompute": tokens * heads * 4})
-        lse = "lse@recompute"
-    ops.op(
-        ["do", n["q"], n["k"], n["v"], n["o"], lse],
-        {
-            "dq": tokens * q_w * e,
-            "dk": tokens * kv_w * e,
-            "dv": tokens * kv_w * e,
-            "dq_accum": tokens * q_w * 4,
-            "softmax_d": tokens * heads * 4,
-        },  # flash backward workspaces
-    )
-    d_qkv = ["dq", "dk", "dv"]
-    if rope:
-        ops.op(d_qkv, {"dqkv": tokens * (q_w + 2 * kv_w) * e})  # rotary backward
-        d_qkv = ["dqkv"]
-    qkv_in = n["n1"]
-    if sp:
-        ops.op([n["n1"]], {"n1_full@backward": tokens * h * e})
-        qkv_in = "n1_full@backward"
-    ops.op(d_qkv + [qkv_in], {"dn1": tokens * h * e})  # qkv projection backward
-    ops.op(["dn1", "x_in", "resid_grad"])  # norm backward, added into the residual gradient
+        n = _record_forward(ops, shape, "@recompute", first=False)
+    _record_mlp_backward(ops, shape, n)
+    _record_attention_backward(ops, shape, n, recompute)
 
-    intra, cross = [], []
+    intra: list[TensorLife] = []
+    cross: list[TensorLife] = []
     for tensor in ops.tensors():
         (cross if tensor.start < forward_steps <= tensor.end else intra).append(tensor)
     return LayerTensors(tuple(intra), tuple(cross), forward_steps)
@@ -856,8 +942,8 @@ def transformer_layer_tensors(
 def stack_layers(layer: LayerTensors, num_layers: int) -> tuple[list[list[TensorLife]], list[TensorLife]]:
     """`num_layers` copies of one layer on one timeline: forwards 0..L-1, then backwards L-1..0.
 
-    Returns (layers, cross_layer) for `plan_model`: layers[l] holds layer l's workspace, names prefixed
-    "layer{l}."; cross_layer holds the saved tensors of every layer, each layer's input as one buffer
+    Returns (layers, cross_layer) for `plan_model`: layers[i] holds layer i's workspace, names prefixed
+    "layer{i}."; cross_layer holds the saved tensors of every layer, each layer's input as one buffer
     from the op of the layer below that writes it to the backward that last reads it (the last layer's
     output lives until the backward starts), and the carried residual gradient as one buffer over the
     whole backward."""
@@ -868,24 +954,24 @@ def stack_layers(layer: LayerTensors, num_layers: int) -> tuple[list[list[Tensor
     nb = max(t.end for t in local.values()) + 1 - nf
     out_name, in_name = layer.handoff
 
-    def at(l: int, step: int) -> int:
-        return l * nf + step if step < nf else L * nf + (L - 1 - l) * nb + (step - nf)
+    def at(index: int, step: int) -> int:
+        return index * nf + step if step < nf else L * nf + (L - 1 - index) * nb + (step - nf)
 
     special = {out_name, in_name, *layer.carried}
     layers: list[list[TensorLife]] = [[] for _ in range(L)]
     cross: list[TensorLife] = []
-    for l in range(L):
+    for i in range(L):
         for tensor in layer.intra:
             if tensor.name not in special:
-                layers[l].append(
-                    TensorLife(f"layer{l}.{tensor.name}", tensor.size, at(l, tensor.start), at(l, tensor.end))
+                layers[i].append(
+                    TensorLife(f"layer{i}.{tensor.name}", tensor.size, at(i, tensor.start), at(i, tensor.end))
                 )
         for tensor in layer.cross:
             if tensor.name not in special:
-                cross.append(TensorLife(f"layer{l}.{tensor.name}", tensor.size, at(l, tensor.start), at(l, tensor.end)))
+                cross.append(TensorLife(f"layer{i}.{tensor.name}", tensor.size, at(i, tensor.start), at(i, tensor.end)))
         x_in = local[in_name]
-        start = at(l, x_in.start) if l == 0 else at(l - 1, local[out_name].start)
-        cross.append(TensorLife(f"layer{l}.{in_name}", x_in.size, start, at(l, x_in.end)))
+        start = at(i, x_in.start) if i == 0 else at(i - 1, local[out_name].start)
+        cross.append(TensorLife(f"layer{i}.{in_name}", x_in.size, start, at(i, x_in.end)))
     x_out = local[out_name]
     cross.append(TensorLife(f"layer{L - 1}.{out_name}", x_out.size, at(L - 1, x_out.start), L * nf))
     for name in layer.carried:

@@ -29,6 +29,7 @@ import math
 import time
 from collections.abc import Iterable
 from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 from hwmodel.cluster import ClusterSpec
 from hwmodel.errors import UserError
@@ -45,6 +46,9 @@ from workloads.activations import block_activations
 from workloads.config import WorkloadConfig
 from workloads.ops import ShardShape, kernel_family
 from workloads.transformer import layer_profile
+
+if TYPE_CHECKING:  # the memory plan pulls in PuLP: imported where it is used
+    from simulator.search.memo.memory_plan import LayerMemoryPlan
 
 
 @dataclass(frozen=True)
@@ -106,7 +110,10 @@ def choose_alpha(plan: Plan, workload: WorkloadConfig, cluster: ClusterSpec) -> 
     elif alpha_pcie <= alpha_host:
         reason = f"PCIe-bound: larger alpha would stall (alpha_pcie = {alpha_pcie:.3f})"
     else:
-        reason = f"host-memory-bound: the node's DRAM holds alpha <= {alpha_host:.3f} (PCIe would hide {min(alpha_pcie, 1):.3f})"
+        reason = (
+            f"host-memory-bound: the node's DRAM holds alpha <= {alpha_host:.3f} "
+            f"(PCIe would hide {min(alpha_pcie, 1):.3f})"
+        )
     # Round down so the plan stays within both limits when printed.
     return AlphaChoice(math.floor(alpha * 1000) / 1000, alpha_pcie, alpha_host, reason)
 
@@ -230,7 +237,7 @@ def megatron_baselines(
     return out
 
 
-def layer_memory_plan(plan: Plan, workload: WorkloadConfig, time_limit_s: float = 10.0):
+def layer_memory_plan(plan: Plan, workload: WorkloadConfig, time_limit_s: float = 10.0) -> LayerMemoryPlan | None:
     """Level one of MEMO's MIP for the chosen layout: offsets of one block's forward and backward tensors on
     one device. Under MEMO a block's saved tensors leave the device after its forward, so every block reuses
     this one frame (level two degenerates to the same address range for all layers). None when the layout
@@ -245,23 +252,22 @@ def layer_memory_plan(plan: Plan, workload: WorkloadConfig, time_limit_s: float 
     return plan_layer(list(intra) + list(cross), time_limit_s=time_limit_s)
 
 
-def search_memo(
-    workload: WorkloadConfig,
-    cluster: ClusterSpec,
-    micro_batches: Iterable[int] = (1, 2),
-    top: int = 5,
-    baselines: bool = True,
-    memory_plan_time_s: float | None = None,
-) -> SearchResult:
-    """The best MEMO plan for `workload` (at its seq_len) on `cluster`, the runners-up and the baselines.
+class _Scored(NamedTuple):
+    """One evaluated plan with why it was built."""
 
-    `memory_plan_time_s`: solve MEMO's memory plan for the chosen plan
-    with this CBC time limit and attach it (`Plan.memory_plan`, `details`); None skips it."""
-    start = time.perf_counter()
-    micro_batches = tuple(micro_batches)
-    if not micro_batches or min(micro_batches) < 1:
-        raise UserError(f"--micro-batch values must be positive integers, got {list(micro_batches)}")
-    scored: list[tuple[float, Plan, Report, str]] = []
+    mfu: float
+    plan: Plan
+    report: Report
+    why: str
+
+
+def _score_layouts(workload: WorkloadConfig, cluster: ClusterSpec, micro_batches: tuple[int, ...]) -> list[_Scored]:
+    """Every layout's MEMO plan and plain-swapping plan that fit, best MFU first.
+
+    Raises:
+        InfeasiblePlan: no plan fits, with the last reason one did not.
+    """
+    scored: list[_Scored] = []
     reasons: list[str] = []
     for layout in layouts(workload, cluster, micro_batches):
         try:
@@ -283,54 +289,79 @@ def search_memo(
             if report is None:
                 reasons.append(reason or "")
                 continue
-            scored.append((report.mfu, plan, report, why))
+            scored.append(_Scored(report.mfu, plan, report, why))
     if not scored:
         raise InfeasiblePlan(
             f"no MEMO plan fits {workload.name} at seq_len={workload.seq_len} on {cluster.name}: "
             + (reasons[-1] if reasons else "no layout divides the cluster")
         )
-    scored.sort(key=lambda s: -s[0])
-    candidates = [Candidate(plan=p, report=r) for _, p, r, _ in scored[:top]]
-    out_baselines = (
-        (megatron_baselines(workload, cluster, micro_batches) + [_deepspeed(workload, cluster)]) if baselines else []
-    )
-    best = scored[0]
-    offsets = None
-    if memory_plan_time_s is not None and best[1].recompute == "tokenwise":
-        layer_plan = layer_memory_plan(best[1], workload, memory_plan_time_s)
-        if layer_plan is not None:
-            spec = MemoryPlanSpec(peak_bytes=layer_plan.peak_bytes, greedy_peak_bytes=layer_plan.greedy_peak_bytes)
-            planned = best[1].model_copy(update={"memory_plan": spec})
-            best = (best[0], planned, best[2].model_copy(update={"plan": planned}), best[3])
-            candidates[0] = Candidate(plan=planned, report=best[2])
-            offsets = layer_plan.offsets
-    details = {
-        "alpha": best[1].offload,
-        "why": best[3],
-        "recompute": best[1].recompute,
-        "host_memory_bytes": best[2].host_memory_bytes,
+    scored.sort(key=lambda s: -s.mfu)
+    return scored
+
+
+def _details(
+    best: _Scored, layer_plan: LayerMemoryPlan | None, workload: WorkloadConfig, cluster: ClusterSpec
+) -> dict[str, Any]:
+    """The result's details: alpha and why, and the memory plan's figures when one was solved."""
+    details: dict[str, Any] = {
+        "alpha": best.plan.offload,
+        "why": best.why,
+        "recompute": best.plan.recompute,
+        "host_memory_bytes": best.report.host_memory_bytes,
     }
-    if best[1].recompute == "tokenwise":
-        choice = choose_alpha(best[1], workload, cluster)
+    if best.plan.recompute == "tokenwise":
+        choice = choose_alpha(best.plan, workload, cluster)
         details.update(alpha_pcie=choice.alpha_pcie, alpha_host=choice.alpha_host)
-    if offsets is not None:
-        mp = best[1].memory_plan
+    if layer_plan is not None:
         details.update(
-            memory_plan_peak_bytes=mp.peak_bytes,
-            memory_plan_greedy_peak_bytes=mp.greedy_peak_bytes,
+            memory_plan_peak_bytes=layer_plan.peak_bytes,
+            memory_plan_greedy_peak_bytes=layer_plan.greedy_peak_bytes,
             memory_plan_status=layer_plan.solver_status,
             memory_plan_solve_time_s=layer_plan.solve_time_s,
             memory_plan_lower_bound_bytes=layer_plan.lower_bound_bytes,
             fragmentation_avoided_bytes=layer_plan.fragmentation_avoided_bytes,
-            memory_plan_offsets=offsets,
+            memory_plan_offsets=layer_plan.offsets,
         )
+    return details
+
+
+def search_memo(
+    workload: WorkloadConfig,
+    cluster: ClusterSpec,
+    micro_batches: Iterable[int] = (1, 2),
+    top: int = 5,
+    baselines: bool = True,
+    memory_plan_time_s: float | None = None,
+) -> SearchResult:
+    """The best MEMO plan for `workload` (at its seq_len) on `cluster`, the runners-up and the baselines.
+
+    `memory_plan_time_s`: solve MEMO's memory plan for the chosen plan
+    with this CBC time limit and attach it (`Plan.memory_plan`, `details`); None skips it."""
+    start = time.perf_counter()
+    micro_batches = tuple(micro_batches)
+    if not micro_batches or min(micro_batches) < 1:
+        raise UserError(f"--micro-batch values must be positive integers, got {list(micro_batches)}")
+    scored = _score_layouts(workload, cluster, micro_batches)
+    candidates = [Candidate(plan=s.plan, report=s.report) for s in scored[:top]]
+    out_baselines = (
+        (megatron_baselines(workload, cluster, micro_batches) + [_deepspeed(workload, cluster)]) if baselines else []
+    )
+    best = scored[0]
+    layer_plan = None
+    if memory_plan_time_s is not None and best.plan.recompute == "tokenwise":
+        layer_plan = layer_memory_plan(best.plan, workload, memory_plan_time_s)
+        if layer_plan is not None:
+            spec = MemoryPlanSpec(peak_bytes=layer_plan.peak_bytes, greedy_peak_bytes=layer_plan.greedy_peak_bytes)
+            planned = best.plan.model_copy(update={"memory_plan": spec})
+            best = best._replace(plan=planned, report=best.report.model_copy(update={"plan": planned}))
+            candidates[0] = Candidate(plan=planned, report=best.report)
     return SearchResult(
         planner="memo",
         best=candidates[0],
         candidates=candidates,
         baselines=out_baselines,
         search_time_s=time.perf_counter() - start,
-        details=details,
+        details=_details(best, layer_plan, workload, cluster),
     )
 
 

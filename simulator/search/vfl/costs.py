@@ -172,7 +172,8 @@ def party_ranks(cluster: ClusterSpec, sites: tuple[str, str]) -> tuple[int, int]
         found = [loc.rank for loc in cluster.topology.locations if loc.site == site]
         if not found:
             raise UserError(
-                f"party site {site!r} is not a site of cluster {cluster.name!r}; its sites are {', '.join(cluster.sites)}"
+                f"party site {site!r} is not a site of cluster {cluster.name!r}; "
+                f"its sites are {', '.join(cluster.sites)}"
             )
         ranks.append(found[0])
     return ranks[0], ranks[1]

@@ -5,8 +5,8 @@ Vanilla VFL's test AUC after `n` rounds (fresh updates, one mini-batch each) fol
     AUC(n) = A_inf - (A_inf - A_0) * (1 + n / n_0) ** -p,
 
 fitted to the executor's vanilla runs. Counted in rounds rather than epochs, so that a fit from a run on
-fewer samples carries over to the full data set (the same distribution, the same batch). A local update (FedBCD's or CELU-VFL's, on cached statistics) is worth a
-fraction of a fresh one:
+fewer samples carries over to the full data set (the same distribution, the same batch). A local update
+(FedBCD's or CELU-VFL's, on cached statistics) is worth a fraction of a fresh one:
 
     value = rho * exp(-staleness / tau) * kappa ** repeat
 
@@ -128,7 +128,7 @@ class EfficiencyModel(BaseModel):
 
     def auc_after(self, rounds, timeline: Timeline, weighting: bool = True) -> np.ndarray:
         """The predicted AUC after each of `rounds` rounds of `timeline`'s mode."""
-        return self.curve.auc(Progress(timeline, self.value_of(weighting)).effective(rounds))
+        return np.asarray(self.curve.auc(Progress(timeline, self.value_of(weighting)).effective(rounds)))
 
 
 class Progress:
@@ -318,7 +318,7 @@ def fit_jointly(
     ]
     best, value = np.asarray(x0), loss(x0)
     for _ in range(3):  # restarts: the simplex shrinks in 8 dimensions
-        x = nelder_mead(loss, best, [0.5] * 8, iterations=1500)
+        x = nelder_mead(loss, best.tolist(), [0.5] * 8, iterations=1500)
         if loss(x) >= value - 1e-12:
             break
         best, value = x, loss(x)

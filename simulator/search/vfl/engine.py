@@ -44,7 +44,7 @@ from typing import Literal
 import simpy
 
 from simulator.des.fluid import FluidNetwork, Port
-from simulator.search.vfl.workset import Workset
+from simulator.search.vfl.workset import Sampling, Workset
 
 Mode = Literal["vanilla", "fedbcd", "celu"]
 MODES: tuple[str, ...] = ("vanilla", "fedbcd", "celu")
@@ -158,7 +158,7 @@ class RoundSimulation:
         seed: int = 0,
         cap: int | None = None,
         lock: str = "fifo",
-        sampling: str = "uniform",
+        sampling: Sampling = "uniform",
     ):
         if mode not in MODES:
             raise ValueError(f"mode must be one of {', '.join(MODES)}, got {mode!r}")
@@ -324,7 +324,7 @@ def simulate_mode(
     seed: int = 0,
     full: bool = False,
     lock: str = "fifo",
-    sampling: str = "uniform",
+    sampling: Sampling = "uniform",
 ) -> Timeline:
     """Round and epoch time of `mode`: R uses per batch (FedBCD, CELU-VFL), W cached batches (CELU-VFL).
 

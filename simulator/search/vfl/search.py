@@ -12,7 +12,8 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
 
 from hwmodel.cluster import ClusterSpec
 from hwmodel.errors import UserError
@@ -20,21 +21,20 @@ from simulator.plan import FederatedSpec, Plan
 from simulator.search.result import Baseline, Candidate, SearchResult
 from simulator.search.vfl.costs import default_sites, timing_model
 from simulator.search.vfl.efficiency import EfficiencyModel, load_efficiency
-from simulator.search.vfl.engine import Timeline, TimingModel, simulate_mode
+from simulator.search.vfl.engine import Mode, Timeline, TimingModel, simulate_mode
 from simulator.search.vfl.report import PartyFigures, VflReport
+from simulator.search.vfl.workset import Sampling
 from workloads import vfl as wl
 
 WORKSET_GRID: tuple[int, ...] = (1, 2, 3, 4, 6, 8, 12, 16)
 UPDATES_GRID: tuple[int, ...] = (2, 3, 4, 6, 8, 12, 16)  # R counts the fresh use: R=1 is vanilla VFL
 
 
-def federated_plan(sites: tuple[str, str], workset: int, local_updates: int, mode: str = "celu") -> Plan:
-    """The plan the executor runs: the parties (active first), the mode (where the plan contract carries one)
-    and W and R; VFL models train in fp32."""
-    fields = dict(parties=sites, workset=workset, local_updates=local_updates)
-    if "mode" in FederatedSpec.model_fields:
-        fields["mode"] = mode
-    return Plan(dtype="fp32", federated=FederatedSpec(**fields))
+def federated_plan(sites: tuple[str, str], workset: int, local_updates: int, mode: Mode = "celu") -> Plan:
+    """The plan the executor runs: the parties (active first), the mode, W and R; VFL models train in fp32."""
+    return Plan(
+        dtype="fp32", federated=FederatedSpec(parties=sites, workset=workset, local_updates=local_updates, mode=mode)
+    )
 
 
 def plan_mode(federated: FederatedSpec) -> str:
@@ -57,7 +57,7 @@ def _party(site: str, timeline: Timeline, name: str, model: TimingModel) -> Part
 
 
 def evaluate(
-    mode: str,
+    mode: Mode,
     workset: int,
     local_updates: int,
     *,
@@ -69,7 +69,7 @@ def evaluate(
     weighting: bool = True,
     full: bool = False,
     lock: str = "fifo",
-    sampling: str = "uniform",
+    sampling: Sampling = "uniform",
 ) -> VflReport:
     """One mode with W and R, simulated (`full`: the whole first epoch, not just to its steady state) and valued."""
     model = timing_model(cfg, cluster, sites, mode, weighting)
@@ -83,7 +83,7 @@ def evaluate(
     return VflReport(
         workload=cfg.name,
         cluster=cluster.name,
-        mode=mode,  # type: ignore[arg-type]
+        mode=mode,
         workset=workset if mode == "celu" else 1,
         local_updates=timeline.local_updates,
         weighting=weighting,
@@ -118,6 +118,103 @@ def _check_grid(name: str, values: Sequence[int]) -> tuple[int, ...]:
     return tuple(sorted(set(values)))
 
 
+@dataclass(frozen=True)
+class _Setting:
+    """What every point of one search shares: the workload, the cluster, the efficiency model, the target, the
+    sites."""
+
+    cfg: wl.VflWorkloadConfig
+    cluster: ClusterSpec
+    efficiency: EfficiencyModel
+    target: float
+    sites: tuple[str, str]
+
+    def evaluate(self, mode: Mode, workset: int, local_updates: int, weighting: bool = True) -> VflReport:
+        return evaluate(
+            mode,
+            workset,
+            local_updates,
+            cfg=self.cfg,
+            cluster=self.cluster,
+            efficiency=self.efficiency,
+            target=self.target,
+            sites=self.sites,
+            weighting=weighting,
+        )
+
+
+def _rank_key(report: VflReport) -> tuple[float, int, int]:
+    return report.time_to_target_s, report.workset, report.local_updates
+
+
+def _point(w: int, r: int) -> tuple[int, int]:
+    """R=1 uses each batch once, whatever W: vanilla VFL, one candidate at most."""
+    return (w if r > 1 else 1, r)
+
+
+def _walk_grid(
+    setting: _Setting, worksets: tuple[int, ...], updates: tuple[int, ...]
+) -> list[tuple[tuple[int, int], VflReport]]:
+    """Every (W, R) the coarse-to-fine walk visits, best first: the coarse grid, then the grid neighbours of
+    the best until none of them is better."""
+    done: dict[tuple[int, int], VflReport] = {}
+
+    def visit(points: Iterable[tuple[int, int]]) -> None:
+        for w, r in sorted(set(points) - set(done)):
+            done[(w, r)] = setting.evaluate("celu", w, r)
+
+    visit(_point(w, r) for w in _coarse(worksets) for r in _coarse(updates))
+    while True:  # walk to the best grid neighbour until none is better
+        best = min(done.values(), key=_rank_key)
+        w0, r0 = best.workset, best.local_updates
+        wi, ri = worksets.index(w0) if w0 in worksets else 0, updates.index(r0)
+        near = [
+            _point(worksets[i], updates[j])
+            for i in range(max(0, wi - 1), min(len(worksets), wi + 2))
+            for j in range(max(0, ri - 1), min(len(updates), ri + 2))
+        ]
+        if set(near) <= set(done):
+            break
+        visit(near)
+    return sorted(done.items(), key=lambda item: _rank_key(item[1]))
+
+
+def _baselines(
+    setting: _Setting, chosen: VflReport, chosen_plan: Plan, updates: tuple[int, ...]
+) -> tuple[list[Baseline], VflReport, VflReport]:
+    """The baselines beside the chosen W and R, with the vanilla and the best FedBCD report."""
+    sites = setting.sites
+    vanilla = setting.evaluate("vanilla", 1, 1)
+    fedbcd = min(
+        (setting.evaluate("fedbcd", 1, r) for r in updates), key=lambda rep: (rep.time_to_target_s, rep.local_updates)
+    )
+    baselines = [
+        Baseline(
+            name="vanilla VFL",
+            plan=federated_plan(sites, 1, 1, "vanilla"),
+            report=vanilla,
+            reason="one fresh exchange per batch, no local updates",
+        ),
+        Baseline(
+            name=f"FedBCD R={fedbcd.local_updates}",
+            plan=federated_plan(sites, 1, fedbcd.local_updates, "fedbcd"),
+            report=fedbcd,
+            reason="R-1 local steps on each round's stale statistics, in the main loop (its best R)",
+        ),
+    ]
+    if setting.efficiency.local_unweighted is not None:
+        ablation = setting.evaluate("celu", chosen.workset, chosen.local_updates, weighting=False)
+        baselines.append(
+            Baseline(
+                name="CELU-VFL, no weighting",
+                plan=chosen_plan,
+                report=ablation,
+                reason="the chosen W and R without per-instance weights",
+            )
+        )
+    return baselines, vanilla, fedbcd
+
+
 def search_vfl(
     cfg: wl.VflWorkloadConfig,
     cluster: ClusterSpec,
@@ -137,68 +234,11 @@ def search_vfl(
     efficiency = load_efficiency(cfg.name)
     target = efficiency.default_target() if target is None else target
     efficiency.check_target(target)
-    sites = sites or default_sites(cluster)
-    common = dict(cfg=cfg, cluster=cluster, efficiency=efficiency, target=target, sites=sites)
-
-    def key(c: Candidate) -> tuple:
-        return c.report.time_to_target_s, c.report.workset, c.report.local_updates
-
-    # R=1 uses each batch once, whatever W: vanilla VFL, one candidate at most.
-    def point(w: int, r: int) -> tuple[int, int]:
-        return (w if r > 1 else 1, r)
-
-    done: dict[tuple[int, int], Candidate] = {}
-
-    def visit(points) -> None:
-        for w, r in sorted(set(points) - set(done)):
-            done[(w, r)] = Candidate(plan=federated_plan(sites, w, r), report=evaluate("celu", w, r, **common))
-
-    coarse_w, coarse_r = _coarse(worksets), _coarse(updates)
-    visit(point(w, r) for w in coarse_w for r in coarse_r)
-    while True:  # walk to the best grid neighbour until none is better
-        best_key = min(done.values(), key=key)
-        w0, r0 = best_key.report.workset, best_key.report.local_updates
-        wi, ri = worksets.index(w0) if w0 in worksets else 0, updates.index(r0)
-        near = [
-            point(worksets[i], updates[j])
-            for i in range(max(0, wi - 1), min(len(worksets), wi + 2))
-            for j in range(max(0, ri - 1), min(len(updates), ri + 2))
-        ]
-        if set(near) <= set(done):
-            break
-        visit(near)
-    candidates = sorted(done.values(), key=key)
-    best = candidates[0]
-    chosen: VflReport = best.report  # type: ignore[assignment]
-
-    vanilla = evaluate("vanilla", 1, 1, **common)
-    fedbcd = min(
-        (evaluate("fedbcd", 1, r, **common) for r in updates), key=lambda rep: (rep.time_to_target_s, rep.local_updates)
-    )
-    baselines = [
-        Baseline(
-            name="vanilla VFL",
-            plan=federated_plan(sites, 1, 1, "vanilla"),
-            report=vanilla,
-            reason="one fresh exchange per batch, no local updates",
-        ),
-        Baseline(
-            name=f"FedBCD R={fedbcd.local_updates}",
-            plan=federated_plan(sites, 1, fedbcd.local_updates, "fedbcd"),
-            report=fedbcd,
-            reason="R-1 local steps on each round's stale statistics, in the main loop (its best R)",
-        ),
-    ]
-    if efficiency.local_unweighted is not None:
-        ablation = evaluate("celu", chosen.workset, chosen.local_updates, weighting=False, **common)
-        baselines.append(
-            Baseline(
-                name="CELU-VFL, no weighting",
-                plan=best.plan,
-                report=ablation,
-                reason="the chosen W and R without per-instance weights",
-            )
-        )
+    setting = _Setting(cfg, cluster, efficiency, target, sites or default_sites(cluster))
+    visited = _walk_grid(setting, worksets, updates)
+    candidates = [Candidate(plan=federated_plan(setting.sites, w, r), report=rep) for (w, r), rep in visited]
+    best, chosen = candidates[0], visited[0][1]
+    baselines, vanilla, fedbcd = _baselines(setting, chosen, best.plan, updates)
 
     def speedup(other: VflReport) -> float:
         return other.time_to_target_s / chosen.time_to_target_s if chosen.time_to_target_s > 0 else math.inf
@@ -218,8 +258,8 @@ def search_vfl(
             "local_updates_convention": "R counts every use of a batch, the fresh one included: R=1 is vanilla VFL",
             "efficiency_fitted": efficiency.fitted,
             "efficiency_provenance": efficiency.provenance,
-            "active_site": sites[0],
-            "passive_site": sites[1],
+            "active_site": setting.sites[0],
+            "passive_site": setting.sites[1],
         },
     )
 
