@@ -1,11 +1,13 @@
 """Starting the ranks: in this process, as spawned local processes, or inside a torchrun rendezvous.
 
 - One rank, no torchrun: the rank runs in this process (no process group is needed).
-- Several ranks, no torchrun: one process per rank (`torch.multiprocessing`, spawn). This process
-  holds the rendezvous `TCPStore` on a port the OS picks (no race for a "free" port) and watches the
-  ranks: when one dies (an exception, a signal, an exit status) the others are stopped within a few
-  seconds and `RankFailure` names the rank and the cause. A rank killed outright is preferred over
-  the communication errors it caused in its peers when naming the cause.
+- Several ranks, no torchrun: one process per rank (`torch.multiprocessing`, spawn), started by
+  `start_ranks`, the one primitive every feature that runs ranks on this machine uses (training jobs
+  here, `executor.calibrate`'s benchmarks). This process holds the rendezvous `TCPStore` on a port the
+  OS picks (no race for a "free" port), relays the ranks' events, and watches them: when one dies (an
+  exception, a signal, an exit status) the others are stopped within a few seconds and `RankFailure`
+  names the rank, the cause, when it failed and when the run was stopped. A rank killed outright is
+  preferred over the communication errors it caused in its peers when naming the cause.
 - Under torchrun (RANK, WORLD_SIZE, MASTER_ADDR, MASTER_PORT set): this process is one rank and joins
   that rendezvous (`env://`); torchrun's agent watches the ranks, and the process group's timeout
   bounds how long a rank waits for a dead peer.
@@ -24,13 +26,15 @@ import signal
 import sys
 import time
 import traceback
+from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from executor.job import Job, RunResult
+from executor.job import Job, RunResult, wall_clock
 from executor.runtime import StepCallback, run_rank
 
 TORCHRUN_VARS = ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
@@ -54,12 +58,32 @@ _COMM_ERROR_MARKS = (
 
 
 class RankFailure(Exception):
-    """A rank died; `rank` and `cause` say which and why (the CLI exits with status 1)."""
+    """A rank died; `rank` and `cause` say which and why (the CLI exits with status 1).
 
-    def __init__(self, rank: int, cause: str, world_size: int):
+    `failed_at` is when it failed (`time.time()`): the rank's own clock when it reported an error, else
+    when the launcher saw it gone (`seen`); `stopped_at` is when the launcher had stopped the other ranks.
+    Both are in the message, so a user can line the failure up with the ranks' own logs.
+    """
+
+    def __init__(
+        self,
+        rank: int,
+        cause: str,
+        world_size: int,
+        *,
+        failed_at: float | None = None,
+        stopped_at: float | None = None,
+        seen: bool = False,
+    ):
         self.rank = rank
         self.cause = cause
-        super().__init__(f"rank {rank} of {world_size} {cause}; the run was stopped")
+        self.failed_at = failed_at
+        self.stopped_at = stopped_at
+        when = ""
+        if failed_at is not None:
+            when += f" ({'seen' if seen else 'failed'} at {wall_clock(failed_at)})"
+        stopped = f" at {wall_clock(stopped_at)}" if stopped_at is not None else ""
+        super().__init__(f"rank {rank} of {world_size} {cause}{when}; the run was stopped{stopped}")
 
 
 def under_torchrun() -> bool:
@@ -79,24 +103,33 @@ def _configure_threads(local_world_size: int) -> None:
     torch.set_num_threads(max(1, threads))
 
 
-def _device(job: Job, local_rank: int) -> torch.device:
-    if job.device_type == "cuda":
+def _device(device_type: str, local_rank: int) -> torch.device:
+    if device_type == "cuda":
         device = torch.device("cuda", local_rank)
         torch.cuda.set_device(device)
         return device
     return torch.device("cpu")
 
 
-def _init_group(job: Job, rank: int, world_size: int, device: torch.device, store=None) -> None:
-    backend = "nccl" if job.device_type == "cuda" else "gloo"
-    kwargs = dict(backend=backend, rank=rank, world_size=world_size, timeout=pg_timeout())
-    if job.device_type == "cuda":
-        kwargs["device_id"] = device
-    if store is not None:
-        kwargs["store"] = store
-    else:
-        kwargs["init_method"] = "env://"
-    dist.init_process_group(**kwargs)
+def _init_group(
+    device_type: str,
+    rank: int,
+    world_size: int,
+    device: torch.device,
+    timeout: datetime.timedelta,
+    store: dist.Store | None = None,
+) -> None:
+    """Join the process group: through `store` (spawned ranks), else torchrun's `env://` rendezvous."""
+    cuda = device_type == "cuda"
+    dist.init_process_group(
+        backend="nccl" if cuda else "gloo",
+        init_method=None if store is not None else "env://",
+        store=store,
+        rank=rank,
+        world_size=world_size,
+        timeout=timeout,
+        device_id=device if cuda else None,
+    )
 
 
 def run(job: Job, on_step: StepCallback | None = None) -> RunResult | None:
@@ -126,7 +159,7 @@ def _run_here(job: Job, on_step: StepCallback | None) -> RunResult | None:
     """The single rank of a one-device plan, in this process (no process group needed)."""
     _configure_threads(1)
     try:
-        return run_rank(job, 0, 1, _device(job, 0), on_step, in_process=True)
+        return run_rank(job, 0, 1, _device(job.device_type, 0), on_step, in_process=True)
     except Exception as exc:
         if os.environ.get("HETPLAN_DEBUG"):
             traceback.print_exc()
@@ -137,8 +170,8 @@ def _run_torchrun(job: Job, on_step: StepCallback | None) -> RunResult | None:
     rank, world_size = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
     local_rank = int(os.environ.get("LOCAL_RANK", rank))
     _configure_threads(int(os.environ.get("LOCAL_WORLD_SIZE", world_size)))
-    device = _device(job, local_rank)
-    _init_group(job, rank, world_size, device)
+    device = _device(job.device_type, local_rank)
+    _init_group(job.device_type, rank, world_size, device, pg_timeout())
     try:
         return run_rank(job, rank, world_size, device, on_step if rank == 0 else None)
     except Exception as exc:
@@ -151,28 +184,122 @@ def _run_torchrun(job: Job, on_step: StepCallback | None) -> RunResult | None:
 
 
 # ---- local processes --------------------------------------------------------------------------------
+class RankContext:
+    """What a spawned rank's target receives: its place in the run and the launcher's event queue.
+
+    The process group is already initialized (gloo on CPU, NCCL on CUDA) when the target starts, and is
+    destroyed by the launcher after it returns.
+    """
+
+    def __init__(self, rank: int, world_size: int, device: torch.device, events: Any):
+        self.rank = rank
+        self.world_size = world_size
+        self.device = device
+        self._events = events
+
+    def emit(self, kind: str, *payload: Any) -> None:
+        """Send `(kind, *payload)` (picklable) to the launching process's `on_event`, in order."""
+        assert kind not in _RESERVED_EVENTS, f"event kind {kind!r} is the launcher's own"
+        self._events.put((kind, *payload))
+
+
+# A rank's work: a module-level function (spawn pickles it by name) called as target(ctx, *args); what it
+# returns (picklable) is that rank's entry in `start_ranks`' result.
+RankTarget = Callable[..., Any]
+# Receives every event the ranks emit, in the launching process: on_event(kind, payload).
+EventHandler = Callable[[str, tuple[Any, ...]], None]
+_RESERVED_EVENTS = ("result", "error")
+
+
+class LaunchTimeout(Exception):
+    """The ranks had not finished within the deadline given to `start_ranks`; they were stopped."""
+
+    def __init__(self, seconds: float):
+        self.seconds = seconds
+        super().__init__(f"the ranks did not finish within {seconds:.0f} s; they were stopped")
+
+
+def start_ranks(
+    target: RankTarget,
+    args: tuple[Any, ...],
+    world_size: int,
+    device_type: str = "cpu",
+    *,
+    on_event: EventHandler | None = None,
+    timeout: datetime.timedelta | None = None,
+    deadline_s: float | None = None,
+) -> list[Any]:
+    """Start `world_size` local processes (spawn), each rank running `target(ctx, *args)` in a process group.
+
+    This process holds the rendezvous `TCPStore` (on a port the OS picks), relays the ranks' events to
+    `on_event`, and watches them: the first failure (an exception, a signal, an exit status) stops the
+    others and raises `RankFailure` naming the rank, the cause and when it failed. Every rank is stopped
+    when this returns or raises.
+
+    Args:
+        target: picklable (a module-level function); its return value is sent back.
+        args: picklable arguments after the `RankContext`.
+        world_size: ranks to start (1 or more; one rank still runs in its own process).
+        device_type: "cpu" (gloo) or "cuda" (NCCL, rank r on cuda:r).
+        on_event: receives what the ranks `emit`, in this process.
+        timeout: how long a collective waits for a peer (default `pg_timeout()`).
+        deadline_s: stop the ranks and raise `LaunchTimeout` when they run longer.
+
+    Returns:
+        Each rank's return value, in rank order.
+
+    Raises:
+        RankFailure: a rank died (named, with its cause and the time).
+        LaunchTimeout: `deadline_s` passed.
+    """
+    ctx = mp.get_context("spawn")
+    events = ctx.Queue()
+    setup = _Setup(world_size, device_type, timeout or pg_timeout())
+    # Port 0: the OS picks a free port and this process holds it for the whole run.
+    store = dist.TCPStore("127.0.0.1", 0, is_master=True, wait_for_workers=False, timeout=setup.timeout)
+    procs = [
+        ctx.Process(
+            target=_child, args=(r, setup, store.port, target, args, events), name=f"hetplan-rank{r}", daemon=True
+        )
+        for r in range(world_size)
+    ]
+    try:
+        for p in procs:
+            p.start()
+        return _Watcher(procs, events, on_event, deadline_s).watch()
+    finally:
+        _stop(procs)
+        events.close()
+
+
+@dataclass(frozen=True)
+class _Setup:
+    world_size: int
+    device_type: str
+    timeout: datetime.timedelta
+
+
 def _is_comm_error(exc: BaseException) -> bool:
     text = f"{type(exc).__name__} {exc}".lower()
     return isinstance(exc, dist.DistError) or any(mark in text for mark in _COMM_ERROR_MARKS)
 
 
-def _child(rank: int, world_size: int, port: int, jobs: list[Job], events) -> None:
-    """Entry point of a spawned rank: join the store, run the jobs, report each result or the error."""
+def _child(rank: int, setup: _Setup, port: int, target: RankTarget, args: tuple[Any, ...], events: Any) -> None:
+    """Entry point of a spawned rank: join the store and the group, run the target, send its result or error."""
     code = 0
     try:
-        _configure_threads(world_size)
-        device = _device(jobs[0], rank)
-        store = dist.TCPStore("127.0.0.1", port, is_master=False, timeout=pg_timeout())
-        _init_group(jobs[0], rank, world_size, device, store=dist.PrefixStore("hetplan", store))
-        on_step = (lambda done, total, seconds: events.put(("step", done, total, seconds))) if rank == 0 else None
-        for index, job in enumerate(jobs):
-            result = run_rank(job, rank, world_size, device, on_step)
-            if result is not None:
-                events.put(("result", index, result.to_json()))
+        _configure_threads(setup.world_size)
+        device = _device(setup.device_type, rank)
+        store = dist.TCPStore("127.0.0.1", port, is_master=False, timeout=setup.timeout)
+        prefixed = dist.PrefixStore("hetplan", store)
+        _init_group(setup.device_type, rank, setup.world_size, device, setup.timeout, store=prefixed)
+        result = target(RankContext(rank, setup.world_size, device, events), *args)
+        events.put(("result", rank, result))
         dist.destroy_process_group()
     except BaseException as exc:
         code = 1
-        events.put(("error", rank, f"{type(exc).__name__}: {exc}", _is_comm_error(exc), traceback.format_exc()))
+        cause = f"{type(exc).__name__}: {exc}"
+        events.put(("error", rank, cause, _is_comm_error(exc), traceback.format_exc(), time.time()))
     # Flush the queue's feeder thread, then leave without running atexit handlers that may wait on peers.
     events.close()
     events.join_thread()
@@ -186,7 +313,9 @@ class _Failure:
     rank: int
     cause: str
     consequence: bool  # a communication error, probably caused by another rank's failure
-    at: float
+    at: float  # monotonic, to order failures
+    wall: float  # time.time() of the failure: the rank's own report, or when its exit was seen
+    reported: bool  # `wall` is the rank's own time (it sent an error) rather than when its death was seen
 
 
 def _exit_cause(exitcode: int) -> str:
@@ -199,7 +328,7 @@ def _exit_cause(exitcode: int) -> str:
     return f"exited with status {exitcode}"
 
 
-def _stop(procs: list) -> None:
+def _stop(procs: list[Any]) -> None:
     for p in procs:
         if p.is_alive():
             p.terminate()
@@ -211,72 +340,122 @@ def _stop(procs: list) -> None:
             p.join()
 
 
-def _spawn(jobs: list[Job], on_step: StepCallback | None) -> list[RunResult]:
-    world_size = jobs[0].world_size
-    ctx = mp.get_context("spawn")
-    events = ctx.Queue()
-    # Port 0: the OS picks a free port and this process holds it for the whole run.
-    store = dist.TCPStore("127.0.0.1", 0, is_master=True, wait_for_workers=False, timeout=pg_timeout())
-    procs = [
-        ctx.Process(target=_child, args=(r, world_size, store.port, jobs, events), name=f"hetplan-rank{r}", daemon=True)
-        for r in range(world_size)
-    ]
-    try:
-        for p in procs:
-            p.start()
-        return _watch(procs, events, on_step, world_size, len(jobs))
-    finally:
-        _stop(procs)
-        events.close()
+class _Watcher:
+    """Relays events, collects the results, and stops everything at the first failure or the deadline."""
 
+    def __init__(self, procs: list[Any], events: Any, on_event: EventHandler | None, deadline_s: float | None):
+        self.procs = procs
+        self.events = events
+        self.on_event = on_event
+        self.deadline = time.monotonic() + deadline_s if deadline_s is not None else None
+        self.deadline_s = deadline_s
+        self.failures: dict[int, _Failure] = {}
+        self.tracebacks: dict[int, str] = {}
+        self.results: dict[int, Any] = {}
+        self.failed_at: float | None = None
 
-def _watch(procs: list, events, on_step: StepCallback | None, world_size: int, num_jobs: int) -> list[RunResult]:
-    """Relay progress, collect the results, and stop everything at the first failure."""
-    failures: dict[int, _Failure] = {}
-    tracebacks: dict[int, str] = {}
-    results: dict[int, RunResult] = {}
-    failed_at: float | None = None
-
-    def handle(message) -> None:
+    def handle(self, message: tuple[Any, ...]) -> None:
         kind = message[0]
-        if kind == "step" and on_step is not None:
-            on_step(*message[1:])
-        elif kind == "result":
-            results[message[1]] = RunResult.from_dict(json.loads(message[2]))
+        if kind == "result":
+            self.results[message[1]] = message[2]
         elif kind == "error":
-            _, rank, cause, consequence, tb = message
-            tracebacks[rank] = tb
-            failures[rank] = _Failure(rank, f"failed: {cause}", consequence, time.monotonic())
+            _, rank, cause, consequence, tb, wall = message
+            self.tracebacks[rank] = tb
+            self.failures[rank] = _Failure(rank, f"failed: {cause}", consequence, time.monotonic(), wall, True)
+        elif self.on_event is not None:
+            self.on_event(kind, tuple(message[1:]))
 
-    while True:
+    def drain(self, wait_s: float) -> None:
+        """Handle what is queued, waiting up to `wait_s` for the first message."""
         try:
-            handle(events.get(timeout=0.2))
+            self.handle(self.events.get(timeout=wait_s))
             while True:
-                handle(events.get_nowait())
+                self.handle(self.events.get_nowait())
         except queue_mod.Empty:
             pass
-        for rank, p in enumerate(procs):
-            if p.exitcode not in (None, 0) and rank not in failures:
+
+    def watch(self) -> list[Any]:
+        world_size = len(self.procs)
+        while True:
+            self.drain(0.2)
+            self.note_exits()
+            if self.failed_at is not None and time.monotonic() - self.failed_at >= FAILURE_GRACE_S:
+                raise self.failure()
+            if self.failed_at is None and all(p.exitcode == 0 for p in self.procs):
+                # Everyone finished; the results may still be in the pipe.
+                deadline = time.monotonic() + 30.0
+                while len(self.results) < world_size and time.monotonic() < deadline:
+                    self.drain(0.5)
+                missing = [r for r in range(world_size) if r not in self.results]
+                if missing:
+                    raise RankFailure(missing[0], "finished without sending its result", world_size)
+                return [self.results[r] for r in range(world_size)]
+            if self.deadline is not None and self.deadline_s is not None and time.monotonic() > self.deadline:
+                _stop(self.procs)
+                raise LaunchTimeout(self.deadline_s)
+
+    def note_exits(self) -> None:
+        for rank, p in enumerate(self.procs):
+            if p.exitcode not in (None, 0) and rank not in self.failures:
                 # Killed (no message) or its message is still in flight: count it; a message replaces it.
-                failures[rank] = _Failure(rank, _exit_cause(p.exitcode), False, time.monotonic())
-        if failures and failed_at is None:
-            failed_at = time.monotonic()
-        if failed_at is not None and time.monotonic() - failed_at >= FAILURE_GRACE_S:
-            _stop(procs)
-            worst = min(failures.values(), key=lambda f: (f.consequence, f.at))
-            if worst.rank in tracebacks and os.environ.get("HETPLAN_DEBUG"):
-                print(tracebacks[worst.rank], file=sys.stderr)
-            raise RankFailure(worst.rank, worst.cause, world_size)
-        if failed_at is None and all(p.exitcode == 0 for p in procs):
-            # Everyone finished; the result may still be in the pipe.
-            try:
-                while True:
-                    handle(events.get(timeout=0.5))
-            except queue_mod.Empty:
-                pass
-            if len(results) != num_jobs:
-                raise RankFailure(0, "finished without sending its results", world_size)
-            return [results[i] for i in range(num_jobs)]
+                self.failures[rank] = _Failure(
+                    rank, _exit_cause(p.exitcode), False, time.monotonic(), time.time(), False
+                )
+        if self.failures and self.failed_at is None:
+            self.failed_at = time.monotonic()
+
+    def failure(self) -> RankFailure:
+        """Stop every rank and name the failure that caused the others (a rank's own error or death first)."""
+        _stop(self.procs)
+        worst = min(self.failures.values(), key=lambda f: (f.consequence, f.at))
+        if worst.rank in self.tracebacks and os.environ.get("HETPLAN_DEBUG"):
+            print(self.tracebacks[worst.rank], file=sys.stderr)
+        return RankFailure(
+            worst.rank,
+            worst.cause,
+            len(self.procs),
+            failed_at=worst.wall,
+            stopped_at=time.time(),
+            seen=not worst.reported,
+        )
 
 
-__all__ = ["RankFailure", "run", "run_jobs", "under_torchrun"]
+# ---- training jobs on local processes -----------------------------------------------------------------
+def _train(ctx: RankContext, jobs: list[Job]) -> list[str | None]:
+    """A rank's part of every job, one after the other: each job's result as JSON where this rank has it."""
+    on_step: StepCallback | None = None
+    if ctx.rank == 0:
+        on_step = lambda done, total, seconds: ctx.emit("step", done, total, seconds)
+    out: list[str | None] = []
+    for job in jobs:
+        result = run_rank(job, ctx.rank, ctx.world_size, ctx.device, on_step)
+        out.append(result.to_json() if result is not None else None)
+    return out
+
+
+def _spawn(jobs: list[Job], on_step: StepCallback | None) -> list[RunResult | None]:
+    def relay(kind: str, payload: tuple[Any, ...]) -> None:
+        if kind == "step" and on_step is not None:
+            on_step(*payload)
+
+    per_rank = start_ranks(_train, (jobs,), jobs[0].world_size, jobs[0].device_type, on_event=relay)
+    results: list[RunResult | None] = []
+    for index in range(len(jobs)):
+        text = next((r[index] for r in per_rank if r[index] is not None), None)
+        if text is None:
+            raise RankFailure(0, "finished without sending its results", jobs[0].world_size)
+        results.append(RunResult.from_dict(json.loads(text)))
+    return results
+
+
+__all__ = [
+    "EventHandler",
+    "LaunchTimeout",
+    "RankContext",
+    "RankFailure",
+    "RankTarget",
+    "run",
+    "run_jobs",
+    "start_ranks",
+    "under_torchrun",
+]

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import os
 import signal
+import sys
 import time
 from collections.abc import Callable
 from contextlib import nullcontext
@@ -28,7 +29,7 @@ import torch.distributed as dist
 from torch.distributed.fsdp import FSDPModule
 
 from executor import checkpoint
-from executor.job import FAIL_AT_STEP_ENV, FAIL_MODE_ENV, FAIL_RANK_ENV, Job, RunResult
+from executor.job import FAIL_AT_STEP_ENV, FAIL_MODE_ENV, FAIL_RANK_ENV, Job, RunResult, wall_clock
 from executor.memory import SavedTensorTracker, gradient_bytes, optimizer_bytes, parameter_bytes
 from executor.parallel.parallelize import Layout, RankModel, build_rank_model, replica_loss_scale, replica_sequences
 from workloads.torch_models import SyntheticTokens, loss_fn
@@ -61,7 +62,16 @@ def _maybe_fail(step: int, rank: int, in_process: bool) -> None:
     if at is None or int(at) != step or int(os.environ.get(FAIL_RANK_ENV, "0")) != rank:
         return
     mode = os.environ.get(FAIL_MODE_ENV, "kill")
-    if mode == "kill" and not in_process:
+    kill = mode == "kill" and not in_process
+    # The moment of the fault, in the log: what the launcher's report of it is measured against.
+    how = "killing itself with SIGKILL" if kill else "raising an exception"
+    print(
+        f"hetplan: rank {rank}: injected failure at step {step} ({FAIL_AT_STEP_ENV}={at}), {how} at "
+        f"{wall_clock(time.time())}",
+        file=sys.stderr,
+        flush=True,
+    )
+    if kill:
         os.kill(os.getpid(), signal.SIGKILL)
     raise RuntimeError(f"injected failure at step {step} ({FAIL_AT_STEP_ENV}={at})")
 
