@@ -1,6 +1,7 @@
 """Calibration's fits: the timings `executor.calibrate.run` measures, turned into the spec's figures.
 
-Pure functions of the measured points (unit-tested on synthetic data in tests/executor/calibrate/test_calibrate.py): efficiency
+Pure functions of the measured points (unit-tested on synthetic data in
+tests/executor/calibrate/test_calibrate.py): efficiency
 curves in log size with the interpolation `EfficiencyCurve` uses, the separable GEMM fit (FLOPs x smallest
 dimension), attention, memory-copy and elementwise rates under the simulator's roofline, alpha-beta fits of
 each collective kind with the simulator's formula, and the compute slowdown while communication overlaps.
@@ -287,7 +288,8 @@ def fit_matmul(points: Sequence[dict], curve_dtype: str, zero_s: dict[str, float
     usable = [p for p in points if p["seconds"] >= RESOLVABLE * zero_s.get(p["dtype"], 0.0)]
     if sum(1 for p in usable if p["dtype"] == curve_dtype) < 2:
         raise CalibrationError(
-            f"too few usable {curve_dtype} GEMM measurements ({sum(1 for p in usable if p['dtype'] == curve_dtype)}) to fit a curve"
+            f"too few usable {curve_dtype} GEMM measurements "
+            f"({sum(1 for p in usable if p['dtype'] == curve_dtype)}) to fit a curve"
         )
 
     def compute_s(p):
