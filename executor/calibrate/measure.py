@@ -9,6 +9,7 @@ docstring for the timing rules); storage is timed by the parent once the ranks a
 from __future__ import annotations
 
 import datetime
+import functools
 import math
 import os
 import statistics
@@ -16,7 +17,7 @@ import tempfile
 import time
 import warnings
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -25,7 +26,7 @@ import numpy as np
 from executor.calibrate.fit import COLLECTIVE_KINDS, VECTOR_OPS, CalibrationError, overlap_slowdown
 
 if TYPE_CHECKING:
-    from executor.launch import RankContext
+    from executor.ranks import RankContext
 
 KiB, MiB, GiB = 2**10, 2**20, 2**30
 
@@ -295,6 +296,15 @@ def _rss_bytes() -> float:
     return 0.0
 
 
+@dataclass
+class _Item:
+    """One item of `_Worker.measure`: its operation, calls per sample, and the samples taken."""
+
+    fn: Callable[[], Any] | None
+    inner: int
+    samples: list[float] = field(default_factory=list)
+
+
 class _Worker:
     """One rank: measures the device while every other rank measures the same thing, then collectives."""
 
@@ -473,7 +483,7 @@ class _Worker:
         `first_call(i, seconds)` sees each single timed call of pass 0 (to size the next items).
         """
         clock = self.clock
-        entries: list[list | None] = []
+        entries: list[_Item | None] = []
         for i, build in enumerate(builders):
             fn = build()
             if fn is None:
@@ -490,19 +500,19 @@ class _Worker:
             if first_call is not None:
                 first_call(i, one)
             inner = max(1, min(20000, math.ceil(self.sweep.sample_s / max(one, 1e-7))))
-            entry = [fn, inner, []]
+            entry = _Item(fn, inner)
             if not interleave:
-                entry[2] = [self._sample(fn, inner) for _ in range(self.sweep.repeats)]
-                entry[0] = None  # free the buffers now
+                entry.samples = [self._sample(fn, inner) for _ in range(self.sweep.repeats)]
+                entry.fn = None  # free the buffers now
             entries.append(entry)
             self.tick(phase)
         if interleave:
             for _ in range(self.sweep.repeats):
-                for entry in entries:
-                    if entry is not None:
+                for item in entries:
+                    if item is not None and item.fn is not None:
                         self.barrier()
-                        entry[2].append(self._sample(entry[0], entry[1]))
-        return [statistics.median(e[2]) if e is not None else None for e in entries]
+                        item.samples.append(self._sample(item.fn, item.inner))
+        return [statistics.median(e.samples) if e is not None else None for e in entries]
 
     def _sample(self, fn: Callable[[], Any], inner: int) -> float:
         clock = self.clock
@@ -534,7 +544,7 @@ class _Worker:
             a = torch.ones(8, 8, dtype=_torch_dtype(dtype), device=self.device)
             self.barrier()
             with torch.no_grad():
-                zero[dtype] = self.time_call(lambda a=a: torch.mm(a, a))
+                zero[dtype] = self.time_call(functools.partial(torch.mm, a, a))
         items = gemm_items(self.sweep, self.job.dtypes)
         last_rate: dict[str, float] = {}
         skipped: dict[str, list[float]] = {}
@@ -785,9 +795,11 @@ class _Worker:
                 for e in self.sweep.vector_elems
             }
             items = [(d, op, e) for d, op in plan for e in self.sweep.vector_elems]
-            times = self.measure(
-                "vector", [lambda d=d, op=op, e=e: self._vector_fn(op, *inputs[(d, e)]) for d, op, e in items]
-            )
+
+            def builder(dtype: str, op: str, elems: int) -> Callable[[], Callable[[], Any] | None]:
+                return lambda: self._vector_fn(op, *inputs[(dtype, elems)])
+
+            times = self.measure("vector", [builder(d, op, e) for d, op, e in items])
             inputs.clear()  # free the tensors now that they are timed
         # Keep the tick count fixed whatever dtypes were dropped.
         for _ in range((len(VECTOR_OPS) * len(self.job.dtypes) + 1 - len(plan)) * len(self.sweep.vector_elems)):
@@ -969,7 +981,7 @@ def run_workers(job: WorkerJob, sink: ProgressSink, timeout_s: float) -> list[di
     Raises:
         CalibrationError: a rank failed (named, with its cause), or the ranks ran past `timeout_s`.
     """
-    from executor.launch import LaunchTimeout, RankFailure, start_ranks
+    from executor.ranks import LaunchTimeout, RankFailure, start_ranks
 
     def relay(kind: str, payload: tuple[Any, ...]) -> None:
         if kind == "tick":
