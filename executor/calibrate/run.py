@@ -110,8 +110,9 @@ from executor.calibrate.spec import (
     fmt_seconds,
 )
 from hwmodel.catalog import clear_caches, load_cluster
-from hwmodel.cluster import ClusterSpec
-from hwmodel.components import DeviceSpec
+from hwmodel.cluster import ClusterSpec, NodeSpec
+from hwmodel.components import DeviceSpec, MemorySpec
+from hwmodel.curves import EfficiencyCurve
 
 DEFAULT_NAME = "cpu-local-calibrated"
 MAX_RANKS = 64
@@ -430,105 +431,128 @@ def write_calibration(
 # ================================================================================================
 # Summary: measured vs a catalog spec
 # ================================================================================================
-def summary_rows(
-    cal: Calibration, baseline: DeviceSpec | None, baseline_cluster: ClusterSpec | None
-) -> list[tuple[str, str, str, str]]:
-    """(figure, measured, baseline, measured / baseline) rows for the printed table."""
-    d, c = cal.device, cal.cluster
-    node = c.node_groups[0].node
-    bnode = baseline_cluster.node_groups[0].node if baseline_cluster is not None else None
-    rows: list[tuple[str, str, str, str]] = []
+Row = tuple[str, str, str, str]
 
-    def add(label: str, mine: float | None, base: float | None, fmt: Callable[[float], str]) -> None:
+
+class _Rows:
+    """The summary table being built: (figure, measured, baseline, measured / baseline)."""
+
+    def __init__(self) -> None:
+        self.rows: list[Row] = []
+
+    def add(self, label: str, mine: float | None, base: float | None, fmt: Callable[[float], str]) -> None:
         ratio = f"{mine / base:.2f}x" if mine is not None and base else ""
-        rows.append((label, fmt(mine) if mine is not None else "-", fmt(base) if base is not None else "-", ratio))
+        self.rows.append((label, fmt(mine) if mine is not None else "-", fmt(base) if base is not None else "-", ratio))
 
-    pct = lambda v: f"{v:.3f}"
+
+def _pct(v: float) -> str:
+    return f"{v:.3f}"
+
+
+def _compute_rows(rows: _Rows, d: DeviceSpec, baseline: DeviceSpec | None) -> None:
+    """Peaks, each dtype's own efficiencies (the baseline's shared ones where it has no per_dtype),
+    vector rates, kernel overhead and the overlap slowdown."""
     dtypes = [dt for dt in ("fp32", "tf32", "bf16", "fp16") if dt in d.compute.matrix]
     for dtype in dtypes:
-        add(
-            f"matrix peak {dtype}",
-            d.compute.matrix[dtype],
-            baseline.compute.peak(dtype, "matrix") if baseline else None,
-            fmt_flop_rate,
-        )
-    # Efficiencies of each dtype's own curves (the baseline's shared ones where it has no per_dtype).
+        base_peak = baseline.compute.peak(dtype, "matrix") if baseline else None
+        rows.add(f"matrix peak {dtype}", d.compute.matrix[dtype], base_peak, fmt_flop_rate)
     for dtype in dtypes:
         mine = d.compute.efficiencies(dtype)
         base = baseline.compute.efficiencies(dtype) if baseline else None
         for size in (1e6, 1e9):
-            add(f"{dtype} GEMM eff @ {fmt_flops(size)}", mine[0](size), base[0](size) if base else None, pct)
-        add(f"{dtype} GEMM dim eff @ 16", mine[1](16), base[1](16) if base else None, pct)
+            rows.add(f"{dtype} GEMM eff @ {fmt_flops(size)}", mine[0](size), base[0](size) if base else None, _pct)
+        rows.add(f"{dtype} GEMM dim eff @ 16", mine[1](16), base[1](16) if base else None, _pct)
         if dtype != "tf32":
             for size in (1e7, 1e9):
-                add(f"{dtype} attention eff @ {fmt_flops(size)}", mine[2](size), base[2](size) if base else None, pct)
+                label = f"{dtype} attention eff @ {fmt_flops(size)}"
+                rows.add(label, mine[2](size), base[2](size) if base else None, _pct)
     for dtype in ("fp32", "bf16", "fp16"):
         if dtype in d.compute.vector:
-            add(
+            rows.add(
                 f"{dtype} vector rate (x eff)",
                 d.compute.peak(dtype, "vector") * d.compute.efficiencies(dtype)[3],
                 baseline.compute.peak(dtype, "vector") * baseline.compute.efficiencies(dtype)[3] if baseline else None,
                 fmt_flop_rate,
             )
-    add(
+    rows.add(
         "kernel overhead",
         d.compute.kernel_overhead,
         baseline.compute.kernel_overhead if baseline else None,
         fmt_seconds,
     )
-    add(
+    rows.add(
         "comm overlap slowdown",
         d.compute.comm_overlap_slowdown,
         baseline.compute.comm_overlap_slowdown if baseline else None,
-        pct,
+        _pct,
     )
-    add("memory bandwidth (peak)", d.memory.bandwidth, baseline.memory.bandwidth if baseline else None, fmt_bandwidth)
+
+
+def _memory_rate(memory: MemorySpec, size: float) -> float:
+    """Bytes/s a copy moving `size` bytes reaches on `memory`."""
+    curve: EfficiencyCurve = memory.efficiency
+    return memory.bandwidth * curve(size)
+
+
+def _memory_rows(rows: _Rows, d: DeviceSpec, baseline: DeviceSpec | None) -> None:
+    bmem = baseline.memory if baseline else None
+    rows.add("memory bandwidth (peak)", d.memory.bandwidth, bmem.bandwidth if bmem else None, fmt_bandwidth)
     for size in (1 * MiB, 64 * MiB):
-        add(
-            f"memory rate @ {fmt_bytes(size)} moved",
-            d.memory.bandwidth * d.memory.efficiency(size),
-            baseline.memory.bandwidth * baseline.memory.efficiency(size) if baseline else None,
-            fmt_bandwidth,
-        )
-    add("memory capacity per device", d.memory.capacity, baseline.memory.capacity if baseline else None, fmt_bytes)
-    add("memory reserved", d.memory.reserved, baseline.memory.reserved if baseline else None, fmt_bytes)
-    add(
+        label = f"memory rate @ {fmt_bytes(size)} moved"
+        rows.add(label, _memory_rate(d.memory, size), _memory_rate(bmem, size) if bmem else None, fmt_bandwidth)
+    rows.add("memory capacity per device", d.memory.capacity, bmem.capacity if bmem else None, fmt_bytes)
+    rows.add("memory reserved", d.memory.reserved, bmem.reserved if bmem else None, fmt_bytes)
+
+
+def _node_rows(rows: _Rows, node: NodeSpec, bnode: NodeSpec | None) -> None:
+    """The intra-node link (joint and per collective kind), host link, host and storage."""
+    intra, bintra = node.intra_node, bnode.intra_node if bnode else None
+    rows.add(
         "intra-node bw (joint fit)",
-        node.intra_node.effective_bandwidth,
-        bnode.intra_node.effective_bandwidth if bnode else None,
+        intra.effective_bandwidth,
+        bintra.effective_bandwidth if bintra else None,
         fmt_bandwidth,
     )
-    add("intra-node latency (joint)", node.intra_node.latency, bnode.intra_node.latency if bnode else None, fmt_seconds)
-    for kind in node.intra_node.collectives:
+    rows.add("intra-node latency (joint)", intra.latency, bintra.latency if bintra else None, fmt_seconds)
+    for kind in intra.collectives:
         # Bandwidth + latency of the kind's own fit; the ratio is of the bandwidths.
-        (bw, lat), base = node.intra_node.achieved(kind), bnode.intra_node.achieved(kind) if bnode else None
-        rows.append(
+        bw, lat = intra.achieved(kind)
+        theirs = bintra.achieved(kind) if bintra else None
+        rows.rows.append(
             (
                 f"{kind} bw + latency",
                 f"{fmt_bandwidth(bw)} + {fmt_seconds(lat)}",
-                f"{fmt_bandwidth(base[0])} + {fmt_seconds(base[1])}" if base else "-",
-                f"{bw / base[0]:.2f}x" if base else "",
+                f"{fmt_bandwidth(theirs[0])} + {fmt_seconds(theirs[1])}" if theirs else "-",
+                f"{bw / theirs[0]:.2f}x" if theirs else "",
             )
         )
-    add(
+    rows.add(
         "host link bandwidth",
         node.host_link.effective_bandwidth,
         bnode.host_link.effective_bandwidth if bnode else None,
         fmt_bandwidth,
     )
-    add("host memory", node.host.memory, bnode.host.memory if bnode else None, fmt_bytes)
-    add(
-        "host memory bandwidth",
-        node.host.memory_bandwidth,
-        bnode.host.memory_bandwidth if bnode else None,
-        fmt_bandwidth,
+    bhost = bnode.host if bnode else None
+    rows.add("host memory", node.host.memory, bhost.memory if bhost else None, fmt_bytes)
+    rows.add(
+        "host memory bandwidth", node.host.memory_bandwidth, bhost.memory_bandwidth if bhost else None, fmt_bandwidth
     )
     if node.storage is not None:
         bst = bnode.storage if bnode else None
-        add("storage read", node.storage.read_bandwidth, bst.read_bandwidth if bst else None, fmt_bandwidth)
-        add("storage write", node.storage.write_bandwidth, bst.write_bandwidth if bst else None, fmt_bandwidth)
-        add("storage latency", node.storage.latency, bst.latency if bst else None, fmt_seconds)
-    return rows
+        rows.add("storage read", node.storage.read_bandwidth, bst.read_bandwidth if bst else None, fmt_bandwidth)
+        rows.add("storage write", node.storage.write_bandwidth, bst.write_bandwidth if bst else None, fmt_bandwidth)
+        rows.add("storage latency", node.storage.latency, bst.latency if bst else None, fmt_seconds)
+
+
+def summary_rows(cal: Calibration, baseline: DeviceSpec | None, baseline_cluster: ClusterSpec | None) -> list[Row]:
+    """(figure, measured, baseline, measured / baseline) rows for the printed table."""
+    node = cal.cluster.node_groups[0].node
+    bnode = baseline_cluster.node_groups[0].node if baseline_cluster is not None else None
+    rows = _Rows()
+    _compute_rows(rows, cal.device, baseline)
+    _memory_rows(rows, cal.device, baseline)
+    _node_rows(rows, node, bnode)
+    return rows.rows
 
 
 def fit_rows(cal: Calibration) -> list[tuple[str, str, str, str]]:

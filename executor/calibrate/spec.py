@@ -507,7 +507,7 @@ def _intra_node(raw: dict[str, Any], stamp: str, device_type: str) -> _Links:
     """The intra-node link from the collectives, or a placeholder where none were measured (one device)."""
     coll = raw["collectives"]
     if not coll:
-        intra = {
+        intra: dict[str, Any] = {
             "kind": "shared_memory" if device_type == "cpu" else "pcie",
             "bandwidth": "1 GB/s",
             "latency": "10 us",
