@@ -117,10 +117,7 @@ class Trainer:
         torch.manual_seed(self.job.seed * 1_000_003 + step)  # dropout: the same masks after a resume
         x, y = self._batch(step)
         rm = self.rm
-        if rm.schedule is not None:
-            loss = self._pipeline_step(x, y)
-        else:
-            loss = self._accumulate_step(x, y)
+        loss = self._pipeline_step(x, y) if rm.schedule is not None else self._accumulate_step(x, y)
         rm.sync_tied_gradients()
         for opt in rm.optimizers:
             opt.step()

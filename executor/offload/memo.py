@@ -36,6 +36,7 @@ import weakref
 from collections.abc import Callable
 from contextlib import contextmanager
 from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 from torch import nn
@@ -165,11 +166,11 @@ class _Frame:
     """One forward of one block: its host copies, and the frame before it (the block backward reaches
     next), whose copies back start as soon as backward reaches this one."""
 
-    last: weakref.ref | None = None  # the most recent frame of this process (forward order)
+    last: ClassVar[weakref.ref | None] = None  # the most recent frame of this process (forward order)
     # Frames whose device tensors may still be held for their copies to host (CUDA), oldest first. A
     # block's copies may run behind the compute of the next block; when the block after that starts, the
     # compute stream waits for them and their tensors are freed (see `_HostCopy.release`).
-    in_flight: list[weakref.ref] = []
+    in_flight: ClassVar[list[weakref.ref]] = []
     COPY_LAG_BLOCKS = 1
 
     def __init__(self, stream, arena: PlannedArena | None, block: int):
@@ -560,7 +561,7 @@ class MemoBlock(Block):
             if dim is None:
                 return _Kept(t)
             length = t.shape[dim]
-            cut = int(round(self.alpha * length))
+            cut = round(self.alpha * length)
             if cut == 0:
                 return _Kept(t)
             if cut >= length:
@@ -579,7 +580,7 @@ class MemoBlock(Block):
 
     def _tokenwise(self, x: torch.Tensor) -> torch.Tensor:
         b, s = x.shape[0], x.shape[1]
-        n = int(round(self.alpha * s))
+        n = round(self.alpha * s)
         stream = self._side_stream(x.device)
         frame = _Frame(stream, self.arena, self.index)
         seg1_tail = seg2_tail = None

@@ -185,7 +185,7 @@ def relayout(x: torch.Tensor, src: ActLayout, dst: ActLayout, meshes: MixedMeshe
 def _tensor_parallel(part, home: ActLayout, layouts: dict[int, ActLayout], meshes: MixedMeshes) -> None:
     """DTensor tp/sp of the edges in the home layout and of each block in its own (parallelize's split)."""
     groups: dict[ActLayout, list[str]] = {}
-    for name in part.blocks.keys():
+    for name in part.blocks:
         groups.setdefault(layouts[int(name)], []).append(name)
     if part.embed is not None or part.head is not None:
         groups.setdefault(home, [])

@@ -27,10 +27,11 @@ The order (as torchtitan composes the same PyTorch pieces):
       `torch.utils.checkpoint`); `selective` wraps the attention core only (scores, softmax, dropout,
       context); per-layer `recompute` overrides of the plan are honoured.
    d. **Data parallel** (dp x cp > 1) on the mesh's `dp` axis, or on `dp` and `cp` flattened into one when
-      cp > 1 (context-parallel ranks hold the same weights, so their gradients are averaged too): `ddp` is FSDP2's `replicate`; `zero2` is
-      FSDP2 `fully_shard(reshard_after_forward=False)`; `zero3` is `fully_shard` resharding after
-      forward; both per block and on the chunk's root. `zero1` is `DistributedDataParallel` with a
-      `ZeroRedundancyOptimizer` (optimizer state sharded, gradients all-reduced in full).
+      cp > 1 (context-parallel ranks hold the same weights, so their gradients are averaged too): `ddp` is
+      FSDP2's `replicate`; `zero2` is FSDP2 `fully_shard(reshard_after_forward=False)`; `zero3` is
+      `fully_shard` resharding after forward; both per block and on the chunk's root. `zero1` is
+      `DistributedDataParallel` with a `ZeroRedundancyOptimizer` (optimizer state sharded, gradients
+      all-reduced in full).
    e. **Mixed precision**: for `bf16`, FSDP2's `MixedPrecisionPolicy(param_dtype=bf16, reduce_dtype=fp32)`
       when FSDP2/replicate hold the chunk, else `torch.autocast(bf16)` around forward; master weights,
       gradients and optimizer state stay fp32 in both. `fp32` runs everything in fp32.

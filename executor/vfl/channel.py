@@ -7,7 +7,8 @@ sends the first message, so a client the server refused learns of it before it s
 
 Frames (inside TLS, big-endian):
 
-    magic "HVFL" | version u8 | type u8 | dtype u8 | ndim u8 | seq u64 | tag u64 | payload_len u64 | dims u32 x ndim | payload
+    magic "HVFL" | version u8 | type u8 | dtype u8 | ndim u8 | seq u64 | tag u64 | payload_len u64 |
+    dims u32 x ndim | payload
 
 `type` is one of `MsgType`; `dtype` 0 is UTF-8 JSON (control messages, at most 64 KiB, keys checked by the
 party), 1 is float32 little-endian; `seq` numbers the sequenced frames of each direction from 1; `tag` is the
@@ -28,6 +29,7 @@ Failures and what they do:
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import secrets
@@ -236,10 +238,8 @@ class Channel:
     def close(self) -> None:
         for s in (self._sock, self._listener):
             if s is not None:
-                try:
+                with contextlib.suppress(OSError):
                     s.close()
-                except OSError:
-                    pass
         self._sock = self._listener = None
 
     def __enter__(self) -> Channel:
@@ -361,10 +361,8 @@ class Channel:
     def _reconnect(self, reason: str) -> None:
         self.log(f"connection to {self.peer_name} lost ({reason}); reconnecting for up to {self.reconnect_timeout:g} s")
         if self._sock is not None:
-            try:
+            with contextlib.suppress(OSError):
                 self._sock.close()
-            except OSError:
-                pass
             self._sock = None
         try:
             self._connect(time.monotonic() + self.reconnect_timeout, first=False)
@@ -395,10 +393,8 @@ class Channel:
         """Tell the peer we stop (best effort: the link may be what failed)."""
         self.sent_seq += 1
         payload = json.dumps({"message": message[:2000]}).encode()
-        try:
+        with contextlib.suppress(_ConnectionLost, ChannelError, OSError):
             self._write(_frame(MsgType.ERROR, self.sent_seq, 0, DType.JSON, (), payload))
-        except (_ConnectionLost, ChannelError, OSError):
-            pass
 
     def _send(self, kind: MsgType, tag: int, dtype: DType, dims: tuple[int, ...], payload: bytes) -> None:
         self.sent_seq += 1
@@ -448,8 +444,8 @@ class Channel:
                 n = 0
             except ssl.SSLError as exc:
                 raise TamperedMessage(
-                    f"a TLS record from {self.peer_name} failed its integrity check ({exc.reason or exc}): the data was "
-                    "tampered with or corrupted in transit; stopping"
+                    f"a TLS record from {self.peer_name} failed its integrity check ({exc.reason or exc}): "
+                    "the data was tampered with or corrupted in transit; stopping"
                 ) from exc
             except OSError as exc:
                 if started or got:
@@ -503,7 +499,8 @@ class Channel:
         if dtype == DType.JSON:
             if ndim or length > MAX_JSON_BYTES:
                 raise ProtocolViolation(
-                    f"{kind.name} control message of {length} bytes / {ndim} dims; at most {MAX_JSON_BYTES} bytes, no dims"
+                    f"{kind.name} control message of {length} bytes / {ndim} dims; at most {MAX_JSON_BYTES} bytes, "
+                    "no dims"
                 )
             try:
                 payload = json.loads(self._read_exact(length, True, f"{kind.name} payload"))

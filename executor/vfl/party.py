@@ -18,9 +18,9 @@ Modes (R counts every update a batch's statistics feed, the fresh one included; 
   bottom model's Z_B. Ablations: `sampling="latest"` (no uniform sampling), `weighting=False`.
 
 Evaluation (the test AUC, at the active party: it holds the labels) runs every `eval_every` rounds, at each
-epoch's end and at the end; local updates pause meanwhile and its time is left out of the training clock. Checkpoints (model,
-optimizer, workset, clocks) are written every `checkpoint_every` rounds; on `resume` both parties restart
-from the newest round both have.
+epoch's end and at the end; local updates pause meanwhile and its time is left out of the training clock.
+Checkpoints (model, optimizer, workset, clocks) are written every `checkpoint_every` rounds; on `resume` both
+parties restart from the newest round both have.
 """
 
 from __future__ import annotations
