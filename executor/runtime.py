@@ -91,9 +91,11 @@ class Trainer:
         self.plan = bound.plan
         layout = rank_model.layout
         self.micro_batch = replica_sequences(self.plan, layout.dp_rank)
-        self.data = SyntheticTokens(job.workload, self.plan.global_batch, job.seed)
+        global_batch = self.plan.global_batch
+        assert global_batch is not None  # the bound plan has it filled in
+        self.data = SyntheticTokens(job.workload, global_batch, job.seed)
         self.indices = _dp_indices(
-            self.plan.global_batch, self.plan.micro_batch, layout.dp, layout.dp_rank, self.plan.batch_split
+            global_batch, self.plan.micro_batch, layout.dp, layout.dp_rank, self.plan.batch_split
         )
         # An uneven batch_split weighs each replica's loss by its share (see replica_loss_scale).
         self.loss_scale = replica_loss_scale(self.plan, layout.dp_rank)
@@ -141,7 +143,8 @@ class Trainer:
                     fsdp.set_requires_gradient_sync(last, recurse=False)
                 sync = nullcontext()
             else:
-                sync = module.no_sync() if (hasattr(module, "no_sync") and not last) else nullcontext()
+                no_sync = getattr(module, "no_sync", None)  # DistributedDataParallel (zero1) has one
+                sync = no_sync() if (no_sync is not None and not last) else nullcontext()
             with sync, rm.forward_context():
                 loss = loss_fn(module(xs), ys)
                 (loss * (self.loss_scale / m)).backward()
@@ -152,6 +155,7 @@ class Trainer:
         rm = self.rm
         losses: list[torch.Tensor] = []
         target = y if rm.is_last_stage else None
+        assert rm.schedule is not None
         with rm.forward_context():
             if rm.is_first_stage:
                 rm.schedule.step(x, target=target, losses=losses)
@@ -172,6 +176,9 @@ def _synchronize(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
+MEMORY_KEYS = ("weights", "gradients", "optimizer", "activations", "buffers", "peak")
+
+
 @dataclass
 class _Measurements:
     """What one rank measured, per executed iteration and overall."""
@@ -180,9 +187,6 @@ class _Measurements:
     times: list[float] = field(default_factory=list)
     cpu_times: list[float] = field(default_factory=list)
     memory: dict[str, float] = field(default_factory=lambda: dict.fromkeys(MEMORY_KEYS, 0.0))
-
-
-MEMORY_KEYS = ("weights", "gradients", "optimizer", "activations", "buffers", "peak")
 
 
 def run_rank(

@@ -1,9 +1,11 @@
 """Calibration's measurements: what to time, the benchmark processes that time it, and the disk.
 
-`executor.calibrate.run` decides the options, runs these, and builds the spec from what they return (with the
-fits in `executor.calibrate.fit`). One process per rank runs the same benchmarks at the same moment, so
-shared caches, memory bandwidth and cores are contended as in a real run (see `executor.calibrate.run`'s
-docstring for the timing rules); storage is timed by the parent once the ranks are gone.
+`executor.calibrate.run` decides the options, runs these, and `executor.calibrate.spec` builds the spec from
+what they return (with the fits in `executor.calibrate.fit`). The ranks start through
+`executor.ranks.start_ranks`, the launcher's primitive, which also starts training ranks. One process per
+rank runs the same benchmarks at the same moment, so shared caches, memory bandwidth and cores are
+contended as in a real run (see `executor.calibrate.run`'s docstring for the timing rules); storage is
+timed by the parent once the ranks are gone.
 """
 
 from __future__ import annotations

@@ -25,7 +25,7 @@ compute.per_dtype[dtype]      every measured dtype's own curves, fitted on that 
   .vector_efficiency          layer/RMS norm, add, GELU, SiLU*mul, softmax with `workloads`' FLOP and
 compute.vector[dtype]         byte counts: the best single-op rate is the peak, and peak x efficiency
                               the rate at which the roofline reproduces their total time (dropout is
-                              timed and reported, not fitted: see `calibrate_measure._Worker._vector`)
+                              timed and reported, not fitted: see `measure._Worker._vector`)
 compute.matrix_efficiency,    the curve dtype's (`--curve-dtype`, default bf16) curves again: what a
   .matrix_dim_efficiency,     dtype without an entry of its own (one not measured) falls back to
   .attention_efficiency,

@@ -216,8 +216,15 @@ class Channel:
         self.bytes_received = 0
 
     @property
-    def peer_name(self) -> str:
+    def _address(self) -> tuple[str, int]:
+        """The address this channel listens on (server) or dials (client)."""
         addr = self.connect_addr or self.listen_addr
+        assert addr is not None, "a channel either listens or connects"
+        return addr
+
+    @property
+    def peer_name(self) -> str:
+        addr = self._address
         return f"the {self.peer_party} party ({'at' if self.connect_addr else 'via'} {addr[0]}:{addr[1]})"
 
     # ---------------------------------------------------------------- connection
@@ -225,7 +232,7 @@ class Channel:
     def open(self) -> Channel:
         """Make the first connection (listen and accept, or dial with retries) within connect_timeout."""
         if self.server:
-            self._listener = socket.create_server(self.listen_addr, reuse_port=False)
+            self._listener = socket.create_server(self._address, reuse_port=False)
             self.listen_addr = self._listener.getsockname()[:2]
             self.log(f"listening on {self.listen_addr[0]}:{self.listen_addr[1]} for the {self.peer_party} party")
         self._connect(time.monotonic() + self.connect_timeout, first=True)
@@ -233,7 +240,7 @@ class Channel:
 
     @property
     def port(self) -> int:
-        return self.listen_addr[1] if self.server else self.connect_addr[1]
+        return self._address[1]
 
     def close(self) -> None:
         for s in (self._sock, self._listener):
@@ -270,9 +277,11 @@ class Channel:
         raise PeerGone(f"could not {what} {self.peer_name} within {wait:g} s ({last})")
 
     def _accept(self, deadline: float) -> ssl.SSLSocket:
-        self._listener.settimeout(max(0.01, deadline - time.monotonic()))
+        listener = self._listener
+        assert listener is not None, "open() creates the listener before accepting"
+        listener.settimeout(max(0.01, deadline - time.monotonic()))
         try:
-            raw, addr = self._listener.accept()
+            raw, addr = listener.accept()
         except TimeoutError as exc:
             raise _Retry("nobody connected") from exc
         return self._handshake(raw, f"{addr[0]}:{addr[1]}")
@@ -280,11 +289,11 @@ class Channel:
     def _dial(self, deadline: float) -> ssl.SSLSocket:
         try:
             raw = socket.create_connection(
-                self.connect_addr, timeout=max(0.01, min(self.handshake_timeout, deadline - time.monotonic()))
+                self._address, timeout=max(0.01, min(self.handshake_timeout, deadline - time.monotonic()))
             )
         except OSError as exc:
             raise _Retry(f"{exc.strerror or exc}") from exc
-        return self._handshake(raw, f"{self.connect_addr[0]}:{self.connect_addr[1]}")
+        return self._handshake(raw, f"{self._address[0]}:{self._address[1]}")
 
     def _handshake(self, raw: socket.socket, where: str) -> ssl.SSLSocket:
         raw.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
@@ -432,12 +441,14 @@ class Channel:
                 self._reconnect(str(exc))
 
     def _read_exact(self, count: int, started: bool, what: str) -> bytes:
+        sock = self._sock
+        assert sock is not None, "reading before the channel is open"
         buf = bytearray(count)
         view = memoryview(buf)
         got = 0
         while got < count:
             try:
-                n = self._sock.recv_into(view[got:], count - got)
+                n = sock.recv_into(view[got:], count - got)
             except TimeoutError as exc:
                 raise PeerGone(f"no message from {self.peer_name} for {self.timeout:g} s (is it alive?)") from exc
             except ssl.SSLEOFError:
