@@ -19,6 +19,7 @@ import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -29,6 +30,7 @@ from torch.distributed.checkpoint.state_dict import (
     set_model_state_dict,
     set_optimizer_state_dict,
 )
+from torch.distributed.optim import ZeroRedundancyOptimizer
 
 from executor.parallel.parallelize import RankModel
 from hwmodel.errors import UserError
@@ -91,8 +93,9 @@ def _state(rank_model: RankModel, for_load: bool) -> dict:
     rank = rank_model.layout.rank
     chunks = {}
     for chunk, opt in zip(rank_model.chunks, rank_model.optimizers):
-        entry = {"model": get_model_state_dict(chunk.module)}
+        entry: dict[str, Any] = {"model": get_model_state_dict(chunk.module)}
         if zero1:
+            assert isinstance(opt, ZeroRedundancyOptimizer)
             if for_load:
                 _zero1_init(opt)
             entry[f"zero1_shard_rank{rank}"] = opt.optim.state_dict()
@@ -129,6 +132,7 @@ def load_latest(job, rank_model: RankModel) -> int:
         entry = state["chunks"][str(chunk.stage_index)]
         set_model_state_dict(chunk.module, entry["model"])
         if zero1:
+            assert isinstance(opt, ZeroRedundancyOptimizer)
             opt.optim.load_state_dict(entry[f"zero1_shard_rank{rank}"])
         else:
             set_optimizer_state_dict(chunk.module, opt, entry["optim"])

@@ -23,8 +23,10 @@ from workloads.torch_models import check_executable
 
 SUPPORTED = (
     "supported: tp, pp (gpipe, 1f1b, interleaved), dp with dp_type ddp/zero1/zero2/zero3, sequence_parallel, "
-    "recompute none/selective/full/tokenwise (MEMO, with offload), offload with recompute none or tokenwise, per-layer tp/sequence_parallel/dp_type (not zero1) and recompute, dtype fp32/bf16, "
-    "cp (context parallel) with tp, pp, dp, recompute and MEMO on uniform plans, attention flash/naive, optimizer adam/sgd, explicit stages (uneven layer counts) with the plan's tp and an even "
+    "recompute none/selective/full/tokenwise (MEMO, with offload), offload with recompute none or tokenwise, "
+    "per-layer tp/sequence_parallel/dp_type (not zero1) and recompute, dtype fp32/bf16, "
+    "cp (context parallel) with tp, pp, dp, recompute and MEMO on uniform plans, attention flash/naive, optimizer "
+    "adam/sgd, explicit stages (uneven layer counts) with the plan's tp and an even "
     "share of consecutive devices"
 )
 
@@ -74,7 +76,8 @@ def check_features(plan: Plan, device_type: str) -> None:
     if plan.grad_reduce_dtype not in (None, "fp32") and plan.dp_type == "zero1":
         raise _refuse(
             f"grad_reduce_dtype={plan.grad_reduce_dtype} with dp_type=zero1",
-            "DistributedDataParallel under ZeroRedundancyOptimizer reduces in the parameters' dtype; use ddp/zero2/zero3",
+            "DistributedDataParallel under ZeroRedundancyOptimizer reduces in the parameters' dtype; use "
+            "ddp/zero2/zero3",
         )
     if plan.grad_reduce_dtype == "fp16":
         raise _refuse("grad_reduce_dtype=fp16", "use fp32 or bf16")
@@ -191,13 +194,15 @@ def check_devices(world_size: int, device_type: str, cluster: ClusterSpec) -> li
         if torch.cuda.device_count() < local:
             raise UserError(
                 f"the plan needs {local} GPUs on this machine but it has {torch.cuda.device_count()}; use a plan for "
-                f"{torch.cuda.device_count()} devices (e.g. --devices-per-node {torch.cuda.device_count()}) or torchrun across nodes"
+                f"{torch.cuda.device_count()} devices (e.g. --devices-per-node {torch.cuda.device_count()}) or "
+                "torchrun across nodes"
             )
     else:
         cores = os.cpu_count() or 1
         if world_size > cores:
             warnings.append(
-                f"{world_size} ranks share {cores} CPU cores: they take turns, so times are slower than the plan's devices"
+                f"{world_size} ranks share {cores} CPU cores: they take turns, so times are slower than the plan's "
+                "devices"
             )
     return warnings
 
@@ -238,7 +243,8 @@ def admit(plan: Plan, workload: WorkloadConfig, cluster: ClusterSpec, force: boo
         detail = next((w for w in predicted.warnings if w.startswith("out of memory")), "out of memory")
         if not force:
             raise UserError(
-                f"the plan is predicted not to fit in device memory (peak {predicted.peak_memory_bytes / 2**30:.2f} GiB "
+                "the plan is predicted not to fit in device memory "
+                f"(peak {predicted.peak_memory_bytes / 2**30:.2f} GiB "
                 f"of {predicted.memory_capacity_bytes / 2**30:.2f} GiB: {detail}); change the plan (ZeRO, recompute, "
                 "more tp/pp, smaller micro_batch) or pass --force to run it anyway"
             )

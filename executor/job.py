@@ -7,6 +7,7 @@ and the run's options; `Job.bind()` gives every rank the same bound layout. A `R
 
 from __future__ import annotations
 
+import datetime
 import json
 from dataclasses import asdict, dataclass, field
 from functools import cached_property
@@ -23,6 +24,13 @@ from workloads.config import WorkloadConfig
 FAIL_AT_STEP_ENV = "HETPLAN_FAIL_AT_STEP"
 FAIL_RANK_ENV = "HETPLAN_FAIL_RANK"
 FAIL_MODE_ENV = "HETPLAN_FAIL_MODE"
+
+
+def wall_clock(seconds: float) -> str:
+    """`time.time()` as failure reports print it: "2026-01-31 14:05:09.123 UTC" (milliseconds, so the
+    moment a rank died and the moment the launcher stopped the run can be compared)."""
+    stamp = datetime.datetime.fromtimestamp(seconds, datetime.timezone.utc)
+    return stamp.strftime("%Y-%m-%d %H:%M:%S.") + f"{stamp.microsecond // 1000:03d} UTC"
 
 
 @dataclass(frozen=True)

@@ -66,7 +66,7 @@ def gradient_bytes(params: Iterable[nn.Parameter]) -> int:
 
 def optimizer_bytes(optimizers: Iterable[torch.optim.Optimizer]) -> int:
     """Bytes of optimizer state (for a ZeroRedundancyOptimizer: the shard this rank holds)."""
-    tensors = []
+    tensors: list[torch.Tensor] = []
     for opt in optimizers:
         inner = getattr(opt, "optim", opt)  # ZeroRedundancyOptimizer keeps its shard's optimizer in .optim
         for state in inner.state.values():

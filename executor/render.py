@@ -34,20 +34,22 @@ def relative_error(predicted: float, measured: float) -> float | None:
 def render_measured(report: Report, losses: list[float], first_step: int, device: str, console: Console) -> None:
     mem = report.memory_bytes
     loss_line = (
-        f"loss {losses[0]:.4f} at iteration {first_step} -> {losses[-1]:.4f} at iteration {first_step + len(losses) - 1}"
+        f"loss {losses[0]:.4f} at iteration {first_step} -> {losses[-1]:.4f} at iteration "
+        f"{first_step + len(losses) - 1}"
         if losses
         else "no iterations ran"
     )
     headline = (
         f"[bold]{report.workload}[/bold] on [bold]{report.cluster}[/bold] ({report.num_devices} x {device}), "
         f"plan [cyan]{report.plan.shorthand()}[/cyan]\n"
-        f"iteration [bold]{format_seconds(report.iteration_time_s)}[/bold] (median) for {report.global_batch} sequences "
-        f"of {report.seq_len} tokens ({report.num_micro_batches} micro-batches)\n"
+        f"iteration [bold]{format_seconds(report.iteration_time_s)}[/bold] (median) for "
+        f"{report.global_batch} sequences of {report.seq_len} tokens ({report.num_micro_batches} micro-batches)\n"
         f"throughput [bold]{report.tokens_per_s:,.0f} tokens/s[/bold] = {report.samples_per_s:,.2f} samples/s   "
         f"MFU [bold]{100 * report.mfu:.2f}%[/bold]{causal_in_full_note(report)}   HFU {100 * report.hfu:.2f}%\n"
         f"peak memory [bold]{format_bytes(report.peak_memory_bytes)}[/bold] on rank {report.peak_memory_device} "
         f"(weights {format_bytes(mem.weights)}, gradients {format_bytes(mem.gradients)}, optimizer "
-        f"{format_bytes(mem.optimizer)}, activations {format_bytes(mem.activations)}, buffers {format_bytes(mem.buffers)})\n"
+        f"{format_bytes(mem.optimizer)}, activations {format_bytes(mem.activations)}, buffers "
+        f"{format_bytes(mem.buffers)})\n"
         f"{loss_line}"
     )
     console.print(Panel(headline, title="measured", expand=False))

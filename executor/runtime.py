@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import os
 import signal
+import sys
 import time
 from collections.abc import Callable
 from contextlib import nullcontext
@@ -28,7 +29,7 @@ import torch.distributed as dist
 from torch.distributed.fsdp import FSDPModule
 
 from executor import checkpoint
-from executor.job import FAIL_AT_STEP_ENV, FAIL_MODE_ENV, FAIL_RANK_ENV, Job, RunResult
+from executor.job import FAIL_AT_STEP_ENV, FAIL_MODE_ENV, FAIL_RANK_ENV, Job, RunResult, wall_clock
 from executor.memory import SavedTensorTracker, gradient_bytes, optimizer_bytes, parameter_bytes
 from executor.parallel.parallelize import Layout, RankModel, build_rank_model, replica_loss_scale, replica_sequences
 from workloads.torch_models import SyntheticTokens, loss_fn
@@ -61,7 +62,16 @@ def _maybe_fail(step: int, rank: int, in_process: bool) -> None:
     if at is None or int(at) != step or int(os.environ.get(FAIL_RANK_ENV, "0")) != rank:
         return
     mode = os.environ.get(FAIL_MODE_ENV, "kill")
-    if mode == "kill" and not in_process:
+    kill = mode == "kill" and not in_process
+    # The moment of the fault, in the log: what the launcher's report of it is measured against.
+    how = "killing itself with SIGKILL" if kill else "raising an exception"
+    print(
+        f"hetplan: rank {rank}: injected failure at step {step} ({FAIL_AT_STEP_ENV}={at}), {how} at "
+        f"{wall_clock(time.time())}",
+        file=sys.stderr,
+        flush=True,
+    )
+    if kill:
         os.kill(os.getpid(), signal.SIGKILL)
     raise RuntimeError(f"injected failure at step {step} ({FAIL_AT_STEP_ENV}={at})")
 
@@ -81,9 +91,11 @@ class Trainer:
         self.plan = bound.plan
         layout = rank_model.layout
         self.micro_batch = replica_sequences(self.plan, layout.dp_rank)
-        self.data = SyntheticTokens(job.workload, self.plan.global_batch, job.seed)
+        global_batch = self.plan.global_batch
+        assert global_batch is not None  # the bound plan has it filled in
+        self.data = SyntheticTokens(job.workload, global_batch, job.seed)
         self.indices = _dp_indices(
-            self.plan.global_batch, self.plan.micro_batch, layout.dp, layout.dp_rank, self.plan.batch_split
+            global_batch, self.plan.micro_batch, layout.dp, layout.dp_rank, self.plan.batch_split
         )
         # An uneven batch_split weighs each replica's loss by its share (see replica_loss_scale).
         self.loss_scale = replica_loss_scale(self.plan, layout.dp_rank)
@@ -107,10 +119,7 @@ class Trainer:
         torch.manual_seed(self.job.seed * 1_000_003 + step)  # dropout: the same masks after a resume
         x, y = self._batch(step)
         rm = self.rm
-        if rm.schedule is not None:
-            loss = self._pipeline_step(x, y)
-        else:
-            loss = self._accumulate_step(x, y)
+        loss = self._pipeline_step(x, y) if rm.schedule is not None else self._accumulate_step(x, y)
         rm.sync_tied_gradients()
         for opt in rm.optimizers:
             opt.step()
@@ -134,7 +143,8 @@ class Trainer:
                     fsdp.set_requires_gradient_sync(last, recurse=False)
                 sync = nullcontext()
             else:
-                sync = module.no_sync() if (hasattr(module, "no_sync") and not last) else nullcontext()
+                no_sync = getattr(module, "no_sync", None)  # DistributedDataParallel (zero1) has one
+                sync = no_sync() if (no_sync is not None and not last) else nullcontext()
             with sync, rm.forward_context():
                 loss = loss_fn(module(xs), ys)
                 (loss * (self.loss_scale / m)).backward()
@@ -145,6 +155,7 @@ class Trainer:
         rm = self.rm
         losses: list[torch.Tensor] = []
         target = y if rm.is_last_stage else None
+        assert rm.schedule is not None
         with rm.forward_context():
             if rm.is_first_stage:
                 rm.schedule.step(x, target=target, losses=losses)
@@ -165,6 +176,9 @@ def _synchronize(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
+MEMORY_KEYS = ("weights", "gradients", "optimizer", "activations", "buffers", "peak")
+
+
 @dataclass
 class _Measurements:
     """What one rank measured, per executed iteration and overall."""
@@ -173,9 +187,6 @@ class _Measurements:
     times: list[float] = field(default_factory=list)
     cpu_times: list[float] = field(default_factory=list)
     memory: dict[str, float] = field(default_factory=lambda: dict.fromkeys(MEMORY_KEYS, 0.0))
-
-
-MEMORY_KEYS = ("weights", "gradients", "optimizer", "activations", "buffers", "peak")
 
 
 def run_rank(

@@ -1,6 +1,7 @@
 """Calibration's fits: the timings `executor.calibrate.run` measures, turned into the spec's figures.
 
-Pure functions of the measured points (unit-tested on synthetic data in tests/executor/calibrate/test_calibrate.py): efficiency
+Pure functions of the measured points (unit-tested on synthetic data in
+tests/executor/calibrate/test_calibrate.py): efficiency
 curves in log size with the interpolation `EfficiencyCurve` uses, the separable GEMM fit (FLOPs x smallest
 dimension), attention, memory-copy and elementwise rates under the simulator's roofline, alpha-beta fits of
 each collective kind with the simulator's formula, and the compute slowdown while communication overlaps.
@@ -85,7 +86,7 @@ def _smoothness(n: int, weight: float) -> np.ndarray:
     return rows
 
 
-def decade_nodes(sizes: Sequence[float]) -> list[float]:
+def decade_nodes(sizes: Sequence[float] | np.ndarray) -> list[float]:
     """Curve nodes for data spanning `sizes`: the powers of ten inside the range, plus the range's
     ends (rounded to two significant digits) where they lie more than a factor 2 beyond the outer
     powers of ten -- the curve is held constant beyond its ends, so data out there needs a node."""
@@ -108,18 +109,17 @@ def fit_curve(sizes: Sequence[float], effs: Sequence[float], nodes: Sequence[flo
     constant beyond the ends), nodes at `nodes` (default: `decade_nodes`). Efficiencies end in
     (0, 1].
     """
-    sizes = np.asarray(sizes, dtype=float)
-    effs = np.clip(np.asarray(effs, dtype=float), EFF_FLOOR, None)
-    nodes = np.asarray(sorted(nodes if nodes is not None else decade_nodes(sizes)), dtype=float)
-    logn = np.log(nodes)
-    basis = _hat_basis(np.log(sizes), logn)
+    x = np.asarray(sizes, dtype=float)
+    y = np.clip(np.asarray(effs, dtype=float), EFF_FLOOR, None)
+    at = np.asarray(sorted(nodes if nodes is not None else decade_nodes(x)), dtype=float)
+    basis = _hat_basis(np.log(x), np.log(at))
     # Dividing each row by its measured efficiency makes the residuals relative errors.
-    a = basis / effs[:, None]
-    b = np.ones(len(sizes))
-    reg = _smoothness(len(nodes), 1e-3)
+    a = basis / y[:, None]
+    b = np.ones(len(x))
+    reg = _smoothness(len(at), 1e-3)
     coef, *_ = np.linalg.lstsq(np.vstack([a, reg]), np.concatenate([b, np.zeros(len(reg))]), rcond=None)
     coef = np.clip(coef, EFF_FLOOR, 1.0)
-    return EfficiencyCurve(sizes=tuple(float(n) for n in nodes), efficiencies=tuple(round(float(c), 4) for c in coef))
+    return EfficiencyCurve(sizes=tuple(float(n) for n in at), efficiencies=tuple(round(float(c), 4) for c in coef))
 
 
 def nnls(a: np.ndarray, b: np.ndarray) -> np.ndarray:
@@ -257,7 +257,7 @@ def fit_gemm_curves(points: Sequence[dict], zero_s: float = 0.0) -> tuple[float,
     peak = float(rates.max())
     flops = np.array([p["flops"] for p in points], dtype=float)
     dims = np.array([p["min_dim"] for p in points], dtype=float)
-    f_nodes = np.array(decade_nodes(flops))
+    f_nodes = np.array(decade_nodes(flops), dtype=float)
     d_nodes = np.array(sorted({float(d) for d in dims}))
     f_eff, d_eff = fit_separable(flops, dims, rates / peak, f_nodes, d_nodes)
     flops_curve = EfficiencyCurve(
@@ -287,7 +287,8 @@ def fit_matmul(points: Sequence[dict], curve_dtype: str, zero_s: dict[str, float
     usable = [p for p in points if p["seconds"] >= RESOLVABLE * zero_s.get(p["dtype"], 0.0)]
     if sum(1 for p in usable if p["dtype"] == curve_dtype) < 2:
         raise CalibrationError(
-            f"too few usable {curve_dtype} GEMM measurements ({sum(1 for p in usable if p['dtype'] == curve_dtype)}) to fit a curve"
+            f"too few usable {curve_dtype} GEMM measurements "
+            f"({sum(1 for p in usable if p['dtype'] == curve_dtype)}) to fit a curve"
         )
 
     def compute_s(p):

@@ -31,14 +31,18 @@ import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import yaml
 
 from hwmodel.errors import UserError
 
+if TYPE_CHECKING:
+    from workloads.config import WorkloadConfig
+
 # Two widths so the per-byte and per-layer costs of a gradient reduction separate.
-PROBES = (
+PROBES: tuple[dict[str, Any], ...] = (
     {
         "name": "framework-probe-128",
         "family": "gpt",
@@ -144,7 +148,7 @@ def _with_fields(spec_mapping: dict, values: dict[str, float | None]) -> dict:
     return mapping
 
 
-def _predictor(spec_mapping: dict, workloads: dict[str, object], ranks: int) -> Callable[[dict, str, str], float]:
+def _predictor(spec_mapping: dict[str, Any], workloads: dict[str, WorkloadConfig], ranks: int) -> Predictor:
     """predict(field values, probe name, plan shorthand) -> iteration seconds, on the spec with those fields
     (on one device for the single-process plan, on every rank for the parallel ones)."""
     from hwmodel.cluster import ClusterSpec
@@ -152,7 +156,7 @@ def _predictor(spec_mapping: dict, workloads: dict[str, object], ranks: int) -> 
     from simulator.analytic import evaluate
     from simulator.plan import parse_shorthand
 
-    def predict(values: dict, probe: str, plan: str) -> float:
+    def predict(values: dict[str, float | None], probe: str, plan: str) -> float:
         fields = {
             "sharded_kernel_overhead": values.get("sharded_kernel_overhead", 0.0),
             "dp_layer_overhead": values.get("dp_layer_overhead", 0.0),
@@ -166,72 +170,102 @@ def _predictor(spec_mapping: dict, workloads: dict[str, object], ranks: int) -> 
     return predict
 
 
-def fit_framework(
-    measured: dict[tuple[str, str], float], predict: Callable[[dict, str, str], float], ranks: int
-) -> FrameworkFit:
+# predict(field values, probe name, plan shorthand) -> predicted iteration seconds.
+Predictor = Callable[[dict[str, float | None], str, str], float]
+
+
+def _fit_layer_call(
+    measured: dict[tuple[str, str], float], predict: Predictor, plans: dict[str, str], ratio0: dict[str, float]
+) -> float:
+    """The per layer call cost, from the two single-process runs of each probe.
+
+    Both runs are measured = ratio * predict(o), and the per-call cost also sits in the ratio's own run, so
+    eliminate the ratio (m1 / m8 = predict_1(o) / predict_8(o)). Linear in o:
+    (ratio0 * c1 - m1 / K8 * c8) * o = m1 - ratio0 * K1, with K the prediction without it, c = d prediction / d o
+    and ratio0 = m8 / K8. Least squares over the probes, non-negative."""
+    from executor.calibrate.fit import nnls
+
+    call_step = 1e-4  # 100 us: of the order of a Python module call with its autograd work on a CPU
+    a_call, b_call = [], []
+    for p in ratio0:
+        if (p, "single-mb1") not in measured:
+            continue
+        sens = {}
+        for name in ("single", "single-mb1"):
+            k = predict({}, p, plans[name])
+            sens[name] = (k, (predict({"layer_call_overhead": call_step}, p, plans[name]) - k) / call_step)
+        (k8, c8), (k1, c1) = sens["single"], sens["single-mb1"]
+        m1 = measured[(p, "single-mb1")]
+        a_call.append([(ratio0[p] * c1 - m1 / k8 * c8) * call_step])
+        b_call.append(m1 - ratio0[p] * k1)
+    return float(nnls(np.array(a_call), np.array(b_call))[0] * call_step) if a_call else 0.0
+
+
+def _fit_sharded(
+    excess: Callable[[str, str], float],
+    predict: Predictor,
+    base_values: dict[str, float | None],
+    plan: tuple[str, str],
+    ratio: dict[str, float],
+) -> float:
+    """Tensor parallel's per-kernel overhead: the prediction is linear in it (median over the probes)."""
+    name, shorthand = plan
+    step = 1e-4
+    estimates = []
+    for p in ratio:
+        with_step = predict({**base_values, "sharded_kernel_overhead": step}, p, shorthand)
+        slope = (with_step - predict(base_values, p, shorthand)) / step
+        if slope > 0:
+            estimates.append(max(0.0, excess(p, name) / (ratio[p] * slope)))
+    return statistics.median(estimates) if estimates else 0.0
+
+
+def _fit_data_parallel(
+    excess: Callable[[str, str], float],
+    predict: Predictor,
+    base_values: dict[str, float | None],
+    plan: tuple[str, str],
+    ratio: dict[str, float],
+) -> tuple[float, float]:
+    """Data parallel's cost per gradient byte (1 / bandwidth) and per layer: sensitivities by finite
+    differences, non-negative least squares over the probes."""
+    from executor.calibrate.fit import nnls
+
+    name, shorthand = plan
+    inv_step, fixed_step = 1e-10, 1e-4  # 10 GB/s and 100 us: of the order seen on CPUs
+    a, b = [], []
+    for p in ratio:
+        base = predict(base_values, p, shorthand)
+        d_inv = (predict({**base_values, "grad_pack_bandwidth": 1.0 / inv_step}, p, shorthand) - base) / inv_step
+        d_fixed = (predict({**base_values, "dp_layer_overhead": fixed_step}, p, shorthand) - base) / fixed_step
+        # In units of the steps, so both columns are seconds and the solver's tolerance fits both.
+        a.append([ratio[p] * d_inv * inv_step, ratio[p] * d_fixed * fixed_step])
+        b.append(excess(p, name))
+    steps_inv, steps_fixed = nnls(np.array(a), np.array(b))
+    return float(steps_inv * inv_step), float(steps_fixed * fixed_step)
+
+
+def fit_framework(measured: dict[tuple[str, str], float], predict: Predictor, ranks: int) -> FrameworkFit:
     """Fit the four fields so the simulator's predictions of the probes meet the measurements.
 
     `measured[(probe, plan name)]`; plan names as in `probe_plans` ("single-mb1" may be missing: probe times
     logged before it existed; the per-call cost is then 0). Each parallel plan's excess is its measured time
     minus its prediction times the single-process ratio (measured / predicted) of the same probe.
     """
-    from executor.calibrate.fit import nnls
-
     plans = probe_plans(ranks)
     tp_name, dp_name = f"tp{ranks}", f"dp{ranks}"
     probes = sorted({p for p, _ in measured})
-    zero: dict = {}
-    ratio0 = {p: measured[(p, "single")] / predict(zero, p, plans["single"]) for p in probes}
-
-    # Per layer call, from the single process: both runs are measured = ratio * predict(o), and the per-call
-    # cost also sits in the ratio's own run, so eliminate the ratio (m1 / m8 = predict_1(o) / predict_8(o)).
-    # Linear in o:  (ratio0 * c1 - m1 / K8 * c8) * o = m1 - ratio0 * K1,  with K the prediction without it,
-    # c = d prediction / d o and ratio0 = m8 / K8. Least squares over the probes, non-negative.
-    call_step = 1e-4  # 100 us: of the order of a Python module call with its autograd work on a CPU
-    a_call, b_call = [], []
-    for p in probes:
-        if (p, "single-mb1") not in measured:
-            continue
-        sens = {}
-        for name in ("single", "single-mb1"):
-            k = predict(zero, p, plans[name])
-            sens[name] = (k, (predict({"layer_call_overhead": call_step}, p, plans[name]) - k) / call_step)
-        (k8, c8), (k1, c1) = sens["single"], sens["single-mb1"]
-        m1 = measured[(p, "single-mb1")]
-        a_call.append([(ratio0[p] * c1 - m1 / k8 * c8) * call_step])
-        b_call.append(m1 - ratio0[p] * k1)
-    layer_call = float(nnls(np.array(a_call), np.array(b_call))[0] * call_step) if a_call else 0.0
+    ratio0 = {p: measured[(p, "single")] / predict({}, p, plans["single"]) for p in probes}
+    layer_call = _fit_layer_call(measured, predict, plans, ratio0)
     # Every prediction from here on carries the per-call cost; the ratio is the device model's error alone.
-    base_values = {"layer_call_overhead": layer_call}
+    base_values: dict[str, float | None] = {"layer_call_overhead": layer_call}
     ratio = {p: measured[(p, "single")] / predict(base_values, p, plans["single"]) for p in probes}
 
     def excess(p: str, name: str) -> float:
         return measured[(p, name)] - ratio[p] * predict(base_values, p, plans[name])
 
-    # Tensor parallel: prediction is linear in the per-kernel overhead.
-    step = 1e-4
-    tp_estimates = []
-    for p in probes:
-        slope = (
-            predict({**base_values, "sharded_kernel_overhead": step}, p, plans[tp_name])
-            - predict(base_values, p, plans[tp_name])
-        ) / step
-        if slope > 0:
-            tp_estimates.append(max(0.0, excess(p, tp_name) / (ratio[p] * slope)))
-    sharded = statistics.median(tp_estimates) if tp_estimates else 0.0
-
-    # Data parallel: per byte (1 / bandwidth) and per layer; sensitivities by finite differences.
-    inv_step, fixed_step = 1e-10, 1e-4  # 10 GB/s and 100 us: of the order seen on CPUs
-    a, b = [], []
-    for p in probes:
-        base = predict(base_values, p, plans[dp_name])
-        d_inv = (predict({**base_values, "grad_pack_bandwidth": 1.0 / inv_step}, p, plans[dp_name]) - base) / inv_step
-        d_fixed = (predict({**base_values, "dp_layer_overhead": fixed_step}, p, plans[dp_name]) - base) / fixed_step
-        # In units of the steps, so both columns are seconds and the solver's tolerance fits both.
-        a.append([ratio[p] * d_inv * inv_step, ratio[p] * d_fixed * fixed_step])
-        b.append(excess(p, dp_name))
-    steps_inv, steps_fixed = nnls(np.array(a), np.array(b))
-    inv_bw, fixed = steps_inv * inv_step, steps_fixed * fixed_step
+    sharded = _fit_sharded(excess, predict, base_values, (tp_name, plans[tp_name]), ratio)
+    inv_bw, fixed = _fit_data_parallel(excess, predict, base_values, (dp_name, plans[dp_name]), ratio)
     fit = FrameworkFit(
         sharded_kernel_overhead=float(sharded),
         grad_pack_bandwidth=float(1.0 / inv_bw) if inv_bw > 1e-15 else None,
@@ -250,7 +284,7 @@ def fit_framework(
                 "probe": p,
                 "plan": name,
                 "measured_s": seconds,
-                "predicted_before_s": ratio0[p] * predict(zero, p, plans[name]),
+                "predicted_before_s": ratio0[p] * predict({}, p, plans[name]),
                 "predicted_after_s": ratio[p] * predict(values, p, plans[name]),
             }
         )

@@ -1,30 +1,34 @@
 """Calibration's measurements: what to time, the benchmark processes that time it, and the disk.
 
-`executor.calibrate.run` decides the options, runs these, and builds the spec from what they return (with the
-fits in `executor.calibrate.fit`). One process per rank runs the same benchmarks at the same moment, so
-shared caches, memory bandwidth and cores are contended as in a real run (see `executor.calibrate.run`'s
-docstring for the timing rules); storage is timed by the parent once the ranks are gone.
+`executor.calibrate.run` decides the options, runs these, and `executor.calibrate.spec` builds the spec from
+what they return (with the fits in `executor.calibrate.fit`). The ranks start through
+`executor.ranks.start_ranks`, the launcher's primitive, which also starts training ranks. One process per
+rank runs the same benchmarks at the same moment, so shared caches, memory bandwidth and cores are
+contended as in a real run (see `executor.calibrate.run`'s docstring for the timing rules); storage is
+timed by the parent once the ranks are gone.
 """
 
 from __future__ import annotations
 
 import datetime
+import functools
 import math
 import os
-import queue as queue_module
-import socket
 import statistics
 import tempfile
 import time
 import warnings
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from executor.calibrate.fit import COLLECTIVE_KINDS, VECTOR_OPS, CalibrationError, overlap_slowdown
+
+if TYPE_CHECKING:
+    from executor.ranks import RankContext
 
 KiB, MiB, GiB = 2**10, 2**20, 2**30
 
@@ -267,7 +271,6 @@ class WorkerJob:
     """What each spawned rank measures (picklable)."""
 
     world_size: int
-    port: int
     device_type: str
     threads: int
     sweep: Sweep
@@ -295,20 +298,29 @@ def _rss_bytes() -> float:
     return 0.0
 
 
+@dataclass
+class _Item:
+    """One item of `_Worker.measure`: its operation, calls per sample, and the samples taken."""
+
+    fn: Callable[[], Any] | None
+    inner: int
+    samples: list[float] = field(default_factory=list)
+
+
 class _Worker:
     """One rank: measures the device while every other rank measures the same thing, then collectives."""
 
-    def __init__(self, rank: int, job: WorkerJob, events):
+    def __init__(self, ctx: RankContext, job: WorkerJob):
         import torch
 
         self.torch = torch
-        self.rank = rank
+        self.ctx = ctx
+        self.rank = ctx.rank
         self.job = job
         self.sweep = job.sweep
-        self.events = events
         self.cuda = job.device_type == "cuda"
-        self.device = torch.device("cuda", rank) if self.cuda else torch.device("cpu")
-        self.result: dict[str, Any] = {"rank": rank, "threads": job.threads, "unsupported": {}}
+        self.device = ctx.device
+        self.result: dict[str, Any] = {"rank": ctx.rank, "threads": job.threads, "unsupported": {}}
         # A single-threaded CPU kernel runs on this thread: its CPU time is the kernel's time (memory
         # stalls included) without the time other processes on a shared machine took the core.
         # Everything else (several threads, CUDA, collectives, overlap, storage) is wall time.
@@ -319,7 +331,7 @@ class _Worker:
     # ---- plumbing ------------------------------------------------------------------------------
     def tick(self, phase: str) -> None:
         if self.rank == 0:
-            self.events.put(("tick", phase, 1))
+            self.ctx.emit("tick", phase, 1)
 
     def sync(self) -> None:
         if self.cuda:
@@ -360,42 +372,30 @@ class _Worker:
 
     # ---- main ----------------------------------------------------------------------------------
     def run(self) -> dict[str, Any]:
+        """Every phase of the job, in `phase_totals`' order; the launcher started the process group."""
         import torch
         import torch.distributed as dist
 
         torch.set_num_threads(self.job.threads)
         torch.manual_seed(1234 + self.rank)
         warnings.filterwarnings("ignore", category=FutureWarning)  # deprecated collective names
-        if self.cuda:
-            torch.cuda.set_device(self.device)
-        backend = "nccl" if self.cuda else "gloo"
-        dist.init_process_group(
-            backend,
-            init_method=f"tcp://127.0.0.1:{self.job.port}",
-            rank=self.rank,
-            world_size=self.job.world_size,
-            timeout=datetime.timedelta(seconds=180),
-        )
-        try:
-            # Decisions and barriers go over gloo even on CUDA: they are tiny and need no device sync.
-            self.ctrl = dist.new_group(backend="gloo") if self.cuda else dist.group.WORLD
-            warm = torch.ones(1024, device=self.device)
-            dist.all_reduce(warm)
-            self.sync()
-            self.result["reserved_bytes"] = self._reserved_bytes()
-            if self.job.device_phase:
-                self._overhead()
-                self._gemm()
-                self._attention()
-                self._memory()
-                self._vector()
-            for k in self.job.group_sizes:
-                self._collectives(k)
-            if self.job.overlap:
-                self._overlap()
-            self.barrier()
-        finally:
-            dist.destroy_process_group()
+        # Decisions and barriers go over gloo even on CUDA: they are tiny and need no device sync.
+        self.ctrl = dist.new_group(backend="gloo") if self.cuda else dist.group.WORLD
+        warm = torch.ones(1024, device=self.device)
+        dist.all_reduce(warm)
+        self.sync()
+        self.result["reserved_bytes"] = self._reserved_bytes()
+        if self.job.device_phase:
+            self._overhead()
+            self._gemm()
+            self._attention()
+            self._memory()
+            self._vector()
+        for k in self.job.group_sizes:
+            self._collectives(k)
+        if self.job.overlap:
+            self._overlap()
+        self.barrier()
         return self.result
 
     def _reserved_bytes(self) -> float:
@@ -485,7 +485,7 @@ class _Worker:
         `first_call(i, seconds)` sees each single timed call of pass 0 (to size the next items).
         """
         clock = self.clock
-        entries: list[list | None] = []
+        entries: list[_Item | None] = []
         for i, build in enumerate(builders):
             fn = build()
             if fn is None:
@@ -502,19 +502,19 @@ class _Worker:
             if first_call is not None:
                 first_call(i, one)
             inner = max(1, min(20000, math.ceil(self.sweep.sample_s / max(one, 1e-7))))
-            entry = [fn, inner, []]
+            entry = _Item(fn, inner)
             if not interleave:
-                entry[2] = [self._sample(fn, inner) for _ in range(self.sweep.repeats)]
-                entry[0] = None  # free the buffers now
+                entry.samples = [self._sample(fn, inner) for _ in range(self.sweep.repeats)]
+                entry.fn = None  # free the buffers now
             entries.append(entry)
             self.tick(phase)
         if interleave:
             for _ in range(self.sweep.repeats):
-                for entry in entries:
-                    if entry is not None:
+                for item in entries:
+                    if item is not None and item.fn is not None:
                         self.barrier()
-                        entry[2].append(self._sample(entry[0], entry[1]))
-        return [statistics.median(e[2]) if e is not None else None for e in entries]
+                        item.samples.append(self._sample(item.fn, item.inner))
+        return [statistics.median(e.samples) if e is not None else None for e in entries]
 
     def _sample(self, fn: Callable[[], Any], inner: int) -> float:
         clock = self.clock
@@ -546,7 +546,7 @@ class _Worker:
             a = torch.ones(8, 8, dtype=_torch_dtype(dtype), device=self.device)
             self.barrier()
             with torch.no_grad():
-                zero[dtype] = self.time_call(lambda: torch.mm(a, a))
+                zero[dtype] = self.time_call(functools.partial(torch.mm, a, a))
         items = gemm_items(self.sweep, self.job.dtypes)
         last_rate: dict[str, float] = {}
         skipped: dict[str, list[float]] = {}
@@ -561,8 +561,8 @@ class _Worker:
                     skipped.setdefault(item.dtype, []).append(item.flops)
                     flops = skipped[item.dtype]
                     self.result["unsupported"][f"matmul {item.dtype}"] = (
-                        f"{len(flops)} GEMM(s) of {min(flops):.3g} to {max(flops):.3g} FLOP skipped: one call would take "
-                        f"more than {self.sweep.max_call_s} s at this dtype's measured rate"
+                        f"{len(flops)} GEMM(s) of {min(flops):.3g} to {max(flops):.3g} FLOP skipped: one call would "
+                        f"take more than {self.sweep.max_call_s} s at this dtype's measured rate"
                     )
                     return None
                 fn = self._gemm_fn(item)
@@ -672,8 +672,9 @@ class _Worker:
                 if not chosen[i]:
                     skipped.setdefault(dtype, []).append(f)
                     self.result["unsupported"][f"attention {dtype}"] = (
-                        f"{len(skipped[dtype])} shape(s) of {min(skipped[dtype]):.3g} to {max(skipped[dtype]):.3g} forward FLOP "
-                        f"skipped: one forward + backward would take more than {self.sweep.max_call_s} s at this dtype's rate"
+                        f"{len(skipped[dtype])} shape(s) of {min(skipped[dtype]):.3g} to {max(skipped[dtype]):.3g} "
+                        f"forward FLOP skipped: one forward + backward would take more than {self.sweep.max_call_s} s "
+                        "at this dtype's rate"
                     )
                     return None
                 return pairs[i][0]
@@ -735,8 +736,8 @@ class _Worker:
         torch = self.torch
         for direction in ("h2d", "d2h"):
 
-            def builder(nbytes: int):
-                def build():
+            def builder(nbytes: int, direction: str = direction) -> Callable[[], Callable[[], Any]]:
+                def build() -> Callable[[], Any]:
                     host = torch.empty(nbytes // 4, pin_memory=True)
                     dev = torch.empty(nbytes // 4, device=self.device)
                     src, dst = (host, dev) if direction == "h2d" else (dev, host)
@@ -796,9 +797,11 @@ class _Worker:
                 for e in self.sweep.vector_elems
             }
             items = [(d, op, e) for d, op in plan for e in self.sweep.vector_elems]
-            times = self.measure(
-                "vector", [lambda d=d, op=op, e=e: self._vector_fn(op, *inputs[(d, e)]) for d, op, e in items]
-            )
+
+            def builder(dtype: str, op: str, elems: int) -> Callable[[], Callable[[], Any] | None]:
+                return lambda: self._vector_fn(op, *inputs[(dtype, elems)])
+
+            times = self.measure("vector", [builder(d, op, e) for d, op, e in items])
             inputs.clear()  # free the tensors now that they are timed
         # Keep the tick count fixed whatever dtypes were dropped.
         for _ in range((len(VECTOR_OPS) * len(self.job.dtypes) + 1 - len(plan)) * len(self.sweep.vector_elems)):
@@ -813,84 +816,87 @@ class _Worker:
         """Collectives over ranks 0..k-1 (every rank creates the group; the others wait)."""
         import torch.distributed as dist
 
-        torch = self.torch
         world = self.job.world_size
         group = dist.group.WORLD if k == world else dist.new_group(list(range(k)))
         ctrl = self.ctrl if k == world else (dist.new_group(list(range(k)), backend="gloo") if self.cuda else group)
         rows = self.result.setdefault("collectives", [])
         if self.rank < k:
-            all_gather = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
-            reduce_scatter = getattr(dist, "reduce_scatter_single", None) or dist.reduce_scatter_tensor
             for kind in COLLECTIVE_KINDS:
                 if kind == "send_recv" and k != 2:
                     continue
                 unsupported = False
                 for nbytes in self.sweep.collective_bytes:
-                    if unsupported:
-                        self.tick("collectives")
-                        continue
-                    shard = max(1, nbytes // 4 // k)
-                    if kind == "all_reduce":
-                        buf = torch.zeros(nbytes // 4, device=self.device)
-                        moved = buf.numel() * 4
-                        op = lambda: dist.all_reduce(buf, group=group)
-                    elif kind == "all_gather":
-                        inp = torch.zeros(shard, device=self.device)
-                        out = torch.empty(shard * k, device=self.device)
-                        moved = out.numel() * 4
-                        op = lambda: all_gather(out, inp, group=group)
-                    elif kind == "reduce_scatter":
-                        inp = torch.zeros(shard * k, device=self.device)
-                        out = torch.empty(shard, device=self.device)
-                        moved = inp.numel() * 4
-                        op = lambda: reduce_scatter(out, inp, group=group)
-                    elif kind == "all_to_all":
-                        # Each rank sends a shard to every peer; bytes are what one rank sends in all.
-                        inp = torch.zeros(shard * k, device=self.device)
-                        out = torch.empty(shard * k, device=self.device)
-                        moved = inp.numel() * 4
-                        op = lambda: dist.all_to_all_single(out, inp, group=group)
-                    else:
-                        buf = torch.zeros(nbytes // 4, device=self.device)
-                        moved = buf.numel() * 4
-                        peer = 1 - self.rank
-
-                        def op():
-                            # A round trip: one-way time is half of it.
-                            if self.rank == 0:
-                                dist.send(buf, peer, group=group)
-                                dist.recv(buf, peer, group=group)
-                            else:
-                                dist.recv(buf, peer, group=group)
-                                dist.send(buf, peer, group=group)
-
-                    try:
-                        op()
-                        self.sync()
-                    except (RuntimeError, NotImplementedError, ValueError) as exc:
-                        unsupported = True
-                        self.result["unsupported"][kind] = f"{dist.get_backend(group)}: {str(exc).splitlines()[0]}"
-                        self.tick("collectives")
-                        continue
-                    inner = max(1, min(50, math.ceil(self.sweep.collective_inner_bytes / moved)))
-                    samples = []
-                    for _ in range(self.sweep.collective_repeats):
-                        dist.barrier(group=ctrl)
-                        self.sync()
-                        t0 = time.perf_counter()
-                        for _ in range(inner):
-                            op()
-                        self.sync()
-                        samples.append((time.perf_counter() - t0) / inner)
-                    # A collective ends when its slowest rank does.
-                    slowest = torch.tensor(samples, dtype=torch.float64)
-                    dist.all_reduce(slowest, op=dist.ReduceOp.MAX, group=ctrl)
-                    seconds = statistics.median(slowest.tolist())
-                    if kind == "send_recv":
-                        seconds /= 2.0
-                    rows.append({"kind": kind, "group_size": k, "bytes": moved, "seconds": seconds})
+                    if not unsupported:
+                        op, moved = self._collective_op(kind, nbytes, k, group)
+                        seconds = self._time_collective(op, moved, kind, group, ctrl)
+                        unsupported = seconds is None
+                        if seconds is not None:
+                            rows.append({"kind": kind, "group_size": k, "bytes": moved, "seconds": seconds})
                     self.tick("collectives")
         self.barrier()
+
+    def _collective_op(self, kind: str, nbytes: int, k: int, group: Any) -> tuple[Callable[[], Any], int]:
+        """One call of collective `kind` of about `nbytes` over `group` (k ranks), and the bytes it moves as
+        `simulator.cost.collectives` counts them."""
+        import torch.distributed as dist
+
+        torch, device = self.torch, self.device
+        shard = max(1, nbytes // 4 // k)
+        if kind == "all_reduce":
+            buf = torch.zeros(nbytes // 4, device=device)
+            return (lambda: dist.all_reduce(buf, group=group)), buf.numel() * 4
+        if kind == "all_gather":
+            all_gather = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
+            inp, out = torch.zeros(shard, device=device), torch.empty(shard * k, device=device)
+            return (lambda: all_gather(out, inp, group=group)), out.numel() * 4
+        if kind == "reduce_scatter":
+            reduce_scatter = getattr(dist, "reduce_scatter_single", None) or dist.reduce_scatter_tensor
+            inp, out = torch.zeros(shard * k, device=device), torch.empty(shard, device=device)
+            return (lambda: reduce_scatter(out, inp, group=group)), inp.numel() * 4
+        if kind == "all_to_all":
+            # Each rank sends a shard to every peer; bytes are what one rank sends in all.
+            inp, out = torch.zeros(shard * k, device=device), torch.empty(shard * k, device=device)
+            return (lambda: dist.all_to_all_single(out, inp, group=group)), inp.numel() * 4
+        buf = torch.zeros(nbytes // 4, device=device)
+        peer = 1 - self.rank
+
+        def round_trip() -> None:
+            # A round trip: one-way time is half of it.
+            if self.rank == 0:
+                dist.send(buf, peer, group=group)
+                dist.recv(buf, peer, group=group)
+            else:
+                dist.recv(buf, peer, group=group)
+                dist.send(buf, peer, group=group)
+
+        return round_trip, buf.numel() * 4
+
+    def _time_collective(self, op: Callable[[], Any], moved: int, kind: str, group: Any, ctrl: Any) -> float | None:
+        """Median seconds of `op` on the slowest rank (one way for send/recv); None, with the reason kept in
+        `unsupported`, where the backend refuses it."""
+        import torch.distributed as dist
+
+        try:
+            op()
+            self.sync()
+        except (RuntimeError, NotImplementedError, ValueError) as exc:
+            self.result["unsupported"][kind] = f"{dist.get_backend(group)}: {str(exc).splitlines()[0]}"
+            return None
+        inner = max(1, min(50, math.ceil(self.sweep.collective_inner_bytes / moved)))
+        samples = []
+        for _ in range(self.sweep.collective_repeats):
+            dist.barrier(group=ctrl)
+            self.sync()
+            t0 = time.perf_counter()
+            for _ in range(inner):
+                op()
+            self.sync()
+            samples.append((time.perf_counter() - t0) / inner)
+        # A collective ends when its slowest rank does.
+        slowest = self.torch.tensor(samples, dtype=self.torch.float64)
+        dist.all_reduce(slowest, op=dist.ReduceOp.MAX, group=ctrl)
+        seconds = statistics.median(slowest.tolist())
+        return seconds / 2.0 if kind == "send_recv" else seconds
 
     # ---- compute/communication overlap ---------------------------------------------------------
     def _overlap(self) -> None:
@@ -961,78 +967,45 @@ class _Worker:
             ev.synchronize()
 
 
-def _worker_main(rank: int, job: WorkerJob, events) -> None:
-    """Entry point of a spawned rank: measure, send the result, exit."""
-    result = _Worker(rank, job, events).run()
-    events.put(("result", rank, result))
+def _worker_main(ctx: RankContext, job: WorkerJob) -> dict[str, Any]:
+    """A benchmark rank, as `executor.launch.start_ranks` runs it: measure and return the result."""
+    return _Worker(ctx, job).run()
 
 
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+# The ranks wait this long in a collective for a peer (a slow item on a loaded machine must not abort).
+COLLECTIVE_TIMEOUT = datetime.timedelta(seconds=180)
 
 
-def run_workers(job_args: dict[str, Any], nprocs: int, sink: ProgressSink, timeout_s: float) -> list[dict[str, Any]]:
-    """Spawn `nprocs` ranks (torch.multiprocessing, a free local port), forward their progress to
-    `sink`, and return each rank's result, rank order. Stops every rank on failure or timeout."""
-    import torch.multiprocessing as mp
+def run_workers(job: WorkerJob, sink: ProgressSink, timeout_s: float) -> list[dict[str, Any]]:
+    """Start `job.world_size` benchmark ranks through the launcher, forward their progress to `sink`,
+    and return each rank's result, in rank order. Every rank is stopped on a failure or the timeout.
 
-    last_error = ""
-    for _attempt in range(3):  # a port taken between probing and binding is retried with another
-        job = WorkerJob(port=_free_port(), **job_args)
-        ctx = mp.get_context("spawn")
-        events = ctx.Queue()
-        procs = mp.start_processes(_worker_main, args=(job, events), nprocs=nprocs, join=False, start_method="spawn")
-        results: dict[int, dict] = {}
-        deadline = time.monotonic() + timeout_s
-        try:
-            done = False
-            while not done:
-                _drain(events, sink, results)
-                try:
-                    done = procs.join(timeout=0.1)
-                except Exception as exc:  # ProcessRaisedException / ProcessExitedException
-                    text = str(exc).strip()
-                    last_error = text.splitlines()[-1] if text else type(exc).__name__
-                    if "address already in use" in text.lower() or "EADDRINUSE" in text:
-                        break
-                    rank = getattr(exc, "error_index", "?")
-                    raise CalibrationError(f"benchmark rank {rank} failed: {last_error}") from None
-                if time.monotonic() > deadline:
-                    raise CalibrationError(
-                        f"the benchmark ranks did not finish within {timeout_s:.0f} s; the machine may be "
-                        "overloaded, or a collective hung (raise --timeout or use fewer --ranks)"
-                    )
-            else:
-                _drain(events, sink, results, wait=True, expected=nprocs)
-                if len(results) != nprocs:
-                    raise CalibrationError(f"only {len(results)} of {nprocs} benchmark ranks reported a result")
-                return [results[r] for r in range(nprocs)]
-        finally:
-            for p in procs.processes:
-                if p.is_alive():
-                    p.terminate()
-                    p.join(5)
-    raise CalibrationError(f"could not start the benchmark ranks: {last_error}")
+    Raises:
+        CalibrationError: a rank failed (named, with its cause), or the ranks ran past `timeout_s`.
+    """
+    from executor.ranks import LaunchTimeout, RankFailure, start_ranks
 
-
-def _drain(events, sink: ProgressSink, results: dict, wait: bool = False, expected: int = 0) -> None:
-    deadline = time.monotonic() + 30.0
-    while True:
-        try:
-            kind, *rest = events.get(timeout=0.5) if wait else events.get_nowait()
-        except queue_module.Empty:
-            if not wait or len(results) >= expected or time.monotonic() > deadline:
-                return
-            continue
+    def relay(kind: str, payload: tuple[Any, ...]) -> None:
         if kind == "tick":
-            sink.advance(rest[0], rest[1])
-        elif kind == "result":
-            results[rest[0]] = rest[1]
-        if wait and len(results) >= expected:
-            # Ticks sent before the results are already consumed; nothing else is pending.
-            return
+            sink.advance(payload[0], payload[1])
+
+    try:
+        return start_ranks(
+            _worker_main,
+            (job,),
+            job.world_size,
+            job.device_type,
+            on_event=relay,
+            timeout=COLLECTIVE_TIMEOUT,
+            deadline_s=timeout_s,
+        )
+    except RankFailure as exc:
+        raise CalibrationError(f"benchmark {exc}") from None
+    except LaunchTimeout:
+        raise CalibrationError(
+            f"the benchmark ranks did not finish within {timeout_s:.0f} s; the machine may be "
+            "overloaded, or a collective hung (raise --timeout or use fewer --ranks)"
+        ) from None
 
 
 # ================================================================================================

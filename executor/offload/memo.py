@@ -36,6 +36,7 @@ import weakref
 from collections.abc import Callable
 from contextlib import contextmanager
 from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 from torch import nn
@@ -84,6 +85,14 @@ class _HostCopy:
     """
 
     __slots__ = ("__weakref__", "device", "event", "frame", "host", "nbytes", "ready", "ready_event", "source")
+    device: torch.device
+    nbytes: int
+    frame: _Frame | None
+    host: torch.Tensor
+    event: torch.cuda.Event | None  # the copy to host has finished (CUDA)
+    source: torch.Tensor | None  # the device tensor, held until the copy is done (CUDA)
+    ready: torch.Tensor | None  # the prefetched copy back on the device
+    ready_event: torch.cuda.Event | None
 
     def __init__(self, t: torch.Tensor, stream: torch.cuda.Stream | None, frame: _Frame | None = None):
         self.device = t.device
@@ -117,6 +126,7 @@ class _HostCopy:
     def release(self) -> None:
         """Drop the device tensor once the compute stream has waited for its copy to host (CUDA)."""
         if self.source is not None:
+            assert self.event is not None  # recorded with the copy that holds `source`
             torch.cuda.current_stream(self.device).wait_event(self.event)
             self.source = None
 
@@ -131,6 +141,7 @@ class _HostCopy:
         dst = arena.allocate(slot, self.host.shape, self.host.dtype) if arena is not None else None
         if dst is None:
             dst = torch.empty(self.host.shape, dtype=self.host.dtype, device=self.device)
+        assert self.event is not None  # a CUDA tensor's copy to host records one
         with torch.cuda.stream(stream):
             stream.wait_stream(main)
             stream.wait_event(self.event)
@@ -149,6 +160,7 @@ class _HostCopy:
                 assert self.event is not None
                 torch.cuda.current_stream(self.device).wait_event(self.event)
                 return self.host.to(self.device, non_blocking=True)
+            assert self.ready_event is not None  # recorded by `prefetch` with `ready`
             torch.cuda.current_stream(self.device).wait_event(self.ready_event)
             return self.ready
         return self.host
@@ -165,11 +177,11 @@ class _Frame:
     """One forward of one block: its host copies, and the frame before it (the block backward reaches
     next), whose copies back start as soon as backward reaches this one."""
 
-    last: weakref.ref | None = None  # the most recent frame of this process (forward order)
+    last: ClassVar[weakref.ref[_Frame] | None] = None  # the most recent frame of this process (forward order)
     # Frames whose device tensors may still be held for their copies to host (CUDA), oldest first. A
     # block's copies may run behind the compute of the next block; when the block after that starts, the
     # compute stream waits for them and their tensors are freed (see `_HostCopy.release`).
-    in_flight: list[weakref.ref] = []
+    in_flight: ClassVar[list[weakref.ref[_Frame]]] = []
     COPY_LAG_BLOCKS = 1
 
     def __init__(self, stream, arena: PlannedArena | None, block: int):
@@ -183,8 +195,10 @@ class _Frame:
             _Frame.in_flight.append(weakref.ref(self))
         before = _Frame.last() if _Frame.last is not None else None
         # Only the block just before in the same forward pass (another micro-batch's pass breaks the chain).
-        self.previous = _Frame.last if before is not None and before.block == block - 1 else None
-        self.index = before.index + 1 if self.previous is not None else 0
+        self.previous: weakref.ref[_Frame] | None = None
+        self.index = 0
+        if before is not None and before.block == block - 1:
+            self.previous, self.index = _Frame.last, before.index + 1
         self.started = False
         # Registries for the block's forward only (they hold the tensors they map): `close` drops them.
         self.seen, self.by_storage = _Seen(), _Seen()
@@ -416,7 +430,7 @@ class _RecomputeGroup:
         ]
         self.count = 0
         self.saved: list | None = None
-        self.outputs = None
+        self.outputs: tuple[torch.Tensor, ...] | torch.Tensor | None = None
         # Dropout in the segment draws the same masks again when recomputed (as torch.utils.checkpoint does).
         self.device = anchors[0].device
         self.rng = torch.get_rng_state()
@@ -477,7 +491,7 @@ class MemoBlock(Block):
         self.recompute = recompute
         self.arena = arena
         self.index = index
-        self._stream = None
+        self._stream: torch.cuda.Stream | None = None
 
     # ---- helpers -------------------------------------------------------------------------------
     def _side_stream(self, device: torch.device):
@@ -560,7 +574,7 @@ class MemoBlock(Block):
             if dim is None:
                 return _Kept(t)
             length = t.shape[dim]
-            cut = int(round(self.alpha * length))
+            cut = round(self.alpha * length)
             if cut == 0:
                 return _Kept(t)
             if cut >= length:
@@ -579,7 +593,7 @@ class MemoBlock(Block):
 
     def _tokenwise(self, x: torch.Tensor) -> torch.Tensor:
         b, s = x.shape[0], x.shape[1]
-        n = int(round(self.alpha * s))
+        n = round(self.alpha * s)
         stream = self._side_stream(x.device)
         frame = _Frame(stream, self.arena, self.index)
         seg1_tail = seg2_tail = None
@@ -719,14 +733,17 @@ def apply_offload(
 ) -> int:
     """Wrap the blocks whose (recompute, offload) asks for it in `MemoBlock`; returns how many."""
     wrapped = 0
-    for name in list(model.blocks.keys()):
+    blocks = model.get_submodule("blocks")
+    assert isinstance(blocks, nn.ModuleDict), f"blocks is a {type(blocks).__name__}"
+    for name in list(blocks.keys()):
         recompute, alpha = mode_of(int(name))
         if recompute == "tokenwise" or alpha > 0:
-            block = model.blocks[name]
+            block = blocks[name]
             if not isinstance(block, Block):
                 raise TypeError(f"blocks.{name} is a {type(block).__name__}; offload applies before other wrappers")
             if not isinstance(block, MemoBlock):
                 block.__class__ = MemoBlock
+            assert isinstance(block, MemoBlock)
             block.memo_init(alpha, recompute, arena, int(name))
             wrapped += 1
     return wrapped

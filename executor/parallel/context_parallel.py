@@ -35,6 +35,7 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 
+from executor.parallel.blocks import block_items
 from workloads.torch_models import CausalLM
 
 
@@ -112,7 +113,8 @@ def apply_context_parallel(model: CausalLM, group, cp: int, cp_rank: int, device
     context = SequenceContext(group, cp, rank_positions, cp_rank, bool(cfg.causal))
     if model.embed is not None:
         model.embed.positions = mine
-    for block in model.blocks.values():
+    for _, block in block_items(model):
         block.attn.positions, block.attn.num_positions = mine, cfg.seq_len
-        block.attn.core.context = context
+        # workloads.torch_models.AttentionCore declares `context = None` without a type; it takes this one.
+        block.attn.core.context = context  # type: ignore[assignment]
     return mine.cpu()

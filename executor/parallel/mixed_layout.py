@@ -46,7 +46,7 @@ from torch import nn
 
 from executor.parallel.precision import mixed_precision_policy
 from executor.parallel.recompute import apply_recompute
-from executor.parallel.tensor_parallel import apply_tensor_parallel
+from executor.parallel.tensor_parallel import ModelPart, apply_tensor_parallel
 from simulator.binding import EDGE_KINDS, BoundPlan
 
 # ---- which plans need this -------------------------------------------------------------------------
@@ -185,7 +185,7 @@ def relayout(x: torch.Tensor, src: ActLayout, dst: ActLayout, meshes: MixedMeshe
 def _tensor_parallel(part, home: ActLayout, layouts: dict[int, ActLayout], meshes: MixedMeshes) -> None:
     """DTensor tp/sp of the edges in the home layout and of each block in its own (parallelize's split)."""
     groups: dict[ActLayout, list[str]] = {}
-    for name in part.blocks.keys():
+    for name in part.blocks:
         groups.setdefault(layouts[int(name)], []).append(name)
     if part.embed is not None or part.head is not None:
         groups.setdefault(home, [])
@@ -193,10 +193,11 @@ def _tensor_parallel(part, home: ActLayout, layouts: dict[int, ActLayout], meshe
         if layout.tp == 1:
             continue
         # A holder that shares the modules: parallelize_module edits them in place, so `part` sees the split.
-        holder = nn.Module()
-        holder.embed = part.embed if layout == home else None
-        holder.head = part.head if layout == home else None
-        holder.blocks = nn.ModuleDict({name: part.blocks[name] for name in names})
+        holder = ModelPart(
+            part.embed if layout == home else None,
+            part.head if layout == home else None,
+            nn.ModuleDict({name: part.blocks[name] for name in names}),
+        )
         apply_tensor_parallel(holder, meshes.meshes[layout.tp]["tp"], layout.sp)
 
 

@@ -27,10 +27,11 @@ The order (as torchtitan composes the same PyTorch pieces):
       `torch.utils.checkpoint`); `selective` wraps the attention core only (scores, softmax, dropout,
       context); per-layer `recompute` overrides of the plan are honoured.
    d. **Data parallel** (dp x cp > 1) on the mesh's `dp` axis, or on `dp` and `cp` flattened into one when
-      cp > 1 (context-parallel ranks hold the same weights, so their gradients are averaged too): `ddp` is FSDP2's `replicate`; `zero2` is
-      FSDP2 `fully_shard(reshard_after_forward=False)`; `zero3` is `fully_shard` resharding after
-      forward; both per block and on the chunk's root. `zero1` is `DistributedDataParallel` with a
-      `ZeroRedundancyOptimizer` (optimizer state sharded, gradients all-reduced in full).
+      cp > 1 (context-parallel ranks hold the same weights, so their gradients are averaged too): `ddp` is
+      FSDP2's `replicate`; `zero2` is FSDP2 `fully_shard(reshard_after_forward=False)`; `zero3` is
+      `fully_shard` resharding after forward; both per block and on the chunk's root. `zero1` is
+      `DistributedDataParallel` with a `ZeroRedundancyOptimizer` (optimizer state sharded, gradients
+      all-reduced in full).
    e. **Mixed precision**: for `bf16`, FSDP2's `MixedPrecisionPolicy(param_dtype=bf16, reduce_dtype=fp32)`
       when FSDP2/replicate hold the chunk, else `torch.autocast(bf16)` around forward; master weights,
       gradients and optimizer state stay fp32 in both. `fp32` runs everything in fp32.
@@ -55,10 +56,16 @@ import copy
 from collections.abc import Iterator
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, cast
 
 import torch
 import torch.distributed as dist
 from torch import nn
+
+if TYPE_CHECKING:
+    from torch.distributed.device_mesh import DeviceMesh
+    from torch.distributed.pipelining.schedules import PipelineScheduleMulti, PipelineScheduleSingle
+    from torch.distributed.pipelining.stage import _PipelineStageBase
 
 from executor.offload.memo import apply_offload, arena_for
 from executor.parallel import mixed_layout
@@ -86,7 +93,7 @@ class Layout:
     pp_rank: int
     dp_rank: int
     tp_rank: int
-    mesh: object | None  # DeviceMesh with axes ("pp", "dp", "tp"), and "cp" when cp > 1; None for one process
+    mesh: DeviceMesh | None  # with axes ("pp", "dp", "tp"), and "cp" when cp > 1; None for one process
     device: torch.device
     cp: int = 1
     cp_rank: int = 0
@@ -128,6 +135,7 @@ class Layout:
         """The mesh those gradients are averaged over: 'dp', or 'dp' and 'cp' flattened into one axis."""
         if self.cp == 1:
             return self.submesh("dp")
+        assert self.mesh is not None
         return self.mesh["dp", "cp"]._flatten("dp_cp")
 
 
@@ -155,9 +163,9 @@ class RankModel:
     dp_type: str
     uses_fsdp: bool  # FSDP2 fully_shard/replicate hold the chunks (else DDP or nothing)
     autocast_dtype: torch.dtype | None  # autocast around forward (bf16 without FSDP2's policy)
-    schedule: object | None = None  # the pipeline schedule when pp > 1
+    schedule: PipelineScheduleSingle | PipelineScheduleMulti | None = None  # the pipeline schedule when pp > 1
     tied_group: object | None = None  # first + last stage group that sums the tied embedding's gradients
-    tied_params: list[nn.Parameter] = field(default_factory=list)
+    tied_params: list[torch.Tensor] = field(default_factory=list)
     token_positions: torch.Tensor | None = None  # the sequence positions this rank holds (cp > 1)
 
     @property
@@ -199,10 +207,11 @@ class RankModel:
                 p.grad = torch.zeros_like(p)
             grad = p.grad
             if isinstance(grad, DTensor):
-                if grad.placements != p.placements:
+                weight = cast(DTensor, p)  # a DTensor gradient belongs to a DTensor weight
+                if grad.placements != weight.placements:
                     # The vocab-parallel embedding's gradient comes out partial (summed over tp ranks
                     # later); bring it to the weight's own sharding so both stages hold the same shard.
-                    grad = grad.redistribute(p.device_mesh, p.placements)
+                    grad = grad.redistribute(weight.device_mesh, weight.placements)
                     p.grad = grad
                 grad = grad.to_local()
             dist.all_reduce(grad, group=self.tied_group)
@@ -305,7 +314,7 @@ def make_optimizer(params: list[nn.Parameter], kind: str, layout: Layout, zero1:
 
     # Tensor parallelism leaves some parameters plain (learned positions, norms outside sequence
     # parallelism); foreach kernels cannot mix them with DTensors, so each kind gets its own group.
-    groups = [
+    groups: list[dict[str, Any]] = [
         {"params": [p for p in params if isinstance(p, DTensor)]},
         {"params": [p for p in params if not isinstance(p, DTensor)]},
     ]
@@ -390,12 +399,15 @@ def replica_loss_scale(plan, dp_rank: int) -> float:
     return len(plan.batch_split) * plan.batch_split[dp_rank] / sum(plan.batch_split)
 
 
-def _make_schedule(rank_model: RankModel, schedule: str, loss_scale: float = 1.0):
+def _make_schedule(
+    rank_model: RankModel, schedule: str, loss_scale: float = 1.0
+) -> PipelineScheduleSingle | PipelineScheduleMulti:
     from torch.distributed.pipelining import PipelineStage, Schedule1F1B, ScheduleGPipe, ScheduleInterleaved1F1B
 
     layout = rank_model.layout
     group = layout.group("pp")
-    stages = [
+    # torch types the interleaved schedule's stages as list[_PipelineStageBase] (a list: invariant).
+    stages: list[_PipelineStageBase] = [
         PipelineStage(c.module, c.stage_index, rank_model.num_stages, layout.device, group=group)
         for c in rank_model.chunks
     ]
@@ -424,7 +436,10 @@ def _tie_across_stages(rank_model: RankModel) -> None:
             mine = group
     rank_model.tied_group = mine
     for chunk in rank_model.chunks:
+        embed, head = chunk.model.embed, chunk.model.head
         if chunk.has_embed and not chunk.has_head:
-            rank_model.tied_params.append(chunk.model.embed.tok.weight)
+            assert embed is not None
+            rank_model.tied_params.append(embed.tok.weight)
         if chunk.has_head and not chunk.has_embed:
-            rank_model.tied_params.append(chunk.model.head.lm_head.weight)
+            assert head is not None
+            rank_model.tied_params.append(head.lm_head.weight)

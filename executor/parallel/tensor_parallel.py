@@ -6,10 +6,29 @@ of blocks that share a layout, on that layout's mesh.
 
 from __future__ import annotations
 
-from workloads.torch_models import CausalLM
+from typing import TYPE_CHECKING
+
+from torch import nn
+
+from executor.parallel.blocks import block_items
+from workloads.torch_models import CausalLM, InputLayer, OutputLayer
+
+if TYPE_CHECKING:
+    from torch.distributed.tensor.parallel import ParallelStyle
 
 
-def apply_tensor_parallel(model: CausalLM, tp_mesh, sequence_parallel: bool) -> None:
+class ModelPart(nn.Module):
+    """Some blocks of a model, with its embedding and head or not, shared with the model (not copied): a
+    tensor-parallel split applied to the part edits the model's own modules."""
+
+    def __init__(self, embed: InputLayer | None, head: OutputLayer | None, blocks: nn.ModuleDict):
+        super().__init__()
+        self.embed = embed
+        self.head = head
+        self.blocks = blocks
+
+
+def apply_tensor_parallel(model: CausalLM | ModelPart, tp_mesh, sequence_parallel: bool) -> None:
     """Megatron-style tensor parallelism (and sequence parallelism) with DTensor."""
     from torch.distributed.tensor import Replicate, Shard
     from torch.distributed.tensor.parallel import (
@@ -23,7 +42,7 @@ def apply_tensor_parallel(model: CausalLM, tp_mesh, sequence_parallel: bool) -> 
 
     sp = sequence_parallel
     hidden_layout = Shard(1) if sp else Replicate()
-    edge: dict[str, object] = {}
+    edge: dict[str, ParallelStyle] = {}
     if model.embed is not None:
         edge["embed.tok"] = RowwiseParallel(input_layouts=Replicate(), output_layouts=Replicate())
         if sp:
@@ -38,8 +57,8 @@ def apply_tensor_parallel(model: CausalLM, tp_mesh, sequence_parallel: bool) -> 
         )
     if edge:
         parallelize_module(model, tp_mesh, edge)
-    for block in model.blocks.values():
-        plan: dict[str, object] = {
+    for _, block in block_items(model):
+        plan: dict[str, ParallelStyle] = {
             "attn.wq": ColwiseParallel(),
             "attn.wk": ColwiseParallel(),
             "attn.wv": ColwiseParallel(),

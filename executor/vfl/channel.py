@@ -7,7 +7,8 @@ sends the first message, so a client the server refused learns of it before it s
 
 Frames (inside TLS, big-endian):
 
-    magic "HVFL" | version u8 | type u8 | dtype u8 | ndim u8 | seq u64 | tag u64 | payload_len u64 | dims u32 x ndim | payload
+    magic "HVFL" | version u8 | type u8 | dtype u8 | ndim u8 | seq u64 | tag u64 | payload_len u64 |
+    dims u32 x ndim | payload
 
 `type` is one of `MsgType`; `dtype` 0 is UTF-8 JSON (control messages, at most 64 KiB, keys checked by the
 party), 1 is float32 little-endian; `seq` numbers the sequenced frames of each direction from 1; `tag` is the
@@ -28,6 +29,7 @@ Failures and what they do:
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import secrets
@@ -214,8 +216,15 @@ class Channel:
         self.bytes_received = 0
 
     @property
-    def peer_name(self) -> str:
+    def _address(self) -> tuple[str, int]:
+        """The address this channel listens on (server) or dials (client)."""
         addr = self.connect_addr or self.listen_addr
+        assert addr is not None, "a channel either listens or connects"
+        return addr
+
+    @property
+    def peer_name(self) -> str:
+        addr = self._address
         return f"the {self.peer_party} party ({'at' if self.connect_addr else 'via'} {addr[0]}:{addr[1]})"
 
     # ---------------------------------------------------------------- connection
@@ -223,7 +232,7 @@ class Channel:
     def open(self) -> Channel:
         """Make the first connection (listen and accept, or dial with retries) within connect_timeout."""
         if self.server:
-            self._listener = socket.create_server(self.listen_addr, reuse_port=False)
+            self._listener = socket.create_server(self._address, reuse_port=False)
             self.listen_addr = self._listener.getsockname()[:2]
             self.log(f"listening on {self.listen_addr[0]}:{self.listen_addr[1]} for the {self.peer_party} party")
         self._connect(time.monotonic() + self.connect_timeout, first=True)
@@ -231,15 +240,13 @@ class Channel:
 
     @property
     def port(self) -> int:
-        return self.listen_addr[1] if self.server else self.connect_addr[1]
+        return self._address[1]
 
     def close(self) -> None:
         for s in (self._sock, self._listener):
             if s is not None:
-                try:
+                with contextlib.suppress(OSError):
                     s.close()
-                except OSError:
-                    pass
         self._sock = self._listener = None
 
     def __enter__(self) -> Channel:
@@ -270,9 +277,11 @@ class Channel:
         raise PeerGone(f"could not {what} {self.peer_name} within {wait:g} s ({last})")
 
     def _accept(self, deadline: float) -> ssl.SSLSocket:
-        self._listener.settimeout(max(0.01, deadline - time.monotonic()))
+        listener = self._listener
+        assert listener is not None, "open() creates the listener before accepting"
+        listener.settimeout(max(0.01, deadline - time.monotonic()))
         try:
-            raw, addr = self._listener.accept()
+            raw, addr = listener.accept()
         except TimeoutError as exc:
             raise _Retry("nobody connected") from exc
         return self._handshake(raw, f"{addr[0]}:{addr[1]}")
@@ -280,11 +289,11 @@ class Channel:
     def _dial(self, deadline: float) -> ssl.SSLSocket:
         try:
             raw = socket.create_connection(
-                self.connect_addr, timeout=max(0.01, min(self.handshake_timeout, deadline - time.monotonic()))
+                self._address, timeout=max(0.01, min(self.handshake_timeout, deadline - time.monotonic()))
             )
         except OSError as exc:
             raise _Retry(f"{exc.strerror or exc}") from exc
-        return self._handshake(raw, f"{self.connect_addr[0]}:{self.connect_addr[1]}")
+        return self._handshake(raw, f"{self._address[0]}:{self._address[1]}")
 
     def _handshake(self, raw: socket.socket, where: str) -> ssl.SSLSocket:
         raw.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
@@ -361,10 +370,8 @@ class Channel:
     def _reconnect(self, reason: str) -> None:
         self.log(f"connection to {self.peer_name} lost ({reason}); reconnecting for up to {self.reconnect_timeout:g} s")
         if self._sock is not None:
-            try:
+            with contextlib.suppress(OSError):
                 self._sock.close()
-            except OSError:
-                pass
             self._sock = None
         try:
             self._connect(time.monotonic() + self.reconnect_timeout, first=False)
@@ -395,10 +402,8 @@ class Channel:
         """Tell the peer we stop (best effort: the link may be what failed)."""
         self.sent_seq += 1
         payload = json.dumps({"message": message[:2000]}).encode()
-        try:
+        with contextlib.suppress(_ConnectionLost, ChannelError, OSError):
             self._write(_frame(MsgType.ERROR, self.sent_seq, 0, DType.JSON, (), payload))
-        except (_ConnectionLost, ChannelError, OSError):
-            pass
 
     def _send(self, kind: MsgType, tag: int, dtype: DType, dims: tuple[int, ...], payload: bytes) -> None:
         self.sent_seq += 1
@@ -436,20 +441,22 @@ class Channel:
                 self._reconnect(str(exc))
 
     def _read_exact(self, count: int, started: bool, what: str) -> bytes:
+        sock = self._sock
+        assert sock is not None, "reading before the channel is open"
         buf = bytearray(count)
         view = memoryview(buf)
         got = 0
         while got < count:
             try:
-                n = self._sock.recv_into(view[got:], count - got)
+                n = sock.recv_into(view[got:], count - got)
             except TimeoutError as exc:
                 raise PeerGone(f"no message from {self.peer_name} for {self.timeout:g} s (is it alive?)") from exc
             except ssl.SSLEOFError:
                 n = 0
             except ssl.SSLError as exc:
                 raise TamperedMessage(
-                    f"a TLS record from {self.peer_name} failed its integrity check ({exc.reason or exc}): the data was "
-                    "tampered with or corrupted in transit; stopping"
+                    f"a TLS record from {self.peer_name} failed its integrity check ({exc.reason or exc}): "
+                    "the data was tampered with or corrupted in transit; stopping"
                 ) from exc
             except OSError as exc:
                 if started or got:
@@ -503,7 +510,8 @@ class Channel:
         if dtype == DType.JSON:
             if ndim or length > MAX_JSON_BYTES:
                 raise ProtocolViolation(
-                    f"{kind.name} control message of {length} bytes / {ndim} dims; at most {MAX_JSON_BYTES} bytes, no dims"
+                    f"{kind.name} control message of {length} bytes / {ndim} dims; at most {MAX_JSON_BYTES} bytes, "
+                    "no dims"
                 )
             try:
                 payload = json.loads(self._read_exact(length, True, f"{kind.name} payload"))

@@ -18,9 +18,9 @@ Modes (R counts every update a batch's statistics feed, the fresh one included; 
   bottom model's Z_B. Ablations: `sampling="latest"` (no uniform sampling), `weighting=False`.
 
 Evaluation (the test AUC, at the active party: it holds the labels) runs every `eval_every` rounds, at each
-epoch's end and at the end; local updates pause meanwhile and its time is left out of the training clock. Checkpoints (model,
-optimizer, workset, clocks) are written every `checkpoint_every` rounds; on `resume` both parties restart
-from the newest round both have.
+epoch's end and at the end; local updates pause meanwhile and its time is left out of the training clock.
+Checkpoints (model, optimizer, workset, clocks) are written every `checkpoint_every` rounds; on `resume` both
+parties restart from the newest round both have.
 """
 
 from __future__ import annotations
@@ -30,7 +30,7 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
-from typing import Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
 
@@ -39,6 +39,10 @@ from executor.vfl.channel import Channel, ChannelError, MsgType, TensorSpec
 from executor.vfl.workset import DEFAULT_WEIGHT_THRESHOLD, Workset, instance_weights
 from hwmodel.errors import UserError
 from workloads import vfl as wl
+
+if TYPE_CHECKING:
+    import torch
+    from torch import nn
 
 Mode = Literal["vanilla", "fedbcd", "celu"]
 # Both parties must agree on these (checked in HELLO) or the run is refused.
@@ -154,6 +158,24 @@ def auc(scores: np.ndarray, labels: np.ndarray) -> float:
 class _Party:
     """State and steps shared by both parties."""
 
+    # What each party (ActiveParty, PassiveParty) sets up and does its own way.
+    models: dict[str, nn.Module]
+    optimizer: torch.optim.Optimizer
+
+    def round(self, channel: Channel, r: int) -> None:
+        """One round of the protocol: this party's side of the exchange and its update."""
+        raise NotImplementedError
+
+    def local_update(self, payload: Any) -> None:
+        """One local update from a cached exchange (CELU-VFL)."""
+        raise NotImplementedError
+
+    def evaluate(self, channel: Channel, done: int) -> None:
+        raise NotImplementedError
+
+    def _finish(self, channel: Channel) -> None:
+        raise NotImplementedError
+
     def __init__(self, cfg: PartyConfig) -> None:
         import torch
 
@@ -188,6 +210,7 @@ class _Party:
                         self.cond.wait(0.05)
                     if self.stopping:
                         return
+                    assert entry is not None  # the wait ends on an entry or on stopping
                     staleness = self.workset.use(entry)
                     self.result.max_staleness = max(self.result.max_staleness, staleness)
                     self.busy = True
@@ -315,6 +338,7 @@ class _Party:
                 f"{theirs['checkpoints'] if self.cfg.party == 'active' else mine['checkpoints']})"
             )
         start = common[-1]
+        assert self.cfg.checkpoint_dir is not None  # PartyConfig.check: --resume needs the folder
         self._load(ckpt.load(self.cfg.checkpoint_dir, self.cfg.party, start))
         self.log(f"resumed from the checkpoint of round {start}")
         return start
@@ -347,6 +371,7 @@ class _Party:
                 self._pause(False)
             if self.cfg.checkpoint_every and (done % self.cfg.checkpoint_every == 0 or done == self.cfg.total_rounds):
                 self._pause(True)
+                assert self.cfg.checkpoint_dir is not None  # PartyConfig.check: checkpoints need the folder
                 with self.model_lock:
                     ckpt.save(self.cfg.checkpoint_dir, self.cfg.party, done, self._state(done))
                 self._pause(False)

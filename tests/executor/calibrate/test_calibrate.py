@@ -46,8 +46,9 @@ from executor.calibrate.fit import (
     overlap_slowdown,
     roofline_time,
 )
-from executor.calibrate.measure import attention_flops
-from executor.calibrate.run import build_specs, check_outputs
+from executor.calibrate.measure import ProgressSink, WorkerJob, attention_flops, make_sweep, run_workers
+from executor.calibrate.run import check_outputs
+from executor.calibrate.spec import build_specs
 from hwmodel import ClusterSpec, EfficiencyCurve, load_cluster, load_device
 from hwmodel.catalog import clear_caches
 from hwmodel.components import CollectiveFit, ComputeSpec, DeviceSpec, DtypeEfficiency, MemorySpec
@@ -613,7 +614,7 @@ def test_build_specs_round_trips_through_yaml(tmp_path):
 def test_check_outputs_refuses_before_measuring(tmp_path):
     existing = tmp_path / "have.yaml"
     existing.write_text("keep me")
-    with pytest.raises(CalibrationError, match="already exists.*--force"):
+    with pytest.raises(CalibrationError, match=r"already exists.*--force"):
         check_outputs(existing, None, force=False)
     check_outputs(existing, None, force=True)
     with pytest.raises(CalibrationError, match=r"\*\.yaml"):
@@ -787,3 +788,21 @@ def test_quick_calibration_writes_a_spec_simulate_uses(monkeypatch, tmp_path, si
     again = run_cli(monkeypatch, "--out", out, "--quick")
     assert again.code == 2 and "already exists" in again.err and "--force" in again.err
     assert again.seconds < 10 and out.read_text() == before
+
+
+def test_a_failing_benchmark_rank_is_named_through_the_launcher():
+    # The ranks start through executor.launch.start_ranks; a rank that raises stops the run, and the
+    # error names it and its cause (an unknown dtype: the GEMM phase looks it up and fails).
+    job = WorkerJob(
+        world_size=1,
+        device_type="cpu",
+        threads=1,
+        sweep=make_sweep(True, "cpu"),
+        dtypes=("no-such-dtype",),
+        curve_dtype="no-such-dtype",
+        device_phase=True,
+        group_sizes=(),
+        overlap=False,
+    )
+    with pytest.raises(CalibrationError, match=r"benchmark rank 0 of 1 failed: KeyError: 'no-such-dtype'"):
+        run_workers(job, ProgressSink(), timeout_s=120)

@@ -58,7 +58,7 @@ def test_blocking_collectives_put_every_reduction_on_the_critical_path(gpt):
     bound = bind(parse_shorthand(DP), gpt, blocking)
     cost = stage_cost(bound, bound.stages[0], 0)
     reductions = sum(rc.count * rc.reduce for rc in cost.runs)
-    a_over, d_over = _both(DP, gpt, overlapping)
+    a_over, _ = _both(DP, gpt, overlapping)
     a_block, d_block = _both(DP, gpt, blocking)
     assert a_block == pytest.approx(d_block, rel=1e-6)
     # The last backward grows by all of the reductions (minus what was already exposed without blocking).
