@@ -5,6 +5,8 @@ with the same function."""
 
 from __future__ import annotations
 
+from typing import ClassVar
+
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -132,7 +134,7 @@ def test_the_cost_is_what_the_executors_redistribution_gathers(monkeypatch, src,
     monkeypatch.setattr(mixed_layout.dist, "get_world_size", lambda group: group)
 
     class Meshes:
-        exchange = {(s, b): b // s for s in (1, 2, 4) for b in (1, 2, 4) if s < b}
+        exchange: ClassVar[dict[tuple[int, int], int]] = {(s, b): b // s for s in (1, 2, 4) for b in (1, 2, 4) if s < b}
 
         @staticmethod
         def tp_group(tp):

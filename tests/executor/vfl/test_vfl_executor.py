@@ -156,7 +156,7 @@ def test_modes_train_and_count_their_updates(certs, mode, w, r):
 
 
 def test_parties_that_disagree_are_refused(certs):
-    results, errors = _pair(
+    _results, errors = _pair(
         certs, active_kw={"local_updates": 2}, passive_kw={"local_updates": 3}, mode="fedbcd", epochs=1
     )
     assert isinstance(errors.get("active"), UserError) and isinstance(errors.get("passive"), UserError)
