@@ -276,7 +276,8 @@ def _run_pair(certs, workload, relay_kwargs=None, active_kw=None, passive_kw=Non
 
 @pytest.mark.parametrize("attack,error", [("tamper", TamperedMessage), ("truncate", TruncatedMessage)])
 def test_tampered_or_truncated_message_stops_the_run(certs, attack, error):
-    started = time.monotonic()
+    # _run_pair fails the test if a party is still running after its join timeout; the errors below say both
+    # stopped because of the attack (not by a timeout of their own).
     _results, errors = _run_pair(
         certs,
         WORKLOAD,
@@ -290,7 +291,6 @@ def test_tampered_or_truncated_message_stops_the_run(certs, attack, error):
     message = str(errors["active"])
     assert ("integrity check" in message) if attack == "tamper" else ("truncated message" in message)
     assert isinstance(errors.get("passive"), ChannelError), errors  # the other side stops too
-    assert time.monotonic() - started < 30
 
 
 def test_only_agreed_tensors_cross_the_wire(certs, tmp_path):
