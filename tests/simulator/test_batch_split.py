@@ -177,6 +177,8 @@ def _report(gpt30m, dgx, split):
     return _evaluated[split]
 
 
+# Each new split evaluates a plan (cached by split, so a run costs at most the 165 splits of 12 over 4); no
+# deadline: the first evaluation fills the model's caches, and a loaded machine pauses.
 @settings(max_examples=40, deadline=None)
 @given(a=_compositions(12, 4), b=_compositions(12, 4))
 def test_no_split_beats_the_even_one_and_memory_follows_the_largest_share(gpt30m, dgx, a, b):

@@ -52,6 +52,8 @@ def test_the_executors_three_steps():
     assert _moves(Layout(4, False), Layout(4, False)) == ([], [])
 
 
+# 60 of the layout pairs; no deadline: a loaded machine can pause any example past hypothesis' 200 ms
+# default, and a deadline would time the machine.
 @settings(max_examples=60, deadline=None)
 @given(st.sampled_from(LAYOUTS), st.sampled_from(LAYOUTS))
 def test_the_gradient_path_mirrors_the_opposite_change(a, b):
