@@ -24,6 +24,7 @@ import torch
 from rich.console import Console
 from rich.table import Table
 
+# Run as a script: the repository's packages and scripts/ are importable only after these lines.
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "scripts"))
 from one_gpu_cluster import catalog_device

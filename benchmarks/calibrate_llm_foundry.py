@@ -95,7 +95,8 @@ def main() -> None:
     err = errors(best)
     device = device_from(best, base)
     print(
-        f"# {args.gpu} -> {base.name}: {len(cases)} rows, mean |err| {np.abs(err).mean():.2f}%, max {np.abs(err).max():.2f}%"
+        f"# {args.gpu} -> {base.name}: {len(cases)} rows, "
+        f"mean |err| {np.abs(err).mean():.2f}%, max {np.abs(err).max():.2f}%"
     )
     for name, value in zip(NAMES, best):
         print(f"#   {name:18s} {value:.4f}")

@@ -27,6 +27,7 @@ import json
 import os
 import statistics
 import time
+from pathlib import Path
 
 import torch
 from rich.console import Console
@@ -127,7 +128,7 @@ def main() -> None:
 
     cluster = load_cluster(args.cluster)
     device = cluster.node_groups[0].node.device
-    shared = shared_curve_device(device, json.loads(open(args.raw, encoding="utf-8").read())) if args.raw else None
+    shared = shared_curve_device(device, json.loads(Path(args.raw).read_text(encoding="utf-8"))) if args.raw else None
     ranks = cluster.node_groups[0].node.num_devices
     threads = int(os.environ.get("OMP_NUM_THREADS") or max(1, (os.cpu_count() or 1) // ranks))
     torch.set_num_threads(threads)

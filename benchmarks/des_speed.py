@@ -55,7 +55,8 @@ def main() -> None:
     bound = bind(plan, load_workload("gpt3-175b"), load_cluster("dgx-a100-80g", nodes=128))
     seconds, result = timed(bound, args.repeats)
     print(
-        f"   simulated in {seconds:.2f} s CPU ({len(result.reps)} representatives, {result.num_tasks} tasks and flows); "
+        f"   simulated in {seconds:.2f} s CPU ({len(result.reps)} representatives, "
+        f"{result.num_tasks} tasks and flows); "
         f"iteration {result.iteration_time:.2f} s"
     )
 

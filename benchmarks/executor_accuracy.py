@@ -101,12 +101,14 @@ def main() -> None:
             flush=True,
         )
     print(
-        f"\n{WORKLOAD} on {spec}, fp32, {args.steps} measured iterations after {args.warmup} warm-up, one thread per rank"
+        f"\n{WORKLOAD} on {spec}, fp32, {args.steps} measured iterations after {args.warmup} warm-up, "
+        "one thread per rank"
     )
     print(f"{'plan':30s} {'measured s':>10s} {'des s':>8s} {'error':>7s} {'analytic s':>10s} {'error':>7s}")
     for name, t, des, analytic in rows:
         print(
-            f"{name:30s} {t:10.3f} {des:8.3f} {100 * (des - t) / t:+6.1f}% {analytic:10.3f} {100 * (analytic - t) / t:+6.1f}%"
+            f"{name:30s} {t:10.3f} {des:8.3f} {100 * (des - t) / t:+6.1f}% "
+            f"{analytic:10.3f} {100 * (analytic - t) / t:+6.1f}%"
         )
     worst = max(abs(des - t) / t for _, t, des, _ in rows)
     print(f"worst |error| (des): {100 * worst:.1f}%")

@@ -11,8 +11,8 @@ climb and its process, so no allocator state carries over to the next mode), one
 sequence, bf16, 1 warm-up and 2 measured iterations (one iteration, no warm-up, once an iteration takes
 over 5 s: it shows the length trains, and the warm-up's extra cost is small beside it). A mode also stops
 when the next length's iteration, extrapolated from the last one by the ratio of model FLOPs, would not
-fit in its share of --budget-s: then the longest length is a lower bound ("time cap"), and the table also gives the length
-at which the measured peak memory, extended linearly in the sequence length, would reach the GPU's
+fit in its share of --budget-s: then the longest length is a lower bound ("time cap"), and the table also gives
+the length at which the measured peak memory, extended linearly in the sequence length, would reach the GPU's
 memory. MEMO's alpha at each length is what `simulate search memo` would choose on this cluster
 (PCIe bandwidth, layer time and this machine's host memory: see scripts/one_gpu_cluster.py).
 """

@@ -15,10 +15,12 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from itertools import pairwise
 from pathlib import Path
 
 import torch
 
+# Run as a script: the repository's packages are importable only after this line.
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from executor.offload import memo as offload
 from executor.offload.memo import apply_offload
@@ -54,7 +56,7 @@ def run(cfg, variant: str, alpha: float, sync: bool) -> dict:
     del model, loss
     offload._Frame.in_flight.clear()
     torch.cuda.empty_cache()
-    growth = [(b - a) / GIB for a, b in zip(after_block, after_block[1:])]
+    growth = [(b - a) / GIB for a, b in pairwise(after_block)]
     return {
         "variant": variant,
         "alpha": alpha,

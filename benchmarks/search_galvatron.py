@@ -110,10 +110,10 @@ def part_table(engine_rerank: bool) -> None:
         if plan.stages:
             shape += " stages " + "/".join(str(s.num_layers) for s in plan.stages)
         if plan.layers:
-            shape += (" layers " if any(l.tp is not None for l in plan.layers) else "") + "; ".join(
-                f"{l.layers[0]}-{l.layers[1]} tp{l.tp}{'+sp' if l.sequence_parallel else ''} {l.dp_type} {l.recompute}"
-                for l in plan.layers
-                if l.tp is not None
+            shape += (" layers " if any(s.tp is not None for s in plan.layers) else "") + "; ".join(
+                f"{s.layers[0]}-{s.layers[1]} tp{s.tp}{'+sp' if s.sequence_parallel else ''} {s.dp_type} {s.recompute}"
+                for s in plan.layers
+                if s.tp is not None
             ) or " layers (all blocks listed: costed per kind)"
         # The search's own best plan against the best baseline, both analytic (before the baselines' plans
         # join the pool): does the search find it without them?

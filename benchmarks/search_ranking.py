@@ -35,6 +35,7 @@ from pathlib import Path
 import pandas as pd
 import yaml
 
+# Run as a script: the benchmarks' own modules (beside this file) are importable only after this line.
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from executor_accuracy import calibrate
 
@@ -268,7 +269,8 @@ def main() -> None:
     print("|---|---:|---:|---:|---:|---:|---:|---|")
     for row in table.to_dict("records"):
         print(
-            f"| {row['plan']} | {row['predicted_s']:.3f} s | {row['measured_s']:.3f} s | {row['spread']:.0%} | {row['error']:+.1%} | "
+            f"| {row['plan']} | {row['predicted_s']:.3f} s | {row['measured_s']:.3f} s | {row['spread']:.0%} | "
+            f"{row['error']:+.1%} | "
             f"{row['predicted rank']} | {row['measured rank']} | `{row['what']}` |"
         )
     _warn_if_contended()
@@ -280,7 +282,8 @@ def _warn_if_contended() -> None:
     if load > cores:
         print(
             f"\nwarning: load average {load:.1f} on {cores} cores: other processes competed with the ranks, so the "
-            "measured times (and the ranking) say more about the machine's load than about the plans; rerun on a quiet machine"
+            "measured times (and the ranking) say more about the machine's load than about the plans; "
+            "rerun on a quiet machine"
         )
 
 

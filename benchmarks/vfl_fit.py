@@ -6,8 +6,9 @@ AUC-against-rounds points fit the vanilla curve; each FedBCD and CELU-VFL run is
 local update (rho, tau, kappa; `simulator/search/vfl/efficiency.py`) is fitted so that each run's AUC after n rounds
 matches the vanilla curve at its progress (n plus what its local updates were worth): weighted CELU-VFL runs
 fit `local`, FedBCD and the runs without weighting fit `local_unweighted`, all with the curve at once (where
-the runs with local updates level off tells the curve's limit, which a short vanilla run cannot). Writes `simulator/search/vfl/data/<workload>.json` with the fit's
-provenance (the runs, the file's hash, the residuals) and prints measured against fitted AUC.
+the runs with local updates level off tells the curve's limit, which a short vanilla run cannot). Writes
+`simulator/search/vfl/data/<workload>.json` with the fit's provenance (the runs, the file's hash, the
+residuals) and prints measured against fitted AUC.
 
     .venv/bin/python benchmarks/vfl_fit.py                 # fit and print; --write stores the result
     .venv/bin/python benchmarks/vfl_fit.py --write --force # replace a stored fit
@@ -23,6 +24,8 @@ import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+# Run as a script (python benchmarks/vfl_fit.py): the repository's packages are importable only after this line,
+# hence the imports below it carry noqa: E402.
 sys.path.insert(0, str(ROOT))
 
 import numpy as np  # noqa: E402

@@ -27,6 +27,8 @@ import tempfile
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+# Run as a script (python benchmarks/vfl_predict.py): the repository's packages are importable only after this line,
+# hence the imports below it carry noqa: E402.
 sys.path.insert(0, str(ROOT))
 
 from rich.console import Console  # noqa: E402

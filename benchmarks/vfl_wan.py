@@ -13,7 +13,8 @@ The link: `benchmarks/wan/netns.py` (veth pair between two namespaces; tc netem 
 otherwise tc tbf for the rate plus a delaying TCP relay). Needs root. The parties run
 `python -m executor.vfl.cli run` with fresh certificates, exactly as a user would on two hosts.
 
-    sudo .venv/bin/python benchmarks/vfl_wan.py                       # both parts, writes benchmarks/results/vfl_measured.json
+    # both parts, writes benchmarks/results/vfl_measured.json
+    sudo .venv/bin/python benchmarks/vfl_wan.py
     .venv/bin/python benchmarks/vfl_wan.py --part epochs --epoch-links 100mbit/40ms
     .venv/bin/python benchmarks/vfl_wan.py --epochs 1 --set num_samples=50000 --out /tmp/quick.json
 
@@ -56,6 +57,8 @@ from rich.console import Console
 from rich.table import Table
 
 ROOT = Path(__file__).resolve().parents[1]
+# Run as a script (python benchmarks/vfl_wan.py): the repository's packages and benchmarks/wan are importable
+# only after these lines, hence the imports below them carry noqa: E402.
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks" / "wan"))
 
@@ -262,7 +265,8 @@ def markdown(result: dict) -> str:
             f"{conv['epochs']} epochs each; target AUC {conv['target_auc']:.4f} = vanilla's final AUC - 0.005; "
             f"AUC evaluated every {conv['eval_every']} rounds (evaluation time left out of the training time)",
             "",
-            "| run | training time | epochs | final AUC | time to target | / vanilla's wall time | / vanilla's time to target | cached updates (active) | max staleness |",
+            "| run | training time | epochs | final AUC | time to target | / vanilla's wall time "
+            "| / vanilla's time to target | cached updates (active) | max staleness |",
             "|---|---:|---:|---:|---:|---:|---:|---:|---:|",
         ]
         for run in conv["runs"]:

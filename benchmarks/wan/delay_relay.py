@@ -11,6 +11,7 @@ connection's two byte streams to files, so a test can inspect what crossed the w
 from __future__ import annotations
 
 import argparse
+import contextlib
 import heapq
 import itertools
 import os
@@ -60,7 +61,8 @@ class DelayRelay:
             for sock in (client, upstream):
                 sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             for src, dst, name in ((client, upstream, "forward"), (upstream, client, "backward")):
-                sink = open(self.record / f"conn{n}-{name}.bin", "wb") if self.record else None
+                # The pipe thread writes and closes it when its connection ends: no `with` block can span that.
+                sink = open(self.record / f"conn{n}-{name}.bin", "wb") if self.record else None  # noqa: SIM115
                 threading.Thread(target=self._pipe, args=(src, dst, name, sink), daemon=True).start()
 
     def start(self) -> DelayRelay:
@@ -154,14 +156,10 @@ class TlsRecords:
 
 
 def _shut(sock: socket.socket) -> None:
-    try:
+    with contextlib.suppress(OSError):
         sock.shutdown(socket.SHUT_RDWR)
-    except OSError:
-        pass
-    try:
+    with contextlib.suppress(OSError):
         sock.close()
-    except OSError:
-        pass
 
 
 def _address(text: str) -> tuple[str, int]:

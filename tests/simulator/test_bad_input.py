@@ -100,7 +100,7 @@ def test_unknown_workload_name_raises_unknown_name_error_with_suggestions():
 
 def test_bad_device_file_raises_spec_error(tmp_path):
     path = edited(DEVICE_YAML, tmp_path / "dev.yaml", "capacity: 80 GiB", "capacity: 80 GB/s")
-    with pytest.raises(SpecError, match="memory.capacity"):
+    with pytest.raises(SpecError, match=r"memory\.capacity"):
         load_device(str(path))
 
 

@@ -19,7 +19,8 @@ import pytest
 import yaml
 
 import specs
-from hwmodel.catalog import cluster_names, device_names
+from hwmodel.catalog import cluster_names, device_names, load_device
+from hwmodel.components import DeviceSpec
 from simulator.validation import builtin_csv
 from tests.helpers import CliResult
 from workloads import workload_names
@@ -392,13 +393,12 @@ def test_specs_list_shows_every_device_and_cluster(simulate):
     assert "TFLOPS" in result.out and "GiB" in result.out
 
 
-def test_specs_show_device(simulate):
-    data = yaml.safe_load(ok(simulate("specs", "show", "a100-80g")).out)
-    assert data["name"] == "a100-80g"
-    assert data["memory"]["capacity"] == 80 * 2**30
-    assert data["memory"]["bandwidth"] == pytest.approx(2039e9)
-    assert data["compute"]["matrix"]["bf16"] == pytest.approx(312e12)
-    assert data["sources"]["memory.capacity"]
+@pytest.mark.parametrize("name", device_names())
+def test_specs_show_device(simulate, name):
+    # What it prints is the whole spec the simulator uses: read back, it is the same DeviceSpec.
+    data = yaml.safe_load(ok(simulate("specs", "show", name)).out)
+    assert DeviceSpec.model_validate(data) == load_device(name)
+    assert data["sources"]  # with where each figure comes from
 
 
 def test_specs_show_cluster_with_nodes(simulate):
@@ -419,7 +419,8 @@ def test_specs_show_device_yaml_file(simulate, tmp_path):
         .replace("name: a100-80g", "name: my-gpu")
     )
     data = yaml.safe_load(ok(simulate("specs", "show", path)).out)
-    assert data["name"] == "my-gpu" and data["memory"]["capacity"] == 80 * 2**30
+    assert data["name"] == "my-gpu"
+    assert DeviceSpec.model_validate(data) == load_device("a100-80g").model_copy(update={"name": "my-gpu"})
 
 
 def test_workloads_list_shows_every_workload(simulate):

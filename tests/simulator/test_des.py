@@ -5,9 +5,10 @@ from __future__ import annotations
 
 import json
 from collections import Counter
+from itertools import pairwise
 
 import pytest
-from hypothesis import assume, example, given, settings
+from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
 from hwmodel import load_cluster
@@ -16,11 +17,19 @@ from simulator.binding import bind
 from simulator.des import des_report, simulate
 from simulator.des.engine import Simulation
 from simulator.des.trace import trace_events, write_trace
-from simulator.errors import InfeasiblePlan
 from simulator.plan import Plan
 from workloads import load_workload
 
-SETTINGS = settings(max_examples=40, deadline=None, derandomize=True)
+SETTINGS = settings(
+    max_examples=40,
+    # One simulation takes under 1 ms to tens of ms, mostly by how warm the model's caches are: a deadline
+    # would measure the cache, not the engine.
+    deadline=None,
+    # The same examples on every run keep the suite's verdict and time the same on every machine; CI keeps no
+    # example database to replay a random failure from.
+    derandomize=True,
+)
+DP_TYPES = ["ddp", "zero1", "zero2", "zero3"]
 WORKLOADS = {
     name: load_workload(name) for name in ("gpt3-350m", "llama2-7b", "bert-large", "t5-large-32", "vit-huge-32")
 }
@@ -33,12 +42,18 @@ CLUSTERS = {
 
 
 @st.composite
-def plans(draw, max_pp: int = 4, schedules=("1f1b", "gpipe", "interleaved")):
+def plans(draw, max_pp: int = 4, schedules=("1f1b", "gpipe", "interleaved"), one_kind_of_traffic: bool = False):
+    """A plan that binds (degrees divide the cluster and the model, the batch splits). With
+    `one_kind_of_traffic` (and max_pp=1) only one kind of communication runs: tensor parallelism alone
+    (dp=1), or data-parallel gradient reduction alone (tp=1, no ZeRO-3, whose gathers overlap compute)."""
     workload = WORKLOADS[draw(st.sampled_from(sorted(WORKLOADS)))]
     cluster_key = draw(st.sampled_from(sorted(CLUSTERS)))
     cluster = CLUSTERS[cluster_key]
     n = cluster.num_devices
-    tp = draw(st.sampled_from([t for t in (1, 2, 4, 8) if n % t == 0 and workload.num_heads % t == 0]))
+    tps = [t for t in (1, 2, 4, 8) if n % t == 0 and workload.num_heads % t == 0]
+    if one_kind_of_traffic:
+        tps = [t for t in tps if t == 1 or t == n]
+    tp = draw(st.sampled_from(tps))
     pp = draw(st.sampled_from([p for p in (1, 2, 4) if p <= max_pp and n % (tp * p) == 0]))
     dp = n // (tp * pp)
     schedule = draw(st.sampled_from(schedules)) if pp > 1 else "1f1b"
@@ -50,9 +65,10 @@ def plans(draw, max_pp: int = 4, schedules=("1f1b", "gpipe", "interleaved")):
         dp=dp,
         micro_batch=micro_batch,
         global_batch=micro_batch * dp * num_micro,
-        dp_type=draw(st.sampled_from(["ddp", "zero1", "zero2", "zero3"])),
+        dp_type=draw(st.sampled_from(["ddp", "zero1", "zero2"] if one_kind_of_traffic and dp > 1 else DP_TYPES)),
         recompute=draw(st.sampled_from(["none", "selective", "full"])),
-        sequence_parallel=draw(st.booleans()) and tp > 1,
+        # Sequence parallelism cuts the sequence over tp (vit-huge-32's 256 patches + 1 class token cut no way).
+        sequence_parallel=draw(st.booleans()) and tp > 1 and workload.seq_len % tp == 0,
         schedule=schedule,
         virtual_stages=2 if schedule == "interleaved" else 1,
     )
@@ -60,22 +76,19 @@ def plans(draw, max_pp: int = 4, schedules=("1f1b", "gpipe", "interleaved")):
 
 
 def _bind(workload, cluster, plan):
-    try:
-        return bind(plan, workload, cluster)
-    except InfeasiblePlan:
-        assume(False)
-        raise AssertionError("unreachable")
+    """`plans` draws only plans that bind: InfeasiblePlan here fails the test (strategy or binding is wrong)."""
+    return bind(plan, workload, cluster)
 
 
 # ---- agreement with the analytic model ----------------------------------------------------------
 @SETTINGS
-@given(case=plans(max_pp=1))
+@given(case=plans(max_pp=1, one_kind_of_traffic=True))
 def test_single_stage_without_contention_agrees_with_analytic(case):
     # One stage, and one kind of communication on the links: tensor parallel alone, or data-parallel
     # gradient reduction alone (ZeRO-3 gathers overlap compute by design and are excluded).
     workload, cluster, plan = case
     dp = cluster.num_devices // plan.tp
-    assume((dp == 1) or (plan.tp == 1 and plan.dp_type != "zero3"))
+    assert (dp == 1) or (plan.tp == 1 and plan.dp_type != "zero3")
     bound = _bind(workload, cluster, plan)
     analytic = evaluate(plan, workload, cluster)
     des = des_report(Simulation(bound).run())
@@ -227,7 +240,7 @@ def test_trace_matches_the_task_graph(tmp_path):
     # A compute stream runs one task at a time.
     for pid in {e["pid"] for e in compute}:
         spans = sorted((e["ts"], e["ts"] + e["dur"]) for e in compute if e["pid"] == pid)
-        for (_, end), (start, _) in zip(spans, spans[1:]):
+        for (_, end), (start, _) in pairwise(spans):
             assert start >= end - 1e-6
     # Named processes and a memory counter per representative.
     names = [e for e in data["traceEvents"] if e["ph"] == "M" and e["name"] == "process_name"]

@@ -5,6 +5,8 @@ with the same function."""
 
 from __future__ import annotations
 
+from typing import ClassVar
+
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -50,6 +52,8 @@ def test_the_executors_three_steps():
     assert _moves(Layout(4, False), Layout(4, False)) == ([], [])
 
 
+# 60 of the layout pairs; no deadline: a loaded machine can pause any example past hypothesis' 200 ms
+# default, and a deadline would time the machine.
 @settings(max_examples=60, deadline=None)
 @given(st.sampled_from(LAYOUTS), st.sampled_from(LAYOUTS))
 def test_the_gradient_path_mirrors_the_opposite_change(a, b):
@@ -132,7 +136,7 @@ def test_the_cost_is_what_the_executors_redistribution_gathers(monkeypatch, src,
     monkeypatch.setattr(mixed_layout.dist, "get_world_size", lambda group: group)
 
     class Meshes:
-        exchange = {(s, b): b // s for s in (1, 2, 4) for b in (1, 2, 4) if s < b}
+        exchange: ClassVar[dict[tuple[int, int], int]] = {(s, b): b // s for s in (1, 2, 4) for b in (1, 2, 4) if s < b}
 
         @staticmethod
         def tp_group(tp):

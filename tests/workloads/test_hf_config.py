@@ -292,6 +292,6 @@ def test_cli_runs_a_hf_config(monkeypatch, capsys, tmp_path):
 
 def test_cli_reports_an_unsupported_hf_config(monkeypatch, capsys, tmp_path):
     path = write_config(tmp_path, {"model_type": "bloom"})
-    code, out, err = _simulate(monkeypatch, capsys, "workloads", "show", path)
+    code, _out, err = _simulate(monkeypatch, capsys, "workloads", "show", path)
     assert code == 2
     assert "Traceback" not in err and "bloom" in err and "gpt_neox" in re.sub(r"\s+", "", err)

@@ -88,7 +88,7 @@ def _held_after_forward(model, tokens) -> int:
 
 
 def test_device_bytes_held_between_forward_and_backward_fall_by_alpha(setup):
-    cfg, model, tokens, _ = setup
+    _cfg, model, tokens, _ = setup
 
     def held(recompute, alpha):
         m = copy.deepcopy(model)
@@ -190,7 +190,7 @@ def test_nothing_outlives_the_step(recompute, alpha):
 
 
 def test_no_grad_forward_is_the_plain_block(setup):
-    cfg, model, tokens, _ = setup
+    _cfg, model, tokens, _ = setup
     memo = copy.deepcopy(model)
     apply_offload(memo, lambda block: ("tokenwise", 0.5))
     assert isinstance(memo.blocks["0"], MemoBlock)

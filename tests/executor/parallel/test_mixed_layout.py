@@ -162,6 +162,8 @@ def test_block_strategies_follow_bind():
 BLOCK = st.tuples(st.sampled_from([1, 2]), st.booleans(), st.sampled_from(["ddp", "zero2", "zero3"]))
 
 
+# No deadline: a loaded machine can pause any example past hypothesis' 200 ms default, and a deadline
+# would time the machine.
 @settings(max_examples=60, deadline=None)
 @given(home=BLOCK, blocks=st.lists(BLOCK, min_size=GPT.num_layers, max_size=GPT.num_layers))
 def test_each_block_runs_in_the_layout_bind_gives_it(home, blocks):

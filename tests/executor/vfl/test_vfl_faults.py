@@ -142,7 +142,6 @@ def test_killed_party_stops_the_other_and_both_resume_to_the_same_auc(certs, tmp
             )
         except Exception as exc:
             outcome["error"] = exc
-        outcome["stopped"] = time.monotonic()
 
     thread = threading.Thread(target=active)
     thread.start()
@@ -153,13 +152,12 @@ def test_killed_party_stops_the_other_and_both_resume_to_the_same_auc(certs, tmp
         time.sleep(0.02)
     assert checkpoint.available(ckpt, "passive"), "no checkpoint within 240 s"
     os.kill(passive.pid, signal.SIGKILL)
-    killed_at = time.monotonic()
     passive.wait()
-    thread.join(60)
+    thread.join(60)  # a hang guard, far below the active party's 180 s connect timeout
     relay.stop()
     assert checkpoint.available(ckpt, "passive")[-1] < total, "the run finished before the kill"
+    assert not thread.is_alive(), "the active party was still running 60 s after the kill"
     assert "error" in outcome, "the active party did not notice"
-    assert outcome["stopped"] - killed_at < 30
     message = str(outcome["error"])
     assert "passive party" in message and "is gone" in message and "--resume" in message, message
 

@@ -129,7 +129,7 @@ def test_a_party_certificate_for_the_wrong_role_is_refused(certs, tmp_path):
     (tmp_path / "passive.crt").write_bytes((certs / "active.crt").read_bytes())
     (tmp_path / "passive.key").write_bytes((certs / "active.key").read_bytes())
     server = _server(certs, connect_timeout=2.0)
-    thread, box = _open_server_in_thread(server)
+    thread, _box = _open_server_in_thread(server)
     impostor = Channel("passive", tmp_path, connect=tuple(server.listen_addr), connect_timeout=2.0)
     with pytest.raises(ChannelError):
         impostor.open()
@@ -276,8 +276,9 @@ def _run_pair(certs, workload, relay_kwargs=None, active_kw=None, passive_kw=Non
 
 @pytest.mark.parametrize("attack,error", [("tamper", TamperedMessage), ("truncate", TruncatedMessage)])
 def test_tampered_or_truncated_message_stops_the_run(certs, attack, error):
-    started = time.monotonic()
-    results, errors = _run_pair(
+    # _run_pair fails the test if a party is still running after its join timeout; the errors below say both
+    # stopped because of the attack (not by a timeout of their own).
+    _results, errors = _run_pair(
         certs,
         WORKLOAD,
         relay_kwargs={"delay": 0.0, "mangle": _attack_after_a_full_record(attack)},
@@ -290,7 +291,6 @@ def test_tampered_or_truncated_message_stops_the_run(certs, attack, error):
     message = str(errors["active"])
     assert ("integrity check" in message) if attack == "tamper" else ("truncated message" in message)
     assert isinstance(errors.get("passive"), ChannelError), errors  # the other side stops too
-    assert time.monotonic() - started < 30
 
 
 def test_only_agreed_tensors_cross_the_wire(certs, tmp_path):
@@ -301,7 +301,7 @@ def test_only_agreed_tensors_cross_the_wire(certs, tmp_path):
     def tap_for(party):
         return lambda direction, frame: frames[party].append(frame)
 
-    results, errors = _run_pair(
+    _results, errors = _run_pair(
         certs,
         WORKLOAD,
         relay_kwargs={"delay": 0.0, "record": record},
@@ -341,7 +341,7 @@ def test_only_agreed_tensors_cross_the_wire(certs, tmp_path):
         parsed = parse_frames(stream)
         kinds = {f[0] for f in parsed}
         assert kinds <= allowed[party], (party, kinds)
-        for kind, _, _, dtype, dims, payload in parsed:
+        for kind, _, _, _dtype, dims, payload in parsed:
             if kind in json_keys:
                 assert set(json.loads(payload)) <= json_keys[kind]
             elif kind == MsgType.EVAL_ACTIVATIONS:

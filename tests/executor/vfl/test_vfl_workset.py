@@ -38,6 +38,8 @@ def _drive(workset: Workset, arrivals: list[bool], num_batches: int):
     return uses, staleness, order
 
 
+# 200 interleavings of up to 600 arrivals: the rules' corner cases need many (pure Python, ~1 ms each); no
+# deadline: a loaded machine can pause any example past hypothesis' 200 ms default: a deadline would time the machine.
 @settings(max_examples=200, deadline=None)
 @given(
     size=st.integers(1, 7),
@@ -60,6 +62,8 @@ def test_workset_rules_hold_for_any_interleaving(size, reuse, sampling, arrivals
         assert batch not in order[max(0, i - (size - 1)) : i]
 
 
+# No deadline: a loaded machine can pause any example past hypothesis' 200 ms default, and a deadline
+# would time the machine.
 @settings(max_examples=60, deadline=None)
 @given(size=st.integers(1, 6), reuse=st.integers(1, 6), seed=st.integers(0, 1000))
 def test_full_workset_always_has_an_eligible_batch(size, reuse, seed):
@@ -151,6 +155,8 @@ def test_weights_are_cosine_and_zero_below_threshold():
     assert torch.equal(instance_weights(stale, fresh, enabled=False), torch.ones(4))
 
 
+# No deadline: the first call loads torch's kernels, and a loaded machine can pause any example past
+# hypothesis' 200 ms default: a deadline would time the machine.
 @settings(max_examples=50, deadline=None)
 @given(threshold=st.floats(-1.0, 1.0), seed=st.integers(0, 10_000))
 def test_weights_never_below_threshold_unless_zero(threshold, seed):
