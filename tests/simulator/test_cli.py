@@ -19,7 +19,7 @@ import pytest
 import yaml
 
 import specs
-from hwmodel.catalog import cluster_names, device_names
+from hwmodel.catalog import cluster_names, device_names, load_device
 from simulator.validation import builtin_csv
 from tests.helpers import CliResult
 from workloads import workload_names
@@ -99,7 +99,9 @@ def test_run_shows_the_megatron_mfu_convention_where_it_differs(simulate):
 
 
 def test_run_seq_len_changes_the_workload(simulate):
+    # Plain DDP of 7B does not fit in 80 GB; --allow-oom accepts the report anyway (exit 0).
     args = ("run", "-w", "llama2-7b", "-c", "dgx-a100-80g", "--plan", "micro_batch=1,global_batch=64", "--json")
+    args += ("--allow-oom",)
     default = json.loads(ok(simulate(*args)).out)
     short = json.loads(ok(simulate(*args, "--seq-len", "2048")).out)
     assert default["seq_len"] == 4096 and short["seq_len"] == 2048
@@ -118,7 +120,7 @@ def test_run_nodes_resizes_the_cluster(simulate):
 
 def test_run_out_writes_a_new_file(simulate, tmp_path):
     target = tmp_path / "report.json"
-    result = ok(simulate("run", "-w", "llama2-7b", "-c", "dgx-a100-80g", "--out", target, "--json"))
+    result = ok(simulate("run", "-w", "llama2-7b", "-c", "dgx-a100-80g", "--out", target, "--json", "--allow-oom"))
     assert json.loads(target.read_text()) == json.loads(result.out)
 
 
@@ -127,7 +129,7 @@ def test_run_out_refuses_an_existing_file_unless_force(simulate, tmp_path):
     target.write_text("my notes\n")
     refused(simulate("run", "-w", "llama2-7b", "-c", "dgx-a100-80g", "--out", target), target)
     assert target.read_text() == "my notes\n"
-    ok(simulate("run", "-w", "llama2-7b", "-c", "dgx-a100-80g", "--out", target, "--force"))
+    ok(simulate("run", "-w", "llama2-7b", "-c", "dgx-a100-80g", "--out", target, "--force", "--allow-oom"))
     assert json.loads(target.read_text())["engine"] == "des"
 
 
@@ -393,12 +395,26 @@ def test_specs_list_shows_every_device_and_cluster(simulate):
 
 
 def test_specs_show_device(simulate):
+    """Figures rounded in their units, as a datasheet prints them; --raw gives the SI floats."""
     data = yaml.safe_load(ok(simulate("specs", "show", "a100-80g")).out)
     assert data["name"] == "a100-80g"
-    assert data["memory"]["capacity"] == 80 * 2**30
-    assert data["memory"]["bandwidth"] == pytest.approx(2039e9)
-    assert data["compute"]["matrix"]["bf16"] == pytest.approx(312e12)
+    assert re.fullmatch(r"79\.\d GiB", data["memory"]["capacity"]), data["memory"]["capacity"]
+    assert data["memory"]["bandwidth"] == "2.04 TB/s"
+    assert data["compute"]["matrix"]["bf16"] == "312 TFLOP/s"
+    assert data["compute"]["kernel_overhead"].endswith(" us")
     assert data["sources"]["memory.capacity"]
+    raw = yaml.safe_load(ok(simulate("specs", "show", "a100-80g", "--raw")).out)
+    assert raw["memory"]["bandwidth"] == pytest.approx(2039e9)
+    assert raw["compute"]["matrix"]["bf16"] == pytest.approx(312e12)
+
+
+def test_specs_show_output_is_a_spec_that_loads(simulate, tmp_path):
+    """The rounded YAML is still a device spec: its unit strings parse back."""
+    path = tmp_path / "shown.yaml"
+    path.write_text(ok(simulate("specs", "show", "h100-sxm")).out)
+    shown, original = load_device(str(path)), load_device("h100-sxm")
+    assert shown.memory.capacity == pytest.approx(original.memory.capacity, rel=0.01)
+    assert shown.compute.peak("bf16") == pytest.approx(original.compute.peak("bf16"), rel=0.01)
 
 
 def test_specs_show_cluster_with_nodes(simulate):
@@ -418,8 +434,8 @@ def test_specs_show_device_yaml_file(simulate, tmp_path):
         .read_text()
         .replace("name: a100-80g", "name: my-gpu")
     )
-    data = yaml.safe_load(ok(simulate("specs", "show", path)).out)
-    assert data["name"] == "my-gpu" and data["memory"]["capacity"] == 80 * 2**30
+    data = yaml.safe_load(ok(simulate("specs", "show", path, "--raw")).out)
+    assert data["name"] == "my-gpu" and data["memory"]["capacity"] == load_device("a100-80g").memory.capacity
 
 
 def test_workloads_list_shows_every_workload(simulate):
@@ -471,7 +487,7 @@ def test_demo_prints_a_prediction(simulate):
 
 
 def test_run_reports_host_memory_of_swapped_activations(simulate):
-    args = ("run", "-w", "llama2-7b", "-c", "hgx-a800", "--seq-len", "65536", "-e", "analytic", "--json")
+    args = ("run", "-w", "llama2-7b", "-c", "hgx-a800", "--seq-len", "65536", "-e", "analytic", "--json", "--allow-oom")
     swapped = json.loads(ok(simulate(*args, "-p", "dp=2,cp=4,recompute=tokenwise,offload=1.0")).out)
     half = json.loads(ok(simulate(*args, "-p", "dp=2,cp=4,recompute=tokenwise,offload=0.5")).out)
     plain = json.loads(ok(simulate(*args, "-p", "dp=2,cp=4,recompute=full")).out)
