@@ -45,11 +45,26 @@ def _is_terminal(stream) -> bool:
         return False
 
 
+PACKAGES = ("hwmodel", "workloads", "simulator", "executor", "specs")
+
+
 def run_app(app, err_console: Console) -> None:
     """Run a typer app as a console entry point: a UserError becomes its message on `err_console` and
-    exit status 2, never a traceback; Ctrl-C exits with 130."""
+    exit status 2, never a traceback; Ctrl-C exits with 130. A warning of hetplan's own (a UserWarning
+    subclass defined in its packages, such as a defaulted sequence length) is one line "warning: ..."."""
+    import warnings
+
     from rich.markup import escape
 
+    original = warnings.showwarning
+
+    def show(message, category, filename, lineno, file=None, line=None) -> None:
+        if issubclass(category, UserWarning) and category.__module__.split(".")[0] in PACKAGES:
+            err_console.print(f"[yellow]warning:[/yellow] {escape(str(message))}", highlight=False)
+        else:
+            original(message, category, filename, lineno, file, line)
+
+    warnings.showwarning = show
     try:
         app()
     except UserError as exc:
@@ -58,6 +73,8 @@ def run_app(app, err_console: Console) -> None:
     except KeyboardInterrupt:
         err_console.print("interrupted")
         sys.exit(130)
+    finally:
+        warnings.showwarning = original
 
 
 # What each kind of output file may be called (the first suffix is the one named in messages first).

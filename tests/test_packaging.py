@@ -3,8 +3,9 @@ expression (PEP 639), which the setuptools named in build-system.requires accept
 
 from __future__ import annotations
 
-import tomllib
 import warnings
+
+import tomllib
 
 from tests.helpers import REPO_ROOT
 
