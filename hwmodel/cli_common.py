@@ -93,14 +93,14 @@ def check_output(path: Path, option: str, suffixes: tuple[str, ...] | None, forc
     """Refuse, before any work, an output path that cannot be written as asked: a folder, a missing parent
     folder, a suffix not in `suffixes` (None: any name), or an existing file without --force."""
     where = f"{option} {path}"
-    if suffixes is not None and path.suffix.lower() not in suffixes:
-        raise UserError(f"{where}: name the file {_accepted(suffixes)} (that is what {option} writes)")
     if path.is_dir():
         raise UserError(f"{where} is a folder; {option} takes a file name ({_accepted(suffixes or ('*',))})")
     parent = path.parent
     if not parent.is_dir():
         what = "is a file, not a folder" if parent.exists() else "does not exist"
         raise UserError(f"{where}: the folder {parent} {what}; create it or choose another path")
+    if suffixes is not None and path.suffix.lower() not in suffixes:
+        raise UserError(f"{where}: name the file {_accepted(suffixes)} (that is what {option} writes)")
     if path.exists() and not force:
         raise UserError(f"{where} already exists; choose another name or pass --force to replace it")
 
