@@ -180,6 +180,7 @@ def execute(
         raise typer.Exit(0)
     if missing:
         raise UserError(f"missing {', '.join(missing)}; see `execute --help`")
+    assert workload is not None and cluster is not None and plan is not None
     from workloads.vfl import is_vfl_workload
 
     if party is not None or is_vfl_workload(workload):

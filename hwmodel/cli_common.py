@@ -19,7 +19,9 @@ from __future__ import annotations
 
 import os
 import sys
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any, TextIO
 
 from rich.console import Console
 from rich.progress import BarColumn, Progress, ProgressColumn, TextColumn, TimeElapsedColumn
@@ -38,9 +40,9 @@ def make_console(*, stderr: bool = False) -> Console:
     return Console(stderr=stderr, width=PIPE_WIDTH)
 
 
-def _is_terminal(stream) -> bool:
+def _is_terminal(stream: Any) -> bool:
     try:
-        return stream.isatty()
+        return bool(stream.isatty())
     except (AttributeError, ValueError):  # a replaced or closed stream
         return False
 
@@ -48,7 +50,7 @@ def _is_terminal(stream) -> bool:
 PACKAGES = ("hwmodel", "workloads", "simulator", "executor", "specs")
 
 
-def run_app(app, err_console: Console) -> None:
+def run_app(app: Callable[[], Any], err_console: Console) -> None:
     """Run a typer app as a console entry point: a UserError becomes its message on `err_console` and
     exit status 2, never a traceback; Ctrl-C exits with 130. A warning of hetplan's own (a UserWarning
     subclass defined in its packages, such as a defaulted sequence length) is one line "warning: ..."."""
@@ -58,7 +60,14 @@ def run_app(app, err_console: Console) -> None:
 
     original = warnings.showwarning
 
-    def show(message, category, filename, lineno, file=None, line=None) -> None:
+    def show(
+        message: Warning | str,
+        category: type[Warning],
+        filename: str,
+        lineno: int,
+        file: TextIO | None = None,
+        line: str | None = None,
+    ) -> None:
         if issubclass(category, UserWarning) and category.__module__.split(".")[0] in PACKAGES:
             err_console.print(f"[yellow]warning:[/yellow] {escape(str(message))}", highlight=False)
         else:

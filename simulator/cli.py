@@ -282,17 +282,20 @@ def compare(
 
         return compare_vfl(workload, cluster, sweep, as_json, csv_file, force)
     base_plan = load_plan(plan)
-    key, values = _parse_sweep(sweep) if sweep else (None, [None])
-    rows = []
+    key: str | None = None
+    values: list[Any] = [None]
+    if sweep:
+        key, values = _parse_sweep(sweep)
+    rows: list[dict[str, Any]] = []
     for cluster_name in cluster:
         for value in values:
-            row = {"cluster": cluster_name}
+            row: dict[str, Any] = {"cluster": cluster_name}
             if key:
                 row[key] = value
             wl = load_workload(workload, int(value) if key == "seq_len" else seq_len)
             cl = load_cluster(cluster_name, int(value) if key == "nodes" else nodes)
             try:
-                pl = _swept_plan(base_plan, key, value) if key in SHORTHAND_KEYS else base_plan
+                pl = _swept_plan(base_plan, key, value) if key is not None and key in SHORTHAND_KEYS else base_plan
                 if key == "device":
                     cl = with_device_everywhere(cl, value)
                 elif key and key.endswith("_bandwidth"):
@@ -609,7 +612,7 @@ def demo() -> None:
         "recompute=selective",
     }
     started = time.perf_counter()
-    rows = []
+    rows: list[dict[str, Any]] = []
     for name, text in candidates.items():
         try:
             rows.append({"candidate": name, "report": evaluate(parse_shorthand(text), wl, cl)})

@@ -219,8 +219,8 @@ def _calibrate_framework(cal, ranks: int, threads: int, progress: Progress, time
 def _print_summary(cal, cal_mod, base_device, baseline_cluster) -> None:
     base_label = f"catalog {baseline_cluster.name}" if baseline_cluster is not None else "baseline"
     table = Table(title=f"measured on this machine vs {base_label}", title_justify="left")
-    for col, justify in (("figure", "left"), ("measured", "right"), (base_label, "right"), ("ratio", "right")):
-        table.add_column(col, justify=justify)
+    for col in ("figure", "measured", base_label, "ratio"):
+        table.add_column(col, justify="left" if col == "figure" else "right")
     for row in cal_mod.summary_rows(cal, base_device, baseline_cluster):
         table.add_row(*row)
     out.print(table)
@@ -231,8 +231,8 @@ def _print_summary(cal, cal_mod, base_device, baseline_cluster) -> None:
         "collective kind, on the same timings",
         caption_justify="left",
     )
-    for col, justify in (("timing", "left"), ("median", "right"), ("max", "right"), ("before", "right")):
-        fits.add_column(col, justify=justify)
+    for col in ("timing", "median", "max", "before"):
+        fits.add_column(col, justify="left" if col == "timing" else "right")
     for row in cal_mod.fit_rows(cal):
         fits.add_row(*row)
     out.print(fits)

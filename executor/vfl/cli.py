@@ -19,6 +19,7 @@ import subprocess
 import sys
 import tempfile
 from pathlib import Path
+from typing import Any, Literal, cast
 
 import typer
 from rich.console import Console
@@ -69,7 +70,7 @@ def resolve_federated(
     local_updates: int | None,
 ) -> dict:
     """Mode, W, R (and the sites) from the plan and the cluster, with command-line overrides."""
-    settings = {"mode": "vanilla", "workset": 1, "local_updates": 1, "sites": None, "wan": None}
+    settings: dict[str, Any] = {"mode": "vanilla", "workset": 1, "local_updates": 1, "sites": None, "wan": None}
     if plan is not None:
         from simulator.plan import load_plan
 
@@ -136,9 +137,13 @@ def keys_command(
     """Make the job's CA and the active and passive parties' certificates (EC P-256, TLS 1.3, mutual auth)."""
     from executor.vfl.keys import make_keys
 
-    for path in make_keys(out_dir, days=days, force=force):
+    written = make_keys(out_dir, days=days, force=force)
+    for path in written:
         report_written(path, err)
-    out.print("give each party ca.crt and its own .crt/.key; keep ca.key with whoever admits parties")
+    out.print(
+        f"wrote {len(written)} files to {out_dir}: give each party ca.crt and its own .crt/.key; keep ca.key with "
+        "whoever admits parties"
+    )
 
 
 @vfl_app.command("run")
@@ -220,20 +225,20 @@ def run_command(
         check_output(result_out, "--out", JSON, force)
     settings = resolve_federated(plan, cluster, mode, workset, local_updates)
     cfg = PartyConfig(
-        party=party,
+        party=cast(Literal["active", "passive"], party),
         workload=load_vfl_workload(workload, **_overrides(set_fields)),
         certs=str(certs),
         mode=settings["mode"],
         workset=settings["workset"],
         local_updates=settings["local_updates"],
-        sampling=sampling,
+        sampling=cast(Literal["uniform", "latest"], sampling),
         weighting=not no_weighting,
         threshold=threshold,
         epochs=epochs,
         max_rounds=max_rounds,
         eval_every=eval_every,
         listen=_address(listen or f"0.0.0.0:{DEFAULT_PORT}", "--listen") if party == "active" else None,
-        connect=_address(peer, "--peer") if party == "passive" else None,
+        connect=_address(peer or "", "--peer") if party == "passive" else None,
         checkpoint_dir=str(checkpoint_dir) if checkpoint_dir else None,
         checkpoint_every=checkpoint_every,
         resume=resume,

@@ -14,6 +14,7 @@ from hwmodel.catalog import load_cluster
 from hwmodel.cli_common import YAML, check_output, make_console, progress_bar, write_output
 from hwmodel.errors import UserError
 from hwmodel.units import DIMENSIONS, format_bytes, parse_quantity
+from simulator.report import Report
 from simulator.search.galvatron.search import search_galvatron
 from simulator.search.render import render_search
 from workloads.catalog import load_workload
@@ -99,7 +100,8 @@ def galvatron_command(
         f"budget {format_bytes(budget)} per device, {d['engine']} engine",
     )
     best = result.best.report
-    feasible = [b.report for b in result.baselines if b.report is not None]
+    assert isinstance(best, Report)  # the Galvatron planner reports training Reports
+    feasible = [b.report for b in result.baselines if isinstance(b.report, Report)]
     if feasible:
         top_baseline = max(feasible, key=lambda r: r.samples_per_s)
         console.print(f"chosen plan: {best.samples_per_s / top_baseline.samples_per_s:.2f}x the best baseline")

@@ -17,6 +17,7 @@ from hwmodel.errors import UserError
 from hwmodel.units import format_bytes, parse_quantity
 from hwmodel.whatif import with_link_bandwidth
 from simulator.errors import InfeasiblePlan
+from simulator.report import Report
 from simulator.search.memo.search import best_megatron_mfu, search_memo
 from simulator.search.render import render_search
 from workloads.catalog import load_workload
@@ -79,6 +80,7 @@ def sweep_rows(
             rows.append({**row, "reason": str(exc)})
             continue
         best = result.best.report
+        assert isinstance(best, Report)  # the MEMO planner reports training Reports
         megatron = best_megatron_mfu(result)
         rows.append(
             {
@@ -216,6 +218,7 @@ def memo_command(
             f"({d['memory_plan_status']}, {d['memory_plan_solve_time_s']:.2f} s)"
         )
     best = result.best.report
+    assert isinstance(best, Report)
     if best.mfu_causal_in_full is not None and abs(best.mfu_causal_in_full - best.mfu) >= 0.0005:
         console.print(
             f"MFU counts the causal half of each score matrix (what FlashAttention computes; simulator/metrics.py). "

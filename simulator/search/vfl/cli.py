@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import math
 from pathlib import Path
+from typing import Any
 
 import typer
 import yaml
@@ -53,7 +54,7 @@ def _parse_sites(parties: str | None, cluster: ClusterSpec) -> tuple[str, str]:
     sites = tuple(s.strip() for s in parties.split(",") if s.strip())
     if len(sites) != 2:
         raise UserError(f"--parties takes two sites, the active party's first (e.g. 'dc-a,dc-b'); got {parties!r}")
-    return sites  # type: ignore[return-value]
+    return sites[0], sites[1]
 
 
 def _parse_grid(text: str | None, name: str, default: tuple[int, ...]) -> tuple[int, ...]:
@@ -277,7 +278,7 @@ def vfl_command(
     cfg = load_vfl(workload)
     cl = load_cluster(cluster)
     sites = _parse_sites(parties, cl)
-    search = dict(
+    search: dict[str, Any] = dict(
         target=target_auc,
         sites=sites,
         worksets=_parse_grid(worksets, "--workset", WORKSET_GRID),
@@ -419,7 +420,10 @@ def compare_vfl(
             )
         dimension, example = SWEEP_KEYS[key]
         parsed = _parse_list(values, dimension, "--sweep", example)
-        bandwidths, latencies = (parsed, [None]) if key == "wan_bandwidth" else ([None], parsed)
+        if key == "wan_bandwidth":
+            bandwidths = parsed
+        else:
+            latencies = parsed
     rows = []
     for name in clusters:
         for row in sweep_rows(cfg, load_cluster(name), bandwidths, latencies):
