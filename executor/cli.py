@@ -19,7 +19,7 @@ from rich.markup import escape
 
 from executor.calibrate import cli as calibrate_cli
 from executor.vfl.cli import vfl_app
-from hwmodel.cli_common import make_console, run_app
+from hwmodel.cli_common import JSON, check_output, make_console, progress_bar, report_written, run_app
 from hwmodel.errors import UserError
 
 out = make_console()
@@ -28,17 +28,26 @@ err = make_console(stderr=True)
 HELP = (
     "Run a training plan on real devices (one process per device, or under torchrun across nodes), "
     "measure iteration time, throughput and memory, and compare with the simulator's prediction.\n\n"
-    "Example (4 CPU ranks, gloo):  execute --workload my-gpt.yaml --cluster cpu-local --devices-per-node 4 "
-    "--plan 'tp=2,pp=2,micro_batch=1,global_batch=8,dtype=fp32' --steps 5 --compare\n\n"
+    "Example (4 CPU ranks, gloo):  execute --workload gpt-tiny --cluster cpu-local --devices-per-node 4 "
+    "--plan 'tp=2,pp=2,micro_batch=1,global_batch=8,dtype=fp32' --steps 3 --compare\n\n"
+    "Across nodes, run the same command under torchrun on every node (each process is one rank; the plan's device "
+    "count = nodes x processes per node). On the first of 2 nodes, HOST0 (--node-rank 1 on the second; "
+    "--rdzv-endpoint is HOST0's address and a free port, where the ranks meet):  torchrun --nnodes 2 "
+    "--nproc-per-node 8 --node-rank 0 --rdzv-backend c10d --rdzv-endpoint HOST0:29500 -m executor.cli "
+    "--workload llama2-7b --cluster dgx-h100 --nodes 2 --plan 'tp=8,micro_batch=1,global_batch=16' --steps 5\n\n"
+    "--compare on the catalog's cpu-local predicts a generic CPU core, not this machine (several times off in time, "
+    "far off in memory): run `execute calibrate --out my-machine.yaml` once and pass `--cluster my-machine.yaml`.\n\n"
     "What runs: tp (DTensor), sequence_parallel, pp with gpipe/1f1b/interleaved (torch.distributed.pipelining), "
     "dp with ddp (FSDP2 replicate), zero1 (DDP + ZeroRedundancyOptimizer), zero2/zero3 (FSDP2 fully_shard), "
     "recompute selective/full (checkpoint_wrapper), per-layer tp/dp_type/recompute layouts (activations redistributed "
-    "between them), uneven pipeline stages, uneven data-parallel batch splits (batch_split=3+1), activation offload to host and MEMO token-wise recompute "
+    "between them), uneven pipeline stages, uneven data-parallel batch splits (batch_split=3+1), "
+    "activation offload to host and MEMO token-wise "
+    "recompute "
     "(recompute=tokenwise with offload=alpha), context parallelism (cp: each rank holds two of 2*cp token chunks, "
     "keys and values all-gathered; with tp, pp, dp, ZeRO, recompute and MEMO), dtype fp32/bf16, gpt and llama "
     "workloads; vfl-wdl runs its two parties (see `execute vfl --help`). Refused with the reason: cp with zero1, "
-    "batch_split or per-layer layouts, ep > 1, model-state pages, tasks, fp16, stages with their own tp or device groups, zero1 with "
-    "tp > 1 or with per-layer layouts.\n\n"
+    "batch_split or per-layer layouts, ep > 1, model-state pages, tasks, fp16, stages with their own tp or device "
+    "groups, zero1 with tp > 1 or with per-layer layouts.\n\n"
     "Measured: median iteration time after --warmup (the slowest rank's), tokens/s, samples/s, MFU/HFU (shared "
     "definitions), the loss per iteration (in --json), peak memory: on CUDA torch.cuda.max_memory_allocated; on CPU "
     "an account of parameter, gradient and optimizer-state bytes plus the peak of saved activations tracked with "
@@ -47,8 +56,14 @@ HELP = (
     "Drill: HETPLAN_FAIL_AT_STEP=K [HETPLAN_FAIL_RANK=R] [HETPLAN_FAIL_MODE=kill|raise] kills (or fails) rank R at "
     "the start of iteration K."
 )
-WORKLOAD_HELP = "Workload name (see `simulate workloads list`), a workload YAML or a Hugging Face config.json (gpt or llama family)."
-CLUSTER_HELP = "Cluster name (see `simulate specs list`) or YAML; its devices say what runs: cpu devices with gloo, GPUs with NCCL."
+WORKLOAD_HELP = (
+    "Workload name (see `simulate workloads list`), a workload YAML or a Hugging Face config.json "
+    "(gpt or llama family)."
+)
+CLUSTER_HELP = (
+    "Cluster name (see `simulate specs list`) or YAML; its devices say what runs: cpu devices with gloo, "
+    "GPUs with NCCL."
+)
 PLAN_HELP = (
     "Plan YAML/JSON file or shorthand such as 'tp=2,pp=2,micro_batch=1,global_batch=8,dtype=fp32'. dp left out fills "
     "the cluster; the world size is the plan's device count."
@@ -69,11 +84,10 @@ def _check_options(
         raise UserError("--checkpoint-every needs --checkpoint-dir (where to write the checkpoints)")
     if resume and checkpoint_dir is None:
         raise UserError("--resume needs --checkpoint-dir (the folder holding the checkpoints to resume from)")
+    if checkpoint_dir is not None and checkpoint_dir.exists() and not checkpoint_dir.is_dir():
+        raise UserError(f"--checkpoint-dir {checkpoint_dir} is a file, not a folder")
     if trace is not None:
-        if trace.exists() and not force:
-            raise UserError(f"{trace} already exists; choose another name or pass --force to replace it")
-        if not trace.parent.exists():
-            raise UserError(f"{trace.parent} does not exist (the folder for --trace {trace})")
+        check_output(trace, "--trace", JSON, force)
         return str(trace.resolve())
     return None
 
@@ -128,7 +142,8 @@ def execute(
     trace: Path | None = typer.Option(
         None,
         "--trace",
-        help="Write rank 0's torch.profiler Chrome trace of up to 3 measured iterations to this new file (profiling slows them).",
+        help="Write rank 0's torch.profiler Chrome trace (*.json) of up to 3 measured iterations to this new file "
+        "(profiling slows them).",
     ),
     checkpoint_dir: Path | None = typer.Option(
         None,
@@ -144,8 +159,8 @@ def execute(
     force: bool = typer.Option(
         False,
         "--force",
-        help="Run a plan predicted not to fit in memory; replace an existing --trace file; write into a checkpoint folder "
-        "that has checkpoints.",
+        help="Run a plan predicted not to fit in memory; replace an existing --trace file; write into a checkpoint "
+        "folder that has checkpoints.",
     ),
     seed: int = typer.Option(0, "--seed", help="Seed of the weights, the synthetic data and dropout."),
     party: str | None = typer.Option(
@@ -165,6 +180,7 @@ def execute(
         raise typer.Exit(0)
     if missing:
         raise UserError(f"missing {', '.join(missing)}; see `execute --help`")
+    assert workload is not None and cluster is not None and plan is not None
     from workloads.vfl import is_vfl_workload
 
     if party is not None or is_vfl_workload(workload):
@@ -268,6 +284,8 @@ def _run(
         sys.exit(1)
     if result is None:  # another torchrun rank: rank 0 reports
         return
+    if trace_path is not None and Path(trace_path).exists():
+        report_written(Path(trace_path), err)
     measured = measured_report(bound, result, warnings)
     more = extras(result)
     if compare:
@@ -302,18 +320,17 @@ def _run(
 
 def _run_with_progress(job, run, leader: bool):
     """Run the job with a progress bar on stderr (iterations done, time of the last one)."""
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+    from rich.progress import BarColumn, MofNCompleteColumn, TextColumn, TimeElapsedColumn
 
     if not leader:
         return run(job)
-    with Progress(
+    with progress_bar(
+        err,
         TextColumn("{task.description}"),
         BarColumn(),
         MofNCompleteColumn(),
         TextColumn("{task.fields[last]}"),
         TimeElapsedColumn(),
-        console=err,
-        transient=True,
     ) as progress:
         label = f"{job.world_size} rank{'s' if job.world_size > 1 else ''}: starting"
         task = progress.add_task(label, total=job.total_steps, last="")

@@ -11,14 +11,27 @@ import csv
 import io
 import json
 import time
+from collections.abc import Callable
+from enum import Enum
 from pathlib import Path
+from typing import Annotated, Any, get_args, get_origin
 
 import typer
-from rich.progress import Progress
+from pydantic import BaseModel
 from rich.table import Table
 
 from hwmodel.catalog import cluster_names, device_names, load_cluster, load_device
-from hwmodel.cli_common import check_new_file, make_console, run_app, write_new_file
+from hwmodel.cli_common import (
+    CSV,
+    IMAGE,
+    JSON,
+    check_output,
+    make_console,
+    progress_bar,
+    report_written,
+    run_app,
+    write_output,
+)
 from hwmodel.errors import SpecError, UserError
 from hwmodel.loading import read_mapping, validate
 from hwmodel.units import format_bandwidth, format_bytes, format_flop_rate, format_seconds, parse_quantity
@@ -76,26 +89,35 @@ ENGINE_HELP = (
 )
 
 
+EXIT_DOES_NOT_FIT = 3  # `simulate run`: the plan's predicted peak memory exceeds a device's (see --allow-oom)
+
+
+def check_engine(engine: str, trace: Path | None, plot: Path | None) -> None:
+    """The engine name, and --trace/--plot only where there is a timeline."""
+    if engine not in ("analytic", "des"):
+        raise UserError(f"--engine must be analytic or des, got {engine!r}")
+    if engine == "analytic" and (trace is not None or plot is not None):
+        raise UserError("--trace and --plot need --engine des (the analytic model has no timeline)")
+
+
 def _predict(
     plan: Plan, workload, cluster, engine: str, trace: Path | None = None, plot: Path | None = None, force: bool = False
 ) -> Report:
     """One prediction with the chosen engine; the des engine can also write a trace and a plot."""
+    check_engine(engine, trace, plot)
     if engine == "analytic":
-        if trace is not None or plot is not None:
-            raise UserError("--trace and --plot need --engine des (the analytic model has no timeline)")
         return evaluate(plan, workload, cluster)
-    if engine != "des":
-        raise UserError(f"--engine must be analytic or des, got {engine!r}")
-    for path in (trace, plot):
-        if path is not None:
-            check_new_file(path, force)
+    if trace is not None:
+        check_output(trace, "--trace", JSON, force)
+    if plot is not None:
+        check_output(plot, "--plot", IMAGE, force)
     from simulator.des import des_report
     from simulator.des.engine import Simulation
 
     simulation = Simulation(bind(plan, workload, cluster), record_trace=trace is not None or plot is not None)
     total = simulation.total_operations()
     if total > 5000:
-        with Progress(console=err, transient=True) as progress:
+        with progress_bar(err) as progress:
             task = progress.add_task("simulating", total=total)
             simulation.progress = lambda n: progress.advance(task, n)
             result = simulation.run()
@@ -105,10 +127,12 @@ def _predict(
         from simulator.des.trace import write_trace
 
         write_trace(result, trace)
+        report_written(trace, err)
     if plot is not None:
         from simulator.des.plot import plot_timeline
 
-        plot_timeline(result, plot, f"{workload.name} on {cluster.name}: {plan.shorthand()}")
+        plot_timeline(result, plot, f"{workload.name} on {cluster.name}: {plan.shorthand(sections=True)}")
+        report_written(plot, err)
     return des_report(result)
 
 
@@ -124,16 +148,35 @@ def run(
     seq_len: int | None = typer.Option(None, "--seq-len", help="Train at this sequence length instead."),
     engine: str = typer.Option("des", "--engine", "-e", help=ENGINE_HELP),
     trace: Path | None = typer.Option(
-        None, "--trace", help="des: write a Chrome trace (open in Perfetto or chrome://tracing)."
+        None, "--trace", help="des: write a Chrome trace (*.json; open in Perfetto or chrome://tracing)."
     ),
-    plot: Path | None = typer.Option(None, "--plot", help="des: draw the timeline and memory over time to a PNG."),
+    plot: Path | None = typer.Option(
+        None, "--plot", help="des: draw the timeline and memory over time (*.png, *.pdf or *.svg)."
+    ),
     as_json: bool = typer.Option(False, "--json", help="Print the Report as JSON on stdout."),
-    out_file: Path | None = typer.Option(None, "--out", help="Also write the Report as JSON to this new file."),
+    out_file: Path | None = typer.Option(
+        None, "--out", help="Also write the Report as JSON (*.json) to this new file."
+    ),
     force: bool = typer.Option(False, "--force", help="Allow --out, --trace and --plot to replace existing files."),
+    allow_oom: bool = typer.Option(
+        False,
+        "--allow-oom",
+        help=f"Exit 0 even when the plan does not fit in device memory (otherwise exit {EXIT_DOES_NOT_FIT}).",
+    ),
 ) -> None:
-    """Predict one plan: time, throughput, MFU, memory, and where the time goes."""
+    """Predict one plan: time, throughput, MFU, memory, and where the time goes.
+
+    Exit status: 0 the plan fits; 2 an error in the input; 3 the report is printed (and written) but the plan's
+    predicted peak memory exceeds a device's memory (--allow-oom: 0).
+    """
+    # Every output is checked before any work: a typo in a file name costs nothing.
     if out_file is not None:
-        check_new_file(out_file, force)
+        check_output(out_file, "--out", JSON, force)
+    if engine == "des":
+        if trace is not None:
+            check_output(trace, "--trace", JSON, force)
+        if plot is not None:
+            check_output(plot, "--plot", IMAGE, force)
     from workloads.vfl import is_vfl_workload
 
     if is_vfl_workload(workload):  # two parties over a WAN: rounds, predicted by the VFL engine
@@ -159,18 +202,26 @@ def run(
         # Swapped activations fill the node's DRAM: say how much (what `simulate search memo` reports too).
         report = report.model_copy(update={"host_memory_bytes": host_memory_used(the_plan, the_workload, the_cluster)})
     if out_file is not None:
-        write_new_file(out_file, report.model_dump_json(indent=2), force)
+        write_output(out_file, report.model_dump_json(indent=2), "--out", JSON, force, err)
     if as_json:
         print(report.model_dump_json(indent=2))
     else:
         render_report(report, out)
+    if not report.fits_memory and not allow_oom:
+        err.print(
+            f"[bold red]does not fit:[/bold red] predicted peak memory {format_bytes(report.peak_memory_bytes)} "
+            f"exceeds the device memory; exit status {EXIT_DOES_NOT_FIT} (pass --allow-oom to accept it)",
+            highlight=False,
+        )
+        raise typer.Exit(EXIT_DOES_NOT_FIT)
 
 
 # ---- compare -------------------------------------------------------------------------------------
 def _parse_sweep(text: str) -> tuple[str, list[str]]:
     if "=" not in text:
         raise UserError(
-            f"--sweep: expected KEY=V1,V2,...; got {text!r} (e.g. 'tp=1,2,4,8' or 'inter_node_bandwidth=100,200,400Gbit/s')"
+            f"--sweep: expected KEY=V1,V2,...; got {text!r} "
+            "(e.g. 'tp=1,2,4,8' or 'inter_node_bandwidth=100,200,400Gbit/s')"
         )
     key, values = text.split("=", 1)
     key = key.strip()
@@ -211,16 +262,19 @@ def compare(
         "--sweep",
         "-s",
         help="Vary one field: a plan key ('tp=1,2,4,8'), seq_len, nodes, device ('device=a100-80g,h100-sxm') or a "
-        "link ('inter_node_bandwidth=100,200,400Gbit/s'; also intra_node_bandwidth, host_link_bandwidth, wan_bandwidth).",
+        "link ('inter_node_bandwidth=100,200,400Gbit/s'; also intra_node_bandwidth, host_link_bandwidth, "
+        "wan_bandwidth).",
     ),
     nodes: int | None = typer.Option(None, "--nodes", "-n", help="Node count for clusters of identical nodes."),
     seq_len: int | None = typer.Option(None, "--seq-len", help="Train at this sequence length instead."),
     engine: str = typer.Option("analytic", "--engine", "-e", help=ENGINE_HELP),
-    csv_file: Path | None = typer.Option(None, "--csv", help="Also write the table as CSV to this new file."),
+    csv_file: Path | None = typer.Option(None, "--csv", help="Also write the table as CSV (*.csv) to this new file."),
     as_json: bool = typer.Option(False, "--json", help="Print the rows as JSON on stdout."),
     force: bool = typer.Option(False, "--force", help="Allow --csv to replace an existing file."),
 ) -> None:
     """Run one workload and plan across several clusters, or sweep one field, and print a table."""
+    if csv_file is not None:
+        check_output(csv_file, "--csv", CSV, force)
     from workloads.vfl import is_vfl_workload
 
     if is_vfl_workload(workload):  # two parties over a WAN: the VFL planner's speedups, sweeping the link
@@ -228,17 +282,20 @@ def compare(
 
         return compare_vfl(workload, cluster, sweep, as_json, csv_file, force)
     base_plan = load_plan(plan)
-    key, values = _parse_sweep(sweep) if sweep else (None, [None])
-    rows = []
+    key: str | None = None
+    values: list[Any] = [None]
+    if sweep:
+        key, values = _parse_sweep(sweep)
+    rows: list[dict[str, Any]] = []
     for cluster_name in cluster:
         for value in values:
-            row = {"cluster": cluster_name}
+            row: dict[str, Any] = {"cluster": cluster_name}
             if key:
                 row[key] = value
             wl = load_workload(workload, int(value) if key == "seq_len" else seq_len)
             cl = load_cluster(cluster_name, int(value) if key == "nodes" else nodes)
             try:
-                pl = _swept_plan(base_plan, key, value) if key in SHORTHAND_KEYS else base_plan
+                pl = _swept_plan(base_plan, key, value) if key is not None and key in SHORTHAND_KEYS else base_plan
                 if key == "device":
                     cl = with_device_everywhere(cl, value)
                 elif key and key.endswith("_bandwidth"):
@@ -283,7 +340,7 @@ def compare(
                     else ["", "", "", "", False, r.get("reason", "")]
                 )
             )
-        write_new_file(csv_file, buffer.getvalue(), force)
+        write_output(csv_file, buffer.getvalue(), "--csv", CSV, force, err)
 
 
 # ---- validate ------------------------------------------------------------------------------------
@@ -297,13 +354,11 @@ def validate_llm_foundry_cmd(
 ) -> None:
     """Predict every row of the llm-foundry MPT table and compare tokens/s with the measured value."""
     started = time.perf_counter()
+    check_engine(engine, None, None)
     predict = lambda plan, workload, cluster: _predict(plan, workload, cluster, engine)
-    if as_json:
-        rows = validate_llm_foundry(csv_path, predict=predict)
-    else:
-        with Progress(console=err, transient=True) as progress:
-            task = progress.add_task("predicting rows", total=None)
-            rows = validate_llm_foundry(csv_path, progress=lambda: progress.advance(task), predict=predict)
+    with progress_bar(err) as progress:
+        task = progress.add_task("predicting rows", total=None)
+        rows = validate_llm_foundry(csv_path, progress=lambda: progress.advance(task), predict=predict)
     summary = summarize(rows)
     if as_json:
         print(json.dumps(summary, indent=2))
@@ -408,20 +463,89 @@ def specs_list() -> None:
     out.print(clusters)
 
 
+def _unit_formatters() -> dict[int, Callable[[float], str]]:
+    """The formatter of each unit-carrying field type of hwmodel.units, keyed by its validator."""
+    from hwmodel import units
+
+    rate = lambda v: format_flop_rate(v).replace("FLOPS", "FLOP/s")
+    pairs = (
+        (units.Bytes, format_bytes),
+        (units.NonNegativeBytes, format_bytes),
+        (units.Bandwidth, format_bandwidth),
+        (units.FlopRate, rate),
+        (units.Flops, units.format_flops),
+        (units.Seconds, format_seconds),
+        (units.NonNegativeSeconds, format_seconds),
+    )
+    # get_args of Annotated[float, validator] is (float, validator): the aliases read as plain floats to mypy.
+    return {id(get_args(kind)[1]): formatter for kind, formatter in pairs}
+
+
+def _formatter_of(annotation: Any, metadata: list, formatters: dict) -> Callable[[float], str] | None:
+    for item in metadata:
+        if id(item) in formatters:
+            return formatters[id(item)]
+    if get_origin(annotation) is Annotated:
+        return _formatter_of(None, list(annotation.__metadata__), formatters)
+    for arg in get_args(annotation):  # Bytes | None, dict[str, FlopRate], tuple[Seconds, ...]
+        found = _formatter_of(arg, [], formatters)
+        if found is not None:
+            return found
+    return None
+
+
+def humanize(model: BaseModel) -> dict:
+    """A spec as YAML-ready data with every quantity rounded in its unit and other floats to 4 digits."""
+    formatters = _unit_formatters()
+
+    def value_of(value: Any, formatter: Callable[[float], str] | None) -> Any:
+        if isinstance(value, Enum):
+            return value.value
+        if isinstance(value, BaseModel):
+            return fields_of(value)
+        if isinstance(value, dict):
+            return {str(k): value_of(v, formatter) for k, v in value.items()}
+        if isinstance(value, list | tuple):
+            return [value_of(v, formatter) for v in value]
+        if isinstance(value, float):
+            if formatter is not None:
+                return formatter(value)
+            return int(value) if value.is_integer() and abs(value) < 1e15 else float(f"{value:.4g}")
+        if isinstance(value, str | int | bool) or value is None:
+            return value
+        return str(value)
+
+    def fields_of(item: BaseModel) -> Any:
+        dumped = item.model_dump(mode="json")
+        if not isinstance(dumped, dict) or set(dumped) != set(type(item).model_fields):
+            return value_of(dumped, None)  # a model with its own serialized form (an efficiency curve's pairs)
+        return {
+            name: value_of(getattr(item, name), _formatter_of(info.annotation, list(info.metadata), formatters))
+            for name, info in type(item).model_fields.items()
+        }
+
+    return fields_of(model)
+
+
 @specs_app.command("show")
 def specs_show(
     name: str = typer.Argument(..., help="A device or cluster name, or a spec YAML file."),
     nodes: int | None = typer.Option(None, "--nodes", "-n", help="Resize a cluster of identical nodes."),
+    raw: bool = typer.Option(
+        False, "--raw", help="Every figure as the SI float the model holds (bytes, B/s, FLOP/s, s)."
+    ),
 ) -> None:
-    """Show one device or cluster with every figure in SI and where it comes from (YAML on stdout)."""
+    """Show one device or cluster with every figure rounded, in its unit ("80 GiB", "2.04 TB/s", "989 TFLOP/s"),
+    and where it comes from (YAML on stdout; --raw for SI floats as the model holds them)."""
     import yaml
 
     is_file = name.endswith((".yaml", ".yml", ".json"))
     if name in device_names() or (is_file and "node_groups" not in read_mapping(name)):
-        data = load_device(name).model_dump(mode="json")
+        device = load_device(name)
+        data = device.model_dump(mode="json") if raw else humanize(device)
     elif name in cluster_names() or is_file:
         cluster = load_cluster(name, nodes)
-        data = cluster.model_dump(mode="json")
+        data = cluster.model_dump(mode="json") if raw else humanize(cluster)
         data["summary"] = cluster.summary()
     else:
         from hwmodel.errors import UnknownNameError
@@ -489,7 +613,7 @@ def demo() -> None:
         "recompute=selective",
     }
     started = time.perf_counter()
-    rows = []
+    rows: list[dict[str, Any]] = []
     for name, text in candidates.items():
         try:
             rows.append({"candidate": name, "report": evaluate(parse_shorthand(text), wl, cl)})

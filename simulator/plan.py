@@ -168,14 +168,31 @@ class Plan(_Frozen):
                 )
         return self
 
-    def shorthand(self) -> str:
-        """The one-line form of the uniform keys (sections such as `stages` are left out)."""
+    def shorthand(self, sections: bool = False) -> str:
+        """The one-line form of the uniform keys; with `sections`, followed by the per-layer strategies and the
+        explicit stages ("...; layers 0-31: tp=1,dp_type=zero2; stages 16+16 on 0-7/8-15"), which override the
+        uniform keys where they are set (other sections are left out)."""
         data = self.model_dump(
             exclude_defaults=True, exclude={"layers", "stages", "model_states", "tasks", "federated", "memory_plan"}
         )
         if "batch_split" in data:
             data["batch_split"] = "+".join(str(n) for n in data["batch_split"])
-        return ",".join(f"{k}={str(v).lower() if isinstance(v, bool) else v}" for k, v in data.items()) or "tp=1"
+        text = ",".join(f"{k}={str(v).lower() if isinstance(v, bool) else v}" for k, v in data.items()) or "tp=1"
+        if not sections:
+            return text
+        for strategy in self.layers:
+            fields = strategy.model_dump(exclude_none=True, exclude={"layers"})
+            if fields.get("sequence_parallel") is False and not self.sequence_parallel:
+                del fields["sequence_parallel"]
+            body = ",".join(f"{k}={str(v).lower() if isinstance(v, bool) else v}" for k, v in fields.items())
+            text += f"; layers {strategy.layers[0]}-{strategy.layers[1]}: {body or 'as above'}"
+        if self.stages:
+            text += "; stages " + "+".join(str(s.num_layers) for s in self.stages)
+            if any(s.devices is not None for s in self.stages):
+                text += " on " + "/".join(str(s.devices) if s.devices is not None else "next" for s in self.stages)
+            if any(s.tp is not None and s.tp != self.tp for s in self.stages):
+                text += " tp " + "/".join(str(s.tp or self.tp) for s in self.stages)
+        return text
 
 
 ALIASES = {

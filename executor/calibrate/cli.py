@@ -19,7 +19,7 @@ from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from hwmodel.cli_common import make_console, run_app
+from hwmodel.cli_common import JSON, YAML, check_output, make_console, progress_bar, report_written, run_app
 from hwmodel.errors import UserError
 
 out = make_console()
@@ -33,7 +33,9 @@ HELP = (
     "that `simulate --cluster FILE` uses: every dtype gets its own peaks and efficiency curves "
     "(compute.per_dtype), every collective kind its own bandwidth and latency (intra_node.collectives). "
     "One device per rank: N ranks run with cores // N threads each, all measured at once, as `execute` "
-    "runs them. About 1-3 minutes on a 2-core CPU; --quick takes ~20 s."
+    "runs them. A full calibration takes minutes: about 7 on a 2-core machine that other work shares (the "
+    "framework probe, on by default with 2+ ranks, is part of it); --quick runs a short sweep without the probe in "
+    "well under a minute, for smoke checks and tests."
 )
 
 
@@ -55,7 +57,9 @@ def calibrate_command(
         "-r",
         help="Devices (processes) of the node: default the GPUs, else the CPU cores. Each gets cores // N threads.",
     ),
-    quick: bool = typer.Option(False, "--quick", help="A short sweep (~20 s) for tests and smoke checks."),
+    quick: bool = typer.Option(
+        False, "--quick", help="A short sweep (well under a minute, no framework probe) for tests and smoke checks."
+    ),
     storage_dir: Path | None = typer.Option(
         None,
         "--storage-dir",
@@ -64,8 +68,9 @@ def calibrate_command(
     curve_dtype: str | None = typer.Option(
         None,
         "--curve-dtype",
-        help="dtype whose own curves are also written as the shared ones, for dtypes without curves of their own, and whose "
-        "GEMMs the overlap probe runs (default bf16, the plans' default). Every measured dtype gets its own curves anyway.",
+        help="dtype whose own curves are also written as the shared ones, for dtypes without curves of their own, "
+        "and whose GEMMs the overlap probe runs (default bf16, the plans' default). Every measured dtype gets its own "
+        "curves anyway.",
     ),
     baseline: str | None = typer.Option(
         None,
@@ -76,9 +81,9 @@ def calibrate_command(
     framework: bool | None = typer.Option(
         None,
         "--framework/--no-framework",
-        help="CPU, 2+ ranks: also run a probe GPT with `execute` (single with large and small micro-batches, tensor and data "
-        "parallel, ~1 min) to measure what the framework adds around kernels on the compute cores (per-layer calls, "
-        "sharded-tensor dispatch, gradient packing). "
+        help="CPU, 2+ ranks: also run a probe GPT with `execute` (single with large and small micro-batches, tensor "
+        "and data parallel, ~1 min) to measure what the framework adds around kernels on the compute cores "
+        "(per-layer calls, sharded-tensor dispatch, gradient packing). "
         "Default: on, except with --quick.",
     ),
     timeout: float = typer.Option(900.0, "--timeout", help="Give up when the benchmark ranks take longer (seconds)."),
@@ -128,9 +133,12 @@ def _calibrate(
     from hwmodel.catalog import load_cluster
 
     # Every option is checked before the first measurement: a typo costs nothing.
-    cal_mod.check_outputs(out_file, device_out, force)
-    if raw_out is not None and raw_out.exists() and not force:
-        raise UserError(f"{raw_out} already exists; choose another name or pass --force to replace it")
+    check_output(out_file, "--out", YAML, force)
+    if device_out is not None:
+        check_output(device_out, "--device-out", YAML, force)
+    if raw_out is not None:
+        check_output(raw_out, "--raw", JSON, force)
+    cal_mod.check_outputs(out_file, device_out, force)  # and the rules of the calibration itself
     cal_mod.resolve_options(
         ranks=ranks,
         quick=quick,
@@ -141,13 +149,8 @@ def _calibrate(
     )
     baseline_cluster = load_cluster(baseline) if baseline else None
     start = time.monotonic()
-    with Progress(
-        TextColumn("{task.description:<22}"),
-        BarColumn(),
-        MofNCompleteColumn(),
-        TimeElapsedColumn(),
-        console=err,
-        transient=False,
+    with progress_bar(
+        err, TextColumn("{task.description:<22}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn()
     ) as progress:
         cal = cal_mod.calibrate(
             ranks=ranks,
@@ -166,9 +169,11 @@ def _calibrate(
         baseline_cluster = load_cluster("cpu-local")
     base_device = baseline_cluster.node_groups[0].node.device if baseline_cluster is not None else None
     _print_summary(cal, cal_mod, base_device, baseline_cluster)
-    written = [str(out_file)] + ([str(device_out)] if device_out else []) + ([str(raw_out)] if raw_out else [])
+    for path in (out_file, device_out, raw_out):
+        if path is not None:
+            report_written(path, err)
     out.print(
-        f"wrote {', '.join(written)} in {time.monotonic() - start:.0f} s; "
+        f"calibrated in {time.monotonic() - start:.0f} s; "
         f"use it with: simulate run --cluster {out_file} --workload ... --plan ...",
         highlight=False,
     )
@@ -206,15 +211,16 @@ def _calibrate_framework(cal, ranks: int, threads: int, progress: Progress, time
     for row in fit.rows:
         cal.notes.append(
             f"framework probe {row['probe']} {row['plan']}: measured {row['measured_s'] * 1e3:.0f} ms, predicted "
-            f"{row['predicted_before_s'] * 1e3:.0f} ms without framework costs, {row['predicted_after_s'] * 1e3:.0f} ms with them"
+            f"{row['predicted_before_s'] * 1e3:.0f} ms without framework costs, "
+            f"{row['predicted_after_s'] * 1e3:.0f} ms with them"
         )
 
 
 def _print_summary(cal, cal_mod, base_device, baseline_cluster) -> None:
     base_label = f"catalog {baseline_cluster.name}" if baseline_cluster is not None else "baseline"
     table = Table(title=f"measured on this machine vs {base_label}", title_justify="left")
-    for col, justify in (("figure", "left"), ("measured", "right"), (base_label, "right"), ("ratio", "right")):
-        table.add_column(col, justify=justify)
+    for col in ("figure", "measured", base_label, "ratio"):
+        table.add_column(col, justify="left" if col == "figure" else "right")
     for row in cal_mod.summary_rows(cal, base_device, baseline_cluster):
         table.add_row(*row)
     out.print(table)
@@ -225,8 +231,8 @@ def _print_summary(cal, cal_mod, base_device, baseline_cluster) -> None:
         "collective kind, on the same timings",
         caption_justify="left",
     )
-    for col, justify in (("timing", "left"), ("median", "right"), ("max", "right"), ("before", "right")):
-        fits.add_column(col, justify=justify)
+    for col in ("timing", "median", "max", "before"):
+        fits.add_column(col, justify="left" if col == "timing" else "right")
     for row in cal_mod.fit_rows(cal):
         fits.add_row(*row)
     out.print(fits)
@@ -237,8 +243,8 @@ def _print_summary(cal, cal_mod, base_device, baseline_cluster) -> None:
     if dropout:
         big = max(dropout, key=lambda p: p["elems"])
         notes.append(
-            f"dropout costs {big['seconds'] / big['elems'] * 1e9:.3g} ns per element (fp32, {big['elems']} elements); the "
-            "simulator counts it as 2 FLOPs per element, so runs with dropout take longer than predicted"
+            f"dropout costs {big['seconds'] / big['elems'] * 1e9:.3g} ns per element (fp32, {big['elems']} elements); "
+            "the simulator counts it as 2 FLOPs per element, so runs with dropout take longer than predicted"
         )
     if cal.device.kind == "cpu":
         notes.append("host-device copies: none on a CPU; the host link is an in-memory copy")

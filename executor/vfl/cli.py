@@ -19,13 +19,14 @@ import subprocess
 import sys
 import tempfile
 from pathlib import Path
+from typing import Any, Literal, cast
 
 import typer
 from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
-from hwmodel.cli_common import make_console, run_app
+from hwmodel.cli_common import JSON, check_output, make_console, report_written, run_app, write_output
 from hwmodel.errors import UserError
 
 out = make_console()
@@ -69,7 +70,7 @@ def resolve_federated(
     local_updates: int | None,
 ) -> dict:
     """Mode, W, R (and the sites) from the plan and the cluster, with command-line overrides."""
-    settings = {"mode": "vanilla", "workset": 1, "local_updates": 1, "sites": None, "wan": None}
+    settings: dict[str, Any] = {"mode": "vanilla", "workset": 1, "local_updates": 1, "sites": None, "wan": None}
     if plan is not None:
         from simulator.plan import load_plan
 
@@ -137,8 +138,12 @@ def keys_command(
     from executor.vfl.keys import make_keys
 
     written = make_keys(out_dir, days=days, force=force)
-    out.print(f"wrote {', '.join(p.name for p in written)} to {out_dir}")
-    out.print("give each party ca.crt and its own .crt/.key; keep ca.key with whoever admits parties")
+    for path in written:
+        report_written(path, err)
+    out.print(
+        f"wrote {len(written)} files to {out_dir}: give each party ca.crt and its own .crt/.key; keep ca.key with "
+        "whoever admits parties"
+    )
 
 
 @vfl_app.command("run")
@@ -177,9 +182,7 @@ def run_command(
         0.5, "--threshold", help="Instance weights below this cosine similarity are zeroed."
     ),
     epochs: int = typer.Option(1, "--epochs", min=1, help="Training epochs."),
-    max_rounds: int | None = typer.Option(
-        None, "--max-rounds", min=1, help="Stop after this many rounds (batches)."
-    ),
+    max_rounds: int | None = typer.Option(None, "--max-rounds", min=1, help="Stop after this many rounds (batches)."),
     eval_every: int = typer.Option(
         0, "--eval-every", min=0, help="Rounds between test-AUC evaluations (0: each epoch)."
     ),
@@ -200,7 +203,7 @@ def run_command(
         [], "--set", help="Workload field override KEY=VALUE (repeatable), e.g. num_samples=50000."
     ),
     threads: int = typer.Option(1, "--threads", min=1, help="Torch intra-op threads of this party."),
-    result_out: Path | None = typer.Option(None, "--out", help="Write the result as JSON to this new file."),
+    result_out: Path | None = typer.Option(None, "--out", help="Write the result as JSON (*.json) to this new file."),
     as_json: bool = typer.Option(False, "--json", help="Print the result as JSON on stdout."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress lines on stderr."),
 ) -> None:
@@ -218,24 +221,24 @@ def run_command(
         raise UserError("the passive party needs --peer HOST:PORT, the active party's address")
     if sampling not in ("uniform", "latest"):
         raise UserError(f"--sampling must be uniform or latest, got {sampling!r}")
-    if result_out is not None and result_out.exists() and not force:
-        raise UserError(f"{result_out} already exists; choose another name or pass --force to replace it")
+    if result_out is not None:
+        check_output(result_out, "--out", JSON, force)
     settings = resolve_federated(plan, cluster, mode, workset, local_updates)
     cfg = PartyConfig(
-        party=party,
+        party=cast(Literal["active", "passive"], party),
         workload=load_vfl_workload(workload, **_overrides(set_fields)),
         certs=str(certs),
         mode=settings["mode"],
         workset=settings["workset"],
         local_updates=settings["local_updates"],
-        sampling=sampling,
+        sampling=cast(Literal["uniform", "latest"], sampling),
         weighting=not no_weighting,
         threshold=threshold,
         epochs=epochs,
         max_rounds=max_rounds,
         eval_every=eval_every,
         listen=_address(listen or f"0.0.0.0:{DEFAULT_PORT}", "--listen") if party == "active" else None,
-        connect=_address(peer, "--peer") if party == "passive" else None,
+        connect=_address(peer or "", "--peer") if party == "passive" else None,
         checkpoint_dir=str(checkpoint_dir) if checkpoint_dir else None,
         checkpoint_every=checkpoint_every,
         resume=resume,
@@ -263,7 +266,7 @@ def run_command(
         "wan": settings["wan"],
     }
     if result_out is not None:
-        result_out.write_text(json.dumps(data, indent=2))
+        write_output(result_out, json.dumps(data, indent=2), "--out", JSON, True, err)  # checked (and --force) above
     if as_json:
         print(json.dumps(data, indent=2))
     elif not quiet and result_out is None:
@@ -310,7 +313,8 @@ def local_command(
     port: int = typer.Option(0, "--port", help="Port of the active party on 127.0.0.1 (default: a free one)."),
     as_json: bool = typer.Option(False, "--json", help="Print the active party's result as JSON."),
 ) -> None:
-    """Start both parties on this machine, each its own process; any `run` option (e.g. --plan, --epochs) passes through."""
+    """Start both parties on this machine, each its own process; any `run` option (e.g. --plan, --epochs) passes
+    through."""
     from executor.vfl.keys import make_keys
 
     passthrough = list(ctx.args)

@@ -52,13 +52,13 @@ def render_search(result: SearchResult, console: Console, title: str) -> None:
         assert isinstance(candidate.report, Report), "a planner's candidates carry reports of one kind"
         row(
             "chosen" if i == 0 else f"#{i + 1}",
-            candidate.plan.shorthand(),
+            candidate.plan.shorthand(sections=True),
             candidate.report,
             None,
             "bold green" if i == 0 else None,
         )
     for baseline in result.baselines:
         report = baseline.report if isinstance(baseline.report, Report) else None
-        row(baseline.name, baseline.plan.shorthand() if baseline.plan else "-", report, baseline.reason)
+        row(baseline.name, baseline.plan.shorthand(sections=True) if baseline.plan else "-", report, baseline.reason)
     console.print(table)
     console.print(f"searched in {result.search_time_s:.2f} s")

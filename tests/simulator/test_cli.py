@@ -100,7 +100,9 @@ def test_run_shows_the_megatron_mfu_convention_where_it_differs(simulate):
 
 
 def test_run_seq_len_changes_the_workload(simulate):
+    # Plain DDP of 7B does not fit in 80 GB; --allow-oom accepts the report anyway (exit 0).
     args = ("run", "-w", "llama2-7b", "-c", "dgx-a100-80g", "--plan", "micro_batch=1,global_batch=64", "--json")
+    args += ("--allow-oom",)
     default = json.loads(ok(simulate(*args)).out)
     short = json.loads(ok(simulate(*args, "--seq-len", "2048")).out)
     assert default["seq_len"] == 4096 and short["seq_len"] == 2048
@@ -119,7 +121,7 @@ def test_run_nodes_resizes_the_cluster(simulate):
 
 def test_run_out_writes_a_new_file(simulate, tmp_path):
     target = tmp_path / "report.json"
-    result = ok(simulate("run", "-w", "llama2-7b", "-c", "dgx-a100-80g", "--out", target, "--json"))
+    result = ok(simulate("run", "-w", "llama2-7b", "-c", "dgx-a100-80g", "--out", target, "--json", "--allow-oom"))
     assert json.loads(target.read_text()) == json.loads(result.out)
 
 
@@ -128,7 +130,7 @@ def test_run_out_refuses_an_existing_file_unless_force(simulate, tmp_path):
     target.write_text("my notes\n")
     refused(simulate("run", "-w", "llama2-7b", "-c", "dgx-a100-80g", "--out", target), target)
     assert target.read_text() == "my notes\n"
-    ok(simulate("run", "-w", "llama2-7b", "-c", "dgx-a100-80g", "--out", target, "--force"))
+    ok(simulate("run", "-w", "llama2-7b", "-c", "dgx-a100-80g", "--out", target, "--force", "--allow-oom"))
     assert json.loads(target.read_text())["engine"] == "des"
 
 
@@ -394,11 +396,25 @@ def test_specs_list_shows_every_device_and_cluster(simulate):
 
 
 @pytest.mark.parametrize("name", device_names())
-def test_specs_show_device(simulate, name):
-    # What it prints is the whole spec the simulator uses: read back, it is the same DeviceSpec.
-    data = yaml.safe_load(ok(simulate("specs", "show", name)).out)
+def test_specs_show_device_raw_is_the_whole_spec(simulate, name):
+    # With --raw, what it prints is the whole spec the simulator uses: read back, it is the same DeviceSpec.
+    data = yaml.safe_load(ok(simulate("specs", "show", name, "--raw")).out)
     assert DeviceSpec.model_validate(data) == load_device(name)
     assert data["sources"]  # with where each figure comes from
+
+
+@pytest.mark.parametrize("name", device_names())
+def test_specs_show_rounds_in_units_and_still_loads(simulate, name, tmp_path):
+    """Figures rounded in their units, as a datasheet prints them; the YAML is still a spec that loads."""
+    text = ok(simulate("specs", "show", name)).out
+    data = yaml.safe_load(text)
+    assert isinstance(data["memory"]["capacity"], str) and data["memory"]["capacity"].endswith(("GiB", "MiB", "TiB"))
+    assert isinstance(data["memory"]["bandwidth"], str) and data["memory"]["bandwidth"].endswith("/s")
+    path = tmp_path / "shown.yaml"
+    path.write_text(text)
+    shown, original = load_device(str(path)), load_device(name)
+    assert shown.memory.capacity == pytest.approx(original.memory.capacity, rel=0.01)
+    assert shown.memory.bandwidth == pytest.approx(original.memory.bandwidth, rel=0.01)
 
 
 def test_specs_show_cluster_with_nodes(simulate):
@@ -418,7 +434,7 @@ def test_specs_show_device_yaml_file(simulate, tmp_path):
         .read_text()
         .replace("name: a100-80g", "name: my-gpu")
     )
-    data = yaml.safe_load(ok(simulate("specs", "show", path)).out)
+    data = yaml.safe_load(ok(simulate("specs", "show", path, "--raw")).out)
     assert data["name"] == "my-gpu"
     assert DeviceSpec.model_validate(data) == load_device("a100-80g").model_copy(update={"name": "my-gpu"})
 
@@ -472,7 +488,7 @@ def test_demo_prints_a_prediction(simulate):
 
 
 def test_run_reports_host_memory_of_swapped_activations(simulate):
-    args = ("run", "-w", "llama2-7b", "-c", "hgx-a800", "--seq-len", "65536", "-e", "analytic", "--json")
+    args = ("run", "-w", "llama2-7b", "-c", "hgx-a800", "--seq-len", "65536", "-e", "analytic", "--json", "--allow-oom")
     swapped = json.loads(ok(simulate(*args, "-p", "dp=2,cp=4,recompute=tokenwise,offload=1.0")).out)
     half = json.loads(ok(simulate(*args, "-p", "dp=2,cp=4,recompute=tokenwise,offload=0.5")).out)
     plain = json.loads(ok(simulate(*args, "-p", "dp=2,cp=4,recompute=full")).out)

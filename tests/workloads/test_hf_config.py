@@ -13,11 +13,12 @@ import sys
 from pathlib import Path
 
 import pytest
+import yaml
 
 import simulator.cli as cli
 from hwmodel.errors import SpecError, UserError
 from workloads import load_workload, model_flops_per_sample, parameter_count
-from workloads.hf import SUPPORTED
+from workloads.hf import DEFAULT_SEQ_LEN, SUPPORTED, SeqLenDefault
 
 LLAMA2_7B = {
     "architectures": ["LlamaForCausalLM"],
@@ -140,7 +141,52 @@ def test_mistral_7b(tmp_path):
     w = load_workload(str(write_config(tmp_path, MISTRAL_7B)))
     assert parameter_count(w) == 7241732096
     assert w.family == "llama" and w.kv_heads == 8 and w.ffn == 14336
-    assert w.seq_len == 32768  # max_position_embeddings unless seq_len is given
+    assert w.seq_len == 4096  # the stated default (within the 4096-token window), not max_position_embeddings
+
+
+# ---- the training length and the attention window ---------------------------------------------------------
+def test_no_seq_len_defaults_to_a_stated_length_with_a_warning(tmp_path):
+    """Qwen2 says max_position_embeddings 131072: the longest context it accepts, not a training length."""
+    path = write_config(tmp_path, {**QWEN2_05B, "max_position_embeddings": 131072})
+    with pytest.warns(SeqLenDefault, match=r"no --seq-len given; training at 4096 tokens.*131072"):
+        w = load_workload(str(path))
+    assert w.seq_len == DEFAULT_SEQ_LEN == 4096
+
+
+def test_the_default_is_capped_at_the_models_maximum(tmp_path):
+    with pytest.warns(SeqLenDefault, match="training at 2048 tokens"):
+        assert load_workload(str(write_config(tmp_path, PYTHIA_70M))).seq_len == 2048
+
+
+def test_a_given_seq_len_is_taken_without_a_warning(tmp_path):
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", SeqLenDefault)
+        assert load_workload(str(write_config(tmp_path, QWEN2_05B)), seq_len=32768).seq_len == 32768
+
+
+def test_a_sequence_longer_than_the_sliding_window_is_refused(tmp_path):
+    with pytest.raises(SpecError, match=r"sliding_window: 4096 .* not modelled.*seq_len=8192.*--seq-len 4096 or less"):
+        load_workload(str(write_config(tmp_path, MISTRAL_7B)), seq_len=8192)
+
+
+def test_a_sequence_within_the_sliding_window_is_exact_and_accepted(tmp_path):
+    assert load_workload(str(write_config(tmp_path, MISTRAL_7B)), seq_len=4096).seq_len == 4096
+
+
+def test_a_disabled_sliding_window_is_full_attention(tmp_path):
+    """Qwen2 ships sliding_window with use_sliding_window: false."""
+    data = {**QWEN2_05B, "sliding_window": 4096, "use_sliding_window": False}
+    assert load_workload(str(write_config(tmp_path, data)), seq_len=32768).seq_len == 32768
+
+
+def test_cli_prints_the_seq_len_warning_as_one_line(monkeypatch, capsys, tmp_path):
+    path = write_config(tmp_path, {**QWEN2_05B, "max_position_embeddings": 131072})
+    code, out, err = _simulate(monkeypatch, capsys, "workloads", "show", path)
+    assert code == 0, err
+    assert "warning:" in err and "--seq-len" in err and "Traceback" not in err
+    assert yaml.safe_load(out)["seq_len"] == 4096
 
 
 def test_qwen2_has_attention_bias(tmp_path):

@@ -8,12 +8,13 @@ from pathlib import Path
 
 import typer
 import yaml
-from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.progress import BarColumn, TextColumn, TimeElapsedColumn
 
 from hwmodel.catalog import load_cluster
-from hwmodel.cli_common import check_new_file, make_console, write_new_file
+from hwmodel.cli_common import YAML, check_output, make_console, progress_bar, write_output
 from hwmodel.errors import UserError
 from hwmodel.units import DIMENSIONS, format_bytes, parse_quantity
+from simulator.report import Report
 from simulator.search.galvatron.search import search_galvatron
 from simulator.search.render import render_search
 from workloads.catalog import load_workload
@@ -51,7 +52,9 @@ def galvatron_command(
         None, "--max-global-batch", help="Search the global batch too, up to this many sequences."
     ),
     top: int = typer.Option(3, "--top", help="How many plans to list (the chosen one and runners-up)."),
-    out_file: Path | None = typer.Option(None, "--out", help="Write the chosen plan as YAML for `execute --plan`."),
+    out_file: Path | None = typer.Option(
+        None, "--out", help="Write the chosen plan as YAML (*.yaml) for `execute --plan`."
+    ),
     as_json: bool = typer.Option(False, "--json", help="Print the shared search result shape as JSON."),
     engine_rerank: bool = typer.Option(
         True, "--engine-rerank/--no-engine-rerank", help="Re-rank the top plans with the discrete-event engine."
@@ -66,29 +69,25 @@ def galvatron_command(
     if top < 1:
         raise UserError(f"--top must be at least 1, got {top}")
     if out_file is not None:
-        check_new_file(out_file, force)
+        check_output(out_file, "--out", YAML, force)
     wl = load_workload(workload)
     cl = load_cluster(cluster, nodes, devices_per_node)
     err = make_console(stderr=True)
-    if as_json:
-        result = search_galvatron(wl, cl, budget, global_batch, max_global_batch, top, engine_rerank)
-    else:
-        with Progress(
-            TextColumn("{task.description}"),
-            BarColumn(),
-            TextColumn("{task.completed}/{task.total}"),
-            TimeElapsedColumn(),
-            console=err,
-            transient=True,
-        ) as progress:
-            task = progress.add_task("searching", total=None)
+    with progress_bar(
+        err,
+        TextColumn("{task.description}"),
+        BarColumn(),
+        TextColumn("{task.completed}/{task.total}"),
+        TimeElapsedColumn(),
+    ) as progress:
+        task = progress.add_task("searching", total=None)
 
-            def report(done: int, total: int, what: str) -> None:
-                progress.update(task, completed=done, total=total, description=f"searching {what}")
+        def report(done: int, total: int, what: str) -> None:
+            progress.update(task, completed=done, total=total, description=f"searching {what}")
 
-            result = search_galvatron(wl, cl, budget, global_batch, max_global_batch, top, engine_rerank, report)
+        result = search_galvatron(wl, cl, budget, global_batch, max_global_batch, top, engine_rerank, report)
     if out_file is not None:
-        write_new_file(out_file, plan_yaml(result.best.plan), force)
+        write_output(out_file, plan_yaml(result.best.plan), "--out", YAML, force, err)
     if as_json:
         print(result.to_json())
         return
@@ -101,7 +100,8 @@ def galvatron_command(
         f"budget {format_bytes(budget)} per device, {d['engine']} engine",
     )
     best = result.best.report
-    feasible = [b.report for b in result.baselines if b.report is not None]
+    assert isinstance(best, Report)  # the Galvatron planner reports training Reports
+    feasible = [b.report for b in result.baselines if isinstance(b.report, Report)]
     if feasible:
         top_baseline = max(feasible, key=lambda r: r.samples_per_s)
         console.print(f"chosen plan: {best.samples_per_s / top_baseline.samples_per_s:.2f}x the best baseline")
@@ -116,10 +116,10 @@ def galvatron_command(
         console.print(
             "layers: "
             + "; ".join(
-                f"{l.layers[0]}-{l.layers[1]}: tp{l.tp}{'+sp' if l.sequence_parallel else ''} {l.dp_type} "
-                f"recompute {l.recompute}"
-                for l in plan.layers
+                f"{s.layers[0]}-{s.layers[1]}: tp{s.tp or plan.tp}{'+sp' if s.sequence_parallel else ''} "
+                f"{s.dp_type or plan.dp_type} recompute {s.recompute or plan.recompute}"
+                for s in plan.layers
             )
         )
     if out_file is not None:
-        console.print(f"wrote {out_file}: run it with `execute --plan {out_file}` or `simulate run --plan {out_file}`")
+        console.print(f"run the chosen plan with `execute --plan {out_file}` or `simulate run --plan {out_file}`")

@@ -11,12 +11,13 @@ from rich.console import Console
 from rich.table import Table
 
 from hwmodel.catalog import load_cluster
-from hwmodel.cli_common import make_console, write_new_file
+from hwmodel.cli_common import JSON, YAML, check_output, make_console, write_output
 from hwmodel.cluster import ClusterSpec
 from hwmodel.errors import UserError
 from hwmodel.units import format_bytes, parse_quantity
 from hwmodel.whatif import with_link_bandwidth
 from simulator.errors import InfeasiblePlan
+from simulator.report import Report
 from simulator.search.memo.search import best_megatron_mfu, search_memo
 from simulator.search.render import render_search
 from workloads.catalog import load_workload
@@ -79,6 +80,7 @@ def sweep_rows(
             rows.append({**row, "reason": str(exc)})
             continue
         best = result.best.report
+        assert isinstance(best, Report)  # the MEMO planner reports training Reports
         megatron = best_megatron_mfu(result)
         rows.append(
             {
@@ -142,7 +144,10 @@ def memo_command(
         False, "--json", help="Print the shared search result shape (or the sweep rows) as JSON."
     ),
     out_file: Path | None = typer.Option(
-        None, "--out", help="Write the chosen plan (YAML) for `simulate run`/`execute`."
+        None,
+        "--out",
+        help="Write the chosen plan (*.yaml) for `simulate run`/`execute` (and its memory plan beside it, "
+        "*.offsets.json).",
     ),
     force: bool = typer.Option(False, "--force", help="Allow --out to replace an existing file."),
 ) -> None:
@@ -161,12 +166,15 @@ def memo_command(
         raise UserError(f"--top must be at least 1, got {top}")
     if memory_plan_time < 0:
         raise UserError(f"--memory-plan-time must be 0 (skip) or a positive number of seconds, got {memory_plan_time}")
+    if out_file is not None:
+        if sweep:
+            raise UserError("--out writes one plan; it cannot be combined with --sweep")
+        check_output(out_file, "--out", YAML, force)
+        check_output(out_file.with_suffix(".offsets.json"), "--out (its memory plan)", JSON, force)
     cl = load_cluster(cluster, nodes)
     if host_memory is not None:
         cl = with_host_memory(cl, parse_quantity(host_memory, "bytes", allow_bare_number=False))
     if sweep:
-        if out_file is not None:
-            raise UserError("--out writes one plan; it cannot be combined with --sweep")
         key, values = _parse_sweep(sweep)
         rows = sweep_rows(workload, cl, seq_len, key, values, micro_batches)
         if as_json:
@@ -182,13 +190,15 @@ def memo_command(
         if offsets is not None and plan.memory_plan is not None:
             # The offsets go beside the plan; the plan names the file.
             offsets_file = out_file.with_suffix(".offsets.json")
-            write_new_file(offsets_file, json.dumps(offsets, indent=1), force)
+            write_output(offsets_file, json.dumps(offsets, indent=1), "--out (its memory plan)", JSON, force)
             plan = plan.model_copy(
                 update={"memory_plan": plan.memory_plan.model_copy(update={"offsets": offsets_file.name})}
             )
-        write_new_file(
+        write_output(
             out_file,
             yaml.safe_dump({"plan": plan.model_dump(mode="json", exclude_defaults=True)}, sort_keys=False),
+            "--out",
+            YAML,
             force,
         )
     if as_json:
@@ -201,13 +211,17 @@ def memo_command(
         console.print(f"host memory used per node: {format_bytes(d['host_memory_bytes'])}")
     if d.get("memory_plan_peak_bytes") is not None:
         console.print(
-            f"memory plan (one block's frame, reused by every block): peak {format_bytes(d['memory_plan_peak_bytes'])}, "
+            "memory plan (one block's frame, reused by every block): "
+            f"peak {format_bytes(d['memory_plan_peak_bytes'])}, "
             f"greedy best-fit {format_bytes(d['memory_plan_greedy_peak_bytes'])}, fragmentation avoided "
-            f"{format_bytes(d['fragmentation_avoided_bytes'])} ({d['memory_plan_status']}, {d['memory_plan_solve_time_s']:.2f} s)"
+            f"{format_bytes(d['fragmentation_avoided_bytes'])} "
+            f"({d['memory_plan_status']}, {d['memory_plan_solve_time_s']:.2f} s)"
         )
     best = result.best.report
+    assert isinstance(best, Report)
     if best.mfu_causal_in_full is not None and abs(best.mfu_causal_in_full - best.mfu) >= 0.0005:
         console.print(
             f"MFU counts the causal half of each score matrix (what FlashAttention computes; simulator/metrics.py). "
-            f"Counted in full, as Megatron-LM's formula does, the chosen plan reads {100 * best.mfu_causal_in_full:.1f}%."
+            "Counted in full, as Megatron-LM's formula does, the chosen plan reads "
+            f"{100 * best.mfu_causal_in_full:.1f}%."
         )

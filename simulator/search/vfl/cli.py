@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import math
 from pathlib import Path
+from typing import Any
 
 import typer
 import yaml
@@ -13,7 +14,7 @@ from rich.console import Console
 from rich.table import Table
 
 from hwmodel.catalog import load_cluster
-from hwmodel.cli_common import check_new_file, make_console, write_new_file
+from hwmodel.cli_common import CSV, JSON, YAML, check_output, make_console, write_output
 from hwmodel.cluster import ClusterSpec
 from hwmodel.errors import UnknownNameError, UserError
 from hwmodel.units import format_bandwidth, format_bytes, format_seconds, parse_quantity
@@ -53,7 +54,7 @@ def _parse_sites(parties: str | None, cluster: ClusterSpec) -> tuple[str, str]:
     sites = tuple(s.strip() for s in parties.split(",") if s.strip())
     if len(sites) != 2:
         raise UserError(f"--parties takes two sites, the active party's first (e.g. 'dc-a,dc-b'); got {parties!r}")
-    return sites  # type: ignore[return-value]
+    return sites[0], sites[1]
 
 
 def _parse_grid(text: str | None, name: str, default: tuple[int, ...]) -> tuple[int, ...]:
@@ -265,17 +266,19 @@ def vfl_command(
         None, "--sweep-latency", help="Repeat the search for these one-way WAN latencies, e.g. '5ms,20ms,50ms'."
     ),
     as_json: bool = typer.Option(False, "--json", help="Print the result as JSON (the shared search shape)."),
-    out_file: Path | None = typer.Option(None, "--out", help="Write the chosen plan (YAML) for `execute --plan`."),
+    out_file: Path | None = typer.Option(None, "--out", help="Write the chosen plan (*.yaml) for `execute --plan`."),
     force: bool = typer.Option(False, "--force", help="Allow --out to replace an existing file."),
 ) -> None:
     """CELU-VFL: the workset size W and local updates R that reach the target AUC soonest over your WAN."""
 
     if out_file is not None:
-        check_new_file(out_file, force)
+        if sweep_bandwidth is not None or sweep_latency is not None:
+            raise UserError("--out writes one plan; leave it out with --sweep-bandwidth/--sweep-latency")
+        check_output(out_file, "--out", YAML, force)
     cfg = load_vfl(workload)
     cl = load_cluster(cluster)
     sites = _parse_sites(parties, cl)
-    search = dict(
+    search: dict[str, Any] = dict(
         target=target_auc,
         sites=sites,
         worksets=_parse_grid(worksets, "--workset", WORKSET_GRID),
@@ -301,13 +304,11 @@ def vfl_command(
         return
     result = search_vfl(cfg, cl, **search)
     if out_file is not None:
-        write_new_file(out_file, plan_yaml(result.best.plan, result.best.report), force)  # type: ignore[arg-type]
+        write_output(out_file, plan_yaml(result.best.plan, result.best.report), "--out", YAML, force, _console(True))  # type: ignore[arg-type]
     if as_json:
         print(result.to_json())
     else:
         render_vfl_search(result, _console())
-        if out_file is not None:
-            _console().print(f"wrote {out_file}")
 
 
 def run_vfl(workload: str, cluster: ClusterSpec, plan: Plan, target: float | None = None) -> VflReport:
@@ -376,10 +377,10 @@ def simulate_run_vfl(
     if trace is not None or plot is not None:
         raise UserError("--trace and --plot are not available for VFL workloads; `simulate search vfl` compares modes")
     if out_file is not None:
-        check_new_file(out_file, force)
+        check_output(out_file, "--out", JSON, force)
     report = run_vfl(workload, cluster, plan)
     if out_file is not None:
-        write_new_file(out_file, report.model_dump_json(indent=2), force)
+        write_output(out_file, report.model_dump_json(indent=2), "--out", JSON, force, _console(True))
     if as_json:
         print(report.model_dump_json(indent=2))
     else:
@@ -405,7 +406,7 @@ def compare_vfl(
     import io
 
     if csv_file is not None:
-        check_new_file(csv_file, force)
+        check_output(csv_file, "--csv", CSV, force)
     cfg = load_vfl(workload)
     bandwidths: list[float | None] = [None]
     latencies: list[float | None] = [None]
@@ -419,7 +420,10 @@ def compare_vfl(
             )
         dimension, example = SWEEP_KEYS[key]
         parsed = _parse_list(values, dimension, "--sweep", example)
-        bandwidths, latencies = (parsed, [None]) if key == "wan_bandwidth" else ([None], parsed)
+        if key == "wan_bandwidth":
+            bandwidths = parsed
+        else:
+            latencies = parsed
     rows = []
     for name in clusters:
         for row in sweep_rows(cfg, load_cluster(name), bandwidths, latencies):
@@ -452,4 +456,4 @@ def compare_vfl(
         writer.writerow(columns)
         for row in rows:
             writer.writerow([row[c] for c in columns])
-        write_new_file(csv_file, buffer.getvalue(), force)
+        write_output(csv_file, buffer.getvalue(), "--csv", CSV, force, _console(True))

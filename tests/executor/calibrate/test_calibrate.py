@@ -694,7 +694,8 @@ def test_quick_calibration_writes_a_spec_simulate_uses(monkeypatch, tmp_path, si
         "test-box",
     )
     assert result.code == 0, result.err
-    assert "matmul throughput" in result.err and "collectives" in result.err  # the progress bars
+    # No progress bars here: stderr is not a terminal (tests/hwmodel covers when the bar is drawn).
+    assert "matmul throughput" not in result.err
     assert "measured on this machine vs catalog cpu-local" in result.out
 
     clear_caches()
