@@ -342,8 +342,23 @@ def _run_with_progress(job, run, leader: bool):
 
 
 def main() -> None:
-    """Console entry point: user errors become a message and exit status 2, never a traceback."""
-    run_app(app, err)
+    """Console entry point: user errors become a message and exit status 2, never a traceback.
+
+    A process that was a torchrun rank leaves with os._exit once its output is flushed: the interpreter's own
+    shutdown destroys gloo's worker threads in no fixed order, and that aborted a rank (SIGABRT) after a run
+    that had finished, turning a good run into a failed one."""
+    from executor.ranks import joined_a_group
+
+    code = 0
+    try:
+        run_app(app, err)
+    except SystemExit as exc:
+        code = exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
+    if joined_a_group():
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+    sys.exit(code)
 
 
 if __name__ == "__main__":

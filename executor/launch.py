@@ -77,14 +77,18 @@ def _run_torchrun(job: Job, on_step: StepCallback | None) -> RunResult | None:
     device = rank_device(job.device_type, local_rank)
     init_group(job.device_type, rank, world_size, device, pg_timeout())
     try:
-        return run_rank(job, rank, world_size, device, on_step if rank == 0 else None)
+        result = run_rank(job, rank, world_size, device, on_step if rank == 0 else None)
     except Exception as exc:
+        # No collective teardown here: peers may be blocked in a collective, and destroying the group would
+        # hang or abort this rank before its message is printed. torchrun stops the others once this one exits.
         if os.environ.get("HETPLAN_DEBUG"):
             traceback.print_exc()
         raise RankFailure(rank, f"failed: {type(exc).__name__}: {exc}", world_size) from exc
-    finally:
-        if dist.is_initialized():
-            dist.destroy_process_group()
+    # Every rank reaches the barrier before any tears its connections down: a rank that destroyed the group
+    # while a peer still sent on it aborted that peer ("terminate called without an active exception").
+    dist.barrier()
+    dist.destroy_process_group()
+    return result
 
 
 # ---- training jobs on local processes -----------------------------------------------------------------

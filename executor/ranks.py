@@ -85,6 +85,14 @@ class RankFailure(Exception):
         super().__init__(f"rank {rank} of {world_size} {cause}{when}; the run was stopped{stopped}")
 
 
+_joined_a_group = False
+
+
+def joined_a_group() -> bool:
+    """Whether this process has been a rank of a process group (its gloo threads may outlive the run)."""
+    return _joined_a_group
+
+
 def under_torchrun() -> bool:
     return all(v in os.environ for v in TORCHRUN_VARS)
 
@@ -119,6 +127,8 @@ def init_group(
     store: dist.Store | None = None,
 ) -> None:
     """Join the process group: through `store` (spawned ranks), else torchrun's `env://` rendezvous."""
+    global _joined_a_group
+    _joined_a_group = True
     cuda = device_type == "cuda"
     dist.init_process_group(
         backend="nccl" if cuda else "gloo",
@@ -242,6 +252,8 @@ def _child(rank: int, setup: _Setup, port: int, target: RankTarget, args: tuple[
         init_group(setup.device_type, rank, setup.world_size, device, setup.timeout, store=prefixed)
         result = target(RankContext(rank, setup.world_size, device, events), *args)
         events.put(("result", rank, result))
+        # All ranks done before any closes its connections (a peer still sending would abort).
+        dist.barrier()
         dist.destroy_process_group()
     except BaseException as exc:
         code = 1
@@ -375,6 +387,7 @@ __all__ = [
     "RankTarget",
     "configure_threads",
     "init_group",
+    "joined_a_group",
     "pg_timeout",
     "rank_device",
     "start_ranks",
