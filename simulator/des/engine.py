@@ -40,6 +40,21 @@ from workloads.ops import Collective
 TIER_PORT = {Tier.NODE: "intra", Tier.SITE: "nic", Tier.WAN: "wan"}
 
 
+def coalesce(phases: list[list[tuple[Tier, float, float]]]) -> list[list[tuple[Tier, float, float]]]:
+    """Consecutive one-flow phases on the same tier at the same cap as one flow of their bytes (an
+    all-reduce's reduce-scatter and all-gather inside a node): the two would hold the same ports at the
+    same rate one after the other, so the flow takes the same time under any contention, for one event
+    instead of two."""
+    out: list[list[tuple[Tier, float, float]]] = []
+    for phase in phases:
+        if out and len(phase) == 1 and len(out[-1]) == 1 and out[-1][0][::2] == phase[0][::2]:
+            tier, nbytes, cap = out[-1][0]
+            out[-1] = [(tier, nbytes + phase[0][1], cap)]
+        else:
+            out.append(list(phase))
+    return out
+
+
 @dataclass
 class TraceEvent:
     name: str
@@ -122,6 +137,8 @@ class Simulation:
         self.p = len(bound.stages)
         self.v = self.plan.virtual_stages
         memo: dict = {}
+        self._route_memo: dict[tuple[int, int], list] = {}
+        self._phase_memo: dict[tuple, tuple] = {}  # (kind, bytes, id(span)) -> (phases, latency, span kept alive)
         from simulator.analytic import representatives  # the same collapse as the analytic model
 
         self.stage_reps: list[list[Rep]] = []
@@ -193,7 +210,17 @@ class Simulation:
     # ---- communication ---------------------------------------------------------------------------------
     def _phases(self, kind: str, nbytes: float, span: GroupSpan) -> tuple[list[list[tuple[Tier, float, float]]], float]:
         """The flows of a hierarchical collective: sequential phases of concurrent (tier, bytes, cap)
-        flows, and its latency (mirrors `cost.collectives.collective_time`)."""
+        flows, and its latency (mirrors `cost.collectives.collective_time`), memoized: the same run's
+        collective recurs in every micro-batch."""
+        key = (kind, nbytes, id(span))
+        if key not in self._phase_memo:
+            phases, latency = self._phases_of(kind, nbytes, span)
+            self._phase_memo[key] = (coalesce(phases), latency, span)
+        phases, latency, _ = self._phase_memo[key]
+        return phases, latency
+
+    @staticmethod
+    def _phases_of(kind: str, nbytes: float, span: GroupSpan) -> tuple[list[list[tuple[Tier, float, float]]], float]:
         if span.size <= 1 or nbytes <= 0 or not span.levels:
             return [], 0.0
         latency = latency_steps(span.size) * max(level.latency_for(kind) for level in span.levels)
@@ -243,8 +270,10 @@ class Simulation:
                 ports = (rep.port(tier, "tx"), rep.port(tier, "rx"))
                 events.append(self.net.transfer(count * phase_bytes, ports, cap, rep, slows_compute))
                 self.num_tasks += 1
-            yield simpy.AllOf(self.env, events)
-        self._record(rep, name or kind, category, f"{TIER_PORT[max(t for ph in phases for t, _, _ in ph)]}", start)
+            yield events[0] if len(events) == 1 else simpy.AllOf(self.env, events)
+        if self.record_trace:
+            track = TIER_PORT[max(t for ph in phases for t, _, _ in ph)]
+            self._record(rep, name or kind, category, track, start)
 
     def _blocking(self, rep: Rep, collectives: tuple[Collective, ...], rc: RunCost, count: int, name: str):
         """Process: a run's blocking (tensor/expert-parallel) collectives, one after the other."""
@@ -389,18 +418,27 @@ class Simulation:
     def _send(self, src: Rep, dst_stage: int, nbytes: float, key: tuple):
         """Process: the activation (or its gradient) of one micro-batch to every rep of `dst_stage`."""
         start = self.env.now
-        transfers = []
-        for dst in self.stage_reps[dst_stage]:
-            path = self.bound.cluster.path(src.stage.ranks[0], dst.stage.ranks[0])
-            if path.tier == Tier.DEVICE:
-                continue
-            transfers.append(self.env.process(self._p2p(src, dst, nbytes, path)))
-        if transfers:
-            yield simpy.AllOf(self.env, transfers)
+        routes = self._routes(src, dst_stage)
+        if len(routes) == 1:
+            yield from self._p2p(src, *routes[0], nbytes)  # one receiver: no sub-process to wait for
+        elif routes:
+            yield simpy.AllOf(self.env, [self.env.process(self._p2p(src, dst, path, nbytes)) for dst, path in routes])
         self._record(src, f"send {'activation' if key[0] == 'F' else 'gradient'} mb{key[1]}", "p2p", "p2p", start)
         self._event(self.arrived, key).succeed()
 
-    def _p2p(self, src: Rep, dst: Rep, nbytes: float, path):
+    def _routes(self, src: Rep, dst_stage: int) -> list:
+        """The (receiver, path) pairs of a send from `src` to the reps of `dst_stage` (memoized)."""
+        key = (src.index, dst_stage)
+        if key not in self._route_memo:
+            routes = []
+            for dst in self.stage_reps[dst_stage]:
+                path = self.bound.cluster.path(src.stage.ranks[0], dst.stage.ranks[0])
+                if path.tier != Tier.DEVICE:
+                    routes.append((dst, path))
+            self._route_memo[key] = routes
+        return self._route_memo[key]
+
+    def _p2p(self, src: Rep, dst: Rep, path, nbytes: float):
         yield self.env.timeout(path.latency)
         ports = (src.port(path.tier, "tx"), dst.port(path.tier, "rx"))
         yield self.net.transfer(nbytes, ports, path.bandwidth)
