@@ -113,6 +113,7 @@ class Simulation:
         record_trace: bool = False,
         progress: Callable[[int], None] | None = None,
         background: tuple[tuple[int, str, float, float], ...] = (),
+        fast: bool = True,
     ):
         """
         Args:
@@ -121,7 +122,10 @@ class Simulation:
             progress: called with 1 after each forward or backward operation.
             background: extra flows that compete with the plan: (rep index, port name such as
                 "nic.tx", start time in seconds, bytes). For what-if studies and tests.
+            fast: take the exact shortcuts (`_exclusive_ports`); False runs every flow through the fluid
+                network (what tests compare the shortcuts with).
         """
+        self.fast = fast
         self.bound = bound
         self.background = background
         self.env = simpy.Environment()
@@ -156,6 +160,11 @@ class Simulation:
                 reps.append(rep)
                 self.reps.append(rep)
             self.stage_reps.append(reps)
+        # Only a ZeRO-3 gather beside compute slows compute (`_zero3(slows_compute=True)`); without one every
+        # compute task runs at full speed, a plain timer.
+        self.net.compute_slowed = any(rc.gather and not rc.blocking_dp for rep in self.reps for rc in rep.cost.runs)
+        # Ports on which a rep's flows never meet another flow: their collectives are timers (`_collective`).
+        self.exclusive = self._exclusive_ports() if fast else [set() for _ in self.reps]
         # Layer runs of each model chunk of each representative (its own device's costs), in forward order.
         self.chunk_runs = [self._chunks(rep.cost, rep.stage) for rep in self.reps]
         # done[(kind, micro_batch, global_chunk)] -> event fired when every rep of that stage finished it
@@ -184,6 +193,33 @@ class Simulation:
             share = node.num_devices
             rep.ports["ssd.write"] = Port(f"{rep.label()} ssd.write", node.storage.write_bandwidth / share)
             rep.ports["ssd.read"] = Port(f"{rep.label()} ssd.read", node.storage.read_bandwidth / share)
+
+    def _exclusive_ports(self) -> list[set[str]]:
+        """Per rep, the link ports that only its compute stream's own collectives use, one at a time.
+
+        Flows that run beside the stream or come from another rep make a port shared: pipeline sends
+        (the sender's tx, the receiver's rx), ZeRO-3 gathers and scatters beside compute, gradient
+        reductions behind the backward, background flows. On the other ports at most one flow runs at a
+        time, so its rate is fixed by its own cap and the port's capacity, and the fluid network would
+        compute the same end time as a plain timer."""
+        shared: list[set[str]] = [set() for _ in self.reps]
+
+        def share(rep: Rep, span: GroupSpan) -> None:
+            for level in span.levels:
+                shared[rep.index].update(f"{TIER_PORT[level.tier]}.{d}" for d in ("tx", "rx"))
+
+        for rep in self.reps:
+            if self.p > 1:
+                for dst_stage in {(rep.stage.index + 1) % self.p, (rep.stage.index - 1) % self.p}:
+                    for dst, path in self._routes(rep, dst_stage):
+                        shared[rep.index].add(f"{TIER_PORT[path.tier]}.tx")
+                        shared[dst.index].add(f"{TIER_PORT[path.tier]}.rx")
+            for rc in rep.cost.runs:
+                if not rc.blocking_dp and (rc.gather or rc.reduce or self._tied(rc)):
+                    share(rep, rc.dp_span)
+        for rep_index, port, _, _ in self.background:
+            shared[rep_index].add(port)
+        return [{name for name in rep.ports if name not in shared[rep.index]} for rep in self.reps]
 
     def _chunks(self, cost: StageCost, stage: BoundStage) -> list[list[RunCost]]:
         """Split the stage's runs into its model chunks: binding gives each chunk a contiguous range of
@@ -262,7 +298,13 @@ class Simulation:
         if not phases:
             return
         start = self.env.now
-        if latency:
+        alone = self._alone(rep, phases)
+        if alone is not None:
+            # Every flow alone on its ports (`_exclusive_ports`): one timer for the whole collective.
+            self._count_bytes(rep, phases, count)
+            yield self.env.timeout(count * (latency + alone))
+            phases = []
+        elif latency:
             yield self.env.timeout(count * latency)
         for phase in phases:
             events = []
@@ -272,16 +314,58 @@ class Simulation:
                 self.num_tasks += 1
             yield events[0] if len(events) == 1 else simpy.AllOf(self.env, events)
         if self.record_trace:
-            track = TIER_PORT[max(t for ph in phases for t, _, _ in ph)]
+            track = TIER_PORT[max(t for ph in self._phases(kind, nbytes, span)[0] for t, _, _ in ph)]
             self._record(rep, name or kind, category, track, start)
+
+    def _alone(self, rep: Rep, phases: list[list[tuple[Tier, float, float]]]) -> float | None:
+        """Seconds the phases take when every flow has its ports to itself, with their bytes counted
+        on the ports; None when a port may be shared (the fluid network decides)."""
+        exclusive = self.exclusive[rep.index]
+        seconds = 0.0
+        for phase in phases:
+            longest = 0.0
+            for tier, _, _ in phase:
+                name = TIER_PORT[tier]
+                if f"{name}.tx" not in exclusive or f"{name}.rx" not in exclusive:
+                    return None
+            for tier, nbytes, cap in phase:
+                tx, rx = rep.port(tier, "tx"), rep.port(tier, "rx")
+                longest = max(longest, nbytes / min(cap, tx.capacity, rx.capacity))
+            seconds += longest
+        return seconds
 
     def _blocking(self, rep: Rep, collectives: tuple[Collective, ...], rc: RunCost, count: int, name: str):
         """Process: a run's blocking (tensor/expert-parallel) collectives, one after the other."""
-        for c in collectives:
-            if c.group == "cp":
-                continue
-            span = max(rc.spans[c.group], key=lambda s: s.size)
-            yield from self._collective(rep, c.kind, c.nbytes, span, count=count, name=f"{c.kind} {name}")
+        calls = [(c.kind, c.nbytes, max(rc.spans[c.group], key=lambda s: s.size)) for c in collectives if c.group != "cp"]
+        if not self.record_trace and len(calls) > 1:
+            seconds = self._alone_calls(rep, calls, count)
+            if seconds is not None:
+                # All of them alone on their ports: one timer for the sequence (same end, fewer events).
+                yield self.env.timeout(seconds)
+                return
+        for kind, nbytes, span in calls:
+            yield from self._collective(rep, kind, nbytes, span, count=count, name=f"{kind} {name}")
+
+    def _alone_calls(self, rep: Rep, calls: list[tuple[str, float, GroupSpan]], count: int) -> float | None:
+        """Seconds of back-to-back collectives whose flows all have their ports to themselves (their
+        bytes counted on the ports), or None (and nothing counted) if any may share a port."""
+        timed = []
+        for kind, nbytes, span in calls:
+            phases, latency = self._phases(kind, nbytes, span)
+            alone = self._alone(rep, phases)
+            if alone is None:
+                return None
+            timed.append((phases, latency + alone))
+        for phases, _ in timed:
+            self._count_bytes(rep, phases, count)
+        return count * sum(seconds for _, seconds in timed)
+
+    def _count_bytes(self, rep: Rep, phases: list[list[tuple[Tier, float, float]]], count: int) -> None:
+        for phase in phases:
+            for tier, phase_bytes, _ in phase:
+                rep.port(tier, "tx").bytes_moved += count * phase_bytes
+                rep.port(tier, "rx").bytes_moved += count * phase_bytes
+                self.num_tasks += 1
 
     # ---- tasks -----------------------------------------------------------------------------------------
     def _record(self, rep: Rep, name: str, category: str, track: str, start: float, **args) -> None:

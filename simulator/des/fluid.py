@@ -80,8 +80,11 @@ class _Device:
 class FluidNetwork:
     """Runs flows and compute jobs; a start or completion re-rates only the jobs it affects."""
 
-    def __init__(self, env: simpy.Environment):
+    def __init__(self, env: simpy.Environment, compute_slowed: bool = True):
+        """`compute_slowed=False` promises that no flow will slow compute (`transfer(slows_compute=True)`),
+        so compute jobs keep full speed and run as plain timers."""
         self.env = env
+        self.compute_slowed = compute_slowed
         self.active = 0  # jobs running
         self.events = 0  # starts and completions handled (what the engine's event bound counts)
         self._heap: list[tuple[float, int, int, Job]] = []
@@ -109,6 +112,10 @@ class FluidNetwork:
 
     def compute(self, device: object, seconds: float, sigma: float = 0.0) -> simpy.Event:
         """Run `seconds` of work on `device`'s stream (slower while competing flows are active)."""
+        if seconds > 0 and (sigma == 0 or not self.compute_slowed):
+            # Its rate is 1 throughout: a plain timer, without the job bookkeeping.
+            self.events += 1
+            return self.env.timeout(seconds)
         done = self.env.event()
         if seconds <= 0:
             done.succeed()
@@ -175,6 +182,7 @@ class FluidNetwork:
             for port in job.ports:
                 port.flows.append(job)
             if job.slows_compute and job.device is not None:
+                assert self.compute_slowed, "a flow slows compute on a network built with compute_slowed=False"
                 device = self._device(job.device)
                 device.slowing += 1
                 slowing_changed = device.slowing == 1
