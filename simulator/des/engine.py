@@ -30,6 +30,7 @@ from dataclasses import dataclass, field
 import simpy
 
 from hwmodel.cluster import GroupSpan, Tier
+from hwmodel.errors import UserError
 from simulator.binding import BoundPlan, BoundStage, bind
 from simulator.cost.collectives import latency_steps
 from simulator.cost.stage import RunCost, StageCost, buffer_memory, stage_cost
@@ -38,6 +39,15 @@ from simulator.schedules import Op, stage_order
 from workloads.ops import Collective
 
 TIER_PORT = {Tier.NODE: "intra", Tier.SITE: "nic", Tier.WAN: "wan"}
+# The event bound (`Simulation.event_bound`): phases of one collective at most (the tiers of a span,
+# twice for an all-reduce), SimPy events per task, and the most events a simulation may take.
+MAX_PHASES = 6
+EVENTS_PER_TASK = 8
+MAX_EVENTS = 40_000_000
+
+
+class EventBoundExceeded(UserError):
+    """The event engine would take, or took, more events than the plan's task count allows."""
 
 
 def coalesce(phases: list[list[tuple[Tier, float, float]]]) -> list[list[tuple[Tier, float, float]]]:
@@ -84,6 +94,7 @@ class Rep:
     memory_events: list[tuple[float, float]] = field(default_factory=list)
     busy: dict[str, float] = field(default_factory=dict)
     finish: float = 0.0
+    op_ends: list[float] = field(default_factory=list)  # when each forward or backward operation ended
 
     def label(self) -> str:
         return f"stage {self.stage.index} {self.cost.device.name} (x{self.num_ranks})"
@@ -101,7 +112,11 @@ class DesResult:
     trace: list[TraceEvent]
     ports: dict[str, Port]
     num_tasks: int
-    compute_tasks: list[tuple[int, str, float, float]]
+    compute_tasks: list[tuple[int, str, float, float]]  # of the longer run when extrapolated
+    # Micro-batches whose operations ran as events: all of them, or, when the steady state was costed once
+    # (`simulator.des.steady`), those of the shorter runs the result was extrapolated from.
+    simulated_micro_batches: tuple[int, ...] = ()
+    events: int = 0  # SimPy events processed
 
 
 class Simulation:
@@ -114,6 +129,7 @@ class Simulation:
         progress: Callable[[int], None] | None = None,
         background: tuple[tuple[int, str, float, float], ...] = (),
         fast: bool = True,
+        micro_batches: int | None = None,
     ):
         """
         Args:
@@ -123,7 +139,9 @@ class Simulation:
             background: extra flows that compete with the plan: (rep index, port name such as
                 "nic.tx", start time in seconds, bytes). For what-if studies and tests.
             fast: take the exact shortcuts (`_exclusive_ports`); False runs every flow through the fluid
-                network (what tests compare the shortcuts with).
+                network, and every micro-batch as events (what tests compare the shortcuts with).
+            micro_batches: run the schedule with this many micro-batches instead of the plan's (the
+                costs stay the plan's); what `simulator.des.steady` extrapolates from.
         """
         self.fast = fast
         self.bound = bound
@@ -137,7 +155,7 @@ class Simulation:
         self.progress = progress
         self.num_tasks = 0
         self.plan = bound.plan
-        self.m = bound.num_micro_batches
+        self.m = micro_batches or bound.num_micro_batches
         self.p = len(bound.stages)
         self.v = self.plan.virtual_stages
         memo: dict = {}
@@ -336,7 +354,9 @@ class Simulation:
 
     def _blocking(self, rep: Rep, collectives: tuple[Collective, ...], rc: RunCost, count: int, name: str):
         """Process: a run's blocking (tensor/expert-parallel) collectives, one after the other."""
-        calls = [(c.kind, c.nbytes, max(rc.spans[c.group], key=lambda s: s.size)) for c in collectives if c.group != "cp"]
+        calls = [
+            (c.kind, c.nbytes, max(rc.spans[c.group], key=lambda s: s.size)) for c in collectives if c.group != "cp"
+        ]
         if not self.record_trace and len(calls) > 1:
             seconds = self._alone_calls(rep, calls, count)
             if seconds is not None:
@@ -572,6 +592,7 @@ class Simulation:
             yield from self._sync(siblings, rep, (op.kind, op.micro_batch, g))
             if rep is siblings[0]:
                 self._after_op(rep, op, g)
+            rep.op_ends.append(self.env.now)
             if self.progress is not None:
                 self.progress(1)
         if reductions:
@@ -662,24 +683,94 @@ class Simulation:
 
     # ---- run -----------------------------------------------------------------------------------------
     def total_operations(self) -> int:
-        """Forward and backward operations all representatives run (for progress reporting)."""
-        return sum(len(stage_order(self.plan.schedule, rep.stage.index, self.p, self.m, self.v)) for rep in self.reps)
+        """Forward and backward operations all representatives run (for progress reporting): every
+        schedule runs each micro-batch forward and backward through each model chunk once."""
+        return len(self.reps) * 2 * self.m * self.v
+
+    def task_count(self) -> int:
+        """An upper estimate of the tasks and flows the plan's iteration makes, from its shape alone
+        (before anything runs): per operation, each layer run's compute, its collectives' phases,
+        layout changes and side transfers, and the pipeline send; per layer in the last backward, its
+        gradient reduction; then the optimizer and weight gathers."""
+        total = 0
+        for rep in self.reps:
+            per_pass = 0  # tasks of one forward plus one backward through all the rep's chunks
+            last = 0  # extra tasks of the last backward's per-layer reductions
+            for rc in rep.cost.runs:
+                comm = len(rc.profile.fwd_comm) + len(rc.profile.bwd_comm)
+                moves = sum(len(m) for r in (rc.relayout_in, rc.relayout_out) for m in (r.forward, r.backward))
+                per_pass += 2 + MAX_PHASES * (comm + moves + 3) + 2
+                last += rc.count * (4 + 2 * MAX_PHASES)
+            total += self.m * (per_pass + 2 * self.v * len(self.stage_reps[rep.stage.index])) + last
+            total += len(rep.cost.runs) * MAX_PHASES + 1
+        return total + len(self.background)
+
+    def event_bound(self) -> int:
+        """The most SimPy events the iteration may take: a fixed number per task (its timer, completion,
+        the process it resumes, and re-ratings). More means a runaway, not a big plan."""
+        return EVENTS_PER_TASK * self.task_count() + 1000
 
     def _background(self, rep: Rep, port: str, start: float, nbytes: float):
         yield self.env.timeout(start)
         yield self.net.transfer(nbytes, (rep.ports[port],))
 
     def run(self) -> DesResult:
+        """Simulate the iteration; with `fast`, the steady state of a long pipeline is costed once
+        (`simulator.des.steady`) where two shorter runs show it."""
+        if self.fast:
+            from simulator.des.steady import extrapolated
+
+            result = extrapolated(self)
+            if result is not None:
+                return result
+        return self.run_all()
+
+    def run_all(self) -> DesResult:
+        """Simulate every micro-batch as events (refused up front, or stopped, past `event_bound`)."""
+        bound = self.event_bound()
+        if bound > MAX_EVENTS:
+            raise EventBoundExceeded(
+                f"the event engine would need up to {bound:,} events for this plan ({self.m:,} micro-batches, "
+                f"{self.bound.workload.num_layers:,} layers, {len(self.reps)} representative devices); at most "
+                f"{MAX_EVENTS:,} are simulated: use --engine analytic, or fewer micro-batches or layers"
+            )
         for rep in self.reps:
             self.env.process(self._stream(rep))
         for rep_index, port, start, nbytes in self.background:
             self.env.process(self._background(self.reps[rep_index], port, start, nbytes))
-        self.env.run()
+        events = run_bounded(self.env, bound)
         iteration = max(rep.finish for rep in self.reps)
         ports = {port.name: port for rep in self.reps for port in rep.ports.values()}
         return DesResult(
-            self.bound, iteration, self.reps, self.stage_reps, self.trace, ports, self.num_tasks, self.compute_tasks
+            self.bound,
+            iteration,
+            self.reps,
+            self.stage_reps,
+            self.trace,
+            ports,
+            self.num_tasks,
+            self.compute_tasks,
+            simulated_micro_batches=(self.m,),
+            events=events,
         )
+
+
+def run_bounded(env: simpy.Environment, bound: int) -> int:
+    """Run `env` until no event is left; the number of events it took. Past `bound` events time has
+    stopped or work keeps multiplying: raise EventBoundExceeded instead of running on."""
+    step = env.step
+    events = 0
+    try:
+        while events < bound:
+            step()
+            events += 1
+    except simpy.core.EmptySchedule:
+        return events
+    raise EventBoundExceeded(
+        f"the event engine stopped after {bound:,} events, the bound derived from the plan's task count, at "
+        f"simulated time {env.now:.6g} s: the simulation does not converge (a figure too large or too small "
+        "to simulate?); use --engine analytic"
+    )
 
 
 def simulate(plan, workload, cluster, record_trace: bool = False) -> DesResult:
