@@ -106,7 +106,8 @@ def row_line(name: str, bound: BoundPlan, seconds: float, result: DesResult, eve
     simulated = "+".join(str(m) for m in result.simulated_micro_batches)
     line = (
         f"| {name:44s} | {len(bound.ranks):5d} | {plan.pp:3d} | {plan.virtual_stages:2d} | "
-        f"{bound.num_micro_batches:13,d} | {simulated:>9s} | {result.events:9,d} | {event_bound:11,d} | {seconds:6.3f} |"
+        f"{bound.num_micro_batches:13,d} | {simulated:>9s} | {result.events:9,d} | {event_bound:11,d} | "
+        f"{seconds:6.3f} |"
     )
     return line + (f" {diff:.1e} |" if diff is not None else "")
 

@@ -24,7 +24,7 @@ recompute re-materializes while that backward runs.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 import simpy
@@ -366,7 +366,7 @@ class Simulation:
         for kind, nbytes, span in calls:
             yield from self._collective(rep, kind, nbytes, span, count=count, name=f"{kind} {name}")
 
-    def _alone_calls(self, rep: Rep, calls: list[tuple[str, float, GroupSpan]], count: int) -> float | None:
+    def _alone_calls(self, rep: Rep, calls: Sequence[tuple[str, float, GroupSpan]], count: int) -> float | None:
         """Seconds of back-to-back collectives whose flows all have their ports to themselves (their
         bytes counted on the ports), or None (and nothing counted) if any may share a port."""
         timed = []
@@ -524,7 +524,8 @@ class Simulation:
         start = self.env.now
         routes = self._routes(src, dst_stage)
         if len(routes) == 1:
-            yield from self._p2p(src, *routes[0], nbytes)  # one receiver: no sub-process to wait for
+            dst, path = routes[0]
+            yield from self._p2p(src, dst, path, nbytes)  # one receiver: no sub-process to wait for
         elif routes:
             yield simpy.AllOf(self.env, [self.env.process(self._p2p(src, dst, path, nbytes)) for dst, path in routes])
         self._record(src, f"send {'activation' if key[0] == 'F' else 'gradient'} mb{key[1]}", "p2p", "p2p", start)

@@ -11,8 +11,8 @@ before it) carries over the same way.
 The increment is taken only when the two runs show the steady state: every representative's
 cool-down and the later half of its steady operations (up to a period) in the longer run must be the
 shorter run's, shifted by the same time, to 1e-9 of the iteration. Otherwise (contention that drifts,
-a schedule without a steady state) every micro-batch is simulated. A 1T-parameter plan with 64 stages and 512 micro-batches
-runs 66 + 70 micro-batches instead of 512.
+a schedule without a steady state) every micro-batch is simulated. A 1T-parameter plan with 64 stages
+and 512 micro-batches runs 68 + 72 micro-batches instead of 512.
 """
 
 from __future__ import annotations
