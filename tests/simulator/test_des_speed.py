@@ -175,3 +175,12 @@ def test_a_plan_too_large_for_the_event_engine_is_refused_before_it_runs():
     with pytest.raises(EventBoundExceeded, match="1,000,000 layers"):
         simulation.run()
     assert simulation.env.now == 0  # refused up front: nothing ran
+
+
+def test_the_cli_refuses_a_plan_beyond_the_event_bound_with_exit_2(simulate):
+    # gpipe has no steady state to cost once: 250 million micro-batches would all be events.
+    plan = "tp=2,pp=2,global_batch=1000000000,schedule=gpipe"
+    result = simulate("run", "-w", "gpt3-350m", "-c", "dgx-a100-80g", "--nodes", "2", "-p", plan, "--engine", "des")
+    assert result.code == 2
+    assert "events" in result.err and "--engine analytic" in result.err
+    assert "Traceback" not in result.err
