@@ -43,7 +43,7 @@ TIER_PORT = {Tier.NODE: "intra", Tier.SITE: "nic", Tier.WAN: "wan"}
 # twice for an all-reduce), SimPy events per task, and the most events a simulation may take.
 MAX_PHASES = 6
 EVENTS_PER_TASK = 8
-MAX_EVENTS = 40_000_000
+MAX_EVENTS = 100_000_000
 
 
 class EventBoundExceeded(UserError):
@@ -412,7 +412,7 @@ class Simulation:
             )
         busy = count * (rc.times.forward + rc.dp_copy_forward)
         work = self.net.compute(rep, busy, rc.sigma)
-        yield simpy.AllOf(self.env, [work, *side])
+        yield simpy.AllOf(self.env, [work, *side]) if side else work
         if rc.offload_copy and rc.copy_on_compute:
             # A CPU device copies the swapped share on its own cores after computing it (RunCost.copy_on_compute).
             yield self.env.timeout(count * rc.offload_copy)
@@ -441,7 +441,7 @@ class Simulation:
             )
         busy = count * (rc.times.backward + rc.recompute + rc.dp_copy_backward)
         work = self.net.compute(rep, busy, rc.sigma)
-        yield simpy.AllOf(self.env, [work, *side])
+        yield simpy.AllOf(self.env, [work, *side]) if side else work
         if rc.gather and rc.blocking_dp:
             yield from self._zero3(rep, rc, "reduce_scatter", dp_span, count)
         compute = count * (rc.times.backward + rc.recompute)
@@ -519,17 +519,33 @@ class Simulation:
     def _where(self, global_chunk: int) -> tuple[int, int]:
         return global_chunk % self.p, global_chunk // self.p
 
-    def _send(self, src: Rep, dst_stage: int, nbytes: float, key: tuple):
-        """Process: the activation (or its gradient) of one micro-batch to every rep of `dst_stage`."""
+    def _send(self, src: Rep, dst_stage: int, nbytes: float, key: tuple) -> None:
+        """The activation (or its gradient) of one micro-batch to every rep of `dst_stage`: after each
+        path's latency a flow, and `arrived` once all are in. Event callbacks rather than a process:
+        sends are the most frequent tasks of a deep pipeline, and a process costs a start, a resume per
+        step and an end event on top."""
         start = self.env.now
         routes = self._routes(src, dst_stage)
-        if len(routes) == 1:
-            dst, path = routes[0]
-            yield from self._p2p(src, dst, path, nbytes)  # one receiver: no sub-process to wait for
-        elif routes:
-            yield simpy.AllOf(self.env, [self.env.process(self._p2p(src, dst, path, nbytes)) for dst, path in routes])
-        self._record(src, f"send {'activation' if key[0] == 'F' else 'gradient'} mb{key[1]}", "p2p", "p2p", start)
-        self._event(self.arrived, key).succeed()
+        arrived = self._event(self.arrived, key)
+        pending = [len(routes)]
+
+        def delivered(_event=None) -> None:
+            pending[0] -= 1
+            if pending[0] <= 0:
+                kind = "activation" if key[0] == "F" else "gradient"
+                self._record(src, f"send {kind} mb{key[1]}", "p2p", "p2p", start)
+                arrived.succeed()
+
+        if not routes:
+            delivered()
+        for dst, path in routes:
+            ports = (src.port(path.tier, "tx"), dst.port(path.tier, "rx"))
+
+            def begin(_event, ports=ports, cap=path.bandwidth) -> None:
+                self.num_tasks += 1
+                self.net.transfer(nbytes, ports, cap).callbacks.append(delivered)
+
+            self.env.timeout(path.latency).callbacks.append(begin)
 
     def _routes(self, src: Rep, dst_stage: int) -> list:
         """The (receiver, path) pairs of a send from `src` to the reps of `dst_stage` (memoized)."""
@@ -542,12 +558,6 @@ class Simulation:
                     routes.append((dst, path))
             self._route_memo[key] = routes
         return self._route_memo[key]
-
-    def _p2p(self, src: Rep, dst: Rep, path, nbytes: float):
-        yield self.env.timeout(path.latency)
-        ports = (src.port(path.tier, "tx"), dst.port(path.tier, "rx"))
-        yield self.net.transfer(nbytes, ports, path.bandwidth)
-        self.num_tasks += 1
 
     def _stream(self, rep: Rep):
         """Process: a representative's compute stream running its stage's operations in order."""
@@ -672,10 +682,10 @@ class Simulation:
         """Send the operation's output on to the neighbouring model chunk."""
         if op.kind == "F" and g < self.p * self.v - 1:
             dst, _ = self._where(g + 1)
-            self.env.process(self._send(rep, dst, self._output_of(g), ("F", op.micro_batch, g)))
+            self._send(rep, dst, self._output_of(g), ("F", op.micro_batch, g))
         elif op.kind == "B" and g > 0:
             dst, _ = self._where(g - 1)
-            self.env.process(self._send(rep, dst, self._output_of(g - 1), ("B", op.micro_batch, g)))
+            self._send(rep, dst, self._output_of(g - 1), ("B", op.micro_batch, g))
 
     def _output_of(self, g: int) -> float:
         stage, _ = self._where(g)
