@@ -354,9 +354,7 @@ class Simulation:
 
     def _blocking(self, rep: Rep, collectives: tuple[Collective, ...], rc: RunCost, count: int, name: str):
         """Process: a run's blocking (tensor/expert-parallel) collectives, one after the other."""
-        calls = [
-            (c.kind, c.nbytes, max(rc.spans[c.group], key=lambda s: s.size)) for c in collectives if c.group != "cp"
-        ]
+        calls = self._blocking_calls(collectives, rc)
         if not self.record_trace and len(calls) > 1:
             seconds = self._alone_calls(rep, calls, count)
             if seconds is not None:
@@ -365,6 +363,13 @@ class Simulation:
                 return
         for kind, nbytes, span in calls:
             yield from self._collective(rep, kind, nbytes, span, count=count, name=f"{kind} {name}")
+
+    @staticmethod
+    def _blocking_calls(collectives: tuple[Collective, ...], rc: RunCost) -> list[tuple[str, float, GroupSpan]]:
+        """(kind, bytes, span) of a run's blocking collectives (context parallelism's ring is costed apart)."""
+        return [
+            (c.kind, c.nbytes, max(rc.spans[c.group], key=lambda s: s.size)) for c in collectives if c.group != "cp"
+        ]
 
     def _alone_calls(self, rep: Rep, calls: Sequence[tuple[str, float, GroupSpan]], count: int) -> float | None:
         """Seconds of back-to-back collectives whose flows all have their ports to themselves (their
@@ -388,11 +393,14 @@ class Simulation:
                 self.num_tasks += 1
 
     # ---- tasks -----------------------------------------------------------------------------------------
-    def _record(self, rep: Rep, name: str, category: str, track: str, start: float, **args) -> None:
+    def _record(
+        self, rep: Rep, name: str, category: str, track: str, start: float, end: float | None = None, **args
+    ) -> None:
+        end = self.env.now if end is None else end
         if track == "compute":
-            self.compute_tasks.append((rep.index, name, start, self.env.now))
-        if self.record_trace and self.env.now > start:
-            self.trace.append(TraceEvent(name, category, track, rep.index, start, self.env.now, args))
+            self.compute_tasks.append((rep.index, name, start, end))
+        if self.record_trace and end > start:
+            self.trace.append(TraceEvent(name, category, track, rep.index, start, end, args))
 
     def _run_forward(self, rep: Rep, rc: RunCost, mb: int, count: int):
         """Process: `count` layers of a run forward for one micro-batch."""
@@ -411,6 +419,17 @@ class Simulation:
                 )
             )
         busy = count * (rc.times.forward + rc.dp_copy_forward)
+        comm = None if side or rc.gather or rc.offload_copy else self._fused(rep, rc, count, rc.profile.fwd_comm)
+        if comm is not None:
+            # Compute and the communication after it as one timer (`_fused`): the same ends, one event.
+            yield self.env.timeout(busy + comm + count * rc.cp_forward)
+            self._account(rep, "compute", count * rc.times.forward)
+            self._account(rep, "overlap", busy - count * rc.times.forward, rc)
+            self._record(rep, f"F mb{mb} {self._layers(rc, count)}", "forward", "compute", start, end=start + busy)
+            self._account(rep, "comm", comm + count * rc.cp_forward)
+            self._memory(rep, count * rc.saved)
+            self.num_tasks += 1
+            return
         work = self.net.compute(rep, busy, rc.sigma)
         yield simpy.AllOf(self.env, [work, *side]) if side else work
         if rc.offload_copy and rc.copy_on_compute:
@@ -440,6 +459,17 @@ class Simulation:
                 )
             )
         busy = count * (rc.times.backward + rc.recompute + rc.dp_copy_backward)
+        comm = None if side or rc.gather or rc.offload_copy else self._fused(rep, rc, count, rc.profile.bwd_comm)
+        if comm is not None:
+            yield self.env.timeout(busy + comm + count * rc.cp_backward)
+            self._account(rep, "compute", count * rc.times.backward)
+            self._account(rep, "recompute", count * rc.recompute)
+            self._account(rep, "overlap", busy - count * (rc.times.backward + rc.recompute), rc)
+            self._record(rep, f"B mb{mb} {self._layers(rc, count)}", "backward", "compute", start, end=start + busy)
+            self._account(rep, "comm", comm + count * rc.cp_backward)
+            self._memory(rep, -rc.transient - count * rc.saved)
+            self.num_tasks += 1
+            return
         work = self.net.compute(rep, busy, rc.sigma)
         yield simpy.AllOf(self.env, [work, *side]) if side else work
         if rc.gather and rc.blocking_dp:
@@ -452,6 +482,16 @@ class Simulation:
         yield from self._communicate(rep, rc.profile.bwd_comm, rc, count, f"bwd mb{mb}", rc.cp_backward)
         self._memory(rep, -rc.transient - count * rc.saved)
         self.num_tasks += 1
+
+    def _fused(self, rep: Rep, rc: RunCost, count: int, collectives) -> float | None:
+        """Seconds of a run's blocking collectives when the compute before them is a plain timer (full
+        speed throughout: nothing slows it) and each of their flows is alone on its ports: then compute
+        and communication are one timer of their sum (bytes counted on the ports). None otherwise, or
+        when tracing (the trace shows each collective)."""
+        if self.record_trace or (self.net.compute_slowed and rc.sigma):
+            return None
+        calls = self._blocking_calls(collectives, rc)
+        return self._alone_calls(rep, calls, count) if calls else 0.0
 
     def _communicate(self, rep: Rep, collectives, rc: RunCost, count: int, name: str, cp_exposed: float):
         """Process: the blocking communication after a run's compute (tp/ep collectives, then the
