@@ -160,6 +160,7 @@ class Simulation:
         self.v = self.plan.virtual_stages
         memo: dict = {}
         self._route_memo: dict[tuple[int, int], list] = {}
+        self._fused_memo: dict[tuple[int, int, int, int], tuple | None] = {}
         self._phase_memo: dict[tuple, tuple] = {}  # (kind, bytes, id(span)) -> (phases, latency, span kept alive)
         from simulator.analytic import representatives  # the same collapse as the analytic model
 
@@ -374,16 +375,10 @@ class Simulation:
     def _alone_calls(self, rep: Rep, calls: Sequence[tuple[str, float, GroupSpan]], count: int) -> float | None:
         """Seconds of back-to-back collectives whose flows all have their ports to themselves (their
         bytes counted on the ports), or None (and nothing counted) if any may share a port."""
-        timed = []
-        for kind, nbytes, span in calls:
-            phases, latency = self._phases(kind, nbytes, span)
-            alone = self._alone(rep, phases)
-            if alone is None:
-                return None
-            timed.append((phases, latency + alone))
-        for phases, _ in timed:
-            self._count_bytes(rep, phases, count)
-        return count * sum(seconds for _, seconds in timed)
+        fused = self._alone_bytes(rep, calls, count)
+        if fused is None:
+            return None
+        return self._moved(fused)
 
     def _count_bytes(self, rep: Rep, phases: list[list[tuple[Tier, float, float]]], count: int) -> None:
         for phase in phases:
@@ -490,8 +485,39 @@ class Simulation:
         when tracing (the trace shows each collective)."""
         if self.record_trace or (self.net.compute_slowed and rc.sigma):
             return None
-        calls = self._blocking_calls(collectives, rc)
-        return self._alone_calls(rep, calls, count) if calls else 0.0
+        key = (rep.index, id(rc), id(collectives), count)  # runs and their profiles live as long as the simulation
+        if key not in self._fused_memo:
+            self._fused_memo[key] = self._alone_bytes(rep, self._blocking_calls(collectives, rc), count)
+        fused = self._fused_memo[key]
+        return None if fused is None else self._moved(fused)
+
+    def _moved(self, fused: tuple[float, list[tuple[Port, float]], int]) -> float:
+        """Count the bytes and flows of collectives run as one timer; their seconds."""
+        seconds, moved, flows = fused
+        for port, nbytes in moved:
+            port.bytes_moved += nbytes
+        self.num_tasks += flows
+        return seconds
+
+    def _alone_bytes(
+        self, rep: Rep, calls: Sequence[tuple[str, float, GroupSpan]], count: int
+    ) -> tuple[float, list[tuple[Port, float]], int] | None:
+        """Seconds of back-to-back collectives alone on their ports, the bytes each port moves and the
+        number of flows; None if any may share a port."""
+        seconds = 0.0
+        moved: list[tuple[Port, float]] = []
+        flows = 0
+        for kind, nbytes, span in calls:
+            phases, latency = self._phases(kind, nbytes, span)
+            alone = self._alone(rep, phases)
+            if alone is None:
+                return None
+            seconds += count * (latency + alone)
+            for phase in phases:
+                for tier, phase_bytes, _ in phase:
+                    moved += [(rep.port(tier, "tx"), count * phase_bytes), (rep.port(tier, "rx"), count * phase_bytes)]
+                    flows += 1
+        return seconds, moved, flows
 
     def _communicate(self, rep: Rep, collectives, rc: RunCost, count: int, name: str, cp_exposed: float):
         """Process: the blocking communication after a run's compute (tp/ep collectives, then the
