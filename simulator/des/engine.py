@@ -95,6 +95,7 @@ class Rep:
     busy: dict[str, float] = field(default_factory=dict)
     finish: float = 0.0
     op_ends: list[float] = field(default_factory=list)  # when each forward or backward operation ended
+    ended: bool = False  # its stream ran to the end of the iteration
 
     def label(self) -> str:
         return f"stage {self.stage.index} {self.cost.device.name} (x{self.num_ranks})"
@@ -695,6 +696,7 @@ class Simulation:
                 )
         self._account(rep, "tail", self.env.now - t)
         rep.finish = self.env.now
+        rep.ended = True
 
     def _weight_bytes(self) -> float:
         from simulator.cost.memory import state_bytes
@@ -816,6 +818,13 @@ class Simulation:
         for rep_index, port, start, nbytes in self.background:
             self.env.process(self._background(self.reps[rep_index], port, start, nbytes))
         events = run_bounded(self.env, bound)
+        stuck = [rep.label() for rep in self.reps if not rep.ended]
+        if stuck:
+            # Nothing left to happen, yet a stream did not end: a job whose end time no float can hold.
+            raise EventBoundExceeded(
+                f"the event engine cannot finish this iteration: {stuck[0]} waits on a transfer or task that "
+                f"would end beyond any representable time (a rate of almost zero?); use --engine analytic"
+            )
         iteration = max(rep.finish for rep in self.reps)
         ports = {port.name: port for rep in self.reps for port in rep.ports.values()}
         return DesResult(

@@ -184,3 +184,15 @@ def test_the_cli_refuses_a_plan_beyond_the_event_bound_with_exit_2(simulate):
     assert result.code == 2
     assert "events" in result.err and "--engine analytic" in result.err
     assert "Traceback" not in result.err
+
+
+def test_a_transfer_that_would_end_beyond_any_float_is_refused_not_dropped():
+    # 1e-300 B/s: the transfer's end is inf; the engine must not report the streams that never ended as
+    # an iteration that finished early.
+    cluster = CLUSTERS["dgx2"]
+    node = cluster.node_groups[0].node
+    slow = node.model_copy(update={"intra_node": node.intra_node.model_copy(update={"bandwidth": 1e-300})})
+    crawling = cluster.replaced(node_groups=(cluster.node_groups[0].model_copy(update={"node": slow}),))
+    simulation = Simulation(bind(Plan(tp=2, pp=2, global_batch=64), WORKLOADS["gpt3-350m"], crawling))
+    with pytest.raises(EventBoundExceeded, match="cannot finish this iteration"):
+        simulation.run()
