@@ -20,6 +20,16 @@ A collective becomes the flows its hierarchical algorithm sends, one per tier it
 Memory. Each representative's memory is a timeline: model states and buffers for the whole iteration,
 a run's saved activations from the end of its forward to the end of its backward, and the tensors a
 recompute re-materializes while that backward runs.
+
+Speed (exact shortcuts, `fast=True`). A flow that can meet no other flow on its ports has a fixed rate,
+so such collectives, and a run's compute plus the blocking collectives after it where nothing can slow
+the compute, are plain timers (`_exclusive_ports`); a long 1F1B or interleaved pipeline is costed once
+per steady state from two shorter runs (`simulator.des.steady`). `fast=False` runs every flow through
+the fluid network and every micro-batch as events; tests compare the two.
+
+Termination. Every timer moves time (`fluid.resolution`), and `run_bounded` stops a run past the event
+bound derived from the plan's task count (`event_bound`) with `EventBoundExceeded`, a UserError (exit 2
+from the CLI); a plan whose bound passes MAX_EVENTS is refused before it runs.
 """
 
 from __future__ import annotations
