@@ -18,8 +18,12 @@ and 512 micro-batches runs 68 + 72 micro-batches instead of 512.
 from __future__ import annotations
 
 from dataclasses import replace
+from typing import TYPE_CHECKING
 
 from simulator.schedules import stage_order
+
+if TYPE_CHECKING:
+    from simulator.des.engine import DesResult, Rep, Simulation
 
 # Tolerance of the steady-state check, relative to the iteration time of the longer run.
 SHIFT_TOLERANCE = 1e-9
@@ -48,7 +52,7 @@ def run_sizes(schedule: str, p: int, m: int) -> tuple[int, int] | None:
     return m1, m2
 
 
-def _tail(sim, rep, m: int) -> int:
+def _tail(sim: Simulation, rep: Rep, m: int) -> int:
     """Operations at the end of a rep's order (of `m` micro-batches) that the check compares: its
     cool-down (the backwards after its last forward) and the later half of its steady operations, at
     least one forward and backward per model chunk, at most one period of the schedule."""
@@ -61,7 +65,8 @@ def _tail(sim, rep, m: int) -> int:
     return min(len(order), cooldown + min(period, max(2 * sim.v, steady // 2)))
 
 
-def _steady(sim, short, long, m1: int) -> bool:
+def _steady(sim: Simulation, short: DesResult, long: DesResult, m1: int) -> bool:
+    """The longer run's ends are the shorter run's shifted by one time, wherever the check looks."""
     shift = long.iteration_time - short.iteration_time
     tolerance = SHIFT_TOLERANCE * max(long.iteration_time, 1e-300)
     for a, b in zip(short.reps, long.reps):
@@ -73,7 +78,7 @@ def _steady(sim, short, long, m1: int) -> bool:
     return True
 
 
-def extrapolated(sim):
+def extrapolated(sim: Simulation) -> DesResult | None:
     """The iteration of `sim`'s plan from two shorter runs, or None where that does not apply (then the
     caller simulates every micro-batch)."""
     if sim.record_trace or sim.background or sim.total_operations() < MIN_OPERATIONS:
@@ -86,7 +91,9 @@ def extrapolated(sim):
 
     runs = []
     for size in sizes:
-        runs.append(Simulation(sim.bound, progress=sim.progress, micro_batches=size).run_all())
+        # No progress reports from the short runs: they are quick, and if the check fails the full run
+        # reports the plan's operations itself.
+        runs.append(Simulation(sim.bound, micro_batches=size).run_all())
     short, long = runs
     if not _steady(sim, short, long, m1):
         return None
@@ -96,7 +103,7 @@ def extrapolated(sim):
         return b + j * (b - a)
 
     for a, b in zip(short.reps, long.reps):
-        b.busy = {key: more(a.busy.get(key, 0.0), value) for key, value in b.busy.items()}
+        b.busy = {key: more(a.busy.get(key, 0.0), b.busy.get(key, 0.0)) for key in a.busy.keys() | b.busy.keys()}
         b.finish = more(a.finish, b.finish)
         b.memory_peak = max(more(a.memory_peak, b.memory_peak), b.memory_peak)
         if b.memory_peak_time > a.memory_peak_time:
@@ -104,8 +111,7 @@ def extrapolated(sim):
     for name, port in long.ports.items():
         port.bytes_moved = more(short.ports[name].bytes_moved, port.bytes_moved)
     if sim.progress is not None:
-        # The operations the plan has beyond those the two runs reported.
-        sim.progress(sim.total_operations() - 2 * sim.v * len(sim.reps) * (m1 + m2))
+        sim.progress(sim.total_operations())
     return replace(
         long,
         iteration_time=more(short.iteration_time, long.iteration_time),
