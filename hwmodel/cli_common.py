@@ -69,7 +69,7 @@ def run_app(app: Callable[[], Any], err_console: Console) -> None:
         line: str | None = None,
     ) -> None:
         if issubclass(category, UserWarning) and category.__module__.split(".")[0] in PACKAGES:
-            err_console.print(f"[yellow]warning:[/yellow] {escape(str(message))}", highlight=False)
+            err_console.print(f"[yellow]warning:[/yellow] {escape(str(message))}", highlight=False, soft_wrap=True)
         else:
             original(message, category, filename, lineno, file, line)
 
@@ -77,7 +77,7 @@ def run_app(app: Callable[[], Any], err_console: Console) -> None:
     try:
         app()
     except UserError as exc:
-        err_console.print(f"[bold red]error:[/bold red] {escape(str(exc))}", highlight=False)
+        err_console.print(f"[bold red]error:[/bold red] {escape(str(exc))}", highlight=False, soft_wrap=True)
         sys.exit(2)
     except KeyboardInterrupt:
         err_console.print("interrupted")

@@ -57,3 +57,26 @@ def test_a_piped_search_table_keeps_plan_strings_whole():
     assert run.returncode == 0, run.stderr
     assert "dp_type=zero3,recompute=full" in run.stdout  # the DeepSpeed-style baseline's plan, unbroken
     assert max(len(line) for line in run.stdout.splitlines()) <= PIPE_WIDTH
+
+
+def test_an_error_longer_than_the_console_stays_on_one_line():
+    """A message naming a long path must not be folded: a user copies the path, and a test matching the
+    message must not depend on how long pytest's temporary folder happens to be."""
+    import pytest
+    from rich.console import Console
+
+    from hwmodel.cli_common import run_app
+    from hwmodel.errors import UserError
+
+    buffer = io.StringIO()
+    console = Console(file=buffer, width=40)
+    path = "/tmp/" + "x" * 80 + "/mine.csv"
+
+    def app() -> None:
+        raise UserError(f"--csv {path} already exists; choose another name")
+
+    with pytest.raises(SystemExit) as stop:
+        run_app(app, console)
+    assert stop.value.code == 2
+    assert buffer.getvalue().count("\n") == 1
+    assert path in buffer.getvalue()
