@@ -22,7 +22,7 @@ from pydantic import Field, model_validator
 
 from hwmodel.components import DeviceSpec, Frozen, HostSpec, LinkKind, LinkSpec, StorageSpec
 from hwmodel.errors import UnknownNameError, UserError
-from hwmodel.fields import Int, Name
+from hwmodel.fields import Int, Name, Text
 from hwmodel.units import NonNegativeSeconds
 
 # Sizes no real cluster reaches (the largest have about 100,000 accelerators; a node holds at most a few dozen),
@@ -142,13 +142,13 @@ class ClusterSpec(Frozen):
     """A whole cluster: node groups, the inter-node fabric latency, and WAN links between sites."""
 
     name: Name
-    description: str = ""
+    description: Text = ""
     node_groups: tuple[NodeGroup, ...] = Field(max_length=MAX_GROUPS)
     network_latency: NonNegativeSeconds = Field(
         0.0, description="switch fabric latency added to every inter-node hop, one way"
     )
     wan: tuple[WanLink, ...] = Field((), max_length=MAX_GROUPS)
-    sources: dict[str, str] = Field(default_factory=dict)
+    sources: dict[Name, Text] = Field(default_factory=dict)
 
     @model_validator(mode="after")
     def _check(self) -> ClusterSpec:

@@ -13,7 +13,7 @@ from typing import Annotated, Any, Literal
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, PlainSerializer, ValidationInfo, model_validator
 
 from hwmodel.curves import EfficiencyCurve
-from hwmodel.fields import Bool, Float, Int, Name, OptionalFloat
+from hwmodel.fields import Bool, Float, Int, Name, OptionalFloat, Text
 from hwmodel.units import Bandwidth, Bytes, FlopRate, NonNegativeBytes, NonNegativeSeconds, format_bytes
 
 # Counts no real machine reaches (the largest hosts have a few hundred cores and a few dozen NICs).
@@ -201,12 +201,12 @@ class DeviceSpec(Frozen):
     """One accelerator (or a CPU acting as one)."""
 
     name: Name
-    description: str = ""
+    description: Text = ""
     vendor: Name = ""
     kind: Literal["gpu", "cpu", "accelerator"] = "gpu"
     compute: ComputeSpec
     memory: MemorySpec
-    sources: dict[str, str] = Field(default_factory=dict, description="field -> where the figure comes from")
+    sources: dict[Name, Text] = Field(default_factory=dict, description="field -> where the figure comes from")
 
 
 class HostSpec(Frozen):
@@ -215,7 +215,7 @@ class HostSpec(Frozen):
     memory: Bytes
     memory_bandwidth: Bandwidth
     num_cores: Int = Field(gt=0, le=MAX_CORES)
-    sources: dict[str, str] = Field(default_factory=dict)
+    sources: dict[Name, Text] = Field(default_factory=dict)
 
 
 class StorageSpec(Frozen):
@@ -225,7 +225,7 @@ class StorageSpec(Frozen):
     read_bandwidth: Bandwidth
     write_bandwidth: Bandwidth
     latency: NonNegativeSeconds = 80e-6
-    sources: dict[str, str] = Field(default_factory=dict)
+    sources: dict[Name, Text] = Field(default_factory=dict)
 
 
 class LinkKind(str, Enum):
@@ -265,7 +265,7 @@ class LinkSpec(Frozen):
     efficiency: Float = Field(0.8, gt=0, le=1)
     ports: Int = Field(1, gt=0, le=MAX_PORTS, description="parallel ports of this kind (e.g. NICs per node)")
     collectives: dict[CollectiveKind, CollectiveFit] = Field(default_factory=dict)
-    sources: dict[str, str] = Field(default_factory=dict)
+    sources: dict[Name, Text] = Field(default_factory=dict)
 
     @property
     def effective_bandwidth(self) -> float:

@@ -17,6 +17,7 @@ import numpy as np
 from pydantic import AfterValidator, BeforeValidator
 
 MAX_NAME_CHARS = 256
+MAX_TEXT_CHARS = 10_000
 
 
 def _text_hint(value: str) -> str:
@@ -63,6 +64,16 @@ def check_printable(value: str) -> str:
     return value
 
 
+def check_text(value: str) -> str:
+    """`value` if it is printable text (line breaks and tabs allowed) of at most MAX_TEXT_CHARS characters."""
+    if len(value) > MAX_TEXT_CHARS:
+        raise ValueError(f"a description is at most {MAX_TEXT_CHARS} characters, got {len(value)}")
+    bad = next((c for c in value if not c.isprintable() and c not in "\n\t"), None)
+    if bad is not None:
+        raise ValueError(f"a description must be printable text; got {value[:40]!r} with the control character {bad!r}")
+    return value
+
+
 # An integer field: a quoted number or a true/false is refused. The Optional* forms check before the union, so
 # a wrong value gets one message instead of one per union member.
 Int = Annotated[int, BeforeValidator(_integer_only)]
@@ -75,3 +86,5 @@ Bool = Annotated[bool, BeforeValidator(_flag_only)]
 OptionalBool = Annotated[bool | None, BeforeValidator(_flag_only)]
 # A name or identifier: printable, at most MAX_NAME_CHARS characters.
 Name = Annotated[str, AfterValidator(check_printable)]
+# A description or a source note: printable text, line breaks allowed.
+Text = Annotated[str, AfterValidator(check_text)]

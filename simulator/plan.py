@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import difflib
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
@@ -65,8 +65,10 @@ class LayerStrategy(_Frozen):
 
     @model_validator(mode="after")
     def _order(self) -> LayerStrategy:
-        if self.layers[0] < 0 or self.layers[1] < self.layers[0]:
-            raise ValueError(f"layers must be [first, last] with 0 <= first <= last, got {list(self.layers)}")
+        if self.layers[0] < 0 or self.layers[1] < self.layers[0] or self.layers[1] >= MAX_LAYERS:
+            raise ValueError(
+                f"layers must be [first, last] with 0 <= first <= last < {MAX_LAYERS}, got {list(self.layers)}"
+            )
         return self
 
 
@@ -79,7 +81,7 @@ class StageSpec(_Frozen):
     """
 
     num_layers: Int = Field(gt=0, le=MAX_LAYERS)
-    devices: Name | tuple[Int, ...] | None = Field(None, max_length=MAX_DEVICES)
+    devices: Name | tuple[Annotated[Int, Field(ge=0, lt=MAX_DEVICES)], ...] | None = Field(None, max_length=MAX_DEVICES)
     tp: OptionalInt = Field(None, gt=0, le=MAX_DEGREE, description="default: the plan's tp")
 
 

@@ -12,7 +12,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from hwmodel.fields import Int, Name, OptionalBool, OptionalInt
+from hwmodel.fields import Int, Name, OptionalBool, OptionalInt, Text
 from hwmodel.loading import validate
 from hwmodel.units import format_bytes
 
@@ -98,7 +98,7 @@ class WorkloadConfig(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid")
 
     name: Name = "custom"
-    description: str = ""
+    description: Text = ""
     family: Literal["gpt", "llama", "bert", "t5", "vit", "moe"]
     num_layers: Int = Field(gt=0, description="transformer blocks (for t5: encoder + decoder blocks)")
     hidden_size: Int = Field(gt=0, le=MAX_WIDTH)
@@ -129,7 +129,7 @@ class WorkloadConfig(BaseModel):
     patch_size: OptionalInt = Field(None, gt=0, le=MAX_IMAGE)
     num_channels: Int = Field(3, gt=0, le=MAX_WIDTH)
     num_classes: OptionalInt = Field(None, gt=0, le=MAX_TOKENS)
-    source: str = ""
+    source: Text = ""
 
     @field_validator("num_layers")
     @classmethod
