@@ -100,6 +100,11 @@ def _json_depth_ok(data: Any) -> bool:
     return True
 
 
+def _one_line(error: object) -> str:
+    """The parser's explanation on one line (PyYAML's messages span several)."""
+    return " ".join(str(error).split())[:300]
+
+
 def parse_mapping(text: str, source: str, json_only: bool = False) -> dict[str, Any]:
     """Parse YAML (a superset of JSON) text that must hold a mapping."""
     limit = MAX_JSON_BYTES if json_only else MAX_YAML_BYTES
@@ -112,9 +117,9 @@ def parse_mapping(text: str, source: str, json_only: bool = False) -> dict[str, 
     except yaml.MarkedYAMLError as exc:
         mark = exc.problem_mark
         where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
-        raise SpecError(f"{source}: malformed YAML{where}: {exc.problem or exc}") from None
+        raise SpecError(f"{source}: malformed YAML{where}: {_one_line(exc.problem or exc)}") from None
     except yaml.YAMLError as exc:
-        raise SpecError(f"{source}: malformed YAML: {exc}") from None
+        raise SpecError(f"{source}: malformed YAML: {_one_line(exc)}") from None
     except json.JSONDecodeError as exc:
         raise SpecError(f"{source}: malformed JSON at line {exc.lineno}, column {exc.colno}: {exc.msg}") from None
     except RecursionError:

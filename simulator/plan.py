@@ -21,7 +21,7 @@ from typing import Annotated, Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from hwmodel.errors import SpecError
-from hwmodel.fields import Bool, Float, Int, Name, OptionalBool, OptionalFloat, OptionalInt
+from hwmodel.fields import Bool, Float, Int, Name, OptionalBool, OptionalFloat, OptionalInt, Text
 from hwmodel.loading import parse_mapping, read_mapping, validate
 from hwmodel.units import Bytes
 from workloads.config import MAX_LAYERS
@@ -126,7 +126,7 @@ class MemoryPlanSpec(_Frozen):
     greedy_peak_bytes: OptionalInt = Field(
         None, ge=0, le=MAX_BYTES, description="best-fit peak for the same tensors, in bytes"
     )
-    offsets: str | None = Field(None, description="file holding tensor -> offset (written by `simulate search memo`)")
+    offsets: Text | None = Field(None, description="file holding tensor -> offset (written by `simulate search memo`)")
 
 
 class Plan(_Frozen):

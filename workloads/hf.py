@@ -16,7 +16,7 @@ import warnings
 from typing import Any
 
 from hwmodel.errors import SpecError
-from workloads.config import WorkloadConfig
+from workloads.config import MAX_TOKENS, WorkloadConfig
 
 LLAMA_LIKE = ("llama", "mistral", "qwen2", "mixtral")
 SUPPORTED = LLAMA_LIKE + ("gpt2", "gpt_neox")
@@ -42,17 +42,19 @@ def _seq_len(seq_len: int | None, max_positions: int | None, source: str, key: s
     return chosen
 
 
-def _int(data: dict[str, Any], key: str, source: str, minimum: int = 1) -> int | None:
-    """`data[key]` as an integer of at least `minimum`, None when absent or null; anything else is refused as the
-    transformers library would (a quoted "8" is not 8, true is not 1, 0 positions is not a model)."""
+def _int(data: dict[str, Any], key: str, source: str) -> int | None:
+    """`data[key]` as an integer from 1 to MAX_TOKENS (no size, count or length of a real model is larger), None
+    when absent or null; anything else is refused (a quoted "8" is not 8, true is not 1, 0 positions is not a
+    model)."""
     value = data.get(key)
     if value is None:
         return None
+    accepted = f"expected an integer from 1 to {MAX_TOKENS}"
     if isinstance(value, bool) or not isinstance(value, int):
         shown = f"the text {value!r}" if isinstance(value, str) else repr(value)
-        raise SpecError(f"{source}: {key}: expected an integer of at least {minimum}, got {shown}"[:300])
-    if value < minimum:
-        raise SpecError(f"{source}: {key}: expected an integer of at least {minimum}, got {value}")
+        raise SpecError(f"{source}: {key}: {accepted}, got {shown}"[:300])
+    if not 1 <= value <= MAX_TOKENS:
+        raise SpecError(f"{source}: {key}: {accepted}, got {value}"[:300])
     return value
 
 
