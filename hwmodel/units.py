@@ -146,13 +146,15 @@ def _strict(info: ValidationInfo | None) -> bool:
 # '1e9 s' of kernel overhead) is refused before a simulation runs for hours on it. Lower bounds apply to figures
 # that must be positive (a bandwidth of 1 KB/s is slower than any WAN; no device is slower than 1 MFLOP/s); upper
 # bounds to every figure (no device memory or disk holds an exabyte, no link moves a petabyte a second, no
-# latency or per-kernel overhead of a working system reaches 10 s).
+# latency or per-kernel overhead of a working system reaches 10 s, no one operation a yottaFLOP, no tensor
+# dimension 2**40).
 PHYSICAL_RANGE: dict[str, tuple[float, float]] = {
     "bytes": (1.0, 2.0**60),
     "bandwidth": (1e3, 1e15),
     "flop_rate": (1e6, 1e19),
-    "flops": (1.0, 1e30),
+    "flops": (1.0, 1e24),
     "time": (1e-12, 10.0),
+    "count": (1.0, 2.0**40),
 }
 
 _FORMATTERS: dict[str, Callable[[float], str]] = {}
@@ -163,7 +165,8 @@ def _shown(number: float, dimension: str) -> str:
     return formatter(number) if formatter else f"{number:g}"
 
 
-def _check_range(value: Any, number: float, dimension: str, positive: bool) -> None:
+def check_range(value: Any, number: float, dimension: str, positive: bool) -> None:
+    """Refuse a quantity outside PHYSICAL_RANGE for its dimension (the lower bound only where it must be positive)."""
     low, high = PHYSICAL_RANGE.get(dimension, (0.0, math.inf))
     if number > high:
         raise UnitError(
@@ -184,7 +187,7 @@ def _make_validator(dimension: str, lower: float | None, inclusive: bool) -> Cal
             if too_small:
                 relation = "at least" if inclusive else "greater than"
                 raise UnitError(f"{value!r} must be {relation} {lower:g}")
-        _check_range(value, number, dimension, positive=not inclusive)
+        check_range(value, number, dimension, positive=not inclusive)
         return number
 
     return validate
