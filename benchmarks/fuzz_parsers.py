@@ -794,6 +794,7 @@ def main() -> None:
     rng = random.Random(args.seed)
     counts: dict[str, Counter[str]] = {kind: Counter() for kind in KINDS}
     slowest: Counter[str] = Counter()
+    slowest_input: dict[str, str] = {}
     failures: list[tuple[str, str, Outcome]] = []
     started = time.perf_counter()
     with tempfile.TemporaryDirectory() as tmp:
@@ -803,7 +804,9 @@ def main() -> None:
             case = generate(kind, rng)
             began = time.perf_counter()
             outcome = runner.run(case)
-            slowest[kind] = max(slowest[kind], time.perf_counter() - began)
+            took = time.perf_counter() - began
+            if took > slowest[kind]:
+                slowest[kind], slowest_input[kind] = took, f"{case.mutation} (input {i})"
             row = counts[kind]
             row["inputs"] += 1
             row[outcome.status] += 1
@@ -814,6 +817,8 @@ def main() -> None:
                 failures.append((kind, case.mutation, outcome))
         runner.close()
     _print(counts, slowest, failures, args, time.perf_counter() - started)
+    for kind, what in slowest_input.items():
+        print(f"  slowest {kind}: {slowest[kind]:.2f} s, {what}")
 
 
 def _print(

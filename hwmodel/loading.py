@@ -84,7 +84,10 @@ def _yaml_shape(text: str, source: str) -> None:
                     f"{source}: holds more than {MAX_NODES} values once its aliases are expanded; "
                     f"accepted: at most {MAX_NODES}"
                 )
-    except yaml.YAMLError:
+    except yaml.YAMLError as exc:
+        # libyaml stops at its own nesting limit (1,000 levels) while scanning ahead, before any event says so.
+        if "nesting depth" in str(exc):
+            raise SpecError(f"{source}: nested more than {MAX_DEPTH} levels deep; accepted: {MAX_DEPTH}") from None
         return
 
 
