@@ -168,3 +168,11 @@ def test_native_yaml_numbers_and_flags_still_work(simulate, tmp_path):
     plan = tmp_path / "plan.yaml"
     plan.write_text("tp: 1\nsequence_parallel: false\noffload: 0\nmicro_batch: 2\n", encoding="utf-8")
     assert run_workload(simulate, workload_file(tmp_path, text), str(plan)).code == 0
+
+
+def test_a_swept_bandwidth_of_1e_minus_30_gb_s_is_refused(simulate):
+    # --sweep edits a loaded cluster without re-reading a file; the range a spec file is held to still applies.
+    result = simulate(
+        "compare", "--workload", "gpt-tiny", "--cluster", "dgx-a100-80g", "--sweep", "inter_node_bandwidth=1e-30 GB/s"
+    )
+    refused(result, "inter_node_bandwidth:", "below what a real part has", "1 KB/s")
