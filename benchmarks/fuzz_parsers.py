@@ -356,8 +356,13 @@ def _laughs() -> str:
 
 def _text_mutation(text: str, rng: random.Random, yaml_file: bool) -> tuple[bytes, str, str]:
     """A mutation of the whole file text."""
-    choice = rng.choice(["truncated", "byte flipped", "garbage", "empty", "top-level list", "deep", "laughs", "big"])
+    choices = ["truncated", "byte flipped", "garbage", "empty", "top-level list", "deep", "laughs", "big", "twice"]
+    choice = rng.choice(choices)
     raw = text.encode()
+    if choice == "twice":  # the first key given again, at the end (YAML) or at the start (JSON)
+        key = text.lstrip("#fuzed \n{").split(":", 1)[0].strip().strip('"')
+        doubled = text + f"\n{key}: 1\n" if yaml_file else text.replace("{", f'{{"{key}": 1, ', 1)
+        return doubled.encode(), "a key given twice", INVALID
     if choice == "truncated":
         return raw[: rng.randrange(len(raw))], choice, EITHER
     if choice == "byte flipped":

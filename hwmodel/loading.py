@@ -7,6 +7,7 @@ the CLIs turn into a message and exit status 2.
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -60,8 +61,19 @@ def _yaml_shape(text: str, source: str) -> None:
     depth, nodes = 0, 0
     anchors: dict[str, int] = {}
     opened: list[tuple[str | None, int]] = []  # (anchor, nodes before it) of each open collection
+    mappings: list[tuple[bool, list[bool], set[str]]] = []  # (is a mapping, [next is a key], keys seen)
     try:
         for event in yaml.parse(text, Loader=loader):
+            if isinstance(event, yaml.NodeEvent) and mappings and mappings[-1][0]:
+                _, next_is_key, keys = mappings[-1]
+                if next_is_key[0] and isinstance(event, yaml.ScalarEvent):
+                    line = event.start_mark.line + 1 if event.start_mark else None
+                    _check_new_key(event.value, keys, source, line)
+                next_is_key[0] = not next_is_key[0]
+            if isinstance(event, yaml.CollectionStartEvent):
+                mappings.append((isinstance(event, yaml.MappingStartEvent), [True], set()))
+            elif isinstance(event, yaml.CollectionEndEvent):
+                mappings.pop()
             if isinstance(event, yaml.AliasEvent):
                 nodes += anchors.get(event.anchor or "", 1)
             elif isinstance(event, (yaml.MappingStartEvent, yaml.SequenceStartEvent)):
@@ -91,6 +103,24 @@ def _yaml_shape(text: str, source: str) -> None:
         return
 
 
+def _check_new_key(key: str, keys: set[str], source: str, line: int | None = None) -> None:
+    """A key given twice in one mapping is refused: the parsers would keep the last one without a word."""
+    if key in keys:
+        where = f" (line {line})" if line else ""
+        raise SpecError(f"{source}: {str(key)[:80]}: given twice in one mapping{where}; give each field once")
+    keys.add(key)
+
+
+def _json_object(source: str) -> Callable[[list[tuple[str, Any]]], dict[str, Any]]:
+    def build(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+        keys: set[str] = set()
+        for key, _ in pairs:
+            _check_new_key(key, keys, source)
+        return dict(pairs)
+
+    return build
+
+
 def _json_depth_ok(data: Any) -> bool:
     """True when `data` nests at most MAX_DEPTH collections deep (an explicit stack: no recursion)."""
     stack = [(data, 1)]
@@ -116,7 +146,7 @@ def parse_mapping(text: str, source: str, json_only: bool = False) -> dict[str, 
     if not json_only:
         _yaml_shape(text, source)
     try:
-        data = json.loads(text) if json_only else yaml.safe_load(text)
+        data = json.loads(text, object_pairs_hook=_json_object(source)) if json_only else yaml.safe_load(text)
     except yaml.MarkedYAMLError as exc:
         mark = exc.problem_mark
         where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""

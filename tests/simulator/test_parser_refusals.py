@@ -176,3 +176,11 @@ def test_a_swept_bandwidth_of_1e_minus_30_gb_s_is_refused(simulate):
         "compare", "--workload", "gpt-tiny", "--cluster", "dgx-a100-80g", "--sweep", "inter_node_bandwidth=1e-30 GB/s"
     )
     refused(result, "inter_node_bandwidth:", "below what a real part has", "1 KB/s")
+
+
+@pytest.mark.parametrize("suffix", [".yaml", ".json"])
+def test_a_key_given_twice_is_refused_not_the_last_one_taken(simulate, tmp_path, suffix):
+    # Both YAML and JSON parsers keep the last of two equal keys without a word: `tp: 2 ... tp: 8` ran at tp=8.
+    plan = tmp_path / f"plan{suffix}"
+    plan.write_text("tp: 2\nmicro_batch: 1\ntp: 8\n" if suffix == ".yaml" else '{"tp": 2, "tp": 8}', encoding="utf-8")
+    refused(run_workload(simulate, "gpt-tiny", str(plan)), str(plan), "tp:", "given twice")
