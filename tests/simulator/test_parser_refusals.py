@@ -184,3 +184,9 @@ def test_a_key_given_twice_is_refused_not_the_last_one_taken(simulate, tmp_path,
     plan = tmp_path / f"plan{suffix}"
     plan.write_text("tp: 2\nmicro_batch: 1\ntp: 8\n" if suffix == ".yaml" else '{"tp": 2, "tp": 8}', encoding="utf-8")
     refused(run_workload(simulate, "gpt-tiny", str(plan)), str(plan), "tp:", "given twice")
+
+
+def test_a_trillion_nodes_is_refused_before_the_rank_tables_are_built(simulate):
+    # On main this ran past any time limit building per-device tables for 8e12 devices.
+    result = simulate("run", "-w", "gpt-tiny", "-c", "dgx-a100-80g", "--nodes", "1000000000000", "--engine", "analytic")
+    refused(result, "--nodes 1000000000000", "8000000000000 devices", "at most 1048576")
