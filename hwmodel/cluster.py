@@ -22,7 +22,18 @@ from pydantic import Field, model_validator
 
 from hwmodel.components import DeviceSpec, Frozen, HostSpec, LinkKind, LinkSpec, StorageSpec
 from hwmodel.errors import UnknownNameError, UserError
+from hwmodel.fields import Int, Name, Text
 from hwmodel.units import NonNegativeSeconds
+
+# Sizes no real cluster reaches (the largest have about 100,000 accelerators; a node holds at most a few dozen),
+# checked before the rank tables are built: 10**12 nodes would be a MemoryError, not an answer.
+MAX_DEVICES = 2**20
+MAX_DEVICES_PER_NODE = 4096
+MAX_GROUPS = 10_000
+
+
+def too_many_devices(count: int) -> str:
+    return f"the cluster would have {count} devices; accepted: at most {MAX_DEVICES}"
 
 
 class Tier(IntEnum):
@@ -37,9 +48,9 @@ class Tier(IntEnum):
 class NodeSpec(Frozen):
     """One server: `num_devices` identical devices, their fabric, the host, storage and NICs."""
 
-    name: str = ""
+    name: Name = ""
     device: DeviceSpec
-    num_devices: int = Field(gt=0)
+    num_devices: Int = Field(gt=0, le=MAX_DEVICES_PER_NODE)
     intra_node: LinkSpec = Field(description="device-to-device bandwidth inside the node, per device")
     host_link: LinkSpec = Field(description="device-to-host link (PCIe), per device")
     network: LinkSpec | None = Field(None, description="NICs to other nodes; `ports` NICs per node")
@@ -48,16 +59,16 @@ class NodeSpec(Frozen):
 
 
 class NodeGroup(Frozen):
-    name: str
-    count: int = Field(gt=0)
+    name: Name
+    count: Int = Field(gt=0, le=MAX_DEVICES)
     node: NodeSpec
-    site: str = "site0"
+    site: Name = "site0"
 
 
 class WanLink(Frozen):
     """A wide-area link between two sites; bandwidth is per direction, latency one-way."""
 
-    sites: tuple[str, str]
+    sites: tuple[Name, Name]
     link: LinkSpec
 
 
@@ -130,14 +141,14 @@ class GroupSpan:
 class ClusterSpec(Frozen):
     """A whole cluster: node groups, the inter-node fabric latency, and WAN links between sites."""
 
-    name: str
-    description: str = ""
-    node_groups: tuple[NodeGroup, ...]
+    name: Name
+    description: Text = ""
+    node_groups: tuple[NodeGroup, ...] = Field(max_length=MAX_GROUPS)
     network_latency: NonNegativeSeconds = Field(
         0.0, description="switch fabric latency added to every inter-node hop, one way"
     )
-    wan: tuple[WanLink, ...] = ()
-    sources: dict[str, str] = Field(default_factory=dict)
+    wan: tuple[WanLink, ...] = Field((), max_length=MAX_GROUPS)
+    sources: dict[Name, Text] = Field(default_factory=dict)
 
     @model_validator(mode="after")
     def _check(self) -> ClusterSpec:
@@ -147,6 +158,9 @@ class ClusterSpec(Frozen):
         if len(set(names)) != len(names):
             raise ValueError(f"node group names must be unique, got {names}")
         num_nodes = sum(g.count for g in self.node_groups)
+        num_devices = sum(g.count * g.node.num_devices for g in self.node_groups)
+        if num_devices > MAX_DEVICES:
+            raise ValueError(too_many_devices(num_devices))
         sites = {g.site for g in self.node_groups}
         for wan in self.wan:
             for site in wan.sites:
@@ -212,12 +226,21 @@ class ClusterSpec(Frozen):
                 f"cluster {self.name!r} has {len(self.node_groups)} node groups "
                 f"({', '.join(g.name for g in self.node_groups)}); --nodes only applies to a cluster of identical nodes"
             )
+        if num_nodes * self.node_groups[0].node.num_devices > MAX_DEVICES:
+            raise UserError(
+                f"--nodes {num_nodes}: {too_many_devices(num_nodes * self.node_groups[0].node.num_devices)}"
+            )
         return self.replaced(node_groups=(self.node_groups[0].model_copy(update={"count": num_nodes}),))
 
     def with_devices_per_node(self, num_devices: int) -> ClusterSpec:
         """The same cluster with `num_devices` devices in each node (e.g. 4 CPU ranks on `cpu-local`)."""
         if num_devices <= 0:
             raise UserError(f"--devices-per-node must be a positive integer, got {num_devices}")
+        if num_devices > MAX_DEVICES_PER_NODE:
+            raise UserError(f"--devices-per-node {num_devices}: accepted: 1 to {MAX_DEVICES_PER_NODE}")
+        total = num_devices * sum(g.count for g in self.node_groups)
+        if total > MAX_DEVICES:
+            raise UserError(f"--devices-per-node {num_devices}: {too_many_devices(total)}")
         groups = tuple(
             g.model_copy(update={"node": g.node.model_copy(update={"num_devices": num_devices})})
             for g in self.node_groups

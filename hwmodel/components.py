@@ -13,7 +13,12 @@ from typing import Annotated, Any, Literal
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, PlainSerializer, ValidationInfo, model_validator
 
 from hwmodel.curves import EfficiencyCurve
-from hwmodel.units import Bandwidth, Bytes, FlopRate, NonNegativeBytes, NonNegativeSeconds
+from hwmodel.fields import Bool, Float, Int, Name, OptionalFloat, Text
+from hwmodel.units import Bandwidth, Bytes, FlopRate, NonNegativeBytes, NonNegativeSeconds, format_bytes
+
+# Counts no real machine reaches (the largest hosts have a few hundred cores and a few dozen NICs).
+MAX_CORES = 2**16
+MAX_PORTS = 1024
 
 DTYPES = ("fp32", "tf32", "fp16", "bf16", "fp8")
 Dtype = Literal["fp32", "tf32", "fp16", "bf16", "fp8"]
@@ -56,7 +61,7 @@ class DtypeEfficiency(Frozen):
     matrix_efficiency: ComputeCurve | None = None
     matrix_dim_efficiency: DimensionCurve | None = None
     attention_efficiency: ComputeCurve | None = None
-    vector_efficiency: float | None = Field(None, gt=0, le=1)
+    vector_efficiency: OptionalFloat = Field(None, gt=0, le=1)
 
 
 class ComputeSpec(Frozen):
@@ -95,9 +100,9 @@ class ComputeSpec(Frozen):
         "attention=flash_triton; no attention_seq_efficiency factor applies to it. Left out: "
         "attention_efficiency",
     )
-    vector_efficiency: float = Field(0.5, gt=0, le=1, description="fraction of the vector peak reached")
+    vector_efficiency: Float = Field(0.5, gt=0, le=1, description="fraction of the vector peak reached")
     kernel_overhead: NonNegativeSeconds = Field(5e-6, description="launch and tail cost per kernel")
-    comm_overlap_slowdown: float = Field(
+    comm_overlap_slowdown: Float = Field(
         0.0,
         ge=0,
         le=1,
@@ -128,7 +133,7 @@ class ComputeSpec(Frozen):
         "full recompute's forward), on the compute thread: Python module calls, autograd graph building, "
         "hooks; what makes many small micro-batches slower than their kernels on a CPU",
     )
-    blocking_collectives: bool = Field(
+    blocking_collectives: Bool = Field(
         False,
         description="the framework waits for each data-parallel collective on the compute thread instead of "
         "overlapping it with compute (PyTorch FSDP2 on CPU issues them synchronously)",
@@ -182,17 +187,26 @@ class MemorySpec(Frozen):
         0.0, description="memory taken before the job allocates anything (runtime context, workspaces)"
     )
 
+    @model_validator(mode="after")
+    def _reserved_below_capacity(self) -> MemorySpec:
+        if self.reserved >= self.capacity:
+            raise ValueError(
+                f"reserved ({format_bytes(self.reserved)}) must be less than capacity ({format_bytes(self.capacity)}): "
+                "it is the part of the memory taken before the job allocates anything"
+            )
+        return self
+
 
 class DeviceSpec(Frozen):
     """One accelerator (or a CPU acting as one)."""
 
-    name: str
-    description: str = ""
-    vendor: str = ""
+    name: Name
+    description: Text = ""
+    vendor: Name = ""
     kind: Literal["gpu", "cpu", "accelerator"] = "gpu"
     compute: ComputeSpec
     memory: MemorySpec
-    sources: dict[str, str] = Field(default_factory=dict, description="field -> where the figure comes from")
+    sources: dict[Name, Text] = Field(default_factory=dict, description="field -> where the figure comes from")
 
 
 class HostSpec(Frozen):
@@ -200,8 +214,8 @@ class HostSpec(Frozen):
 
     memory: Bytes
     memory_bandwidth: Bandwidth
-    num_cores: int = Field(gt=0)
-    sources: dict[str, str] = Field(default_factory=dict)
+    num_cores: Int = Field(gt=0, le=MAX_CORES)
+    sources: dict[Name, Text] = Field(default_factory=dict)
 
 
 class StorageSpec(Frozen):
@@ -211,7 +225,7 @@ class StorageSpec(Frozen):
     read_bandwidth: Bandwidth
     write_bandwidth: Bandwidth
     latency: NonNegativeSeconds = 80e-6
-    sources: dict[str, str] = Field(default_factory=dict)
+    sources: dict[Name, Text] = Field(default_factory=dict)
 
 
 class LinkKind(str, Enum):
@@ -248,10 +262,10 @@ class LinkSpec(Frozen):
     kind: LinkKind
     bandwidth: Bandwidth = Field(description="per direction")
     latency: NonNegativeSeconds = 0.0
-    efficiency: float = Field(0.8, gt=0, le=1)
-    ports: int = Field(1, gt=0, description="parallel ports of this kind (e.g. NICs per node)")
+    efficiency: Float = Field(0.8, gt=0, le=1)
+    ports: Int = Field(1, gt=0, le=MAX_PORTS, description="parallel ports of this kind (e.g. NICs per node)")
     collectives: dict[CollectiveKind, CollectiveFit] = Field(default_factory=dict)
-    sources: dict[str, str] = Field(default_factory=dict)
+    sources: dict[Name, Text] = Field(default_factory=dict)
 
     @property
     def effective_bandwidth(self) -> float:

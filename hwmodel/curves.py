@@ -15,7 +15,7 @@ from typing import Any
 import numpy as np
 from pydantic import BaseModel, ConfigDict, PrivateAttr, model_validator
 
-from hwmodel.units import parse_quantity
+from hwmodel.units import check_range, parse_quantity
 
 
 class EfficiencyCurve(BaseModel):
@@ -82,7 +82,9 @@ class EfficiencyCurve(BaseModel):
         for point in value:
             if not isinstance(point, (list, tuple)) or len(point) != 2:
                 raise ValueError(f"each curve point is a [size, efficiency] pair; got {point!r}")
-            sizes.append(parse_quantity(point[0], dimension, allow_bare_number=not strict))
+            size = parse_quantity(point[0], dimension, allow_bare_number=not strict)
+            check_range(point[0], size, dimension, positive=True)
+            sizes.append(size)
             eff = point[1]
             if isinstance(eff, bool) or not isinstance(eff, (int, float)):
                 raise ValueError(f"efficiency must be a number in (0, 1]; got {eff!r}")

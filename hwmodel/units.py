@@ -142,6 +142,43 @@ def _strict(info: ValidationInfo | None) -> bool:
     return bool(info is not None and info.context and info.context.get("strict_units"))
 
 
+# The range of each quantity that a real part has, in SI units, so that a slip of the prefix ('1e-30 GB/s',
+# '1e9 s' of kernel overhead) is refused before a simulation runs for hours on it. Lower bounds apply to figures
+# that must be positive (a bandwidth of 1 KB/s is slower than any WAN; no device is slower than 1 MFLOP/s); upper
+# bounds to every figure (no device memory or disk holds an exabyte, no link moves a petabyte a second, no
+# latency or per-kernel overhead of a working system reaches 10 s, no one operation a yottaFLOP, no tensor
+# dimension 2**40).
+PHYSICAL_RANGE: dict[str, tuple[float, float]] = {
+    "bytes": (1.0, 2.0**60),
+    "bandwidth": (1e3, 1e15),
+    "flop_rate": (1e6, 1e19),
+    "flops": (1.0, 1e24),
+    "time": (1e-12, 10.0),
+    "count": (1.0, 2.0**40),
+}
+
+_FORMATTERS: dict[str, Callable[[float], str]] = {}
+
+
+def _shown(number: float, dimension: str) -> str:
+    formatter = _FORMATTERS.get(dimension)
+    return formatter(number) if formatter else f"{number:g}"
+
+
+def check_range(value: Any, number: float, dimension: str, positive: bool) -> None:
+    """Refuse a quantity outside PHYSICAL_RANGE for its dimension (the lower bound only where it must be positive)."""
+    low, high = PHYSICAL_RANGE.get(dimension, (0.0, math.inf))
+    if number > high:
+        raise UnitError(
+            f"{value!r} is beyond what a real part has; accepted: {'' if positive else '0 or '}"
+            f"{_shown(low, dimension)} to {_shown(high, dimension)}"
+        )
+    if positive and number < low:
+        raise UnitError(
+            f"{value!r} is below what a real part has; accepted: {_shown(low, dimension)} to {_shown(high, dimension)}"
+        )
+
+
 def _make_validator(dimension: str, lower: float | None, inclusive: bool) -> Callable[[Any, ValidationInfo], float]:
     def validate(value: Any, info: ValidationInfo) -> float:
         number = parse_quantity(value, dimension, allow_bare_number=not _strict(info))
@@ -150,6 +187,7 @@ def _make_validator(dimension: str, lower: float | None, inclusive: bool) -> Cal
             if too_small:
                 relation = "at least" if inclusive else "greater than"
                 raise UnitError(f"{value!r} must be {relation} {lower:g}")
+        check_range(value, number, dimension, positive=not inclusive)
         return number
 
     return validate
@@ -213,3 +251,8 @@ def format_seconds(value: float, digits: int = 3) -> str:
     if value == 0:
         return "0 s"
     return _fmt(value, [(1.0, "s"), (1e-3, "ms"), (1e-6, "us"), (1e-9, "ns")], digits)
+
+
+_FORMATTERS.update(
+    bytes=format_bytes, bandwidth=format_bandwidth, flop_rate=format_flop_rate, flops=format_flops, time=format_seconds
+)

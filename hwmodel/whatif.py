@@ -8,6 +8,7 @@ from __future__ import annotations
 from hwmodel.catalog import load_device
 from hwmodel.cluster import ClusterSpec
 from hwmodel.errors import UserError
+from hwmodel.units import check_range
 
 LINK_FIELDS = {
     "intra_node_bandwidth": "intra_node",
@@ -21,6 +22,11 @@ def with_link_bandwidth(cluster: ClusterSpec, key: str, bandwidth: float) -> Clu
     """Set one link tier's per-direction bandwidth (bytes/s) in every node group (or every WAN link)."""
     if bandwidth <= 0:
         raise UserError(f"{key} must be positive, got {bandwidth}")
+    try:
+        # The copies below skip validation, so the range a spec file is held to is checked here.
+        check_range(f"{bandwidth:g} B/s", bandwidth, "bandwidth", positive=True)
+    except UserError as exc:
+        raise UserError(f"{key}: {exc}") from None
     if key == "wan_bandwidth":
         if not cluster.wan:
             raise UserError(f"cluster {cluster.name!r} has no WAN links to change")

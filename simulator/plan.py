@@ -16,13 +16,26 @@ from __future__ import annotations
 
 import difflib
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from hwmodel.errors import SpecError
+from hwmodel.fields import Bool, Float, Int, Name, OptionalBool, OptionalFloat, OptionalInt, Text
 from hwmodel.loading import parse_mapping, read_mapping, validate
 from hwmodel.units import Bytes
+from workloads.config import MAX_LAYERS
+
+# Bounds no real run reaches, so that a typo (global_batch: 1e15) is refused up front instead of simulated for
+# hours: the largest clusters have about 100,000 devices, the largest global batches a few thousand sequences,
+# and gradient accumulation runs to some hundreds of micro-steps.
+MAX_DEGREE = 2**20
+MAX_DEVICES = 2**20
+MAX_GLOBAL_BATCH = 2**24
+MAX_MICRO_STEPS = 2**16
+MAX_VIRTUAL_STAGES = 1024
+MAX_SECTIONS = 10_000
+MAX_BYTES = 2**62
 
 DpType = Literal["ddp", "zero1", "zero2", "zero3"]
 # tokenwise: MEMO, the `offload` share of tokens swapped to host, the rest recomputed token-wise (workloads.activations)
@@ -43,17 +56,19 @@ class _Frozen(BaseModel):
 class LayerStrategy(_Frozen):
     """Overrides for a range of transformer blocks, ``layers: [first, last]`` (inclusive, 0-based)."""
 
-    layers: tuple[int, int]
-    tp: int | None = Field(None, gt=0)
+    layers: tuple[Int, Int]
+    tp: OptionalInt = Field(None, gt=0, le=MAX_DEGREE)
     dp_type: DpType | None = None
-    sequence_parallel: bool | None = None
+    sequence_parallel: OptionalBool = None
     recompute: Recompute | None = None
-    offload: float | None = Field(None, ge=0.0, le=1.0, description="fraction of saved activations swapped to host")
+    offload: OptionalFloat = Field(None, ge=0.0, le=1.0, description="fraction of saved activations swapped to host")
 
     @model_validator(mode="after")
     def _order(self) -> LayerStrategy:
-        if self.layers[0] < 0 or self.layers[1] < self.layers[0]:
-            raise ValueError(f"layers must be [first, last] with 0 <= first <= last, got {list(self.layers)}")
+        if self.layers[0] < 0 or self.layers[1] < self.layers[0] or self.layers[1] >= MAX_LAYERS:
+            raise ValueError(
+                f"layers must be [first, last] with 0 <= first <= last < {MAX_LAYERS}, got {list(self.layers)}"
+            )
         return self
 
 
@@ -65,18 +80,18 @@ class StageSpec(_Frozen):
     the last.
     """
 
-    num_layers: int = Field(gt=0)
-    devices: str | tuple[int, ...] | None = None
-    tp: int | None = Field(None, gt=0, description="default: the plan's tp")
+    num_layers: Int = Field(gt=0, le=MAX_LAYERS)
+    devices: Name | tuple[Annotated[Int, Field(ge=0, lt=MAX_DEVICES)], ...] | None = Field(None, max_length=MAX_DEVICES)
+    tp: OptionalInt = Field(None, gt=0, le=MAX_DEGREE, description="default: the plan's tp")
 
 
 class ModelStatePlacement(_Frozen):
     """Where model states live (Angel-PTM style pages): fractions on GPU, CPU and SSD summing to 1."""
 
     page_size: Bytes = 64 * 2**20
-    gpu: float = Field(1.0, ge=0, le=1)
-    cpu: float = Field(0.0, ge=0, le=1)
-    ssd: float = Field(0.0, ge=0, le=1)
+    gpu: Float = Field(1.0, ge=0, le=1)
+    cpu: Float = Field(0.0, ge=0, le=1)
+    ssd: Float = Field(0.0, ge=0, le=1)
 
     @model_validator(mode="after")
     def _sum(self) -> ModelStatePlacement:
@@ -88,17 +103,17 @@ class ModelStatePlacement(_Frozen):
 class TaskSpec(_Frozen):
     """A task of a multi-task multi-modal job: the sub-graph (modules) it runs and its batch."""
 
-    name: str
-    modules: tuple[str, ...]
-    batch: int = Field(gt=0)
+    name: Name
+    modules: tuple[Name, ...] = Field(max_length=MAX_SECTIONS)
+    batch: Int = Field(gt=0, le=MAX_GLOBAL_BATCH)
 
 
 class FederatedSpec(_Frozen):
     """Vertical federated training: parties (by site) and CELU-VFL's workset size W and local updates R."""
 
-    parties: tuple[str, ...] = Field(min_length=2)
-    workset: int = Field(1, gt=0)
-    local_updates: int = Field(1, gt=0)
+    parties: tuple[Name, ...] = Field(min_length=2, max_length=MAX_SECTIONS)
+    workset: Int = Field(1, gt=0, le=MAX_GLOBAL_BATCH)
+    local_updates: Int = Field(1, gt=0, le=MAX_MICRO_STEPS)
     # vanilla: one update per batch; fedbcd: R updates on the latest batch, in turn with the WAN; celu: the
     # workset, its R uses per batch overlapped with the WAN (R counts the fresh update: W=1, R=1 is vanilla)
     mode: Literal["vanilla", "fedbcd", "celu"] = "celu"
@@ -107,42 +122,53 @@ class FederatedSpec(_Frozen):
 class MemoryPlanSpec(_Frozen):
     """A static activation memory plan (MEMO's MIP): the planned peak and where the offsets are kept."""
 
-    peak_bytes: int = Field(ge=0, description="planned peak of the activation arena per device, in bytes")
-    greedy_peak_bytes: int | None = Field(None, ge=0, description="best-fit peak for the same tensors, in bytes")
-    offsets: str | None = Field(None, description="file holding tensor -> offset (written by `simulate search memo`)")
+    peak_bytes: Int = Field(ge=0, le=MAX_BYTES, description="planned peak of the activation arena per device, in bytes")
+    greedy_peak_bytes: OptionalInt = Field(
+        None, ge=0, le=MAX_BYTES, description="best-fit peak for the same tensors, in bytes"
+    )
+    offsets: Text | None = Field(None, description="file holding tensor -> offset (written by `simulate search memo`)")
 
 
 class Plan(_Frozen):
     """How a workload runs on a cluster. Frozen: planners create new plans, never edit one."""
 
-    tp: int = Field(1, gt=0, description="tensor-parallel degree")
-    pp: int = Field(1, gt=0, description="pipeline-parallel degree (stages)")
-    dp: int | None = Field(None, gt=0, description="data-parallel degree; left out, it fills the cluster")
-    cp: int = Field(1, gt=0, description="context-parallel degree (sequence split across devices)")
-    ep: int = Field(1, gt=0, description="expert-parallel degree for MoE (a divisor of dp)")
+    tp: Int = Field(1, gt=0, le=MAX_DEGREE, description="tensor-parallel degree")
+    pp: Int = Field(1, gt=0, le=MAX_DEGREE, description="pipeline-parallel degree (stages)")
+    dp: OptionalInt = Field(
+        None, gt=0, le=MAX_DEGREE, description="data-parallel degree; left out, it fills the cluster"
+    )
+    cp: Int = Field(1, gt=0, le=MAX_DEGREE, description="context-parallel degree (sequence split across devices)")
+    ep: Int = Field(1, gt=0, le=MAX_DEGREE, description="expert-parallel degree for MoE (a divisor of dp)")
     dp_type: DpType = "ddp"
-    sequence_parallel: bool = False
+    sequence_parallel: Bool = False
     recompute: Recompute = "none"
-    micro_batch: int = Field(1, gt=0, description="sequences per data-parallel replica per micro-step")
-    batch_split: tuple[int, ...] | None = Field(
+    micro_batch: Int = Field(
+        1, gt=0, le=MAX_GLOBAL_BATCH, description="sequences per data-parallel replica per micro-step"
+    )
+    batch_split: tuple[Int, ...] | None = Field(
         None,
+        max_length=MAX_DEGREE,
         description="sequences each data-parallel replica takes per micro-step, in replica order, when replicas "
         "differ in speed (sums to micro_batch * dp); left out, micro_batch each. Shorthand: 3+1",
     )
-    global_batch: int | None = Field(None, gt=0, description="sequences per iteration; default micro_batch*dp")
+    global_batch: OptionalInt = Field(
+        None, gt=0, le=MAX_GLOBAL_BATCH, description="sequences per iteration; default micro_batch*dp"
+    )
     schedule: Schedule = "1f1b"
-    virtual_stages: int = Field(1, gt=0, description="model chunks per device (interleaved schedule)")
+    virtual_stages: Int = Field(
+        1, gt=0, le=MAX_VIRTUAL_STAGES, description="model chunks per device (interleaved schedule)"
+    )
     dtype: PlanDtype = "bf16"
     grad_reduce_dtype: PlanDtype | None = Field(
         None, description="dtype of gradient reduction; default fp32 for bf16 and fp32 runs, fp16 for fp16"
     )
     attention: Attention = "flash"
     optimizer: Literal["adam", "sgd"] = "adam"
-    offload: float = Field(0.0, ge=0.0, le=1.0, description="fraction of saved activations swapped to host")
-    layers: tuple[LayerStrategy, ...] = ()
-    stages: tuple[StageSpec, ...] = ()
+    offload: Float = Field(0.0, ge=0.0, le=1.0, description="fraction of saved activations swapped to host")
+    layers: tuple[LayerStrategy, ...] = Field((), max_length=MAX_SECTIONS)
+    stages: tuple[StageSpec, ...] = Field((), max_length=MAX_SECTIONS)
     model_states: ModelStatePlacement | None = None
-    tasks: tuple[TaskSpec, ...] = ()
+    tasks: tuple[TaskSpec, ...] = Field((), max_length=MAX_SECTIONS)
     federated: FederatedSpec | None = None
     memory_plan: MemoryPlanSpec | None = None
 
@@ -152,6 +178,13 @@ class Plan(_Frozen):
             raise ValueError("schedule=interleaved needs virtual_stages >= 2")
         if self.schedule != "interleaved" and self.virtual_stages > 1:
             raise ValueError(f"virtual_stages={self.virtual_stages} needs schedule=interleaved (got {self.schedule})")
+        if self.dp is not None and self.global_batch is not None:
+            steps = -(-self.global_batch // (self.micro_batch * self.dp))
+            if steps > MAX_MICRO_STEPS:
+                raise ValueError(
+                    f"global_batch={self.global_batch} with micro_batch={self.micro_batch} and dp={self.dp} is "
+                    f"{steps} micro-steps per iteration; accepted: at most {MAX_MICRO_STEPS} (raise micro_batch or dp)"
+                )
         if self.stages and len(self.stages) != self.pp:
             raise ValueError(f"stages lists {len(self.stages)} stages but pp={self.pp}")
         if self.batch_split is not None:
@@ -270,10 +303,18 @@ def parse_shorthand(text: str) -> Plan:
     return validate(Plan, data, "--plan")
 
 
+def _is_file(text: str) -> bool:
+    """`text` names an existing file; False for what cannot be a path (a NUL byte, a name too long)."""
+    try:
+        return Path(text).exists()
+    except (OSError, ValueError):
+        return False
+
+
 def load_plan(value: str | Path) -> Plan:
     """A plan from a YAML/JSON file path or from the shorthand."""
     text = str(value)
-    if text.endswith((".yaml", ".yml", ".json")) or (Path(text).exists() and "=" not in text):
+    if text.endswith((".yaml", ".yml", ".json")) or (_is_file(text) and "=" not in text):
         path = Path(text)
         data = read_mapping(path)
         if isinstance(data.get("plan"), dict) and ("engine" in data or set(data) <= {"plan", "report", "name"}):

@@ -28,7 +28,11 @@ def _catalog() -> dict[str, WorkloadConfig]:
         if not isinstance(entries, list):
             raise SpecError(f"{path}: workloads: expected a list of workload entries")
         defaults = data.get("defaults", {})
+        if not isinstance(defaults, dict):
+            raise SpecError(f"{path}: defaults: expected a mapping of field: value")
         for i, entry in enumerate(entries):
+            if not isinstance(entry, dict):
+                raise SpecError(f"{path}: workloads[{i}]: expected a mapping of field: value")
             cfg = validate(WorkloadConfig, {**defaults, **entry}, f"{path}: workloads[{i}]")
             if cfg.name in out:
                 raise SpecError(f"{path}: workloads[{i}].name: {cfg.name!r} is defined twice; names must be unique")

@@ -8,11 +8,24 @@ A Hugging Face `config.json` is accepted too (see `workloads.hf`).
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from hwmodel.fields import Int, Name, OptionalBool, OptionalInt, Text
 from hwmodel.loading import validate
+from hwmodel.units import format_bytes
+
+# Bounds no real model reaches, so that a typo (or 1e12) is refused before any work instead of running for hours.
+# The deepest published transformers have about 1,000 blocks (DeepNet), the widest a hidden size near 50,000,
+# the longest contexts about 10 million tokens, the largest vocabularies about 260,000 entries.
+MAX_LAYERS = 10_000
+MAX_WIDTH = 2**20
+MAX_TOKENS = 2**24
+MAX_EXPERTS = 2**16
+MAX_IMAGE = 2**16
+# What one block costs in the list of layer kinds alone (one pointer); the cost tables built from it take more.
+LAYER_ENTRY_BYTES = 8
 
 FAMILIES = ("gpt", "llama", "bert", "t5", "vit", "moe")
 
@@ -75,54 +88,72 @@ FAMILY_DEFAULTS: dict[str, dict] = {
 }
 
 
+def _positive_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value > 0
+
+
 class WorkloadConfig(BaseModel):
     """A transformer workload. Frozen and hashable, so cost tables can be cached per shape."""
 
     model_config = ConfigDict(frozen=True, extra="forbid")
 
-    name: str = "custom"
-    description: str = ""
+    name: Name = "custom"
+    description: Text = ""
     family: Literal["gpt", "llama", "bert", "t5", "vit", "moe"]
-    num_layers: int = Field(gt=0, description="transformer blocks (for t5: encoder + decoder blocks)")
-    hidden_size: int = Field(gt=0)
-    ffn_hidden_size: int | None = Field(None, gt=0, description="default 4 x hidden_size")
-    num_heads: int = Field(gt=0)
-    num_kv_heads: int | None = Field(None, gt=0, description="grouped-query attention; default num_heads")
-    vocab_size: int = Field(gt=0)
-    seq_len: int = Field(gt=0, description="training sequence length in tokens")
+    num_layers: Int = Field(gt=0, description="transformer blocks (for t5: encoder + decoder blocks)")
+    hidden_size: Int = Field(gt=0, le=MAX_WIDTH)
+    ffn_hidden_size: OptionalInt = Field(None, gt=0, le=MAX_WIDTH, description="default 4 x hidden_size")
+    num_heads: Int = Field(gt=0)
+    num_kv_heads: OptionalInt = Field(None, gt=0, description="grouped-query attention; default num_heads")
+    vocab_size: Int = Field(gt=0, le=MAX_TOKENS)
+    seq_len: Int = Field(gt=0, le=MAX_TOKENS, description="training sequence length in tokens")
     position_embedding: Literal["learned", "rope", "none"] | None = None
-    tied_embeddings: bool | None = None
+    tied_embeddings: OptionalBool = None
     mlp: Literal["gelu", "relu", "swiglu"] | None = None
     norm: Literal["layernorm", "rmsnorm"] | None = None
-    bias: bool | None = None
-    qkv_bias: bool | None = Field(None, description="bias on the q/k/v projections only (Qwen2); default: bias")
-    dropout: bool | None = None
-    causal: bool | None = None
-    max_position_embeddings: int | None = Field(
-        None, gt=0, description="rows of a learned position table; default seq_len"
+    bias: OptionalBool = None
+    qkv_bias: OptionalBool = Field(None, description="bias on the q/k/v projections only (Qwen2); default: bias")
+    dropout: OptionalBool = None
+    causal: OptionalBool = None
+    max_position_embeddings: OptionalInt = Field(
+        None, gt=0, le=MAX_TOKENS, description="rows of a learned position table; default seq_len"
     )
     # MoE
-    num_experts: int = Field(1, gt=0)
-    experts_top_k: int = Field(1, gt=0)
+    num_experts: Int = Field(1, gt=0, le=MAX_EXPERTS)
+    experts_top_k: Int = Field(1, gt=0)
     # encoder-decoder (t5)
-    num_decoder_layers: int | None = Field(None, ge=0, description="t5: how many of num_layers are decoder blocks")
-    decoder_seq_len: int | None = Field(None, gt=0)
+    num_decoder_layers: OptionalInt = Field(None, ge=0, description="t5: how many of num_layers are decoder blocks")
+    decoder_seq_len: OptionalInt = Field(None, gt=0, le=MAX_TOKENS)
     # vision (vit)
-    image_size: int | None = Field(None, gt=0)
-    patch_size: int | None = Field(None, gt=0)
-    num_channels: int = Field(3, gt=0)
-    num_classes: int | None = Field(None, gt=0)
-    source: str = ""
+    image_size: OptionalInt = Field(None, gt=0, le=MAX_IMAGE)
+    patch_size: OptionalInt = Field(None, gt=0, le=MAX_IMAGE)
+    num_channels: Int = Field(3, gt=0, le=MAX_WIDTH)
+    num_classes: OptionalInt = Field(None, gt=0, le=MAX_TOKENS)
+    source: Text = ""
+
+    @field_validator("num_layers")
+    @classmethod
+    def _layer_list_fits(cls, value: int) -> int:
+        # Checked before anything builds the per-block layer list: 10**12 blocks is a MemoryError (or hours).
+        if value > MAX_LAYERS:
+            size = format_bytes(value * LAYER_ENTRY_BYTES)
+            raise ValueError(
+                f"num_layers={value}: the model's layer list would hold {value:.3g} blocks (the list alone {size}); "
+                f"accepted: 1 to {MAX_LAYERS}"
+            )
+        return value
 
     @model_validator(mode="before")
     @classmethod
     def _fill_family_defaults(cls, data):
-        if isinstance(data, dict) and data.get("family") in FAMILY_DEFAULTS:
+        # `family` may be anything a file holds (a list is unhashable): only a known name brings defaults.
+        if isinstance(data, dict) and isinstance(data.get("family"), str) and data["family"] in FAMILY_DEFAULTS:
             merged = dict(data)
             for key, value in FAMILY_DEFAULTS[data["family"]].items():
                 if merged.get(key) is None:
                     merged[key] = value
-            if data["family"] == "vit" and merged.get("image_size") and merged.get("patch_size"):
+            image, patch = merged.get("image_size"), merged.get("patch_size")
+            if data["family"] == "vit" and _positive_int(image) and _positive_int(patch):
                 # A ViT's sequence is its patches plus the class token.
                 patches = (merged["image_size"] // merged["patch_size"]) ** 2
                 merged.setdefault("seq_len", patches + 1)

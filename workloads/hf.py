@@ -16,7 +16,7 @@ import warnings
 from typing import Any
 
 from hwmodel.errors import SpecError
-from workloads.config import WorkloadConfig
+from workloads.config import MAX_TOKENS, WorkloadConfig
 
 LLAMA_LIKE = ("llama", "mistral", "qwen2", "mixtral")
 SUPPORTED = LLAMA_LIKE + ("gpt2", "gpt_neox")
@@ -42,10 +42,47 @@ def _seq_len(seq_len: int | None, max_positions: int | None, source: str, key: s
     return chosen
 
 
+def _int(data: dict[str, Any], key: str, source: str) -> int | None:
+    """`data[key]` as an integer from 1 to MAX_TOKENS (no size, count or length of a real model is larger), None
+    when absent or null; anything else is refused (a quoted "8" is not 8, true is not 1, 0 positions is not a
+    model)."""
+    value = data.get(key)
+    if value is None:
+        return None
+    accepted = f"expected an integer from 1 to {MAX_TOKENS}"
+    if isinstance(value, bool) or not isinstance(value, int):
+        shown = f"the text {value!r}" if isinstance(value, str) else repr(value)
+        raise SpecError(f"{source}: {key}: {accepted}, got {shown}"[:300])
+    if not 1 <= value <= MAX_TOKENS:
+        raise SpecError(f"{source}: {key}: {accepted}, got {value}"[:300])
+    return value
+
+
+def _flag(data: dict[str, Any], key: str, source: str, default: bool) -> bool:
+    """`data[key]` as true/false (default when absent or null); the text "false" is refused, not read as true."""
+    value = data.get(key)
+    if value is None:
+        return default
+    if not isinstance(value, bool):
+        shown = f"the text {value!r}" if isinstance(value, str) else repr(value)
+        raise SpecError(f"{source}: {key}: expected true or false, got {shown}"[:300])
+    return value
+
+
+def _fraction(data: dict[str, Any], key: str, source: str, default: float) -> float:
+    """`data[key]` as a probability in [0, 1] (dropout rates)."""
+    value = data.get(key)
+    if value is None:
+        return default
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 <= value <= 1.0:
+        raise SpecError(f"{source}: {key}: expected a number from 0 to 1, got {value!r}"[:300])
+    return float(value)
+
+
 def _check_sliding_window(data: dict[str, Any], seq_len: int, source: str) -> None:
     """Refuse a sequence longer than the sliding attention window (a window the sequence fits in changes nothing)."""
-    window = data.get("sliding_window")
-    if not window or data.get("use_sliding_window", True) is False:
+    window = _int(data, "sliding_window", source)
+    if not window or not _flag(data, "use_sliding_window", source, True):
         return
     if seq_len > window:
         raise SpecError(
@@ -59,10 +96,12 @@ def is_hf_config(data: dict[str, Any]) -> bool:
     return "model_type" in data or "architectures" in data
 
 
-def _require(data: dict[str, Any], keys: tuple[str, ...], source: str, model_type: str) -> None:
+def _require(data: dict[str, Any], keys: tuple[str, ...], source: str, model_type: str) -> dict[str, int]:
+    """The required integer keys, each checked; a missing one is named."""
     missing = [k for k in keys if data.get(k) is None]
     if missing:
         raise SpecError(f"{source}: a {model_type} config.json needs {', '.join(missing)}")
+    return {k: int(_int(data, k, source) or 0) for k in keys}
 
 
 def from_hf_config(
@@ -70,58 +109,60 @@ def from_hf_config(
 ) -> WorkloadConfig:
     """Translate a Hugging Face config dict; `source` names the file in error messages."""
     model_type = data.get("model_type")
-    if model_type not in SUPPORTED:
+    if not isinstance(model_type, str) or model_type not in SUPPORTED:
         raise SpecError(
             f"{source}: model_type: {model_type!r} is not supported; accepted: {', '.join(SUPPORTED)} "
-            "(or write a hetplan workload file with 'family:')"
+            "(or write a hetplan workload file with 'family:')"[:400]
         )
     if model_type in LLAMA_LIKE:
         keys = ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads", "vocab_size")
-        _require(data, keys, source, model_type)
-        experts = data.get("num_local_experts") or 1
+        got = _require(data, keys, source, model_type)
+        experts = _int(data, "num_local_experts", source) or 1
+        train_len = _seq_len(seq_len, _int(data, "max_position_embeddings", source), source, "max_position_embeddings")
         cfg = dict(
             family="moe" if experts > 1 else "llama",
-            num_layers=data["num_hidden_layers"],
-            hidden_size=data["hidden_size"],
-            ffn_hidden_size=data["intermediate_size"],
-            num_heads=data["num_attention_heads"],
-            num_kv_heads=data.get("num_key_value_heads"),
-            vocab_size=data["vocab_size"],
-            seq_len=_seq_len(seq_len, data.get("max_position_embeddings"), source, "max_position_embeddings"),
-            tied_embeddings=bool(data.get("tie_word_embeddings", False)),
+            num_layers=got["num_hidden_layers"],
+            hidden_size=got["hidden_size"],
+            ffn_hidden_size=got["intermediate_size"],
+            num_heads=got["num_attention_heads"],
+            num_kv_heads=_int(data, "num_key_value_heads", source),
+            vocab_size=got["vocab_size"],
+            seq_len=train_len,
+            tied_embeddings=_flag(data, "tie_word_embeddings", source, False),
             bias=False,
-            qkv_bias=bool(data.get("attention_bias", model_type == "qwen2")),
+            qkv_bias=_flag(data, "attention_bias", source, model_type == "qwen2"),
         )
-        _check_sliding_window(data, cfg["seq_len"], source)
+        _check_sliding_window(data, train_len, source)
         if experts > 1:
-            cfg.update(num_experts=experts, experts_top_k=data.get("num_experts_per_tok", 2))
+            cfg.update(num_experts=experts, experts_top_k=_int(data, "num_experts_per_tok", source) or 2)
     elif model_type == "gpt2":
-        _require(data, ("n_embd", "n_layer", "n_head", "vocab_size"), source, model_type)
+        got = _require(data, ("n_embd", "n_layer", "n_head", "vocab_size"), source, model_type)
+        positions = _int(data, "n_positions", source)
         cfg = dict(
             family="gpt",
-            num_layers=data["n_layer"],
-            hidden_size=data["n_embd"],
-            ffn_hidden_size=data.get("n_inner") or 4 * data["n_embd"],
-            num_heads=data["n_head"],
-            vocab_size=data["vocab_size"],
-            seq_len=_seq_len(seq_len, data.get("n_positions"), source, "n_positions"),
-            max_position_embeddings=data.get("n_positions"),
+            num_layers=got["n_layer"],
+            hidden_size=got["n_embd"],
+            ffn_hidden_size=_int(data, "n_inner", source) or 4 * got["n_embd"],
+            num_heads=got["n_head"],
+            vocab_size=got["vocab_size"],
+            seq_len=_seq_len(seq_len, positions, source, "n_positions"),
+            max_position_embeddings=positions,
             tied_embeddings=True,
-            dropout=any(data.get(k, 0.1) > 0 for k in ("resid_pdrop", "attn_pdrop", "embd_pdrop")),
+            dropout=any(_fraction(data, k, source, 0.1) > 0 for k in ("resid_pdrop", "attn_pdrop", "embd_pdrop")),
         )
     else:  # gpt_neox
         keys = ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads", "vocab_size")
-        _require(data, keys, source, model_type)
+        got = _require(data, keys, source, model_type)
         cfg = dict(
             family="gpt",
-            num_layers=data["num_hidden_layers"],
-            hidden_size=data["hidden_size"],
-            ffn_hidden_size=data["intermediate_size"],
-            num_heads=data["num_attention_heads"],
-            vocab_size=data["vocab_size"],
-            seq_len=_seq_len(seq_len, data.get("max_position_embeddings"), source, "max_position_embeddings"),
+            num_layers=got["num_hidden_layers"],
+            hidden_size=got["hidden_size"],
+            ffn_hidden_size=got["intermediate_size"],
+            num_heads=got["num_attention_heads"],
+            vocab_size=got["vocab_size"],
+            seq_len=_seq_len(seq_len, _int(data, "max_position_embeddings", source), source, "max_position_embeddings"),
             position_embedding="rope",
-            tied_embeddings=bool(data.get("tie_word_embeddings", False)),
+            tied_embeddings=_flag(data, "tie_word_embeddings", source, False),
             dropout=False,
         )
     cfg["name"] = name
