@@ -21,7 +21,6 @@ from simulator.des.engine import EventBoundExceeded, Simulation, run_bounded
 from simulator.des.fluid import FluidNetwork, Port, resolution
 from simulator.plan import Plan
 from workloads import load_workload
-from workloads.config import WorkloadConfig
 
 SETTINGS = settings(
     max_examples=25,
@@ -142,11 +141,12 @@ def _hung_inputs():
     )
     slow_link = node.model_copy(update={"intra_node": node.intra_node.model_copy(update={"bandwidth": 1e-21})})
     crawling = cluster.replaced(node_groups=(cluster.node_groups[0].model_copy(update={"node": slow_link}),))
-    deep = WorkloadConfig(**{**workload.model_dump(), "num_layers": 10**6})
+    # Built past the parsers' bounds on purpose (model_copy skips validation): the engine must end on its own.
+    deep = workload.model_copy(update={"num_layers": 10**6})
     return {
         "kernel overhead 1e9 s": (plan, workload, slow_kernels),
         "NVSwitch at 1e-30 GB/s": (plan, workload, crawling),
-        "global_batch 1e15": (Plan(tp=2, pp=2, global_batch=10**15), workload, cluster),
+        "global_batch 1e15": (plan.model_copy(update={"global_batch": 10**15}), workload, cluster),
         "num_layers 1e6": (plan, deep, cluster),
     }
 
@@ -178,8 +178,9 @@ def test_a_plan_too_large_for_the_event_engine_is_refused_before_it_runs():
 
 
 def test_the_cli_refuses_a_plan_beyond_the_event_bound_with_exit_2(simulate):
-    # gpipe has no steady state to cost once: 250 million micro-batches would all be events.
-    plan = "tp=2,pp=2,global_batch=1000000000,schedule=gpipe"
+    # gpipe has no steady state to cost once: 16 million micro-batches over 8 stages would all be events
+    # (the largest global batch the plan parser accepts).
+    plan = "tp=2,pp=8,global_batch=16000000,schedule=gpipe"
     result = simulate("run", "-w", "gpt3-350m", "-c", "dgx-a100-80g", "--nodes", "2", "-p", plan, "--engine", "des")
     assert result.code == 2
     assert "events" in result.err and "--engine analytic" in result.err
