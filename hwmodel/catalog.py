@@ -1,6 +1,7 @@
 """The spec catalog: named devices and clusters read from YAML.
 
-Built-in specs ship in the `specs` package (`specs/devices/*.yaml`, `specs/clusters/*.yaml`, `specs/stacks/*.yaml`). Extra
+Built-in specs ship in the `specs` package (`specs/devices/*.yaml`, `specs/clusters/*.yaml`,
+`specs/stacks/*.yaml`). Extra
 directories with the same layout can be added with the HETPLAN_SPECS environment variable (paths joined
 by ':'). Anywhere a name is accepted, a path to a YAML file works too. Duplicate names are an error;
 unknown names suggest the nearest ones. A cluster file names its devices (``device: a100-80g``) or

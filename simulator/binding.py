@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from hwmodel.cluster import ClusterSpec
 from simulator.errors import InfeasiblePlan, UnsupportedPlan
 from simulator.plan import LayerStrategy, Plan
-from simulator.stacks import check_recompute, resolve_stack, stacked_cluster
+from simulator.stacks import bind_stack, check_recompute
 from workloads.config import WorkloadConfig
 from workloads.transformer import layer_kinds
 
@@ -236,10 +236,9 @@ def bind(plan: Plan, workload: WorkloadConfig, cluster: ClusterSpec) -> BoundPla
     # The checks run in this order so that the first message is the most useful one: what the engine
     # cannot simulate, then what the model forbids, then what the cluster and the batch forbid.
     warnings: list[str] = []
-    stack = resolve_stack(plan.stack)
+    cluster, stack = bind_stack(cluster, plan.stack)
     if plan.stack is not None:  # the default stack stands in for any plan, so only a named one refuses
         check_recompute(stack, plan.recompute)
-    cluster = stacked_cluster(cluster, stack)
     _check_simulated_sections(plan, workload)
     _check_degrees_fit_model(plan, workload)
     if plan.stages:

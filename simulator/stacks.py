@@ -16,6 +16,9 @@ from hwmodel.stack import StackSpec, apply_stack_to_cluster
 DEFAULT_STACK = "llm-foundry"
 
 _STACKED: dict[tuple[int, int], tuple[ClusterSpec, StackSpec, ClusterSpec]] = {}
+# id(stacked cluster) -> (it, its base cluster, its stack): a cluster already carrying a stack's figures
+# (a search given --stack binds thousands of plans on one) is not stacked twice.
+_ORIGIN: dict[int, tuple[ClusterSpec, ClusterSpec, StackSpec]] = {}
 
 
 def resolve_stack(name: str | None) -> StackSpec:
@@ -41,5 +44,36 @@ def stacked_cluster(cluster: ClusterSpec, stack: StackSpec) -> ClusterSpec:
     out = apply_stack_to_cluster(cluster, stack)
     if len(_STACKED) > 256:
         _STACKED.clear()
+        _ORIGIN.clear()
     _STACKED[key] = (cluster, stack, out)
+    _ORIGIN[id(out)] = (out, cluster, stack)
     return out
+
+
+def bind_stack(cluster: ClusterSpec, name: str | None) -> tuple[ClusterSpec, StackSpec]:
+    """The cluster a plan naming stack `name` (None: none named) runs on, and that stack.
+
+    A cluster from `stacked_cluster` keeps its stack when the plan names none, and is re-based on its
+    original devices when the plan names another.
+    """
+    origin = _ORIGIN.get(id(cluster))
+    if origin is not None and origin[0] is cluster:
+        base, carried = origin[1], origin[2]
+        if name is None or load_stack(name) is carried:
+            return cluster, carried
+        cluster = base
+    stack = resolve_stack(name)
+    return stacked_cluster(cluster, stack), stack
+
+
+STACK_HELP = (
+    "Software stack (see `simulate specs list`) or a stack YAML: what the framework achieves on the devices. "
+    f"Left out: the plan's `stack`, else {DEFAULT_STACK}."
+)
+
+
+def cluster_with_stack(cluster: ClusterSpec, name: str | None) -> ClusterSpec:
+    """`cluster` as stack `name` uses it (None: unchanged, so each plan's own stack or the default applies)."""
+    if name is None:
+        return cluster
+    return stacked_cluster(cluster, resolve_stack(name))
