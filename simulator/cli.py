@@ -43,7 +43,7 @@ from simulator.plan import SHORTHAND_KEYS, Plan, load_plan, parse_shorthand
 from simulator.render import render_comparison, render_report
 from simulator.report import Report
 from simulator.stacks import DEFAULT_STACK, STACK_HELP, resolve_stack
-from simulator.validation import summarize, validate_llm_foundry
+from simulator.validation import summarize, validate_llm_foundry, validate_megatron
 from workloads.catalog import load_workload, workload_names
 from workloads.transformer import model_flops_per_sample, parameter_count
 
@@ -362,24 +362,55 @@ def validate_llm_foundry_cmd(
     csv_path: Path | None = typer.Option(
         None, "--csv", help="Validate another table with the same columns (gpu values a100_40gb, a100_80gb, h100_80gb)."
     ),
+    stack: str = typer.Option("llm-foundry", "--stack", help=STACK_HELP.split(" Left out")[0]),
     engine: str = typer.Option("analytic", "--engine", "-e", help=ENGINE_HELP),
     as_json: bool = typer.Option(False, "--json", help="Print rows and summary as JSON on stdout."),
 ) -> None:
     """Predict every row of the llm-foundry MPT table and compare tokens/s with the measured value."""
+    _run_validation("llm-foundry", validate_llm_foundry, csv_path, stack, engine, as_json)
+
+
+@validate_app.command("megatron")
+def validate_megatron_cmd(
+    csv_path: Path | None = typer.Option(
+        None, "--csv", help="Validate another table with the columns of Narayanan et al. 2021 Table 1's file."
+    ),
+    stack: str = typer.Option("megatron-lm", "--stack", help=STACK_HELP.split(" Left out")[0]),
+    engine: str = typer.Option("analytic", "--engine", "-e", help=ENGINE_HELP),
+    as_json: bool = typer.Option(False, "--json", help="Print rows and summary as JSON on stdout."),
+) -> None:
+    """Predict every row of the Megatron-LM set (Narayanan et al. 2021, Table 1, on DGX A100 80GB) and compare
+    tokens/s with the measured value."""
+    _run_validation("megatron", validate_megatron, csv_path, stack, engine, as_json)
+
+
+def _run_validation(name: str, validate_rows, csv_path: Path | None, stack: str, engine: str, as_json: bool) -> None:
     started = time.perf_counter()
     check_engine(engine, None, None)
+    resolve_stack(stack)
     predict = lambda plan, workload, cluster: _predict(plan, workload, cluster, engine)
     with progress_bar(err) as progress:
         task = progress.add_task("predicting rows", total=None)
-        rows = validate_llm_foundry(csv_path, progress=lambda: progress.advance(task), predict=predict)
+        rows = validate_rows(csv_path, progress=lambda: progress.advance(task), predict=predict, stack=stack)
     summary = summarize(rows)
+    summary["stack"] = stack
     if as_json:
         print(json.dumps(summary, indent=2))
         return
-    table = Table(
-        title=f"llm-foundry: measured vs predicted tokens/s ({csv_path or 'built-in table'}, {engine} engine)",
-        show_edge=False,
+    _render_validation_rows(
+        f"{name}: measured vs predicted tokens/s ({csv_path or 'built-in table'}, stack {stack}, {engine} engine)", rows
     )
+    _render_validation_groups(rows)
+    out.print(
+        f"[bold]{len(rows)} rows[/bold] (stack {stack}): mean |error| [bold]{summary['mean_abs_pct_error']:.2f}%"
+        f"[/bold], max |error| {summary['max_abs_pct_error']:.2f}%, Spearman rank correlation "
+        f"{summary['spearman']:.3f}, predicted not to fit in device memory: {summary['predicted_not_to_fit']} "
+        f"({time.perf_counter() - started:.2f} s)"
+    )
+
+
+def _render_validation_rows(title: str, rows) -> None:
+    table = Table(title=title, show_edge=False)
     # MFU as the source counts it (causal attention in full), measured beside predicted.
     for col in (
         "model",
@@ -410,9 +441,12 @@ def validate_llm_foundry_cmd(
             f"[{color}]{r.error_pct:+.1f}%[/{color}]",
             f"{100 * r.measured_mfu:.1f}%" if r.measured_mfu is not None else "-",
             f"{100 * r.predicted_mfu:.1f}%",
-            f"{r.predicted_peak_memory_gib:.1f} GiB",
+            f"{r.predicted_peak_memory_gib:.1f} GiB" + ("" if r.fits_memory else " [red](does not fit)[/red]"),
         )
     out.print(table)
+
+
+def _render_validation_groups(rows) -> None:
     groups = Table(title="Error by group (signed: + means predicted faster than measured)", show_edge=False)
     groups.add_column("group", no_wrap=True)
     for col in ("rows", "mean |err|", "median |err|", "max |err|", "mean err"):
@@ -429,11 +463,6 @@ def validate_llm_foundry_cmd(
             f"{sum(errors) / len(errors):+.2f}%",
         )
     out.print(groups)
-    out.print(
-        f"[bold]{len(rows)} rows[/bold]: mean |error| [bold]{summary['mean_abs_pct_error']:.2f}%[/bold], "
-        f"max |error| {summary['max_abs_pct_error']:.2f}%, Spearman rank correlation {summary['spearman']:.3f} "
-        f"({time.perf_counter() - started:.2f} s)"
-    )
 
 
 def _validation_groups(rows):
