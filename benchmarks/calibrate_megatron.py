@@ -4,8 +4,8 @@ Usage:
     python benchmarks/calibrate_megatron.py [--iterations 400]
 
 Fits, as factors on the a100-80g kernel-microbenchmark curves: one GEMM factor, the thin-GEMM factor at
-smallest dimension 256 and 1024, and the compute slowdown while collectives overlap. The objective is the mean absolute percentage error of
-tokens/s plus a third of the worst row's (as benchmarks/calibrate_llm_foundry.py). Prints the YAML to paste
+smallest dimension 256 and 1024, and the compute slowdown while collectives overlap. The objective is the
+mean absolute percentage error of tokens/s plus a third of the worst row's (as benchmarks/calibrate_llm_foundry.py). Prints the YAML to paste
 under `kernels:` in specs/stacks/megatron-lm.yaml and the per-row errors. Deterministic (fixed start,
 Nelder-Mead).
 """
@@ -76,10 +76,9 @@ def main() -> None:
     for s, e in zip(k.matrix_dim_efficiency.sizes, k.matrix_dim_efficiency.efficiencies):
         print(f"    - [{int(s)}, {e:.4f}]")
     print(f"  comm_overlap_slowdown: {k.comm_overlap_slowdown:.4f}")
-    for (row, workload, _, plan, measured), e in zip(cases, err):
-        print(
-            f"{row['model']:8s} gpus={row['gpus']:>5s} tp={plan.tp} pp={plan.pp} measured={measured:9.0f} error={e:+6.1f}%"
-        )
+    for (row, _, _, plan, measured), e in zip(cases, err):
+        where = f"gpus={row['gpus']:>5s} tp={plan.tp} pp={plan.pp}"
+        print(f"{row['model']:8s} {where} measured={measured:9.0f} error={e:+6.1f}%")
 
 
 if __name__ == "__main__":
