@@ -5,9 +5,9 @@ Usage:
 
 Fits, as factors on the a100-80g kernel-microbenchmark curves: one GEMM factor, the thin-GEMM factor at
 smallest dimension 256 and 1024, and the compute slowdown while collectives overlap. The objective is the
-mean absolute percentage error of tokens/s plus a third of the worst row's (as benchmarks/calibrate_llm_foundry.py). Prints the YAML to paste
-under `kernels:` in specs/stacks/megatron-lm.yaml and the per-row errors. Deterministic (fixed start,
-Nelder-Mead).
+mean absolute percentage error of tokens/s plus a third of the worst row's (as
+benchmarks/calibrate_llm_foundry.py). Prints the YAML to paste under `kernels:` in
+specs/stacks/megatron-lm.yaml and the per-row errors. Deterministic (fixed start, Nelder-Mead).
 """
 
 from __future__ import annotations
