@@ -23,6 +23,7 @@ from hwmodel.curves import EfficiencyCurve
 from hwmodel.units import NonNegativeBytes, NonNegativeSeconds
 
 RecomputePolicy = Literal["none", "selective", "full", "tokenwise"]
+CrossEntropy = Literal["pytorch", "vocab_parallel", "fused"]
 
 
 def _one() -> EfficiencyCurve:
@@ -68,6 +69,12 @@ class StackSpec(Frozen):
     )
     recompute_policies: tuple[RecomputePolicy, ...] = Field(
         ("none", "selective", "full"), description="the activation recompute policies the framework offers"
+    )
+    cross_entropy: CrossEntropy = Field(
+        "pytorch",
+        description="the loss kernel, which sets the head's saved tensors and backward workspace: pytorch "
+        "(F.cross_entropy on fp32 logits), vocab_parallel (Megatron's, gradient written into the softmax), "
+        "fused (flash-attn's cross-entropy kernel: bf16 logits and the log-sum-exp kept)",
     )
     layer_call_overhead: NonNegativeSeconds = Field(
         0.0, description="framework cost per layer per micro-batch on top of the device's, forward and backward"

@@ -16,6 +16,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 from hwmodel.cluster import ClusterSpec
+from hwmodel.stack import StackSpec
 from simulator.errors import InfeasiblePlan, UnsupportedPlan
 from simulator.plan import LayerStrategy, Plan
 from simulator.stacks import bind_stack, check_recompute
@@ -119,6 +120,7 @@ class BoundPlan:
     num_micro_batches: int
     warnings: tuple[str, ...]
     stack: str = "llm-foundry"  # the software stack whose figures `cluster` carries (simulator.stacks)
+    stack_spec: StackSpec | None = None  # that stack (None: built without one, the default's figures)
 
     @property
     def ranks(self) -> tuple[int, ...]:
@@ -250,7 +252,7 @@ def bind(plan: Plan, workload: WorkloadConfig, cluster: ClusterSpec) -> BoundPla
     stages = _bound_stages(plan, layout, batch, strategies)
     warnings.extend(_tensor_core_warnings(plan, cluster))
     bound_plan = plan.model_copy(update={"dp": layout.dp, "global_batch": batch.global_batch})
-    return BoundPlan(bound_plan, workload, cluster, stages, batch.num_micro_batches, tuple(warnings), stack.name)
+    return BoundPlan(bound_plan, workload, cluster, stages, batch.num_micro_batches, tuple(warnings), stack.name, stack)
 
 
 @dataclass(frozen=True)
