@@ -77,3 +77,9 @@ def cluster_with_stack(cluster: ClusterSpec, name: str | None) -> ClusterSpec:
     if name is None:
         return cluster
     return stacked_cluster(cluster, resolve_stack(name))
+
+
+def carrying_stack(cluster: ClusterSpec) -> ClusterSpec:
+    """`cluster` as it runs a plan that names no stack (the default stack, or the one it already carries):
+    what a planner's own cost model reads, so that it sees the devices `bind` gives the engines."""
+    return bind_stack(cluster, None)[0]
