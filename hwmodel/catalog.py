@@ -1,6 +1,7 @@
 """The spec catalog: named devices and clusters read from YAML.
 
-Built-in specs ship in the `specs` package (`specs/devices/*.yaml`, `specs/clusters/*.yaml`). Extra
+Built-in specs ship in the `specs` package (`specs/devices/*.yaml`, `specs/clusters/*.yaml`,
+`specs/stacks/*.yaml`). Extra
 directories with the same layout can be added with the HETPLAN_SPECS environment variable (paths joined
 by ':'). Anywhere a name is accepted, a path to a YAML file works too. Duplicate names are an error;
 unknown names suggest the nearest ones. A cluster file names its devices (``device: a100-80g``) or
@@ -19,6 +20,7 @@ from hwmodel.cluster import ClusterSpec
 from hwmodel.components import DeviceSpec
 from hwmodel.errors import SpecError, UnknownNameError
 from hwmodel.loading import read_mapping, validate
+from hwmodel.stack import StackSpec
 
 ENV_VAR = "HETPLAN_SPECS"
 
@@ -38,7 +40,7 @@ def _looks_like_path(name: str) -> bool:
 
 @lru_cache(maxsize=8)
 def _index(kind: str, dirs: tuple[Path, ...]) -> dict[str, Path]:
-    """name -> file for every spec of `kind` ('devices' or 'clusters')."""
+    """name -> file for every spec of `kind` ('devices', 'clusters' or 'stacks')."""
     index: dict[str, Path] = {}
     for directory in dirs:
         folder = directory / kind
@@ -63,6 +65,29 @@ def device_names() -> list[str]:
 
 def cluster_names() -> list[str]:
     return sorted(_index("clusters", tuple(spec_dirs())))
+
+
+def stack_names() -> list[str]:
+    return sorted(_index("stacks", tuple(spec_dirs())))
+
+
+def stack_file(name: str) -> Path:
+    index = _index("stacks", tuple(spec_dirs()))
+    if name not in index:
+        raise UnknownNameError("stack", name, index)
+    return index[name]
+
+
+@lru_cache(maxsize=32)
+def _load_stack_file(path: Path) -> StackSpec:
+    return validate(StackSpec, read_mapping(path), str(path), {"strict_units": True})
+
+
+def load_stack(name_or_path: str) -> StackSpec:
+    """A software stack from the catalog by name (`specs/stacks/`), or from a YAML file."""
+    if _looks_like_path(name_or_path):
+        return _load_stack_file(Path(name_or_path))
+    return _load_stack_file(stack_file(name_or_path))
 
 
 def device_file(name: str) -> Path:
@@ -142,3 +167,4 @@ def clear_caches() -> None:
     _index.cache_clear()
     _load_device_file.cache_clear()
     _load_cluster_file.cache_clear()
+    _load_stack_file.cache_clear()

@@ -121,6 +121,7 @@ def assemble_report(
         engine=engine,
         workload=cfg.name,
         cluster=bound.cluster.name,
+        stack=bound.stack,
         plan=plan,
         num_devices=len(bound.ranks),
         global_batch=global_batch,

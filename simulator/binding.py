@@ -16,8 +16,10 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 from hwmodel.cluster import ClusterSpec
+from hwmodel.stack import StackSpec
 from simulator.errors import InfeasiblePlan, UnsupportedPlan
 from simulator.plan import LayerStrategy, Plan
+from simulator.stacks import bind_stack, check_recompute
 from workloads.config import WorkloadConfig
 from workloads.transformer import layer_kinds
 
@@ -117,6 +119,8 @@ class BoundPlan:
     stages: tuple[BoundStage, ...]
     num_micro_batches: int
     warnings: tuple[str, ...]
+    stack: str = "llm-foundry"  # the software stack whose figures `cluster` carries (simulator.stacks)
+    stack_spec: StackSpec | None = None  # that stack (None: built without one, the default's figures)
 
     @property
     def ranks(self) -> tuple[int, ...]:
@@ -234,6 +238,9 @@ def bind(plan: Plan, workload: WorkloadConfig, cluster: ClusterSpec) -> BoundPla
     # The checks run in this order so that the first message is the most useful one: what the engine
     # cannot simulate, then what the model forbids, then what the cluster and the batch forbid.
     warnings: list[str] = []
+    cluster, stack = bind_stack(cluster, plan.stack)
+    if plan.stack is not None:  # the default stack stands in for any plan, so only a named one refuses
+        check_recompute(stack, plan.recompute)
     _check_simulated_sections(plan, workload)
     _check_degrees_fit_model(plan, workload)
     if plan.stages:
@@ -245,7 +252,7 @@ def bind(plan: Plan, workload: WorkloadConfig, cluster: ClusterSpec) -> BoundPla
     stages = _bound_stages(plan, layout, batch, strategies)
     warnings.extend(_tensor_core_warnings(plan, cluster))
     bound_plan = plan.model_copy(update={"dp": layout.dp, "global_batch": batch.global_batch})
-    return BoundPlan(bound_plan, workload, cluster, stages, batch.num_micro_batches, tuple(warnings))
+    return BoundPlan(bound_plan, workload, cluster, stages, batch.num_micro_batches, tuple(warnings), stack.name, stack)
 
 
 @dataclass(frozen=True)

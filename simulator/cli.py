@@ -20,7 +20,7 @@ import typer
 from pydantic import BaseModel
 from rich.table import Table
 
-from hwmodel.catalog import cluster_names, device_names, load_cluster, load_device
+from hwmodel.catalog import cluster_names, device_names, load_cluster, load_device, load_stack, stack_names
 from hwmodel.cli_common import (
     CSV,
     IMAGE,
@@ -42,7 +42,8 @@ from simulator.errors import InfeasiblePlan
 from simulator.plan import SHORTHAND_KEYS, Plan, load_plan, parse_shorthand
 from simulator.render import render_comparison, render_report
 from simulator.report import Report
-from simulator.validation import summarize, validate_llm_foundry
+from simulator.stacks import DEFAULT_STACK, STACK_HELP, resolve_stack
+from simulator.validation import summarize, validate_llm_foundry, validate_megatron
 from workloads.catalog import load_workload, workload_names
 from workloads.transformer import model_flops_per_sample, parameter_count
 
@@ -141,6 +142,7 @@ def run(
     workload: str = typer.Option(..., "--workload", "-w", help=WORKLOAD_HELP),
     cluster: str = typer.Option(..., "--cluster", "-c", help=CLUSTER_HELP),
     plan: str = typer.Option("tp=1", "--plan", "-p", help=PLAN_HELP),
+    stack: str | None = typer.Option(None, "--stack", help=STACK_HELP),
     nodes: int | None = typer.Option(None, "--nodes", "-n", help="Node count for a cluster of identical nodes."),
     devices_per_node: int | None = typer.Option(
         None, "--devices-per-node", help="Devices in every node (e.g. 4 ranks on cpu-local)."
@@ -193,7 +195,7 @@ def run(
             out_file,
             force,
         )
-    the_plan, the_workload = load_plan(plan), load_workload(workload, seq_len)
+    the_plan, the_workload = with_stack(load_plan(plan), stack), load_workload(workload, seq_len)
     the_cluster = load_cluster(cluster, nodes, devices_per_node)
     report = _predict(the_plan, the_workload, the_cluster, engine, trace, plot, force)
     if the_plan.offload > 0 or any(layer.offload for layer in the_plan.layers):
@@ -214,6 +216,14 @@ def run(
             highlight=False,
         )
         raise typer.Exit(EXIT_DOES_NOT_FIT)
+
+
+def with_stack(plan: Plan, stack: str | None) -> Plan:
+    """`plan` under `--stack` (which wins over the plan file's `stack`); the name is checked here, before work."""
+    if stack is None:
+        return plan
+    resolve_stack(stack)
+    return plan.model_copy(update={"stack": stack})
 
 
 # ---- compare -------------------------------------------------------------------------------------
@@ -257,6 +267,7 @@ def compare(
     workload: str = typer.Option(..., "--workload", "-w", help=WORKLOAD_HELP),
     cluster: list[str] = typer.Option(..., "--cluster", "-c", help=CLUSTER_HELP + " Repeat to compare clusters."),
     plan: str = typer.Option("tp=1", "--plan", "-p", help=PLAN_HELP),
+    stack: str | None = typer.Option(None, "--stack", help=STACK_HELP),
     sweep: str | None = typer.Option(
         None,
         "--sweep",
@@ -281,7 +292,7 @@ def compare(
         from simulator.search.vfl.cli import compare_vfl
 
         return compare_vfl(workload, cluster, sweep, as_json, csv_file, force)
-    base_plan = load_plan(plan)
+    base_plan = with_stack(load_plan(plan), stack)
     key: str | None = None
     values: list[Any] = [None]
     if sweep:
@@ -322,7 +333,9 @@ def compare(
             )
         )
     else:
-        title = f"{workload}: plan {base_plan.shorthand()}" + (f", sweeping {key}" if key else "")
+        title = f"{workload}: plan {base_plan.shorthand()}, stack {base_plan.stack or DEFAULT_STACK}" + (
+            f", sweeping {key}" if key else ""
+        )
         render_comparison(rows, out, title, columns)
     if csv_file is not None:
         buffer = io.StringIO()
@@ -349,24 +362,55 @@ def validate_llm_foundry_cmd(
     csv_path: Path | None = typer.Option(
         None, "--csv", help="Validate another table with the same columns (gpu values a100_40gb, a100_80gb, h100_80gb)."
     ),
+    stack: str = typer.Option("llm-foundry", "--stack", help=STACK_HELP.split(" Left out")[0]),
     engine: str = typer.Option("analytic", "--engine", "-e", help=ENGINE_HELP),
     as_json: bool = typer.Option(False, "--json", help="Print rows and summary as JSON on stdout."),
 ) -> None:
     """Predict every row of the llm-foundry MPT table and compare tokens/s with the measured value."""
+    _run_validation("llm-foundry", validate_llm_foundry, csv_path, stack, engine, as_json)
+
+
+@validate_app.command("megatron")
+def validate_megatron_cmd(
+    csv_path: Path | None = typer.Option(
+        None, "--csv", help="Validate another table with the columns of Narayanan et al. 2021 Table 1's file."
+    ),
+    stack: str = typer.Option("megatron-lm", "--stack", help=STACK_HELP.split(" Left out")[0]),
+    engine: str = typer.Option("analytic", "--engine", "-e", help=ENGINE_HELP),
+    as_json: bool = typer.Option(False, "--json", help="Print rows and summary as JSON on stdout."),
+) -> None:
+    """Predict every row of the Megatron-LM set (Narayanan et al. 2021, Table 1, on DGX A100 80GB) and compare
+    tokens/s with the measured value."""
+    _run_validation("megatron", validate_megatron, csv_path, stack, engine, as_json)
+
+
+def _run_validation(name: str, validate_rows, csv_path: Path | None, stack: str, engine: str, as_json: bool) -> None:
     started = time.perf_counter()
     check_engine(engine, None, None)
+    resolve_stack(stack)
     predict = lambda plan, workload, cluster: _predict(plan, workload, cluster, engine)
     with progress_bar(err) as progress:
         task = progress.add_task("predicting rows", total=None)
-        rows = validate_llm_foundry(csv_path, progress=lambda: progress.advance(task), predict=predict)
+        rows = validate_rows(csv_path, progress=lambda: progress.advance(task), predict=predict, stack=stack)
     summary = summarize(rows)
+    summary["stack"] = stack
     if as_json:
         print(json.dumps(summary, indent=2))
         return
-    table = Table(
-        title=f"llm-foundry: measured vs predicted tokens/s ({csv_path or 'built-in table'}, {engine} engine)",
-        show_edge=False,
+    _render_validation_rows(
+        f"{name}: measured vs predicted tokens/s ({csv_path or 'built-in table'}, stack {stack}, {engine} engine)", rows
     )
+    _render_validation_groups(rows)
+    out.print(
+        f"[bold]{len(rows)} rows[/bold] (stack {stack}): mean |error| [bold]{summary['mean_abs_pct_error']:.2f}%"
+        f"[/bold], max |error| {summary['max_abs_pct_error']:.2f}%, Spearman rank correlation "
+        f"{summary['spearman']:.3f}, predicted not to fit in device memory: {summary['predicted_not_to_fit']} "
+        f"({time.perf_counter() - started:.2f} s)"
+    )
+
+
+def _render_validation_rows(title: str, rows) -> None:
+    table = Table(title=title, show_edge=False)
     # MFU as the source counts it (causal attention in full), measured beside predicted.
     for col in (
         "model",
@@ -397,9 +441,12 @@ def validate_llm_foundry_cmd(
             f"[{color}]{r.error_pct:+.1f}%[/{color}]",
             f"{100 * r.measured_mfu:.1f}%" if r.measured_mfu is not None else "-",
             f"{100 * r.predicted_mfu:.1f}%",
-            f"{r.predicted_peak_memory_gib:.1f} GiB",
+            f"{r.predicted_peak_memory_gib:.1f} GiB" + ("" if r.fits_memory else " [red](does not fit)[/red]"),
         )
     out.print(table)
+
+
+def _render_validation_groups(rows) -> None:
     groups = Table(title="Error by group (signed: + means predicted faster than measured)", show_edge=False)
     groups.add_column("group", no_wrap=True)
     for col in ("rows", "mean |err|", "median |err|", "max |err|", "mean err"):
@@ -416,11 +463,6 @@ def validate_llm_foundry_cmd(
             f"{sum(errors) / len(errors):+.2f}%",
         )
     out.print(groups)
-    out.print(
-        f"[bold]{len(rows)} rows[/bold]: mean |error| [bold]{summary['mean_abs_pct_error']:.2f}%[/bold], "
-        f"max |error| {summary['max_abs_pct_error']:.2f}%, Spearman rank correlation {summary['spearman']:.3f} "
-        f"({time.perf_counter() - started:.2f} s)"
-    )
 
 
 def _validation_groups(rows):
@@ -438,7 +480,7 @@ def _validation_groups(rows):
 # ---- catalogs ------------------------------------------------------------------------------------
 @specs_app.command("list")
 def specs_list() -> None:
-    """List catalog devices and clusters."""
+    """List catalog devices, clusters and software stacks."""
     devices = Table(title="Devices", show_edge=False)
     devices.add_column("name", no_wrap=True)
     for col in ("description", "bf16 matrix", "memory", "bandwidth"):
@@ -459,8 +501,15 @@ def specs_list() -> None:
     for name in cluster_names():
         c = load_cluster(name)
         clusters.add_row(name, str(c.num_devices), str(c.num_nodes), ", ".join(c.device_types()), c.description)
+    stacks = Table(title=f"Software stacks (--stack; default {DEFAULT_STACK})", show_edge=False)
+    for col in ("name", "recompute policies", "description"):
+        stacks.add_column(col, no_wrap=col == "name")
+    for name in stack_names():
+        st = load_stack(name)
+        stacks.add_row(name, ", ".join(st.recompute_policies), st.description)
     out.print(devices)
     out.print(clusters)
+    out.print(stacks)
 
 
 def _unit_formatters() -> dict[int, Callable[[float], str]]:

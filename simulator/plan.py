@@ -171,6 +171,9 @@ class Plan(_Frozen):
     tasks: tuple[TaskSpec, ...] = Field((), max_length=MAX_SECTIONS)
     federated: FederatedSpec | None = None
     memory_plan: MemoryPlanSpec | None = None
+    stack: str | None = Field(
+        None, description="software stack (`simulate specs list`) or a stack YAML; left out, the default stack"
+    )
 
     @model_validator(mode="after")
     def _self_consistent(self) -> Plan:
@@ -257,6 +260,7 @@ SHORTHAND_KEYS = (
     "optimizer",
     "offload",
     "batch_split",
+    "stack",
 )
 
 

@@ -43,6 +43,7 @@ def render_report(report: Report, console: Console) -> None:
     fits = "[green]fits[/green]" if report.fits_memory else "[bold red]does NOT fit[/bold red]"
     headline = (
         f"[bold]{report.workload}[/bold] on [bold]{report.cluster}[/bold] ({report.num_devices} devices), "
+        f"stack [bold]{report.stack}[/bold]{'' if report.plan.stack else ' (default)'}, "
         f"plan [cyan]{report.plan.shorthand()}[/cyan]\n"
         f"iteration [bold]{format_seconds(report.iteration_time_s)}[/bold] for {report.global_batch} sequences of "
         f"{report.seq_len} tokens ({report.num_micro_batches} micro-batches)\n"

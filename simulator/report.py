@@ -81,6 +81,7 @@ class Report(BaseModel):
     engine: EngineName
     workload: str
     cluster: str
+    stack: str = Field("llm-foundry", description="the software stack the prediction assumed (specs/stacks/)")
     plan: Plan
     num_devices: int
     global_batch: int

@@ -52,6 +52,7 @@ class ValidationRow:
     measured_mfu: float | None
     predicted_peak_memory_gib: float
     error_pct: float
+    fits_memory: bool = True
 
     def as_dict(self) -> dict:
         return asdict(self)
@@ -121,20 +122,27 @@ def row_inputs(row: dict[str, str], source: str, line: int) -> tuple[WorkloadCon
 
 
 def read_rows(path: Path) -> list[dict[str, str]]:
+    return read_table(path, REQUIRED_COLUMNS)
+
+
+def read_table(path: Path, required: tuple[str, ...]) -> list[dict[str, str]]:
+    """The rows of a CSV file that must have the `required` columns and at least one row."""
     if not path.exists():
         raise SpecError(f"{path}: no such file")
     with path.open(newline="", encoding="utf-8") as handle:
         reader = csv.DictReader(handle)
-        missing = [c for c in REQUIRED_COLUMNS if c not in (reader.fieldnames or [])]
+        missing = [c for c in required if c not in (reader.fieldnames or [])]
         if missing:
-            raise SpecError(f"{path}: missing columns {', '.join(missing)}; needed: {', '.join(REQUIRED_COLUMNS)}")
+            raise SpecError(f"{path}: missing columns {', '.join(missing)}; needed: {', '.join(required)}")
         rows = list(reader)
     if not rows:
         raise SpecError(f"{path}: the table has a header but no data rows")
     return rows
 
 
-def validate_llm_foundry(path: Path | None = None, progress=None, predict=evaluate) -> list[ValidationRow]:
+def validate_llm_foundry(
+    path: Path | None = None, progress=None, predict=evaluate, stack: str = "llm-foundry"
+) -> list[ValidationRow]:
     """Predict every row of the table at `path` (default: the built-in copy) with `predict(plan,
     workload, cluster) -> Report` (default: the analytic model)."""
     path = path or builtin_csv()
@@ -142,6 +150,7 @@ def validate_llm_foundry(path: Path | None = None, progress=None, predict=evalua
     out = []
     for line, row in enumerate(rows, start=2):
         workload, cluster_name, nodes, plan = row_inputs(row, str(path), line)
+        plan = plan.model_copy(update={"stack": stack})
         report = predict(plan, workload, load_cluster(cluster_name, nodes=nodes))
         measured = float(row["tokens_per_s"])
         mfu = row.get("mfu_pct")
@@ -165,6 +174,123 @@ def validate_llm_foundry(path: Path | None = None, progress=None, predict=evalua
                 measured_mfu=measured_mfu,
                 predicted_peak_memory_gib=report.peak_memory_bytes / 2**30,
                 error_pct=100.0 * (report.tokens_per_s - measured) / measured,
+                fits_memory=report.fits_memory,
+            )
+        )
+        if progress is not None:
+            progress()
+    return out
+
+
+MEGATRON_COLUMNS = (
+    "model",
+    "num_layers",
+    "hidden_size",
+    "num_heads",
+    "ffn_hidden_size",
+    "vocab_size",
+    "seq_len",
+    "gpus",
+    "tp",
+    "pp",
+    "dp",
+    "micro_batch",
+    "global_batch",
+    "layers_per_virtual_stage",
+    "precision",
+    "recompute",
+    "iteration_time_s",
+)
+MEGATRON_CLUSTER = "dgx-a100-80g"
+
+
+def megatron_csv() -> Path:
+    return Path(__file__).parent / "data" / "megatron_narayanan2021.csv"
+
+
+def megatron_inputs(row: dict[str, str], source: str, line: int) -> tuple[WorkloadConfig, int, Plan]:
+    """The workload, node count and plan of one row of the Megatron-LM Table 1 set (see its README)."""
+    ints = {}
+    for column in MEGATRON_COLUMNS:
+        if column in ("model", "precision", "recompute", "layers_per_virtual_stage", "iteration_time_s"):
+            continue
+        try:
+            ints[column] = int(row[column])
+        except (TypeError, ValueError):
+            raise SpecError(f"{source}: line {line}: {column}: {row[column]!r} is not a whole number") from None
+    per_chunk = (row.get("layers_per_virtual_stage") or "").strip()
+    layers_per_stage = ints["num_layers"] // ints["pp"]
+    try:
+        chunks = layers_per_stage // int(per_chunk) if per_chunk else 1
+    except ValueError:
+        raise SpecError(f"{source}: line {line}: layers_per_virtual_stage: {per_chunk!r} is not a number") from None
+    if ints["gpus"] % GPUS_PER_NODE:
+        raise SpecError(f"{source}: line {line}: gpus: {ints['gpus']} is not a multiple of {GPUS_PER_NODE}")
+    try:
+        workload = WorkloadConfig(
+            name=row["model"],
+            family="gpt",
+            num_layers=ints["num_layers"],
+            hidden_size=ints["hidden_size"],
+            ffn_hidden_size=ints["ffn_hidden_size"],
+            num_heads=ints["num_heads"],
+            vocab_size=ints["vocab_size"],
+            seq_len=ints["seq_len"],
+            dropout=False,
+        )
+        plan = Plan(
+            tp=ints["tp"],
+            pp=ints["pp"],
+            dp=ints["dp"],
+            micro_batch=ints["micro_batch"],
+            global_batch=ints["global_batch"],
+            schedule="interleaved" if chunks > 1 else "1f1b",
+            virtual_stages=chunks,
+            recompute=row["recompute"].strip(),  # type: ignore[arg-type]  # checked by the Plan model
+            dtype=row["precision"].strip(),  # type: ignore[arg-type]  # checked by the Plan model
+            # The 2021 stack materializes the attention scores (no fused kernel): see the set's README.
+            attention="naive",
+        )
+    except (ValueError, TypeError) as exc:
+        raise SpecError(f"{source}: line {line}: {exc}".splitlines()[0]) from None
+    return workload, ints["gpus"] // GPUS_PER_NODE, plan
+
+
+def validate_megatron(
+    path: Path | None = None, progress=None, predict=evaluate, stack: str = "megatron-lm"
+) -> list[ValidationRow]:
+    """Predict every row of the Megatron-LM set at `path` (default: the built-in copy of Narayanan et al.
+    2021 Table 1) under `stack`, comparing tokens/s (global batch x sequence / iteration time)."""
+    path = path or megatron_csv()
+    rows = read_table(path, MEGATRON_COLUMNS)
+    out = []
+    for line, row in enumerate(rows, start=2):
+        workload, nodes, plan = megatron_inputs(row, str(path), line)
+        plan = plan.model_copy(update={"stack": stack})
+        report = predict(plan, workload, load_cluster(MEGATRON_CLUSTER, nodes=nodes))
+        try:
+            measured_s = float(row["iteration_time_s"])
+        except ValueError:
+            raise SpecError(
+                f"{path}: line {line}: iteration_time_s: {row['iteration_time_s']!r} is not a number"
+            ) from None
+        measured = (plan.global_batch or 0) * workload.seq_len / measured_s
+        out.append(
+            ValidationRow(
+                model=row["model"],
+                gpu="a100_80gb",
+                gpus=int(row["gpus"]),
+                seq_len=workload.seq_len,
+                micro_batch=plan.micro_batch,
+                grad_accum=(plan.global_batch or 0) // (plan.micro_batch * (plan.dp or 1)),
+                act_ckpt=plan.recompute != "none",
+                measured_tokens_per_s=measured,
+                predicted_tokens_per_s=report.tokens_per_s,
+                predicted_mfu=report.mfu_causal_in_full or report.mfu,
+                measured_mfu=None,
+                predicted_peak_memory_gib=report.peak_memory_bytes / 2**30,
+                error_pct=100.0 * (report.tokens_per_s - measured) / measured,
+                fits_memory=report.fits_memory,
             )
         )
         if progress is not None:
@@ -186,4 +312,5 @@ def summarize(rows: list[ValidationRow]) -> dict:
         "mean_abs_pct_error": sum(errors) / len(errors) if errors else 0.0,
         "max_abs_pct_error": max(errors) if errors else 0.0,
         "spearman": spearman([r.measured_tokens_per_s for r in rows], [r.predicted_tokens_per_s for r in rows]),
+        "predicted_not_to_fit": sum(not r.fits_memory for r in rows),
     }

@@ -32,6 +32,11 @@ class ShardShape:
         ep: expert-parallel degree (MoE experts split over ep ranks).
         dtype_bytes: bytes per activation/weight element (2 for fp16/bf16, 4 for fp32).
         attention: 'flash' (fused, nothing quadratic kept) or 'naive' (scores materialized).
+        cross_entropy: the loss kernel, a property of the software stack: 'pytorch' (F.cross_entropy on
+            fp32-upcast logits: keeps the fp32 softmax, backward makes fp32 gradients beside it), 'vocab_parallel'
+            (Megatron's: keeps the fp32 softmax and writes the gradient into it) or 'fused' (flash-attn's
+            cross-entropy kernel, as llm-foundry runs: keeps the bf16 logits and the log-sum-exp, backward
+            writes one bf16 gradient).
     """
 
     micro_batch: int
@@ -42,6 +47,7 @@ class ShardShape:
     ep: int = 1
     dtype_bytes: int = 2
     attention: Literal["flash", "naive"] = "flash"
+    cross_entropy: Literal["pytorch", "vocab_parallel", "fused"] = "pytorch"
 
 
 def kernel_family(attention: str) -> Literal["flash", "naive"]:

@@ -392,13 +392,21 @@ class _LayerBuilder:
         logits = tokens * vocab / t
         # Cross-entropy upcasts logits to fp32 and keeps the softmax for backward.
         self.b.op("cross_entropy", VECTOR, 5 * logits, logits * (e + 8), bwd_bytes=logits * (4 + e))
+        if self.shape.cross_entropy == "fused":
+            # flash-attn's kernel saves its input (the logits, e bytes each) and one fp32 log-sum-exp per
+            # token; its backward writes the logits' gradient into one new tensor of the logits' dtype.
+            self.b.keep(e * logits + 4 * tokens)
+            self.b.backward_workspace = e * logits
+            if t > 1:
+                self.b.fwd_comm.append(Collective("all_reduce", 3 * 4 * tokens, "tp"))
+            return self.b.build(full_saved=tsp * h * e)
         self.b.keep(4 * logits)
         # PyTorch's cross-entropy backward makes the fp32 gradient of the log-softmax and of the logits beside
         # the kept softmax: at long sequences and large vocabularies this is the iteration's peak (measured on
         # an H200: the unexplained peak of tinyllama-1.1b with full recompute grows by about 8 bytes per
         # logit). Vocabulary-parallel losses (Megatron's, under tp) write the gradient into the softmax's
         # own buffer instead.
-        if t == 1:
+        if t == 1 and self.shape.cross_entropy == "pytorch":
             self.b.backward_workspace = 8 * logits
         if t > 1:
             self.b.fwd_comm.append(Collective("all_reduce", 3 * 4 * tokens, "tp"))

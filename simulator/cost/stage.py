@@ -384,6 +384,8 @@ def _shard_shape(ctx: _StageContext, run: LayerRun) -> ShardShape:
         ep=plan.ep,
         dtype_bytes=DTYPE_BYTES[plan.dtype],
         attention=kernel_family(plan.attention),
+        # The loss kernel is the stack's: it sets what the head keeps for backward.
+        cross_entropy=ctx.bound.stack_spec.cross_entropy if ctx.bound.stack_spec is not None else "pytorch",
     )
 
 

@@ -17,6 +17,7 @@ from hwmodel.units import DIMENSIONS, format_bytes, parse_quantity
 from simulator.report import Report
 from simulator.search.galvatron.search import search_galvatron
 from simulator.search.render import render_search
+from simulator.stacks import STACK_HELP, cluster_with_stack
 from workloads.catalog import load_workload
 
 
@@ -42,6 +43,7 @@ def galvatron_command(
         ..., "--workload", "-w", help="Workload name or file (see `simulate workloads list`)."
     ),
     cluster: str = typer.Option(..., "--cluster", "-c", help="Cluster name or YAML file (see `simulate specs list`)."),
+    stack: str | None = typer.Option(None, "--stack", help=STACK_HELP),
     memory_budget: str = typer.Option(..., "--memory-budget", "-m", help="Per-device memory budget, e.g. 16GiB."),
     nodes: int | None = typer.Option(None, "--nodes", "-n", help="Node count for a cluster of identical nodes."),
     devices_per_node: int | None = typer.Option(None, "--devices-per-node", help="Devices in every node."),
@@ -72,6 +74,7 @@ def galvatron_command(
         check_output(out_file, "--out", YAML, force)
     wl = load_workload(workload)
     cl = load_cluster(cluster, nodes, devices_per_node)
+    cl = cluster_with_stack(cl, stack)
     err = make_console(stderr=True)
     with progress_bar(
         err,

@@ -65,6 +65,7 @@ from simulator.search.galvatron.space import (
 )
 from simulator.search.galvatron.split import split_candidates
 from simulator.search.result import Baseline, Candidate, SearchResult
+from simulator.stacks import carrying_stack
 from workloads.config import WorkloadConfig
 from workloads.transformer import layer_kinds
 
@@ -910,6 +911,7 @@ def search_galvatron(
         UserError: a budget below what any plan needs (naming the smallest that works), or a batch that
             cannot be split over the cluster (naming batch sizes that can).
     """
+    cluster = carrying_stack(cluster)  # the planner's own costs read the devices the engines see
     started = time.perf_counter()
     _check_arguments(memory_budget_bytes, top_k)
     dtype = dtype or default_dtype(cluster)

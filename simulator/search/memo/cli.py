@@ -20,6 +20,7 @@ from simulator.errors import InfeasiblePlan
 from simulator.report import Report
 from simulator.search.memo.search import best_megatron_mfu, search_memo
 from simulator.search.render import render_search
+from simulator.stacks import STACK_HELP, cluster_with_stack
 from workloads.catalog import load_workload
 
 SWEEP_KEYS = ("seq_len", "host_link_bandwidth", "host_memory")
@@ -124,6 +125,7 @@ def memo_command(
         ..., "--workload", "-w", help="Workload name or file (see `simulate workloads list`)."
     ),
     cluster: str = typer.Option(..., "--cluster", "-c", help="Cluster name or YAML file."),
+    stack: str | None = typer.Option(None, "--stack", help=STACK_HELP),
     seq_len: int | None = typer.Option(None, "--seq-len", help="Train at this sequence length (tokens)."),
     nodes: int | None = typer.Option(None, "--nodes", "-n", help="Node count for clusters of identical nodes."),
     host_memory: str | None = typer.Option(
@@ -174,6 +176,7 @@ def memo_command(
     cl = load_cluster(cluster, nodes)
     if host_memory is not None:
         cl = with_host_memory(cl, parse_quantity(host_memory, "bytes", allow_bare_number=False))
+    cl = cluster_with_stack(cl, stack)  # last: a cluster changed after stacking would be stacked again
     if sweep:
         key, values = _parse_sweep(sweep)
         rows = sweep_rows(workload, cl, seq_len, key, values, micro_batches)

@@ -42,6 +42,7 @@ from simulator.errors import InfeasiblePlan, UnsupportedPlan
 from simulator.plan import MemoryPlanSpec, Plan
 from simulator.report import Report
 from simulator.search.result import Baseline, Candidate, SearchResult
+from simulator.stacks import carrying_stack
 from workloads.activations import block_activations
 from workloads.config import WorkloadConfig
 from workloads.ops import ShardShape, kernel_family
@@ -67,6 +68,7 @@ def choose_alpha(plan: Plan, workload: WorkloadConfig, cluster: ClusterSpec) -> 
     """alpha for a `recompute=tokenwise` layout (its `offload` is ignored), from PCIe, forward time and host
     memory, taking the most constrained stage and device type."""
     bound = bind(plan.model_copy(update={"offload": 0.0, "recompute": "tokenwise"}), workload, cluster)
+    cluster = bound.cluster  # the devices as the plan's stack runs them (what the engines read)
     cfg, bp = bound.workload, bound.plan
     alpha_pcie = alpha_host = math.inf
     for stage in bound.stages:
@@ -337,6 +339,7 @@ def search_memo(
 
     `memory_plan_time_s`: solve MEMO's memory plan for the chosen plan
     with this CBC time limit and attach it (`Plan.memory_plan`, `details`); None skips it."""
+    cluster = carrying_stack(cluster)  # the planner's own costs read the devices the engines see
     start = time.perf_counter()
     micro_batches = tuple(micro_batches)
     if not micro_batches or min(micro_batches) < 1:

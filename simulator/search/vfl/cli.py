@@ -24,6 +24,7 @@ from simulator.search.vfl.costs import default_sites
 from simulator.search.vfl.efficiency import load_efficiency
 from simulator.search.vfl.report import VflReport
 from simulator.search.vfl.search import UPDATES_GRID, WORKSET_GRID, evaluate, plan_mode, search_vfl, with_wan
+from simulator.stacks import STACK_HELP, cluster_with_stack
 from workloads import vfl as wl
 
 MODE_NAMES = {"vanilla": "vanilla VFL", "fedbcd": "FedBCD", "celu": "CELU-VFL"}
@@ -237,6 +238,7 @@ def vfl_command(
     cluster: str = typer.Option(
         ..., "--cluster", "-c", help="Cluster with two sites joined by a WAN (e.g. two-sites-wan)."
     ),
+    stack: str | None = typer.Option(None, "--stack", help=STACK_HELP),
     target_auc: float | None = typer.Option(
         None,
         "--target-auc",
@@ -277,6 +279,7 @@ def vfl_command(
         check_output(out_file, "--out", YAML, force)
     cfg = load_vfl(workload)
     cl = load_cluster(cluster)
+    cl = cluster_with_stack(cl, stack)
     sites = _parse_sites(parties, cl)
     search: dict[str, Any] = dict(
         target=target_auc,
