@@ -41,8 +41,8 @@ def _iteration(env: simpy.Environment, s: Streams, depth: int) -> Generator[simp
     done = [env.event() for _ in range(s.visits)]
 
     def fetch(i: int) -> Generator[simpy.Event, None, None]:
-        if depth > 0 and i >= depth:
-            yield done[i - depth]  # the window: at most `depth` blocks ahead of the one computing
+        if depth > 0 and i > depth:
+            yield done[i - depth - 1]  # the window: at most `depth` blocks ahead of the one computing
         elif depth == 0 and i > 0:
             yield done[i - 1]  # no prefetch: fetch on demand after the previous block
         with ssd.request() as req:
