@@ -5,6 +5,7 @@ installed only when the worker is done)."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -34,7 +35,7 @@ def init_layers(shape: MlpShape, seed: int = 0) -> list[np.ndarray]:
 
 
 def forward_backward(
-    weights: list[np.ndarray], shape: MlpShape, x: np.ndarray, y: np.ndarray, fetch
+    weights: list[np.ndarray], shape: MlpShape, x: np.ndarray, y: np.ndarray, fetch: Callable[[int], np.ndarray]
 ) -> tuple[float, list[np.ndarray]]:
     """Loss (mean squared error) and per-layer gradients; `fetch(layer)` returns that layer's page."""
     shapes = shape.layer_shapes()
