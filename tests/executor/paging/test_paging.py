@@ -4,6 +4,8 @@ reference (staleness 1), bytes moved equal the schedule's prediction, and faults
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -112,3 +114,39 @@ def test_page_dir_errors_before_training(tmp_path: Path):
             check_page_dir(ro, 1)
     finally:
         os.chmod(ro, 0o700)
+
+
+def test_corrupt_page_stops_the_manager_naming_page_and_file(tmp_path: Path):
+    from executor.paging.manager import PageManager
+
+    mgr = PageManager([np.arange(8.0) + i for i in range(4)], device_budget=1, host_pages=1, page_dir=tmp_path)
+    file = mgr.store.path(mgr.name(2))
+    raw = bytearray(file.read_bytes())
+    raw[-1] ^= 0x01  # one flipped bit
+    file.write_bytes(bytes(raw))
+    mgr.begin_step(access_order([1, 1, 1, 1]))
+    mgr.fetch([0])
+    mgr.fetch([1])
+    with pytest.raises(CorruptPage, match=r"page p00002: checksum mismatch in .*p00002\.page"):
+        mgr.fetch([2])
+
+
+def test_execute_paging_cli_errors_exit_2(tmp_path: Path):
+    from typer.testing import CliRunner
+
+    from executor.cli import app
+
+    file = tmp_path / "f"
+    file.write_text("x")
+    # The real entry point: run_app turns the UserError into one line and exit status 2.
+    result = subprocess.run(
+        [sys.executable, "-m", "executor.cli", "paging", "--page-dir", str(file), "--steps", "1"],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    assert result.returncode == 2 and "is a file" in result.stderr + result.stdout
+    runner = CliRunner()
+    ok = runner.invoke(app, ["paging", "--page-dir", str(tmp_path / "pages"), "--steps", "2", "--layers", "3"])
+    assert ok.exit_code == 0, ok.output
+    assert "step 2: loss" in ok.output
