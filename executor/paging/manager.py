@@ -35,6 +35,8 @@ class PageManager:
     page_dir: Path
     prefix: str = "p"
     counters: Counters = field(default_factory=Counters)
+    version: int = 0  # the step whose page files are current (files are named by version: never overwritten)
+    write_initial: bool = True  # False when resuming: the page files of `version` are already there
 
     def __post_init__(self) -> None:
         if self.device_budget < 1:
@@ -42,22 +44,23 @@ class PageManager:
         self.store = PageStore(self.page_dir)
         self.host: dict[int, np.ndarray] = {}
         for i, page in enumerate(self.initial):
-            self.put(i, np.array(page, dtype=np.float64))
+            if self.write_initial or not self.on_ssd(i):
+                self.put(i, np.array(page, dtype=np.float64))
         self.device: dict[int, np.ndarray] = {}
         self.order: list[int] = []
         self.nxt: list[float] = []
         self.position = 0
 
-    def name(self, page: int) -> str:
-        return f"{self.prefix}{page:05d}"
+    def name(self, page: int, version: int | None = None) -> str:
+        return f"{self.prefix}{page:05d}-v{self.version if version is None else version}"
 
     def on_ssd(self, page: int) -> bool:
         return page >= self.host_pages
 
-    def put(self, page: int, data: np.ndarray) -> None:
-        """Write a page to its home (host pool, or its SSD file, crash-safely)."""
+    def put(self, page: int, data: np.ndarray, version: int | None = None) -> None:
+        """Write a page to its home (host pool, or its SSD file of `version`, crash-safely)."""
         if self.on_ssd(page):
-            self.store.write(self.name(page), data)
+            self.store.write(self.name(page, version), data)
             self.counters.ssd_write += data.nbytes
         else:
             self.host[page] = data

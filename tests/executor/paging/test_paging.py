@@ -127,7 +127,7 @@ def test_corrupt_page_stops_the_manager_naming_page_and_file(tmp_path: Path):
     mgr.begin_step(access_order([1, 1, 1, 1]))
     mgr.fetch([0])
     mgr.fetch([1])
-    with pytest.raises(CorruptPage, match=r"page p00002: checksum mismatch in .*p00002\.page"):
+    with pytest.raises(CorruptPage, match=r"page p00002-v0: checksum mismatch in .*p00002-v0\.page"):
         mgr.fetch([2])
 
 
@@ -150,3 +150,38 @@ def test_execute_paging_cli_errors_exit_2(tmp_path: Path):
     ok = runner.invoke(app, ["paging", "--page-dir", str(tmp_path / "pages"), "--steps", "2", "--layers", "3"])
     assert ok.exit_code == 0, ok.output
     assert "step 2: loss" in ok.output
+
+
+_CHILD = """
+import os, signal, sys
+from pathlib import Path
+import numpy as np
+from executor.paging import store
+from executor.paging.train import MlpShape, train_paged
+writes = {"n": 0}
+original = store.PageStore.write
+def write(self, name, data):
+    # SIGKILL in the middle of step 5's commit: after some of its page files are written, before the manifest.
+    if name.endswith("-v5"):
+        writes["n"] += 1
+        if writes["n"] == 4:
+            os.kill(os.getpid(), signal.SIGKILL)
+    original(self, name, data)
+store.PageStore.write = write
+rng = np.random.default_rng(1)
+batch = (rng.normal(size=(6, 8)), rng.normal(size=(6, 4)))
+train_paged(MlpShape((8, 16, 16, 16, 4)), [batch] * 10, Path(sys.argv[1]), 2, 1, durable=True)
+"""
+
+
+def test_sigkill_during_ssd_write_resumes_from_last_complete_step(tmp_path: Path):
+    from executor.paging.train import read_manifest
+
+    pages = tmp_path / "pages"
+    child = subprocess.run([sys.executable, "-c", _CHILD, str(pages)], capture_output=True, text=True, check=False)
+    assert child.returncode == -9, child.stderr
+    assert read_manifest(pages) == 4  # step 5 never completed
+    resumed, _ = train_paged(SHAPE, _batches(), pages, 2, 1, durable=True, lr=LR)
+    uninterrupted, _ = train_paged(SHAPE, _batches(), tmp_path / "clean", 2, 1, lr=LR)
+    assert len(resumed) == 6
+    np.testing.assert_allclose(resumed, uninterrupted[4:], rtol=1e-12)
