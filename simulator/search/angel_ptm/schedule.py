@@ -10,7 +10,7 @@ from __future__ import annotations
 import heapq
 from collections import OrderedDict
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 
 def access_order(pages_per_block: Sequence[int]) -> list[list[int]]:
@@ -23,10 +23,11 @@ def access_order(pages_per_block: Sequence[int]) -> list[list[int]]:
 
 @dataclass(frozen=True)
 class Traffic:
-    """Pages fetched onto the device (misses) and the steps that waited for none (all prefetched)."""
+    """Pages fetched onto the device (misses), pages evicted, and how often each page was fetched."""
 
     fetched: int
     evicted: int
+    per_page: dict[int, int] = field(default_factory=dict)
 
 
 def _flat(order: Sequence[Sequence[int]]) -> list[int]:
@@ -71,9 +72,11 @@ def simulate_belady(order: Sequence[Sequence[int]], capacity: int) -> Traffic:
     resident: dict[int, float] = {}
     heap: list[tuple[float, int]] = []  # (-next use, page); stale entries skipped
     fetched = evicted = 0
+    per_page: dict[int, int] = {}
     for i, page in enumerate(flat):
         if page not in resident:
             fetched += 1
+            per_page[page] = per_page.get(page, 0) + 1
             if len(resident) >= capacity:
                 while True:
                     neg, victim = heapq.heappop(heap)
@@ -83,7 +86,7 @@ def simulate_belady(order: Sequence[Sequence[int]], capacity: int) -> Traffic:
                         break
         resident[page] = nxt[i]
         heapq.heappush(heap, (-nxt[i], page))
-    return Traffic(fetched, evicted)
+    return Traffic(fetched, evicted, per_page)
 
 
 def belady_victim(resident: Sequence[int], position: int, flat: Sequence[int]) -> int:
