@@ -148,3 +148,22 @@ def test_max_model_is_near_its_capacity_bound_and_beats_the_baselines():
     for b in result.baselines:
         assert b.report is None or b.report.params <= best.params
     assert parameter_count(ladder_model(WL, 30)) > parameter_count(WL)
+
+
+def test_cli_json_shape_and_out_plan(tmp_path):
+    import json
+
+    import yaml
+    from typer.testing import CliRunner
+
+    from simulator.cli import app
+
+    out = tmp_path / "plan.yaml"
+    args = ["search", "angel-ptm", "--workload", "gpt3-1.3b", "--cluster", "dgx-a100-40g", "--objective"]
+    result = CliRunner().invoke(app, [*args, "throughput", "--json", "--out", str(out)])
+    assert result.exit_code == 0, result.output
+    data = json.loads(result.output[result.output.index("{") :])
+    assert data["planner"] == "angel-ptm"
+    assert {b["name"] for b in data["baselines"]} == {"zero3", "zero-offload", "zero-infinity", "patrickstar"}
+    plan = yaml.safe_load(out.read_text())["plan"]
+    assert plan["dp_type"] == "zero3" and "model_states" in plan
