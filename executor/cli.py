@@ -18,6 +18,7 @@ import typer
 from rich.markup import escape
 
 from executor.calibrate import cli as calibrate_cli
+from executor.paging.cli import paging_command
 from executor.vfl.cli import vfl_app
 from hwmodel.cli_common import JSON, check_output, make_console, progress_bar, report_written, run_app
 from hwmodel.errors import UserError
@@ -74,6 +75,7 @@ app = typer.Typer(
 )
 app.command("calibrate")(calibrate_cli.calibrate_command)
 app.add_typer(vfl_app, name="vfl")
+app.command("paging")(paging_command)
 
 
 def _check_options(

@@ -219,12 +219,14 @@ class HostSpec(Frozen):
 
 
 class StorageSpec(Frozen):
-    """Local SSD(s) of a node, as one volume."""
+    """Local SSD(s) of a node, as one volume (capacity and bandwidths of all its drives together)."""
 
     capacity: Bytes
     read_bandwidth: Bandwidth
     write_bandwidth: Bandwidth
     latency: NonNegativeSeconds = 80e-6
+    # The node's GPUs share these drives (and their PCIe lanes): per-GPU SSD bandwidth is the total / GPUs.
+    drives: Int = Field(1, gt=0, le=1024, description="NVMe drives behind the volume, shared by the node's GPUs")
     sources: dict[Name, Text] = Field(default_factory=dict)
 
 

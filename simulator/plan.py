@@ -85,19 +85,53 @@ class StageSpec(_Frozen):
     tp: OptionalInt = Field(None, gt=0, le=MAX_DEGREE, description="default: the plan's tp")
 
 
-class ModelStatePlacement(_Frozen):
-    """Where model states live (Angel-PTM style pages): fractions on GPU, CPU and SSD summing to 1."""
+class TierShares(_Frozen):
+    """Fractions of one class of model states on GPU, host memory and SSD; they sum to 1."""
 
-    page_size: Bytes = 64 * 2**20
     gpu: Float = Field(1.0, ge=0, le=1)
     cpu: Float = Field(0.0, ge=0, le=1)
     ssd: Float = Field(0.0, ge=0, le=1)
 
     @model_validator(mode="after")
-    def _sum(self) -> ModelStatePlacement:
+    def _sum(self) -> TierShares:
         if abs(self.gpu + self.cpu + self.ssd - 1.0) > 1e-6:
             raise ValueError(f"gpu + cpu + ssd fractions must sum to 1, got {self.gpu + self.cpu + self.ssd:g}")
         return self
+
+
+class ModelStatePlacement(_Frozen):
+    """Where model states live (Angel-PTM style pages).
+
+    `gpu`/`cpu`/`ssd` are the default shares of every state class; `parameters`, `gradients`,
+    `master_weights` and `moments` override them per class. `optimizer` says where the step runs:
+    on the GPU, on the CPU from host memory, or on the CPU streaming its states from SSD. `staleness` 1 is
+    Angel-PTM's lock-free update (step t's update overlaps step t+1, which reads parameters one step old).
+    """
+
+    page_size: Bytes = 64 * 2**20
+    gpu: Float = Field(1.0, ge=0, le=1)
+    cpu: Float = Field(0.0, ge=0, le=1)
+    ssd: Float = Field(0.0, ge=0, le=1)
+    parameters: TierShares | None = None
+    gradients: TierShares | None = None
+    master_weights: TierShares | None = None
+    moments: TierShares | None = None
+    optimizer: Literal["gpu", "cpu-host", "cpu-ssd"] = "gpu"
+    staleness: Literal[0, 1] = 0
+    prefetch_depth: Int = Field(2, ge=0, le=1024, description="blocks whose pages are fetched ahead of use")
+
+    @model_validator(mode="after")
+    def _sum(self) -> ModelStatePlacement:
+        if abs(self.gpu + self.cpu + self.ssd - 1.0) > 1e-6:
+            raise ValueError(f"gpu + cpu + ssd fractions must sum to 1, got {self.gpu + self.cpu + self.ssd:g}")
+        if self.staleness == 1 and self.optimizer == "gpu":
+            raise ValueError("staleness=1 (lock-free update) needs the optimizer on the CPU (cpu-host or cpu-ssd)")
+        return self
+
+    def shares(self, state: Literal["parameters", "gradients", "master_weights", "moments"]) -> TierShares:
+        """The tier shares of one state class (its override, else the default shares)."""
+        own: TierShares | None = getattr(self, state)
+        return own if own is not None else TierShares(gpu=self.gpu, cpu=self.cpu, ssd=self.ssd)
 
 
 class TaskSpec(_Frozen):

@@ -47,6 +47,13 @@ PLANNERS: tuple[Planner, ...] = (
         "simulator.search.memo.cli:memo_command",
     ),
     Planner(
+        "angel-ptm",
+        "Angel-PTM (VLDB 2023)",
+        "largest model or samples/s with paged model states",
+        "AngelReport",
+        "simulator.search.angel_ptm.cli:angel_command",
+    ),
+    Planner(
         "vfl",
         "CELU-VFL (VLDB 2022)",
         "time to the target AUC over a WAN",
