@@ -152,7 +152,7 @@ def verify(path: Path) -> str | None:
 
 def latest_verified(root: str | Path) -> tuple[tuple[int, Path] | None, list[str]]:
     """The newest step folder under `root` that verifies, and one line for each newer one that does not."""
-    problems = []
+    problems: list[str] = []
     for step, path in reversed(step_folders(root)):
         problem = verify(path)
         if problem is None:

@@ -119,10 +119,24 @@ def _check_options(
         raise UserError(f"--checkpoint-dir {checkpoint_dir} is a file, not a folder")
     if trace is not None:
         check_output(trace, "--trace", JSON, force)
-        if not os.access(trace.parent, os.W_OK | os.X_OK) or (trace.exists() and not os.access(trace, os.W_OK)):
-            raise UserError(f"--trace {trace}: cannot write there (no permission); choose a writable path")
+        _probe_writable(trace)
         return str(trace.resolve())
     return None
+
+
+def _probe_writable(trace: Path) -> None:
+    """Create (and remove) the --trace file now, so a path that cannot be written is exit 2 before training
+    rather than a trace silently missing after it (permissions, a read-only or pseudo file system)."""
+    if trace.exists():
+        if not os.access(trace, os.W_OK):
+            raise UserError(f"--trace {trace}: cannot write that file (no permission); choose a writable path")
+        return
+    try:
+        fd = os.open(trace, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+    except OSError as exc:
+        raise UserError(f"--trace {trace}: cannot create it ({exc.strerror}); choose a writable path") from None
+    os.close(fd)
+    trace.unlink()
 
 
 def _check_checkpoint_dir(job, force: bool) -> None:

@@ -147,8 +147,8 @@ class Trainer:
         """Whether this iteration's loss and this rank's gradient norm are finite. Not finite: raise
         NonFiniteError naming the step and rank, or, under --skip-nonfinite, return False on every rank
         (one all-reduce, so the ranks skip the same iterations and stay in step)."""
-        grads = [g.to_local() if hasattr(g, "to_local") else g for g in (p.grad for p in self.rm.parameters())]
-        grads = [g.detach() for g in grads if g is not None]
+        present = [p.grad for p in self.rm.parameters() if p.grad is not None]
+        grads = [(g.to_local() if hasattr(g, "to_local") else g).detach() for g in present]
         norm = (
             torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g.float()) for g in grads]))
             if grads
