@@ -166,7 +166,10 @@ def run_command(
         ..., "--certs", help="Folder with ca.crt and this party's PARTY.crt/PARTY.key (`execute vfl keys`)."
     ),
     listen: str | None = typer.Option(
-        None, "--listen", help=f"Active party: HOST:PORT to listen on (default 0.0.0.0:{DEFAULT_PORT})."
+        None,
+        "--listen",
+        help=f"Active party: HOST:PORT to listen on (default 127.0.0.1:{DEFAULT_PORT}, this machine only; "
+        "0.0.0.0:PORT for every interface).",
     ),
     peer: str | None = typer.Option(None, "--peer", help="Passive party: the active party's HOST:PORT."),
     mode: str | None = typer.Option(None, "--mode", help="Override the plan: vanilla, fedbcd or celu."),
@@ -237,7 +240,7 @@ def run_command(
         epochs=epochs,
         max_rounds=max_rounds,
         eval_every=eval_every,
-        listen=_address(listen or f"0.0.0.0:{DEFAULT_PORT}", "--listen") if party == "active" else None,
+        listen=_address(listen or f"127.0.0.1:{DEFAULT_PORT}", "--listen") if party == "active" else None,
         connect=_address(peer or "", "--peer") if party == "passive" else None,
         checkpoint_dir=str(checkpoint_dir) if checkpoint_dir else None,
         checkpoint_every=checkpoint_every,

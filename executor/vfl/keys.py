@@ -116,10 +116,20 @@ def make_keys(out: str | Path, days: int = 30, force: bool = False) -> list[Path
         written = []
         for name in FILES:
             target = out / name
-            shutil.copyfile(work / name, target)
-            os.chmod(target, 0o600 if name.endswith(".key") else 0o644)
+            _write_new(target, (work / name).read_bytes(), 0o600 if name.endswith(".key") else 0o644)
             written.append(target)
     return written
+
+
+def _write_new(target: Path, data: bytes, mode: int) -> None:
+    """Write a file that has `mode` from its creation (O_CREAT|O_EXCL): a private key is never readable by
+    others, not even for the moment between a default-mode create and a chmod. (--force removes the old one.)"""
+    if target.exists():
+        target.unlink()
+    fd = os.open(target, os.O_WRONLY | os.O_CREAT | os.O_EXCL, mode)
+    with os.fdopen(fd, "wb") as f:
+        f.write(data)
+    os.chmod(target, mode)  # the umask may have narrowed `mode`; this only restores what was asked
 
 
 def party_files(certs: str | Path, party: str) -> tuple[Path, Path, Path]:

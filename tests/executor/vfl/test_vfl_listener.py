@@ -1,0 +1,71 @@
+"""The VFL listener (issue 20): idle TCP clients cannot hold up the real peer, a port in use is a clear
+error, and key files are private from their creation.
+
+On main the listener handshook one connection at a time with a 10 s timeout each, so 20 idle connections
+held the real peer back for 200 s, past its connect timeout. Here the handshake timeout is set far beyond
+the client's connect timeout: the peer connecting at all proves it was not queued behind the idle ones
+(an ordering check, no wall-clock threshold)."""
+
+from __future__ import annotations
+
+import socket
+import stat
+import threading
+
+import pytest
+
+from executor.vfl.channel import Channel
+from executor.vfl.keys import make_keys
+from hwmodel.errors import UserError
+
+
+@pytest.fixture(scope="module")
+def certs(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("certs")
+    make_keys(folder)
+    return folder
+
+
+def test_twenty_idle_connections_do_not_delay_the_real_peer(certs):
+    server = Channel("active", certs, listen=("127.0.0.1", 0), handshake_timeout=600.0, connect_timeout=60.0)
+    box: dict = {}
+    idle: list[socket.socket] = []
+
+    def serve() -> None:
+        try:
+            server.open()
+            box["ok"] = True
+        except Exception as exc:
+            box["error"] = exc
+
+    # open() binds first; wait for the port, then park 20 silent clients on it before the peer dials.
+    thread = threading.Thread(target=serve, daemon=True)
+    thread.start()
+    while server._listener is None and thread.is_alive():  # noqa: SLF001 (the test needs the bound port)
+        threading.Event().wait(0.01)
+    address = tuple(server.listen_addr)
+    idle = [socket.create_connection(address) for _ in range(20)]
+    try:
+        client = Channel("passive", certs, connect=address, connect_timeout=20.0, handshake_timeout=20.0).open()
+        thread.join(timeout=30)
+        assert box.get("ok"), box
+        client.close()
+    finally:
+        for s in idle:
+            s.close()
+        server.close()
+
+
+def test_a_port_in_use_is_a_user_error_naming_it(certs):
+    taken = socket.create_server(("127.0.0.1", 0))
+    try:
+        port = taken.getsockname()[1]
+        with pytest.raises(UserError, match=f"127.0.0.1:{port}.*in use"):
+            Channel("active", certs, listen=("127.0.0.1", port), connect_timeout=1.0).open()
+    finally:
+        taken.close()
+
+
+def test_private_keys_are_mode_0600(certs):
+    for key in sorted(certs.glob("*.key")):
+        assert stat.S_IMODE(key.stat().st_mode) == 0o600, key
