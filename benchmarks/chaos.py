@@ -52,12 +52,13 @@ def train(workload: Path, ranks: int, folder: Path, *extra, env=None, wait=True)
     )  # fmt: skip
 
 
-def resume(workload: Path, ranks: int, folder: Path, baseline: list[float]) -> tuple[bool, bool]:
-    """(resumed, curve identical) after a fault."""
+def resume(workload: Path, ranks: int, folder: Path, baseline: list[float]) -> tuple[bool, bool | None]:
+    """(resumed, curve identical) after a fault; identical is None where resume rightly refused (the run had
+    finished, or no step verifies: start over) and False for any other failure to resume."""
     proc = train(workload, ranks, folder, "--resume")
     if proc.returncode != 0:
-        # Nothing left to resume (every step was damaged, or the run had finished): start over is the answer.
-        return False, "already finished" in proc.stderr or "no complete checkpoint" in proc.stderr
+        refused = proc.returncode == 2 and ("already finished" in proc.stderr or "no complete" in proc.stderr)
+        return False, None if refused else False
     out = json.loads(proc.stdout)
     return True, out["losses"] == baseline[out["execution"]["first_step"] :]
 
@@ -99,15 +100,19 @@ def one(fault: str, rng: random.Random, workload: Path, baselines: dict, work: P
         row["detected"] = verify.returncode == 2 and target.name in verify.stdout
         row["silent"] = not row["detected"]
         row["resumed"], row["identical"] = resume(workload, 1, folder, baselines[1])
-    else:  # two_runs
-        first = train(workload, 1, folder, wait=False)
+    else:  # two_runs: a long first run, so the second surely starts while it holds the folder
+        first = cli(
+            *base_args(workload, 1), "--warmup", 0, "--steps", 3000, "--checkpoint-dir", folder,
+            "--checkpoint-every", 1000, "--json", wait=False,
+        )  # fmt: skip
         while not (folder / ".hetplan.lock").exists() and first.poll() is None:
             time.sleep(0.05)
         second = train(workload, 1, folder)
         out, _ = first.communicate()
         row["detected"] = second.returncode == 2 and "in use by another run" in second.stderr
+        row["overlapped"] = first.returncode == 0 and second.returncode != 0 or row["detected"]
         row["survived"] = first.returncode == 0 and cli("checkpoint", "verify", folder).returncode == 0
-        row["identical"] = first.returncode == 0 and json.loads(out)["losses"] == baselines[1]
+        row["identical"] = first.returncode == 0 and json.loads(out)["losses"][:STEPS] == baselines[1]
     row["silent"] = row["silent"] or row["identical"] is False
     return row
 

@@ -44,7 +44,7 @@ def main() -> None:
     parser.add_argument("--workload", default="gpt3-125m")
     opts = parser.parse_args()
     hash_speeds()
-    model = build_model(load_workload(opts.workload), device="cpu", attention="sdpa")
+    model = build_model(load_workload(opts.workload), device="cpu")
     opt = torch.optim.Adam(model.parameters())
     for p in model.parameters():
         p.grad = torch.zeros_like(p)

@@ -14,7 +14,8 @@ exclusive flock on the checkpoint folder so two runs cannot write into one. `pru
 
 Why CRC-32 (zlib): on this machine it hashed 1.7 GB/s against 1.4 GB/s for sha256 and 0.9 GB/s for
 blake2b (xxhash is not installed); it detects every burst error up to 32 bits and any truncation (the size
-is checked too). It guards against accidents (torn writes, bit rot, a truncated copy), not an attacker.
+is checked too). One CRC per 64 MiB block, the blocks hashed in parallel threads. It guards against accidents
+(torn writes, bit rot, a truncated copy), not an attacker.
 
 What is saved, per pipeline chunk (key `chunks.<stage>`): the model's state dict and the optimizer's,
 both through `torch.distributed.checkpoint.state_dict` (FQN keys; DTensor shards for tensor parallel
@@ -33,6 +34,7 @@ import shutil
 import warnings
 import zlib
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from pathlib import Path
 from typing import IO, Any
@@ -57,6 +59,7 @@ LOCK = ".hetplan.lock"
 HASH = "crc32"
 _STEP_DIR = re.compile(r"step-(\d+)$")
 _CHUNK = 1 << 22  # read files 4 MiB at a time: the checksum of a large shard needs no copy of it in memory
+BLOCK = 1 << 26  # one CRC-32 per 64 MiB of a file: the blocks of one shard are hashed in parallel
 
 
 def step_dir(root: str | Path, step: int) -> Path:
@@ -82,13 +85,23 @@ def completed(root: str | Path) -> list[tuple[int, Path]]:
     return [(step, path) for step, path in step_folders(root) if (path / MANIFEST).exists()]
 
 
-def file_checksum(path: Path) -> int:
-    """CRC-32 of a file's bytes, read in chunks."""
+def _block_checksum(path: Path, offset: int) -> int:
     crc = 0
     with open(path, "rb") as f:
-        while block := f.read(_CHUNK):
-            crc = zlib.crc32(block, crc)
+        f.seek(offset)
+        left = BLOCK
+        while left > 0 and (chunk := f.read(min(_CHUNK, left))):
+            crc = zlib.crc32(chunk, crc)
+            left -= len(chunk)
     return crc
+
+
+def file_checksum(path: Path) -> list[int]:
+    """CRC-32 of each BLOCK of a file, the blocks hashed in parallel threads (zlib releases the GIL while
+    it hashes): one CRC per file would keep a large shard on one core."""
+    offsets = range(0, max(1, path.stat().st_size), BLOCK)
+    with ThreadPoolExecutor(max_workers=min(len(offsets), os.cpu_count() or 1)) as pool:
+        return list(pool.map(lambda offset: _block_checksum(path, offset), offsets))
 
 
 def _fsync_dir(path: Path) -> None:
@@ -119,7 +132,7 @@ def write_manifest(path: Path, step: int) -> dict:
         if rel == MANIFEST or rel.startswith(f".{MANIFEST}.tmp"):
             continue
         files[rel] = {"size": file.stat().st_size, HASH: file_checksum(file)}
-    manifest = {"format": 1, "step": step, "hash": HASH, "files": files}
+    manifest = {"format": 1, "step": step, "hash": HASH, "block": BLOCK, "files": files}
     write_atomic(path / MANIFEST, json.dumps(manifest, indent=1))
     return manifest
 
@@ -133,7 +146,7 @@ def verify(path: Path) -> str | None:
     try:
         manifest = json.loads(manifest_path.read_text(encoding="utf-8"))
         files = manifest["files"]
-        assert isinstance(files, dict) and manifest.get("hash") == HASH
+        assert isinstance(files, dict) and manifest.get("hash") == HASH and manifest.get("block") == BLOCK
     except (ValueError, KeyError, TypeError, AssertionError, UnicodeDecodeError):
         return f"{name}: {MANIFEST} is unreadable (truncated or not a hetplan manifest)"
     if FINGERPRINT not in files or ".metadata" not in files:
