@@ -110,7 +110,6 @@ def one(fault: str, rng: random.Random, workload: Path, baselines: dict, work: P
         second = train(workload, 1, folder)
         out, _ = first.communicate()
         row["detected"] = second.returncode == 2 and "in use by another run" in second.stderr
-        row["overlapped"] = first.returncode == 0 and second.returncode != 0 or row["detected"]
         row["survived"] = first.returncode == 0 and cli("checkpoint", "verify", folder).returncode == 0
         row["identical"] = first.returncode == 0 and json.loads(out)["losses"][:STEPS] == baselines[1]
     row["silent"] = row["silent"] or row["identical"] is False
