@@ -167,3 +167,14 @@ def test_write_output_never_replaces_a_file_created_after_its_check(tmp_path, mo
     assert target.read_text() == "the other writer"
     cli_common.write_output(target, "mine", "--out", cli_common.JSON, force=True)
     assert target.read_text() == "mine" and [p.name for p in tmp_path.iterdir()] == ["out.json"]
+
+
+def test_a_torn_fingerprint_falls_back_instead_of_a_json_traceback(args, saved, tmp_path):
+    folder, curve = saved
+    ck = copy_of(folder, tmp_path)
+    fingerprint = checkpoint.step_dir(ck, 4) / checkpoint.FINGERPRINT
+    fingerprint.write_text(fingerprint.read_text()[:25])  # cut short, as a crash mid-write left it on main
+    proc = execute(*args, "--steps", 4, "--checkpoint-dir", ck, "--resume", "--json")
+    assert proc.returncode == 0, proc.stderr
+    assert "Traceback" not in proc.stderr and checkpoint.FINGERPRINT in proc.stderr
+    assert json.loads(proc.stdout)["losses"] == curve[2:]
