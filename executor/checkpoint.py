@@ -31,6 +31,7 @@ import json
 import os
 import re
 import shutil
+import signal
 import warnings
 import zlib
 from collections.abc import Iterator
@@ -273,6 +274,16 @@ def _state(rank_model: RankModel, for_load: bool) -> dict:
     return {"chunks": chunks, "progress": {"step": torch.zeros((), dtype=torch.int64)}}
 
 
+# Fault drill (benchmarks/chaos.py): HETPLAN_FAIL_IN_SAVE=STEP:PHASE SIGKILLs rank 0 inside the save of STEP,
+# after its data (PHASE data) or after its fingerprint (PHASE fingerprint), before the manifest.
+FAIL_IN_SAVE_ENV = "HETPLAN_FAIL_IN_SAVE"
+
+
+def _maybe_die_in_save(step: int, phase: str) -> None:
+    if os.environ.get(FAIL_IN_SAVE_ENV) == f"{step}:{phase}":
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
 def save(job, rank_model: RankModel, step: int) -> Path:
     """Save after `step` finished iterations (collective: every rank calls it)."""
     path = step_dir(job.checkpoint_dir, step)
@@ -291,7 +302,9 @@ def save(job, rank_model: RankModel, step: int) -> Path:
         dist.barrier()
     if rank == 0:
         # After every rank finished: the fingerprint, then the manifest over all files, last.
+        _maybe_die_in_save(step, "data")
         write_atomic(path / FINGERPRINT, json.dumps(job.fingerprint(), indent=1))
+        _maybe_die_in_save(step, "fingerprint")
         write_manifest(path, step)
         keep = getattr(job, "keep_last", None)
         if keep:
