@@ -4,8 +4,9 @@ every resumed loss curve equals the uninterrupted one bit for bit (CPU, gloo).
 
 Faults: kill a rank at a random step (2 ranks), kill the run inside a checkpoint save (after the data or the
 fingerprint, before the manifest: HETPLAN_FAIL_IN_SAVE), corrupt a random byte of a random checkpoint file,
-truncate a step's manifest, start a second run on the folder of a running one. A silent corruption is a resumed run that exits 0 with a curve other than the
-uninterrupted one, or a damaged checkpoint that `checkpoint verify` passes.
+truncate a step's manifest, start a second run on the folder of a running one. A silent corruption is a
+resumed run that exits 0 with a curve other than the uninterrupted one, or a damaged checkpoint that
+`checkpoint verify` passes.
 
     PYTHONPATH=. python benchmarks/chaos.py --runs 20 --seed 0
 """
