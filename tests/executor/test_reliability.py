@@ -178,3 +178,19 @@ def test_a_torn_fingerprint_falls_back_instead_of_a_json_traceback(args, saved, 
     assert proc.returncode == 0, proc.stderr
     assert "Traceback" not in proc.stderr and checkpoint.FINGERPRINT in proc.stderr
     assert json.loads(proc.stdout)["losses"] == curve[2:]
+
+
+@pytest.mark.parametrize("phase", ["data", "fingerprint"])
+def test_a_kill_inside_a_save_leaves_a_step_that_resume_skips(args, saved, tmp_path, phase):
+    _, curve = saved
+    folder = tmp_path / "ck"
+    killed = execute(
+        *args, "--steps", 4, "--checkpoint-dir", folder, "--checkpoint-every", 2,
+        env={checkpoint.FAIL_IN_SAVE_ENV: f"4:{phase}"},
+    )  # fmt: skip
+    assert killed.returncode == -9
+    assert checkpoint.verify(checkpoint.step_dir(folder, 4)) is not None  # no manifest: not complete
+    proc = execute(*args, "--steps", 4, "--checkpoint-dir", folder, "--resume", "--json")
+    assert proc.returncode == 0, proc.stderr
+    assert "resuming from step-000002" in proc.stderr
+    assert json.loads(proc.stdout)["losses"] == curve[2:]
