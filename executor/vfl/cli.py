@@ -141,8 +141,8 @@ def keys_command(
     for path in written:
         report_written(path, err)
     out.print(
-        f"wrote {len(written)} files to {out_dir}: give each party ca.crt and its own .crt/.key; keep ca.key with "
-        "whoever admits parties"
+        f"wrote {len(written)} files to {out_dir}: give each party its own folder ({out_dir}/active, "
+        f"{out_dir}/passive); keep {out_dir}/ca (the CA key) with whoever admits parties"
     )
 
 

@@ -66,6 +66,12 @@ def test_a_port_in_use_is_a_user_error_naming_it(certs):
         taken.close()
 
 
-def test_private_keys_are_mode_0600(certs):
-    for key in sorted(certs.glob("*.key")):
+def test_each_party_gets_its_own_folder_and_private_keys_are_mode_0600(certs):
+    keys = sorted(certs.rglob("*.key"))
+    assert [k.relative_to(certs).as_posix() for k in keys] == ["active/active.key", "ca/ca.key", "passive/passive.key"]
+    for key in keys:
         assert stat.S_IMODE(key.stat().st_mode) == 0o600, key
+    # A party's folder holds the CA certificate and its own pair, never the CA key or the other party's key.
+    for party, other in (("active", "passive"), ("passive", "active")):
+        assert sorted(p.name for p in (certs / party).iterdir()) == sorted(["ca.crt", f"{party}.crt", f"{party}.key"])
+        assert other not in " ".join(p.name for p in (certs / party).iterdir())
