@@ -184,6 +184,13 @@ def run_command(
     threshold: float = typer.Option(
         0.5, "--threshold", help="Instance weights below this cosine similarity are zeroed."
     ),
+    grad_noise: float = typer.Option(
+        0.0,
+        "--grad-noise",
+        min=0.0,
+        help="Active party: label-leakage defence, Gaussian noise of this many times the RMS gradient added to the "
+        "gradients sent to the passive party (0: off; costs AUC, see BENCHMARKS.md).",
+    ),
     epochs: int = typer.Option(1, "--epochs", min=1, help="Training epochs."),
     max_rounds: int | None = typer.Option(None, "--max-rounds", min=1, help="Stop after this many rounds (batches)."),
     eval_every: int = typer.Option(
@@ -237,6 +244,7 @@ def run_command(
         sampling=cast(Literal["uniform", "latest"], sampling),
         weighting=not no_weighting,
         threshold=threshold,
+        grad_noise=grad_noise,
         epochs=epochs,
         max_rounds=max_rounds,
         eval_every=eval_every,
@@ -386,6 +394,7 @@ def run_from_execute(workload: str, cluster: str | None, plan: str | None, party
         sampling="uniform",
         no_weighting=False,
         threshold=0.5,
+        grad_noise=0.0,
         epochs=1,
         max_rounds=None,
         eval_every=0,
