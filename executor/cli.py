@@ -55,7 +55,12 @@ HELP = (
     "saved-tensor hooks (no allocator there: temporaries and communication buffers are not counted).\n\n"
     "Faults: a rank that dies stops the others within seconds and execute exits with status 1 naming the rank. "
     "Drill: HETPLAN_FAIL_AT_STEP=K [HETPLAN_FAIL_RANK=R] [HETPLAN_FAIL_MODE=kill|raise] kills (or fails) rank R at "
-    "the start of iteration K."
+    "the start of iteration K (HETPLAN_FAIL_MODE=nan sets a weight to NaN instead).\n\n"
+    "Exit status: 0 done; 1 a rank failed; 2 bad input (options, files, a checkpoint folder in use by another run, "
+    "no checkpoint that verifies); 4 a non-finite loss or gradient norm stopped the run (named: step and rank; "
+    "--skip-nonfinite skips such iterations instead and the Report counts them).\n\n"
+    "Checkpoints: every file is checksummed in a manifest written last; --resume verifies first and falls back to "
+    "the newest step that verifies, with a warning; `execute checkpoint verify DIR` checks a folder."
 )
 WORKLOAD_HELP = (
     "Workload name (see `simulate workloads list`), a workload YAML or a Hugging Face config.json "
@@ -76,6 +81,32 @@ app = typer.Typer(
 app.command("calibrate")(calibrate_cli.calibrate_command)
 app.add_typer(vfl_app, name="vfl")
 app.command("paging")(paging_command)
+checkpoint_app = typer.Typer(help="Checkpoint folders written by `execute --checkpoint-dir`.", add_completion=False)
+app.add_typer(checkpoint_app, name="checkpoint")
+
+
+@checkpoint_app.command("verify")
+def verify_command(folder: Path = typer.Argument(..., help="A --checkpoint-dir folder.")) -> None:
+    """Check every step of a checkpoint folder against its manifest (sizes and CRC-32 checksums).
+
+    Exit status 0 when every step verifies, 2 when one does not (each is named with the file at fault)."""
+    from executor import checkpoint
+
+    if not folder.is_dir():
+        raise UserError(f"checkpoint verify: {folder} is not a folder (give a --checkpoint-dir folder)")
+    steps = checkpoint.step_folders(folder)
+    if not steps:
+        raise UserError(f"checkpoint verify: {folder} holds no step-NNNNNN folders")
+    bad = []
+    for _, path in steps:
+        problem = checkpoint.verify(path)
+        if problem is None:
+            out.print(f"{path.name}: ok", highlight=False)
+        else:
+            bad.append(problem)
+            out.print(f"{escape(problem)}", highlight=False)
+    if bad:
+        raise UserError(f"checkpoint verify: {len(bad)} of {len(steps)} step(s) in {folder} do not verify")
 
 
 def _check_options(
@@ -90,8 +121,24 @@ def _check_options(
         raise UserError(f"--checkpoint-dir {checkpoint_dir} is a file, not a folder")
     if trace is not None:
         check_output(trace, "--trace", JSON, force)
+        _probe_writable(trace)
         return str(trace.resolve())
     return None
+
+
+def _probe_writable(trace: Path) -> None:
+    """Create (and remove) the --trace file now, so a path that cannot be written is exit 2 before training
+    rather than a trace silently missing after it (permissions, a read-only or pseudo file system)."""
+    if trace.exists():
+        if not os.access(trace, os.W_OK):
+            raise UserError(f"--trace {trace}: cannot write that file (no permission); choose a writable path")
+        return
+    try:
+        fd = os.open(trace, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+    except OSError as exc:
+        raise UserError(f"--trace {trace}: cannot create it ({exc.strerror}); choose a writable path") from None
+    os.close(fd)
+    trace.unlink()
 
 
 def _check_checkpoint_dir(job, force: bool) -> None:
@@ -103,7 +150,12 @@ def _check_checkpoint_dir(job, force: bool) -> None:
     if root.exists() and not root.is_dir():
         raise UserError(f"--checkpoint-dir {root} is a file, not a folder")
     if job.resume:
-        step, path = checkpoint.check_resumable(root, job.fingerprint())
+        step, path, skipped = checkpoint.check_resumable(root, job.fingerprint())
+        for problem in skipped:
+            err.print(
+                f"[yellow]warning:[/yellow] checkpoint {escape(problem)}; resuming from {path.name} instead",
+                highlight=False,
+            )
         if step >= job.total_steps:
             raise UserError(
                 f"--resume: {path} already finished {step} iterations, and --warmup + --steps = {job.total_steps}; "
@@ -164,6 +216,15 @@ def execute(
         help="Run a plan predicted not to fit in memory; replace an existing --trace file; write into a checkpoint "
         "folder that has checkpoints.",
     ),
+    keep_last: int | None = typer.Option(
+        None, "--keep-last", min=1, help="Keep only the newest N checkpoints (older ones are deleted after a save)."
+    ),
+    skip_nonfinite: bool = typer.Option(
+        False,
+        "--skip-nonfinite",
+        help="Skip an iteration whose loss or gradient norm is NaN/inf (no optimizer step; counted in the Report) "
+        "instead of stopping with exit status 4.",
+    ),
     seed: int = typer.Option(0, "--seed", help="Seed of the weights, the synthetic data and dropout."),
     party: str | None = typer.Option(
         None,
@@ -210,6 +271,8 @@ def execute(
         force,
         seed,
         engine,
+        keep_last=keep_last,
+        skip_nonfinite=skip_nonfinite,
     )
 
 
@@ -243,6 +306,8 @@ def _run(
     force,
     seed,
     engine="des",
+    keep_last=None,
+    skip_nonfinite=False,
 ) -> None:
     # Imported here so that `--help` answers without loading torch.
     from executor.checks import admit
@@ -271,11 +336,11 @@ def _run(
         checkpoint_every=checkpoint_every,
         resume=resume,
         trace=trace_path,
+        keep_last=keep_last,
+        skip_nonfinite=skip_nonfinite,
     )
-    _check_checkpoint_dir(job, force)
-    if checkpoint_dir is not None:
-        checkpoint_dir.mkdir(parents=True, exist_ok=True)
     leader = not under_torchrun() or int(os.environ.get("RANK", "0")) == 0
+    _prepare_checkpoints(job, checkpoint_dir, force, leader)
     for warning in warnings:
         if leader:
             err.print(f"[yellow]warning:[/yellow] {escape(warning)}", highlight=False)
@@ -283,7 +348,9 @@ def _run(
         result = _run_with_progress(job, run, leader)
     except RankFailure as exc:
         err.print(f"[bold red]error:[/bold red] {escape(str(exc))}", highlight=False)
-        sys.exit(1)
+        from executor.runtime import NONFINITE_EXIT, NonFiniteError
+
+        sys.exit(NONFINITE_EXIT if f"{NonFiniteError.__name__}:" in exc.cause else 1)
     if result is None:  # another torchrun rank: rank 0 reports
         return
     if trace_path is not None and Path(trace_path).exists():
@@ -318,6 +385,19 @@ def _run(
         print(json.dumps({**measured.model_dump(mode="json"), "losses": result.losses, "execution": more}, indent=2))
     else:
         render_measured(measured, result.losses, result.first_step, result.device_name, out)
+
+
+def _prepare_checkpoints(job, checkpoint_dir: Path | None, force: bool, leader: bool) -> None:
+    """Lock the checkpoint folder (the leading process only: torchrun's other ranks share its run), then
+    check it; the lock comes first, so a second run on the folder stops before reading it."""
+    if checkpoint_dir is None:
+        return
+    if leader and (checkpoint_dir.is_dir() or not job.resume):
+        from executor import checkpoint
+
+        checkpoint.lock(checkpoint_dir)
+    _check_checkpoint_dir(job, force)
+    checkpoint_dir.mkdir(parents=True, exist_ok=True)
 
 
 def _run_with_progress(job, run, leader: bool):

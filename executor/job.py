@@ -20,7 +20,8 @@ from workloads.config import WorkloadConfig
 
 # Fault injection for tests and drills (documented in `execute --help`): at the start of step
 # HETPLAN_FAIL_AT_STEP, rank HETPLAN_FAIL_RANK (default 0) is killed with SIGKILL
-# (HETPLAN_FAIL_MODE=kill, the default) or raises an exception (HETPLAN_FAIL_MODE=raise).
+# (HETPLAN_FAIL_MODE=kill, the default) or raises an exception (HETPLAN_FAIL_MODE=raise), or sets its first
+# parameter to NaN (HETPLAN_FAIL_MODE=nan: the drill of the non-finite stop).
 FAIL_AT_STEP_ENV = "HETPLAN_FAIL_AT_STEP"
 FAIL_RANK_ENV = "HETPLAN_FAIL_RANK"
 FAIL_MODE_ENV = "HETPLAN_FAIL_MODE"
@@ -50,6 +51,8 @@ class Job:
     checkpoint_every: int | None = None
     resume: bool = False
     trace: str | None = None
+    keep_last: int | None = None  # checkpoint retention: keep the newest N steps (None: all)
+    skip_nonfinite: bool = False  # skip (and count) an iteration whose loss or gradient norm is not finite
 
     @cached_property
     def cluster(self) -> ClusterSpec:
@@ -107,6 +110,7 @@ class RunResult:
     memory: list[dict[str, float]]
     device_name: str
     warnings: list[str] = field(default_factory=list)
+    skipped_steps: list[int] = field(default_factory=list)  # iterations skipped as non-finite (--skip-nonfinite)
 
     def to_json(self) -> str:
         return json.dumps(asdict(self))

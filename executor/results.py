@@ -52,4 +52,5 @@ def extras(result: RunResult) -> dict:
         "timed_steps": [result.first_step + i for i in result.timed],
         "device": result.device_name,
         "memory_per_rank": result.memory,
+        "skipped_nonfinite_steps": result.skipped_steps,
     }

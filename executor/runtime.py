@@ -39,6 +39,14 @@ TRACE_ITERATIONS = 3
 
 StepCallback = Callable[[int, int, float], None]  # (iterations done, total, seconds of the last one)
 
+# Exit status of `execute` when a non-finite loss or gradient norm stopped the run (1: a rank failed,
+# 2: bad input, 3: the plan does not fit in memory).
+NONFINITE_EXIT = 4
+
+
+class NonFiniteError(RuntimeError):
+    """A non-finite loss or gradient norm at some iteration on some rank (the run stops, exit NONFINITE_EXIT)."""
+
 
 def _dp_indices(
     global_batch: int, micro_batch: int, dp: int, dp_rank: int, split: tuple[int, ...] | None = None
@@ -56,12 +64,19 @@ def _dp_indices(
     return idx[(offset >= start) & (offset < start + split[dp_rank])]
 
 
-def _maybe_fail(step: int, rank: int, in_process: bool) -> None:
+def _maybe_fail(step: int, rank: int, in_process: bool, rank_model: RankModel | None = None) -> None:
     """Fault injection (HETPLAN_FAIL_AT_STEP / HETPLAN_FAIL_RANK / HETPLAN_FAIL_MODE)."""
     at = os.environ.get(FAIL_AT_STEP_ENV)
     if at is None or int(at) != step or int(os.environ.get(FAIL_RANK_ENV, "0")) != rank:
         return
     mode = os.environ.get(FAIL_MODE_ENV, "kill")
+    if mode == "nan" and rank_model is not None:
+        # A diverged or corrupted weight: every loss and gradient downstream of it becomes NaN.
+        print(f"hetplan: rank {rank}: injected NaN weight at step {step}", file=sys.stderr, flush=True)
+        with torch.no_grad():
+            first = next(iter(rank_model.parameters()))
+            (first.to_local() if hasattr(first, "to_local") else first).fill_(float("nan"))
+        return
     kill = mode == "kill" and not in_process
     # The moment of the fault, in the log: what the launcher's report of it is measured against.
     how = "killing itself with SIGKILL" if kill else "raising an exception"
@@ -114,16 +129,46 @@ class Trainer:
         device = self.rm.layout.device
         return x.to(device, non_blocking=True), y.to(device, non_blocking=True)
 
-    def step(self, step: int) -> torch.Tensor:
-        """One training iteration; returns this rank's mean loss (zero where no loss is computed)."""
+    def step(self, step: int) -> tuple[torch.Tensor, bool]:
+        """One training iteration; returns this rank's mean loss (zero where no loss is computed) and whether
+        the optimizer stepped (False: skipped as non-finite under --skip-nonfinite)."""
         torch.manual_seed(self.job.seed * 1_000_003 + step)  # dropout: the same masks after a resume
         x, y = self._batch(step)
         rm = self.rm
         loss = self._pipeline_step(x, y) if rm.schedule is not None else self._accumulate_step(x, y)
         rm.sync_tied_gradients()
+        if not self._finite(step, loss):
+            return loss, False
         for opt in rm.optimizers:
             opt.step()
-        return loss
+        return loss, True
+
+    def _finite(self, step: int, loss: torch.Tensor) -> bool:
+        """Whether this iteration's loss and this rank's gradient norm are finite. Not finite: raise
+        NonFiniteError naming the step and rank, or, under --skip-nonfinite, return False on every rank
+        (one all-reduce, so the ranks skip the same iterations and stay in step)."""
+        present = [p.grad for p in self.rm.parameters() if p.grad is not None]
+        grads = [(g.to_local() if hasattr(g, "to_local") else g).detach() for g in present]
+        norm = (
+            torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g.float()) for g in grads]))
+            if grads
+            else torch.zeros((), device=loss.device)
+        )
+        ok = bool(torch.isfinite(loss).all()) and bool(torch.isfinite(norm))
+        layout = self.rm.layout
+        if self.job.skip_nonfinite:
+            if layout.world_size > 1:
+                flag = torch.tensor([1.0 if ok else 0.0], device=layout.device)
+                dist.all_reduce(flag, op=dist.ReduceOp.MIN)
+                ok = bool(flag.item() == 1.0)
+            return ok
+        if not ok:
+            what = "loss" if not bool(torch.isfinite(loss).all()) else "gradient norm"
+            raise NonFiniteError(
+                f"non-finite {what} at step {step} on rank {layout.rank} (loss {float(loss):.4g}, gradient norm "
+                f"{float(norm):.4g}); pass --skip-nonfinite to skip such steps instead"
+            )
+        return True
 
     def _accumulate_step(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         rm = self.rm
@@ -216,8 +261,9 @@ def run_rank(
         torch.cuda.reset_peak_memory_stats(device)
     profiler = _profiler(job, rank, device)
     traced = 0
+    skipped: list[int] = []
     for n, step in enumerate(executed):
-        _maybe_fail(step, rank, in_process)
+        _maybe_fail(step, rank, in_process, rank_model)
         if world_size > 1:
             dist.barrier()  # every rank starts the iteration together: its time is the slowest rank's
         track = n == 0
@@ -225,7 +271,9 @@ def run_rank(
             profiler.__enter__()
         started, cpu_started = time.perf_counter(), time.process_time()
         with tracker if track else nullcontext():
-            loss = trainer.step(step)
+            loss, stepped = trainer.step(step)
+        if not stepped:
+            skipped.append(step)
         if track:
             measured.memory["gradients"] = float(gradient_bytes(rank_model.parameters()))
         trainer.zero_grad()
@@ -244,16 +292,7 @@ def run_rank(
         if job.checkpoint_dir and ((step + 1) % every == 0 or step + 1 == total):
             checkpoint.save(job, rank_model, step + 1)
 
-    memory = measured.memory
-    memory["weights"] = float(parameter_bytes(rank_model.parameters()))
-    memory["optimizer"] = float(optimizer_bytes(rank_model.optimizers))
-    memory["activations"] = float(tracker.peak_bytes)
-    accounted = memory["weights"] + memory["gradients"] + memory["optimizer"] + memory["activations"]
-    if device.type == "cuda":
-        memory["peak"] = float(torch.cuda.max_memory_allocated(device))
-        memory["buffers"] = max(0.0, memory["peak"] - accounted)
-    else:
-        memory["peak"] = accounted
+    _final_memory(measured.memory, rank_model, tracker, device)
     gathered = _gather(layout, trainer.loss_weight, measured)
     if gathered is None:
         return None
@@ -266,8 +305,28 @@ def run_rank(
         timed=list(range(timed_from, len(times))),
         memory=per_rank,
         device_name=torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
-        warnings=warnings,
+        warnings=warnings + _skipped_warning(skipped),
+        skipped_steps=skipped,
     )
+
+
+def _skipped_warning(skipped: list[int]) -> list[str]:
+    if not skipped:
+        return []
+    return [f"skipped {len(skipped)} iteration(s) with a non-finite loss or gradient norm: steps {skipped}"]
+
+
+def _final_memory(memory: dict[str, float], rank_model: RankModel, tracker: SavedTensorTracker, device) -> None:
+    """Fill in the memory a rank measured at the end of its run (see `executor.memory`)."""
+    memory["weights"] = float(parameter_bytes(rank_model.parameters()))
+    memory["optimizer"] = float(optimizer_bytes(rank_model.optimizers))
+    memory["activations"] = float(tracker.peak_bytes)
+    accounted = memory["weights"] + memory["gradients"] + memory["optimizer"] + memory["activations"]
+    if device.type == "cuda":
+        memory["peak"] = float(torch.cuda.max_memory_allocated(device))
+        memory["buffers"] = max(0.0, memory["peak"] - accounted)
+    else:
+        memory["peak"] = accounted
 
 
 def _profiler(job: Job, rank: int, device: torch.device):

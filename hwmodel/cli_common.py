@@ -5,8 +5,9 @@ writes.
 Files: every output option (`--out`, `--csv`, `--trace`, `--plot`, ...) is checked with `check_output` before
 any work starts: an existing file is refused unless `--force`, and a folder, a missing parent folder or a
 name with the wrong extension is a one-line error naming the option, the path and what is accepted (exit
-status 2). `write_output` writes and says so on stderr ("wrote report.json (4.1 kB)"), so that `--json` on
-stdout stays parseable; `report_written` says it for a file another module wrote.
+status 2). `write_output` creates the file exclusively (O_EXCL: two writers cannot replace each other's file;
+with --force a temporary file is renamed over it) and says so on stderr ("wrote report.json (4.1 kB)"), so
+that `--json` on stdout stays parseable; `report_written` says it for a file another module wrote.
 
 Progress: `progress_bar` draws on a terminal and is silent (disabled) when stderr is a pipe, a file or a CI log.
 
@@ -139,10 +140,22 @@ def write_output(
 ) -> None:
     """Write `data` to `path` after the checks of `check_output`, and say so on stderr."""
     check_output(path, option, suffixes, force)
-    if isinstance(data, bytes):
-        path.write_bytes(data)
+    raw = data if isinstance(data, bytes) else data.encode("utf-8")
+    if force:
+        # Replacing: a temporary file renamed over the target, so a reader never sees half a file.
+        tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+        tmp.write_bytes(raw)
+        os.replace(tmp, path)
     else:
-        path.write_text(data, encoding="utf-8")
+        # Created exclusively (O_EXCL): a writer that started after the check above cannot be replaced.
+        try:
+            with open(path, "xb") as f:
+                f.write(raw)
+        except FileExistsError:
+            raise UserError(
+                f"{option} {path} already exists (another process wrote it meanwhile); choose another name or pass "
+                "--force to replace it"
+            ) from None
     report_written(path, console)
 
 

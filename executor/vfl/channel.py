@@ -32,10 +32,12 @@ from __future__ import annotations
 import contextlib
 import json
 import math
+import queue
 import secrets
 import socket
 import ssl
 import struct
+import threading
 import time
 from collections import deque
 from collections.abc import Callable
@@ -154,6 +156,20 @@ def _subject_cn(cert: dict) -> str | None:
     return None
 
 
+POLL_S = 0.05  # how often the listener looks for a finished handshake
+
+
+def _close_late_winners(done: queue.Queue) -> None:
+    """Close connections whose handshake finished after the one taken (a second client with valid keys)."""
+    while True:
+        try:
+            sock, _ = done.get_nowait()
+        except queue.Empty:
+            return
+        if sock is not None:
+            sock.close()
+
+
 def _frame(kind: MsgType, seq: int, tag: int, dtype: DType, dims: tuple[int, ...], payload: bytes) -> bytes:
     return (
         HEADER.pack(MAGIC, VERSION, kind, dtype, len(dims), seq, tag, len(payload))
@@ -232,7 +248,14 @@ class Channel:
     def open(self) -> Channel:
         """Make the first connection (listen and accept, or dial with retries) within connect_timeout."""
         if self.server:
-            self._listener = socket.create_server(self._address, reuse_port=False)
+            try:
+                self._listener = socket.create_server(self._address, reuse_port=False)
+            except OSError as exc:
+                host, port = self._address
+                raise UserError(
+                    f"--listen {host}:{port}: cannot listen there ({exc.strerror or exc}); the port may be in use by "
+                    "another program: choose another port or stop that program"
+                ) from None
             self.listen_addr = self._listener.getsockname()[:2]
             self.log(f"listening on {self.listen_addr[0]}:{self.listen_addr[1]} for the {self.peer_party} party")
         self._connect(time.monotonic() + self.connect_timeout, first=True)
@@ -277,14 +300,42 @@ class Channel:
         raise PeerGone(f"could not {what} {self.peer_name} within {wait:g} s ({last})")
 
     def _accept(self, deadline: float) -> ssl.SSLSocket:
+        """Accept connections until one completes the handshake as the peer. Each handshake runs in its own
+        thread with its own timeout, so idle or slow clients (a port scanner, an intruder who never speaks)
+        never delay the real peer: on main they were handled one at a time, 10 s each."""
         listener = self._listener
         assert listener is not None, "open() creates the listener before accepting"
-        listener.settimeout(max(0.01, deadline - time.monotonic()))
+        done: queue.Queue[tuple[ssl.SSLSocket | None, str]] = queue.Queue()
+        last = "nobody connected"
+        while time.monotonic() < deadline:
+            try:
+                sock, why = done.get_nowait()
+            except queue.Empty:
+                pass
+            else:
+                if sock is not None:
+                    _close_late_winners(done)
+                    return sock
+                last = why
+                continue
+            # Short accept timeouts: a finished handshake is noticed within POLL_S.
+            listener.settimeout(max(0.01, min(POLL_S, deadline - time.monotonic())))
+            try:
+                raw, addr = listener.accept()
+            except TimeoutError:
+                continue
+            where = f"{addr[0]}:{addr[1]}"
+            threading.Thread(target=self._handshake_into, args=(raw, where, done), daemon=True).start()
+        raise _Retry(last)
+
+    def _handshake_into(self, raw: socket.socket, where: str, done: queue.Queue) -> None:
         try:
-            raw, addr = listener.accept()
-        except TimeoutError as exc:
-            raise _Retry("nobody connected") from exc
-        return self._handshake(raw, f"{addr[0]}:{addr[1]}")
+            done.put((self._handshake(raw, where), ""))
+        except _Retry as exc:
+            done.put((None, str(exc)))
+        except Exception as exc:  # a thread must not die silently: its failure is one more refused connection
+            raw.close()
+            done.put((None, f"handshake with {where}: {type(exc).__name__}: {exc}"))
 
     def _dial(self, deadline: float) -> ssl.SSLSocket:
         try:

@@ -141,8 +141,8 @@ def keys_command(
     for path in written:
         report_written(path, err)
     out.print(
-        f"wrote {len(written)} files to {out_dir}: give each party ca.crt and its own .crt/.key; keep ca.key with "
-        "whoever admits parties"
+        f"wrote {len(written)} files to {out_dir}: give each party its own folder ({out_dir}/active, "
+        f"{out_dir}/passive); keep {out_dir}/ca (the CA key) with whoever admits parties"
     )
 
 
@@ -166,7 +166,10 @@ def run_command(
         ..., "--certs", help="Folder with ca.crt and this party's PARTY.crt/PARTY.key (`execute vfl keys`)."
     ),
     listen: str | None = typer.Option(
-        None, "--listen", help=f"Active party: HOST:PORT to listen on (default 0.0.0.0:{DEFAULT_PORT})."
+        None,
+        "--listen",
+        help=f"Active party: HOST:PORT to listen on (default 127.0.0.1:{DEFAULT_PORT}, this machine only; "
+        "0.0.0.0:PORT for every interface).",
     ),
     peer: str | None = typer.Option(None, "--peer", help="Passive party: the active party's HOST:PORT."),
     mode: str | None = typer.Option(None, "--mode", help="Override the plan: vanilla, fedbcd or celu."),
@@ -180,6 +183,13 @@ def run_command(
     no_weighting: bool = typer.Option(False, "--no-weighting", help="Ablation: all instance weights 1."),
     threshold: float = typer.Option(
         0.5, "--threshold", help="Instance weights below this cosine similarity are zeroed."
+    ),
+    grad_noise: float = typer.Option(
+        0.0,
+        "--grad-noise",
+        min=0.0,
+        help="Active party: label-leakage defence, Gaussian noise of this many times the RMS gradient added to the "
+        "gradients sent to the passive party (0: off; costs AUC, see BENCHMARKS.md).",
     ),
     epochs: int = typer.Option(1, "--epochs", min=1, help="Training epochs."),
     max_rounds: int | None = typer.Option(None, "--max-rounds", min=1, help="Stop after this many rounds (batches)."),
@@ -234,10 +244,11 @@ def run_command(
         sampling=cast(Literal["uniform", "latest"], sampling),
         weighting=not no_weighting,
         threshold=threshold,
+        grad_noise=grad_noise,
         epochs=epochs,
         max_rounds=max_rounds,
         eval_every=eval_every,
-        listen=_address(listen or f"0.0.0.0:{DEFAULT_PORT}", "--listen") if party == "active" else None,
+        listen=_address(listen or f"127.0.0.1:{DEFAULT_PORT}", "--listen") if party == "active" else None,
         connect=_address(peer or "", "--peer") if party == "passive" else None,
         checkpoint_dir=str(checkpoint_dir) if checkpoint_dir else None,
         checkpoint_every=checkpoint_every,
@@ -383,6 +394,7 @@ def run_from_execute(workload: str, cluster: str | None, plan: str | None, party
         sampling="uniform",
         no_weighting=False,
         threshold=0.5,
+        grad_noise=0.0,
         epochs=1,
         max_rounds=None,
         eval_every=0,

@@ -1,12 +1,14 @@
 """Credentials of a VFL job: a job CA and one certificate per party, made with the `openssl` command.
 
-`make_keys(out)` writes into `out`:
+`make_keys(out)` writes one folder per holder, so that handing a party its folder hands it nothing else:
 
-    ca.crt, ca.key            the job's certificate authority (keep ca.key with whoever admits parties)
-    active.crt, active.key    the active party (CN=vfl-active), signed by the CA
-    passive.crt, passive.key  the passive party (CN=vfl-passive), signed by the CA
+    out/ca/ca.crt, ca.key                       the job's certificate authority (ca.key stays with whoever admits
+                                                parties; no party needs it)
+    out/active/ca.crt, active.crt, active.key    the active party (CN=vfl-active), signed by the CA
+    out/passive/ca.crt, passive.crt, passive.key the passive party (CN=vfl-passive), signed by the CA
 
-Each party gets ca.crt and its own pair; private keys are written mode 0600. Keys are EC P-256; certificates
+`--certs` takes a party's folder or `out` itself (the party's subfolder is used). Private keys are created mode
+0600 (O_CREAT|O_EXCL with that mode: never readable by others, even for a moment). Keys are EC P-256; certificates
 allow both TLS server and client use, since either party may listen. The channel accepts a peer only if its
 certificate chains to this CA and names the other party (see `channel.py`).
 """
@@ -22,7 +24,17 @@ from pathlib import Path
 from hwmodel.errors import UserError
 
 PARTIES = ("active", "passive")
-FILES = ("ca.crt", "ca.key", "active.crt", "active.key", "passive.crt", "passive.key")
+# Where make_keys puts each file, relative to its folder.
+FILES = (
+    "ca/ca.crt",
+    "ca/ca.key",
+    "active/ca.crt",
+    "active/active.crt",
+    "active/active.key",
+    "passive/ca.crt",
+    "passive/passive.crt",
+    "passive/passive.key",
+)
 
 
 def common_name(party: str) -> str:
@@ -116,15 +128,29 @@ def make_keys(out: str | Path, days: int = 30, force: bool = False) -> list[Path
         written = []
         for name in FILES:
             target = out / name
-            shutil.copyfile(work / name, target)
-            os.chmod(target, 0o600 if name.endswith(".key") else 0o644)
+            target.parent.mkdir(mode=0o700, exist_ok=True)
+            _write_new(target, (work / Path(name).name).read_bytes(), 0o600 if name.endswith(".key") else 0o644)
             written.append(target)
     return written
 
 
+def _write_new(target: Path, data: bytes, mode: int) -> None:
+    """Write a file that has `mode` from its creation (O_CREAT|O_EXCL): a private key is never readable by
+    others, not even for the moment between a default-mode create and a chmod. (--force removes the old one.)"""
+    if target.exists():
+        target.unlink()
+    fd = os.open(target, os.O_WRONLY | os.O_CREAT | os.O_EXCL, mode)
+    with os.fdopen(fd, "wb") as f:
+        f.write(data)
+    os.chmod(target, mode)  # the umask may have narrowed `mode`; this only restores what was asked
+
+
 def party_files(certs: str | Path, party: str) -> tuple[Path, Path, Path]:
-    """(ca.crt, PARTY.crt, PARTY.key) in `certs`, checked to exist."""
+    """(ca.crt, PARTY.crt, PARTY.key) in `certs` (a party's folder, or the folder make_keys wrote: then its
+    PARTY subfolder), checked to exist."""
     certs = Path(certs)
+    if (certs / party).is_dir():
+        certs = certs / party
     files = (certs / "ca.crt", certs / f"{party}.crt", certs / f"{party}.key")
     missing = [str(p) for p in files if not p.is_file()]
     if missing:

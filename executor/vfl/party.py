@@ -62,6 +62,9 @@ class PartyConfig:
     sampling: Literal["uniform", "latest"] = "uniform"
     weighting: bool = True
     threshold: float = DEFAULT_WEIGHT_THRESHOLD
+    # Label-leakage defence (active party, off by default): Gaussian noise added to each gradient sent to the
+    # passive party, std grad_noise x the batch's RMS gradient element (see README).
+    grad_noise: float = 0.0
     epochs: int = 1
     max_rounds: int | None = None  # stop early (tests, smoke runs)
     eval_every: int = 0  # rounds between evaluations; 0: at the end of each epoch
@@ -421,6 +424,10 @@ class ActiveParty(_Party):
             [*self.bottom.parameters(), *self.top.parameters()], lr=self.wcfg.learning_rate
         )
 
+    def _defended(self, grad, r: int):
+        """The gradient sent to the passive party: with --grad-noise, noised against label leakage."""
+        return gradient_noise(grad, self.cfg.grad_noise, self.cfg.workload.seed * 1_000_003 + r)
+
     def _losses(self, idx, z_passive):
         logits = self.top(z_passive, self.bottom(self.dense[idx]))
         return self.torch.nn.functional.binary_cross_entropy_with_logits(logits, self.labels[idx], reduction="none")
@@ -438,6 +445,7 @@ class ActiveParty(_Party):
             loss.backward()
             grad = z_in.grad.detach().clone()
             self.optimizer.step()
+        grad = self._defended(grad, r)
         channel.send_tensor(MsgType.GRADIENTS, r, grad)
         payload = (idx, z, grad)
         if self.cfg.mode == "fedbcd":
@@ -553,6 +561,17 @@ class PassiveParty(_Party):
         if msg.payload != {"op": "done"}:
             raise ChannelError(f"unexpected control message {msg.payload!r}")
         channel.send_json(MsgType.CONTROL, self.cfg.total_rounds, {"op": "done"})
+
+
+def gradient_noise(grad, scale: float, seed: int):
+    """`grad` plus Gaussian noise of std `scale` x its RMS element (seeded: a resumed run sends the same)."""
+    import torch
+
+    if scale <= 0:
+        return grad
+    generator = torch.Generator().manual_seed(seed)
+    rms = grad.pow(2).mean().sqrt()
+    return grad + torch.randn(grad.shape, generator=generator, dtype=grad.dtype) * (scale * rms)
 
 
 def run_party(cfg: PartyConfig) -> PartyResult:

@@ -242,7 +242,7 @@ def test_checkpoint_and_resume_in_one_process(execute, tiny, tmp_path, monkeypat
     failed = execute(*args, "--checkpoint-dir", folder, "--checkpoint-every", "2")
     assert failed.code == 1 and "rank 0 of 1 failed" in failed.err and "injected failure at step 3" in failed.err
     monkeypatch.delenv("HETPLAN_FAIL_AT_STEP")
-    assert sorted(p.name for p in folder.iterdir()) == ["step-000002"]
+    assert sorted(p.name for p in folder.iterdir()) == [".hetplan.lock", "step-000002"]  # the run's lock file
     # The folder has checkpoints: a new run must not write over them by accident.
     refused(execute(*args, "--checkpoint-dir", folder), "already holds checkpoints", "--resume")
     resumed = json.loads(execute(*args, "--checkpoint-dir", folder, "--resume").out)

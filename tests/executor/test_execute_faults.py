@@ -101,7 +101,8 @@ def test_killed_rank_stops_the_run_and_resume_reproduces_the_curve(args, tmp_pat
     assert "rank 1 of 2 was killed by SIGKILL" in killed.stderr and "Traceback" not in killed.stderr
     assert 0 <= report_delay(killed.stderr, 1) < REPORT_WITHIN_S
     assert processes_with(tag) == [], "ranks left running after the failure"
-    assert sorted(p.name for p in folder.iterdir()) == ["step-000002", "step-000004"]
+    # The step folders and the lock file of the checkpoint folder (issue 20), nothing half-written.
+    assert sorted(p.name for p in folder.iterdir()) == [".hetplan.lock", "step-000002", "step-000004"]
 
     resumed, _ = execute(*args, "--checkpoint-dir", folder, "--resume")
     assert resumed.returncode == 0, resumed.stderr

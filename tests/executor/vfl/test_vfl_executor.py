@@ -177,7 +177,7 @@ def test_config_checks():
 
 def test_keys_command_refuses_to_overwrite(execute, tmp_path):
     code, out, _ = execute("vfl", "keys", "--out", tmp_path / "k")
-    assert code == 0 and "wrote" in out and (tmp_path / "k" / "passive.key").stat().st_mode & 0o077 == 0
+    assert code == 0 and "wrote" in out and (tmp_path / "k" / "passive" / "passive.key").stat().st_mode & 0o077 == 0
     code, _, err = execute("vfl", "keys", "--out", tmp_path / "k")
     assert code == 2 and "--force" in err
 

@@ -125,9 +125,9 @@ def test_server_with_a_foreign_certificate_is_refused_by_the_client(certs, other
 def test_a_party_certificate_for_the_wrong_role_is_refused(certs, tmp_path):
     # The active party's own (valid, CA-signed) certificate presented as if it were the passive party's.
     for name in ("ca.crt",):
-        (tmp_path / name).write_bytes((certs / name).read_bytes())
-    (tmp_path / "passive.crt").write_bytes((certs / "active.crt").read_bytes())
-    (tmp_path / "passive.key").write_bytes((certs / "active.key").read_bytes())
+        (tmp_path / name).write_bytes((certs / "active" / name).read_bytes())
+    (tmp_path / "passive.crt").write_bytes((certs / "active" / "active.crt").read_bytes())
+    (tmp_path / "passive.key").write_bytes((certs / "active" / "active.key").read_bytes())
     server = _server(certs, connect_timeout=2.0)
     thread, _box = _open_server_in_thread(server)
     impostor = Channel("passive", tmp_path, connect=tuple(server.listen_addr), connect_timeout=2.0)
