@@ -653,7 +653,7 @@ def parse(case: Case, workdir: Path) -> Any:
     if case.kind == "vfl_parse_frames":
         from executor.vfl.channel import parse_frames
 
-        return parse_frames(case.payload)
+        return parse_frames(case.payload, columns=VFL_COLS)
     folder = Path(tempfile.mkdtemp(dir=workdir))
     path = folder / ("config.json" if case.suffix == "config.json" else f"input{case.suffix}")
     path.write_bytes(case.payload)

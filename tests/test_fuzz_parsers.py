@@ -1,8 +1,7 @@
 """The fuzz program's generators (benchmarks/fuzz_parsers.py) as hypothesis strategies, with a small budget: every
 parser either refuses an input cleanly, naming the file, or accepts one that is valid; none raises anything else.
 
-`vfl_parse_frames` (executor.vfl.channel.parse_frames, a decoder for tests and tools that trusts its input) is left
-out here: it raises on malformed frames, which the fuzz run reports; the channel's own receiver is checked.
+Both VFL decoders are checked: the channel's receiver and `parse_frames`, the decoder for tests and tools.
 """
 
 from __future__ import annotations
@@ -16,11 +15,9 @@ from hypothesis import strategies as st
 
 from benchmarks.fuzz_parsers import KINDS, VALID, generate, run_case
 
-CHECKED = tuple(kind for kind in KINDS if kind != "vfl_parse_frames")
-
 
 @settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-@given(kind=st.sampled_from(CHECKED), rng=st.randoms(use_true_random=False))
+@given(kind=st.sampled_from(KINDS), rng=st.randoms(use_true_random=False))
 def test_every_parser_refuses_cleanly_or_accepts_only_valid_input(kind: str, rng: random.Random) -> None:
     case = generate(kind, rng)
     with tempfile.TemporaryDirectory() as tmp:

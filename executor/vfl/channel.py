@@ -178,18 +178,71 @@ def _frame(kind: MsgType, seq: int, tag: int, dtype: DType, dims: tuple[int, ...
     )
 
 
-def parse_frames(data: bytes) -> list[tuple[MsgType, int, int, DType, tuple[int, ...], bytes]]:
-    """Split a plaintext byte stream into frames (kind, seq, tag, dtype, dims, payload); for tests and tools."""
-    out, pos = [], 0
+Frame = tuple[MsgType, int, int, DType, tuple[int, ...], bytes]
+
+
+def parse_frames(data: bytes, columns: int | None = None, first_seq: int = 1) -> list[Frame]:
+    """Split a plaintext byte stream into frames (kind, seq, tag, dtype, dims, payload); for tests and tools.
+
+    It checks what the channel's receiver checks, so a tool never shows a malformed stream as if it were
+    well formed: a complete header of this protocol, a known kind and dtype, at most MAX_NDIM dims, sequence
+    numbers that count up from `first_seq` (a session's first message is 1; RESUME is not sequenced), a
+    payload inside the stream, JSON that parses and stays under MAX_JSON_BYTES, tensors of 4 bytes per
+    element with finite values and, when `columns` is given, 2-D with that many columns. A violation raises
+    ProtocolViolation (TruncatedMessage for a
+    stream cut short) naming the frame's byte offset."""
+    out: list[Frame] = []
+    pos, last_seq = 0, first_seq - 1
     while pos < len(data):
-        magic, version, kind, dtype, ndim, seq, tag, length = HEADER.unpack_from(data, pos)
-        assert magic == MAGIC and version == VERSION
-        pos += HEADER.size
-        dims = struct.unpack_from(f"!{ndim}I", data, pos)
-        pos += 4 * ndim
-        out.append((MsgType(kind), seq, tag, DType(dtype), dims, data[pos : pos + length]))
-        pos += length
+        frame, pos, last_seq = _parse_one_frame(data, pos, last_seq, columns)
+        out.append(frame)
     return out
+
+
+def _parse_one_frame(data: bytes, start: int, last_seq: int, columns: int | None) -> tuple[Frame, int, int]:
+    where = f"frame at byte {start}"
+    if len(data) - start < HEADER.size:
+        raise TruncatedMessage(f"{where}: {len(data) - start} bytes left, a header takes {HEADER.size}")
+    magic, version, kind_code, dtype_code, ndim, seq, tag, length = HEADER.unpack_from(data, start)
+    if magic != MAGIC or version != VERSION:
+        raise ProtocolViolation(f"{where}: not a hetplan VFL v{VERSION} frame")
+    try:
+        kind, dtype = MsgType(kind_code), DType(dtype_code)
+    except ValueError as exc:
+        raise ProtocolViolation(f"{where}: unknown message type {kind_code} / dtype {dtype_code}") from exc
+    if ndim > MAX_NDIM:
+        raise ProtocolViolation(f"{where}: {ndim} dims; at most {MAX_NDIM}")
+    if kind != MsgType.RESUME:
+        if seq != last_seq + 1:
+            raise ProtocolViolation(f"{where}: message {seq} follows message {last_seq}")
+        last_seq = seq
+    pos = start + HEADER.size
+    if len(data) - pos < 4 * ndim + length:
+        raise TruncatedMessage(f"{where}: its dims and {length}-byte payload run past the stream's end")
+    dims = struct.unpack_from(f"!{ndim}I", data, pos)
+    pos += 4 * ndim
+    payload = data[pos : pos + length]
+    _check_frame_payload(where, kind, dtype, dims, payload, columns)
+    return (kind, seq, tag, dtype, dims, payload), pos + length, last_seq
+
+
+def _check_frame_payload(
+    where: str, kind: MsgType, dtype: DType, dims: tuple[int, ...], payload: bytes, columns: int | None
+) -> None:
+    if dtype == DType.JSON:
+        if dims or len(payload) > MAX_JSON_BYTES:
+            raise ProtocolViolation(f"{where}: {kind.name} control message with dims or over {MAX_JSON_BYTES} bytes")
+        try:
+            json.loads(payload or b"{}")
+        except ValueError as exc:
+            raise ProtocolViolation(f"{where}: {kind.name} message is not valid JSON") from exc
+        return
+    if len(payload) != 4 * math.prod(dims):
+        raise ProtocolViolation(f"{where}: shape {list(dims)} needs {4 * math.prod(dims)} bytes, got {len(payload)}")
+    if columns is not None and (len(dims) != 2 or dims[0] < 1 or dims[1] != columns):
+        raise ProtocolViolation(f"{where}: {kind.name} of shape {list(dims)}; the agreed shape is [rows, {columns}]")
+    if not np.isfinite(np.frombuffer(payload, dtype="<f4")).all():
+        raise ProtocolViolation(f"{where}: {kind.name} holds non-finite values")
 
 
 class Channel:
