@@ -87,7 +87,7 @@ app.add_typer(checkpoint_app, name="checkpoint")
 
 @checkpoint_app.command("verify")
 def verify_command(folder: Path = typer.Argument(..., help="A --checkpoint-dir folder.")) -> None:
-    """Check every step of a checkpoint folder against its manifest (sizes and CRC-32 checksums).
+    """Check every step of a checkpoint folder against its manifest (sizes and XXH3-64 checksums).
 
     Exit status 0 when every step verifies, 2 when one does not (each is named with the file at fault)."""
     from executor import checkpoint
