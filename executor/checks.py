@@ -132,7 +132,7 @@ def _check_context_parallel(plan: Plan) -> None:
 
 def _check_offload(plan: Plan, recompute: str, offload: float, where: str) -> None:
     """Swapping by token (executor.offload.memo) runs with recompute none (plain swapping) or tokenwise (MEMO)."""
-    if offload > 0 and recompute in ("full", "selective"):
+    if offload > 0 and recompute not in ("none", "tokenwise"):
         raise _refuse(
             f"{where}offload={offload:g} with recompute={recompute}",
             "swapping runs with recompute=none (plain swapping) or recompute=tokenwise (MEMO)",
