@@ -38,7 +38,7 @@ def test_every_policy_lies_between_none_and_full(case: Case, policy: str):
     ):
         assert a_full <= a * TOL and a <= a_none * TOL, (policy, a_full, a, a_none)
         assert b_none <= b * TOL and b <= b_full * TOL, (policy, b_none, b, b_full)
-    assert 0.0 == none.time_breakdown_s.recompute
+    assert none.time_breakdown_s.recompute == 0.0
     assert this.time_breakdown_s.recompute <= full.time_breakdown_s.recompute * TOL
 
 
