@@ -23,7 +23,8 @@ from workloads.torch_models import check_executable
 
 SUPPORTED = (
     "supported: tp, pp (gpipe, 1f1b, interleaved), dp with dp_type ddp/zero1/zero2/zero3, sequence_parallel, "
-    "recompute none/selective/op-selective/full/every-N/tokenwise (MEMO, with offload), offload with recompute none or tokenwise, "
+    "recompute none/selective/op-selective/full/every-N/tokenwise (MEMO, with offload), "
+    "offload with recompute none or tokenwise, "
     "per-layer tp/sequence_parallel/dp_type (not zero1) and recompute, dtype fp32/bf16, "
     "cp (context parallel) with tp, pp, dp, recompute and MEMO on uniform plans, attention flash/naive, optimizer "
     "adam/sgd, explicit stages (uneven layer counts) with the plan's tp and an even "
