@@ -501,12 +501,12 @@ class _LayerStrategies:
 
     def every_n_runs(self, stage_index: int, spans: list[range]) -> tuple[LayerRun, ...]:
         """Runs of a stage with `every-N` recompute resolved per block: the N-th, 2N-th, ... such block of
-        the stage (counted over its chunks in order) recomputes in full, the others none, so every stage
-        checkpoints the same share of its blocks and the share falls as N grows."""
+        each model chunk (the stage's blocks; each virtual stage's under interleaving, as Megatron-LM counts
+        per chunk) recomputes in full, the others none, so every chunk checkpoints the same share of its
+        blocks and the number it checkpoints never grows with N."""
         runs: list[LayerRun] = []
-        position = 0
         for span in spans:
-            first, count = span.start, 0
+            first, count, position = span.start, 0, 0
             key: _Strategy | None = None
             for idx in span:
                 this = self.of(stage_index, idx)

@@ -19,7 +19,7 @@ import re
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, StringConstraints, model_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, model_validator
 
 from hwmodel.errors import SpecError
 from hwmodel.fields import Bool, Float, Int, Name, OptionalBool, OptionalFloat, OptionalInt, Text
@@ -44,13 +44,21 @@ DpType = Literal["ddp", "zero1", "zero2", "zero3"]
 # op-selective: torchtitan's op-level selective checkpointing: the outputs of every other matmul (the 1st, 3rd,
 #   ... of a block) and of the fused attention kernel are saved, everything else in the block re-runs.
 # full: the whole block re-runs from its input.
-# every-N: full recompute of every N-th block of each pipeline stage (its N-th, 2N-th, ...), the others none
+# every-N: full recompute of every N-th block of each model chunk (a pipeline stage, or each of its virtual
+#   stages under interleaving: its N-th, 2N-th, ... block), the others none
 #   (torchtitan's layer-selective `selective_ac_option: N`; Megatron-LM's `--recompute-method block`).
 # tokenwise: MEMO, the `offload` share of tokens swapped to host, the rest recomputed token-wise (workloads.activations)
 RECOMPUTE_NAMES = ("none", "selective", "op-selective", "full", "tokenwise")
 EVERY_N_PATTERN = r"^every-[1-9][0-9]{0,5}$"
-EveryN = Annotated[str, StringConstraints(pattern=EVERY_N_PATTERN)]
-Recompute = Literal["none", "selective", "op-selective", "full", "tokenwise"] | EveryN
+
+
+def _recompute_value(value: str) -> str:
+    if value in RECOMPUTE_NAMES or re.match(EVERY_N_PATTERN, value):
+        return value
+    raise ValueError(f"expected one of {', '.join(RECOMPUTE_NAMES)} or every-N (N a whole number >= 1), got {value!r}")
+
+
+Recompute = Annotated[str, AfterValidator(_recompute_value)]
 Schedule = Literal["gpipe", "1f1b", "interleaved"]
 PlanDtype = Literal["fp32", "fp16", "bf16"]
 # flash: a FlashAttention-2-class fused kernel (flash-attn 2 or PyTorch's flash SDPA backend; what the executor

@@ -7,7 +7,7 @@ from __future__ import annotations
 from itertools import pairwise
 
 import pytest
-from hypothesis import given
+from hypothesis import assume, given
 from hypothesis import strategies as st
 
 from hwmodel.catalog import load_stack, stack_names
@@ -18,6 +18,7 @@ from simulator.report import Report
 from tests.simulator.test_properties import SETTINGS, Case, cases, run
 from workloads import ShardShape, WorkloadConfig, layer_profile, load_workload
 from workloads.ops import OP_SELECTIVE
+from workloads.transformer import layer_kinds
 
 BETWEEN = ("selective", OP_SELECTIVE, "every-1", "every-2", "every-3", "every-5")
 TOL = 1 + 1e-12
@@ -45,7 +46,10 @@ def test_every_policy_lies_between_none_and_full(case: Case, policy: str):
 @SETTINGS
 @given(case=cases(schedules=("1f1b", "interleaved")))
 def test_every_n_is_monotone_in_n(case: Case):
-    """Fewer blocks recompute as N grows: each stage keeps no less and recomputes no more."""
+    """Fewer blocks recompute as N grows: each stage keeps no less and recomputes no more. Where a chunk
+    mixes block kinds (T5's encoder and larger decoder blocks) the number recomputed still falls, but which
+    blocks does not, so the bytes need not: those workloads are left out."""
+    assume(len(set(layer_kinds(case.workload)[1:-1])) == 1)
     reports = [run(case.with_plan(recompute=f"every-{n}")) for n in (1, 2, 3, 4, 6, 8)]
     for smaller, larger in pairwise(reports):
         for (a_small, b_small), (a_large, b_large) in zip(_stage_figures(smaller), _stage_figures(larger), strict=True):
