@@ -12,7 +12,7 @@ from executor.job import Job
 from executor.memory import SavedTensorTracker
 from executor.parallel.recompute import op_selective_contexts
 from simulator.plan import parse_shorthand
-from tests.executor.helpers import LLAMA, ONE, refused
+from tests.executor.helpers import LLAMA, ONE, job, refused
 from workloads.torch_models import build_model
 
 BASE = "micro_batch=2,global_batch=8,dtype=fp32,stack=hetplan"
@@ -67,3 +67,14 @@ def test_offload_with_op_selective_or_every_n_is_refused_by_name(execute, tiny):
     for policy in ("op-selective", "every-2"):
         plan = f"micro_batch=2,global_batch=8,dtype=fp32,recompute={policy},offload=0.5"
         refused(execute("--workload", tiny, *ONE, "--plan", plan, "--steps", "1"), f"recompute={policy}")
+
+
+@pytest.mark.slow  # two gloo ranks: their start dominates
+def test_op_selective_composes_with_tensor_parallelism(monkeypatch):
+    """Two gloo ranks, tp=2 with sequence parallelism: the policy sees each rank's local matmuls and
+    keeps the losses of no recompute (every-N arrives as full or none per block, tested with tp elsewhere)."""
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    plans = [f"tp=2,sequence_parallel=true,micro_batch=2,recompute={r}" for r in ("none", "op-selective")]
+    none, op_selective = launch.run_jobs([job(p, LLAMA, 2, steps=2) for p in plans])
+    assert op_selective.losses == pytest.approx(none.losses, rel=1e-6)
+    assert op_selective.memory[0]["activations"] < none.memory[0]["activations"]
