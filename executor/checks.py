@@ -23,7 +23,8 @@ from workloads.torch_models import check_executable
 
 SUPPORTED = (
     "supported: tp, pp (gpipe, 1f1b, interleaved), dp with dp_type ddp/zero1/zero2/zero3, sequence_parallel, "
-    "recompute none/selective/full/tokenwise (MEMO, with offload), offload with recompute none or tokenwise, "
+    "recompute none/selective/op-selective/full/every-N/tokenwise (MEMO, with offload), "
+    "offload with recompute none or tokenwise, "
     "per-layer tp/sequence_parallel/dp_type (not zero1) and recompute, dtype fp32/bf16, "
     "cp (context parallel) with tp, pp, dp, recompute and MEMO on uniform plans, attention flash/naive, optimizer "
     "adam/sgd, explicit stages (uneven layer counts) with the plan's tp and an even "
@@ -132,7 +133,7 @@ def _check_context_parallel(plan: Plan) -> None:
 
 def _check_offload(plan: Plan, recompute: str, offload: float, where: str) -> None:
     """Swapping by token (executor.offload.memo) runs with recompute none (plain swapping) or tokenwise (MEMO)."""
-    if offload > 0 and recompute in ("full", "selective"):
+    if offload > 0 and recompute not in ("none", "tokenwise"):
         raise _refuse(
             f"{where}offload={offload:g} with recompute={recompute}",
             "swapping runs with recompute=none (plain swapping) or recompute=tokenwise (MEMO)",

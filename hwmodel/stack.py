@@ -22,7 +22,8 @@ from hwmodel.components import ComputeCurve, DeviceSpec, DimensionCurve, Frozen
 from hwmodel.curves import EfficiencyCurve
 from hwmodel.units import NonNegativeBytes, NonNegativeSeconds
 
-RecomputePolicy = Literal["none", "selective", "full", "tokenwise"]
+# every-n: a plan's `recompute=every-N`, any N (simulator.plan); op-selective: torchtitan's op-level policy.
+RecomputePolicy = Literal["none", "selective", "op-selective", "full", "every-n", "tokenwise"]
 CrossEntropy = Literal["pytorch", "vocab_parallel", "fused"]
 
 

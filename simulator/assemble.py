@@ -13,7 +13,7 @@ from hwmodel.components import DeviceSpec
 from simulator import metrics
 from simulator.binding import BoundPlan, BoundStage
 from simulator.report import EngineName, MemoryBreakdown, Report, StageReport, TimeBreakdown
-from workloads.ops import ShardShape
+from workloads.ops import OP_SELECTIVE, VECTOR, ShardShape
 from workloads.transformer import layer_profile, model_flops_per_sample
 
 
@@ -62,6 +62,11 @@ def recompute_model_flops_per_sample(bound: BoundPlan) -> float:
         prof = layer_profile(cfg, kind, shape)
         if mode == "full":
             total += n * prof.model_fwd_flops
+        elif mode == OP_SELECTIVE:
+            # The re-run share of the matmuls (vector work has no model FLOPs; the attention output is saved).
+            mat = prof.unit != VECTOR
+            share = float((prof.fwd_flops * prof.op_selective)[mat].sum() / max(prof.fwd_flops[mat].sum(), 1.0))
+            total += n * share * prof.model_fwd_flops
         elif mode == "tokenwise":
             # MEMO re-runs everything but the attention core for the tokens it did not swap to host.
             total += n * (1.0 - offload) * (prof.model_fwd_flops - prof.model_fwd_flops_selective)

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from hwmodel.cluster import ClusterSpec
 from hwmodel.stack import StackSpec
 from simulator.errors import InfeasiblePlan, UnsupportedPlan
-from simulator.plan import LayerStrategy, Plan
+from simulator.plan import LayerStrategy, Plan, every_n
 from simulator.stacks import bind_stack, check_recompute
 from workloads.config import WorkloadConfig
 from workloads.transformer import layer_kinds
@@ -475,6 +475,10 @@ class _LayerStrategies:
     def runs(self, stage_index: int, spans: list[range]) -> tuple[LayerRun, ...]:
         """Runs of layers with one strategy, from consecutive, non-empty index ranges (chunks and edge layers)."""
         runs: list[LayerRun] = []
+        if every_n(self.plan.recompute) is not None or any(
+            every_n(layer.recompute or "") is not None for layer in self.plan.layers
+        ):
+            return self.every_n_runs(stage_index, spans)
         for span in spans:
             if not self.plan.layers:
                 # Without per-layer strategies a chunk's blocks share one strategy; a run still ends where the
@@ -493,6 +497,29 @@ class _LayerStrategies:
                     first, count, key = idx, 0, this
                 count += 1
             runs.append(LayerRun(first, count, *key))
+        return tuple(runs)
+
+    def every_n_runs(self, stage_index: int, spans: list[range]) -> tuple[LayerRun, ...]:
+        """Runs of a stage with `every-N` recompute resolved per block: the N-th, 2N-th, ... such block of
+        each model chunk (the stage's blocks; each virtual stage's under interleaving, as Megatron-LM counts
+        per chunk) recomputes in full, the others none, so every chunk checkpoints the same share of its
+        blocks and the number it checkpoints never grows with N."""
+        runs: list[LayerRun] = []
+        for span in spans:
+            first, count, position = span.start, 0, 0
+            key: _Strategy | None = None
+            for idx in span:
+                this = self.of(stage_index, idx)
+                n = every_n(this[3])
+                if n is not None:
+                    position += 1
+                    this = (this[0], this[1], this[2], "full" if position % n == 0 else "none", this[4], this[5])
+                if key is not None and this != key:
+                    runs.append(LayerRun(first, count, *key))
+                    first, count = idx, 0
+                key, count = this, count + 1
+            if key is not None:
+                runs.append(LayerRun(first, count, *key))
         return tuple(runs)
 
 

@@ -15,10 +15,11 @@ Plans load from YAML/JSON or from a one-line shorthand:
 from __future__ import annotations
 
 import difflib
+import re
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, model_validator
 
 from hwmodel.errors import SpecError
 from hwmodel.fields import Bool, Float, Int, Name, OptionalBool, OptionalFloat, OptionalInt, Text
@@ -38,8 +39,26 @@ MAX_SECTIONS = 10_000
 MAX_BYTES = 2**62
 
 DpType = Literal["ddp", "zero1", "zero2", "zero3"]
+# Recompute policies (workloads.ops says what each keeps for backward):
+# selective: Megatron-LM's, the attention core re-run (Korthikanti et al. 2022).
+# op-selective: torchtitan's op-level selective checkpointing: the outputs of every other matmul (the 1st, 3rd,
+#   ... of a block) and of the fused attention kernel are saved, everything else in the block re-runs.
+# full: the whole block re-runs from its input.
+# every-N: full recompute of every N-th block of each model chunk (a pipeline stage, or each of its virtual
+#   stages under interleaving: its N-th, 2N-th, ... block), the others none
+#   (torchtitan's layer-selective `selective_ac_option: N`; Megatron-LM's `--recompute-method block`).
 # tokenwise: MEMO, the `offload` share of tokens swapped to host, the rest recomputed token-wise (workloads.activations)
-Recompute = Literal["none", "selective", "full", "tokenwise"]
+RECOMPUTE_NAMES = ("none", "selective", "op-selective", "full", "tokenwise")
+EVERY_N_PATTERN = r"^every-[1-9][0-9]{0,5}$"
+
+
+def _recompute_value(value: str) -> str:
+    if value in RECOMPUTE_NAMES or re.match(EVERY_N_PATTERN, value):
+        return value
+    raise ValueError(f"expected one of {', '.join(RECOMPUTE_NAMES)} or every-N (N a whole number >= 1), got {value!r}")
+
+
+Recompute = Annotated[str, AfterValidator(_recompute_value)]
 Schedule = Literal["gpipe", "1f1b", "interleaved"]
 PlanDtype = Literal["fp32", "fp16", "bf16"]
 # flash: a FlashAttention-2-class fused kernel (flash-attn 2 or PyTorch's flash SDPA backend; what the executor
@@ -366,3 +385,13 @@ def load_plan(value: str | Path) -> Plan:
         f"--plan: {text!r} is neither a plan file (.yaml/.json) nor key=value shorthand such as "
         "'tp=8,pp=2,micro_batch=1,global_batch=64'"
     )
+
+
+def every_n(recompute: str) -> int | None:
+    """N of an `every-N` recompute policy; None for any other policy."""
+    return int(recompute[len("every-") :]) if re.match(EVERY_N_PATTERN, recompute) else None
+
+
+def recompute_policy(recompute: str) -> str:
+    """The policy a stack lists for a plan's recompute value: `every-n` stands for every `every-N`."""
+    return "every-n" if every_n(recompute) is not None else recompute

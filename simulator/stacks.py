@@ -12,6 +12,7 @@ from hwmodel.catalog import load_stack
 from hwmodel.cluster import ClusterSpec
 from hwmodel.errors import UserError
 from hwmodel.stack import StackSpec, apply_stack_to_cluster
+from simulator.plan import recompute_policy
 
 DEFAULT_STACK = "llm-foundry"
 
@@ -28,7 +29,7 @@ def resolve_stack(name: str | None) -> StackSpec:
 
 def check_recompute(stack: StackSpec, recompute: str) -> None:
     """A recompute policy the stack does not offer is refused by name."""
-    if recompute not in stack.recompute_policies:
+    if recompute_policy(recompute) not in stack.recompute_policies:
         raise UserError(
             f"stack {stack.name!r} has no recompute policy {recompute!r}; it offers: "
             f"{', '.join(stack.recompute_policies)}"

@@ -17,6 +17,12 @@ import numpy as np
 MATRIX, ATTENTION, VECTOR = 0, 1, 2
 UNIT_NAMES = ("matrix", "attention", "vector")
 RECOMPUTE_MODES = ("none", "selective", "full")
+# torchtitan's op-level selective checkpointing (its `_custom_policy` over `_save_list`): inside a block it
+# saves the output of every aten.mm but the 2nd, 4th, ... (the 1st, 3rd, ... are saved: q, v, the MLP gate
+# and down projections of a Llama block as torchtitan writes it, wq/wk/wv and w1/w3 separate) and the
+# outputs of the fused attention kernel (output and log-sum-exp); everything else (norms, rotary, the
+# activation, residuals, the other matmuls) re-runs in backward from the block input and what was saved.
+OP_SELECTIVE = "op-selective"
 
 
 @dataclass(frozen=True)
@@ -78,6 +84,7 @@ class LayerProfile:
     bwd_kernels: np.ndarray
     min_dim: np.ndarray  # smallest GEMM dimension of a matmul op; keys per call of a fused attention op; else 0
     selective: np.ndarray  # bool: op is recomputed under selective recompute
+    op_selective: np.ndarray  # share of the op's forward op-selective recompute re-runs (0: its output saved)
     saved_bytes: dict[str, float]  # recompute mode -> activation bytes kept for backward
     params_local: float  # parameters held by this device (after tp/ep sharding)
     params_total: float  # parameters of the whole layer
@@ -99,6 +106,8 @@ class LayerProfile:
             return float(self.fwd_flops.sum())
         if mode == "selective":
             return float(self.fwd_flops[self.selective].sum())
+        if mode == OP_SELECTIVE:
+            return float((self.fwd_flops * self.op_selective).sum())
         return 0.0
 
 
@@ -122,6 +131,9 @@ class OpTableBuilder:
         self.output_bytes = 0.0
         self.tied_params_local = 0.0
         self.backward_workspace = 0.0
+        self.mm_count = 0  # aten.mm calls so far, as torchtitan's op-selective policy counts them
+        self.op_selective_saved = 0.0  # output bytes op-selective saves
+        self.op_selective_share: list[float] = []
 
     def op(
         self,
@@ -137,6 +149,8 @@ class OpTableBuilder:
         selective: bool = False,
         model_flops: float = 0.0,
         min_dim: float = 0.0,
+        mm_outputs: tuple[float, ...] = (),
+        saved_output: float = 0.0,
     ) -> None:
         """Add one operator.
 
@@ -147,6 +161,10 @@ class OpTableBuilder:
             model_flops: its FLOPs in the MFU convention (whole layer; a causal score matrix counts half).
             min_dim: for a matmul, its smallest dimension (m, k or n); for fused attention, the key/value
                 length one kernel call runs over.
+            mm_outputs: for a matmul, the output bytes of each aten.mm it stands for, in forward order
+                (a fused q/k/v projection is three in torchtitan's blocks), its FLOPs split alike.
+            saved_output: bytes op-selective recompute saves of a non-matmul op it keeps whole (the fused
+                attention kernel's output and log-sum-exp); 0: the op re-runs.
         """
         if bwd_flops is None:
             bwd_flops = 2.0 * fwd_flops if unit == MATRIX else fwd_flops
@@ -158,9 +176,27 @@ class OpTableBuilder:
         self.rows.append(
             (unit, fwd_flops, fwd_bytes, bwd_flops, bwd_bytes, fwd_kernels, bwd_kernels, min_dim, selective)
         )
+        self.op_selective_share.append(self.op_selective_step(mm_outputs, saved_output))
         self.model_flops += model_flops
         if selective:
             self.model_flops_selective += model_flops
+
+    def op_selective_step(self, mm_outputs: tuple[float, ...], saved_output: float) -> float:
+        """Share of one op's forward that op-selective recompute re-runs; adds what it saves."""
+        if saved_output > 0:
+            self.op_selective_saved += saved_output
+            return 0.0
+        if not mm_outputs:
+            return 1.0
+        rerun = 0.0
+        for nbytes in mm_outputs:
+            self.mm_count += 1
+            if self.mm_count % 2 == 0:  # torchtitan recomputes every second mm
+                rerun += nbytes
+            else:
+                self.op_selective_saved += nbytes
+        total = sum(mm_outputs)
+        return rerun / total if total > 0 else 1.0
 
     def keep(self, nbytes: float, *, dropped_by_selective: bool = False) -> None:
         """Record a tensor kept for backward (no recompute); selective recompute may drop it."""
@@ -189,10 +225,17 @@ class OpTableBuilder:
             bwd_kernels=arr[:, 6],
             min_dim=arr[:, 7],
             selective=sel,
+            op_selective=np.array(self.op_selective_share, dtype=float),
             saved_bytes={
                 "none": self.saved["none"],
                 "selective": self.saved["selective"],
                 "full": min(full_saved, self.saved["selective"]),
+                # The block input (what the checkpoint keeps) and the saved outputs, never more than no
+                # recompute keeps nor less than full recompute does.
+                OP_SELECTIVE: min(
+                    self.saved["none"],
+                    max(min(full_saved, self.saved["selective"]), full_saved + self.op_selective_saved),
+                ),
             },
             params_local=self.params_local,
             params_total=self.params_total,

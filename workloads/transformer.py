@@ -96,12 +96,16 @@ class _LayerBuilder:
         else:
             self.b.op(name, VECTOR, tsp * h, 3 * tsp * h * e)
 
-    def linear(self, name: str, tokens: float, k: float, n: float, *, model_tokens: float) -> None:
+    def linear(
+        self, name: str, tokens: float, k: float, n: float, *, model_tokens: float, parts: tuple[float, ...] = (1.0,)
+    ) -> None:
         """A (tokens x k) @ (k x n) matmul on one device, k or n already split over tp.
 
         Model FLOPs count the whole matmul: all `model_tokens` of the micro-batch, the tp split undone.
+        `parts`: the shares of n that torchtitan computes as separate matmuls (q, k, v; gate, up), in order.
         """
         e = self.e
+        total = sum(parts)
         self.b.op(
             name,
             MATRIX,
@@ -109,6 +113,7 @@ class _LayerBuilder:
             e * (tokens * k + k * n + tokens * n),
             model_flops=2 * model_tokens * k * n * self.t,
             min_dim=min(tokens, k, n),
+            mm_outputs=tuple(tokens * n * part / total * e for part in parts),
         )
 
     # ---- attention -------------------------------------------------------------------------------
@@ -135,7 +140,10 @@ class _LayerBuilder:
             self.linear(f"{prefix}kv_proj", tkv, h, kv_out / t, model_tokens=mb * seq_kv)
             self.b.keep(tkv * h * e)  # encoder output, input of the kv projection
         else:
-            self.linear(f"{prefix}qkv_proj", tq, h, (q_out + kv_out) / t, model_tokens=mb * seq_q)
+            kv = kv_out / 2
+            self.linear(
+                f"{prefix}qkv_proj", tq, h, (q_out + kv_out) / t, model_tokens=mb * seq_q, parts=(q_out, kv, kv)
+            )
         self.b.keep(self.sp_tokens(seq_q) * h * e)  # normed input of the projection(s)
         self.b.params(h * (q_out + kv_out) + (q_out + kv_out if qkv_bias else 0), t)
         if cfg.position_embedding == "rope" and not cross:
@@ -172,6 +180,7 @@ class _LayerBuilder:
                 selective=True,
                 model_flops=model_core,
                 min_dim=seq_kv / c,  # keys one kernel call runs over (a ring step's chunk under cp)
+                saved_output=q_bytes + tq * heads * 4,  # output and fp32 log-sum-exp
             )
             self.b.keep(q_bytes + 2 * kv_bytes_local)  # q, k, v
             self.b.keep(tq * heads * 4, dropped_by_selective=True)  # fp32 log-sum-exp per row
@@ -266,7 +275,7 @@ class _LayerBuilder:
         model_routed = mb * seq * (cfg.experts_top_k if experts > 1 else 1)
         self.b.keep(self.sp_tokens(seq) * h * e)  # normed input of the first linear
         if cfg.mlp == "swiglu":
-            self.linear("gate_up_proj", routed, h, 2 * f / t, model_tokens=model_routed)
+            self.linear("gate_up_proj", routed, h, 2 * f / t, model_tokens=model_routed, parts=(1.0, 1.0))
             self.b.params(experts * 2 * h * f, shard)
             elems = routed * f / t
             self.b.op("swiglu", VECTOR, 4 * elems, 5 * elems * e)

@@ -106,6 +106,7 @@ class LayerTimes:
     backward: float
     recompute_selective: float  # forward time of the attention core
     recompute_full: float  # forward time of the whole layer
+    recompute_op_selective: float  # forward time op-selective recompute re-runs (workloads.ops.OP_SELECTIVE)
 
 
 @lru_cache(maxsize=16384)
@@ -118,6 +119,7 @@ def layer_times(profile: LayerProfile, line: Roofline) -> LayerTimes:
         backward=float(bwd.sum()),
         recompute_selective=float(fwd[profile.selective].sum()),
         recompute_full=forward,
+        recompute_op_selective=float((fwd * profile.op_selective).sum()),
     )
 
 

@@ -28,7 +28,7 @@ from simulator.cost.memory import (
 from simulator.cost.relayout import NONE, Layout, Relayout, relayout
 from simulator.errors import InfeasiblePlan, UnsupportedPlan
 from workloads.activations import block_activations, supports_tokenwise
-from workloads.ops import Collective, LayerProfile, ShardShape, kernel_family
+from workloads.ops import OP_SELECTIVE, Collective, LayerProfile, ShardShape, kernel_family
 from workloads.transformer import layer_profile
 
 
@@ -411,6 +411,11 @@ def _recompute_time(ctx: _StageContext, run: LayerRun, times: LayerTimes, tp_fwd
         return times.recompute_full + tp_fwd + cp_fwd
     if run.recompute == "selective":
         return times.recompute_selective
+    if run.recompute == OP_SELECTIVE:
+        # torchtitan saves reduce-scatter outputs, not all-gathers or all-reduces: with sequence parallelism
+        # the two all-gathers re-run (half the forward's tp traffic), without it both all-reduces. The fused
+        # attention output is saved, so the context-parallel exchange does not re-run.
+        return times.recompute_op_selective + (0.5 if run.sequence_parallel else 1.0) * tp_fwd
     if run.recompute == "tokenwise":
         why = supports_tokenwise(ctx.bound.workload, run.kind)
         if why:
@@ -566,6 +571,8 @@ def _with_sharded_dispatch(times: LayerTimes, prof: LayerProfile, per_kernel: fl
         backward=times.backward + float(prof.bwd_kernels.sum()) * per_kernel,
         recompute_selective=times.recompute_selective + float(prof.fwd_kernels[prof.selective].sum()) * per_kernel,
         recompute_full=times.recompute_full + fwd,
+        recompute_op_selective=times.recompute_op_selective
+        + float((prof.fwd_kernels * prof.op_selective).sum()) * per_kernel,
     )
 
 
@@ -578,6 +585,8 @@ def _with_layer_call(times: LayerTimes, per_call: float) -> LayerTimes:
         backward=times.backward + per_call,
         recompute_selective=times.recompute_selective,
         recompute_full=times.recompute_full + per_call,
+        # op-selective re-runs the block's forward under a checkpoint, so it calls the layer again.
+        recompute_op_selective=times.recompute_op_selective + per_call,
     )
 
 
@@ -595,6 +604,7 @@ def _with_gradient_accumulation(
         backward=times.backward + seconds * (micro_batches - 1) / micro_batches,
         recompute_selective=times.recompute_selective,
         recompute_full=times.recompute_full,
+        recompute_op_selective=times.recompute_op_selective,
     )
 
 
