@@ -35,7 +35,6 @@ from the CLI); a plan whose bound passes MAX_EVENTS is refused before it runs.
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
 
 import simpy
 
@@ -45,10 +44,10 @@ from simulator.binding import BoundPlan, BoundStage, bind
 from simulator.cost.collectives import latency_steps
 from simulator.cost.stage import RunCost, StageCost, buffer_memory, stage_cost
 from simulator.des.fluid import FluidNetwork, Port
+from simulator.des.records import TIER_PORT, DesResult, Rep, TraceEvent
 from simulator.schedules import Op, stage_order
 from workloads.ops import Collective
 
-TIER_PORT = {Tier.NODE: "intra", Tier.SITE: "nic", Tier.WAN: "wan"}
 # The event bound (`Simulation.event_bound`): phases of one collective at most (the tiers of a span,
 # twice for an all-reduce), SimPy events per task, and the most events a simulation may take.
 MAX_PHASES = 6
@@ -73,61 +72,6 @@ def coalesce(phases: list[list[tuple[Tier, float, float]]]) -> list[list[tuple[T
         else:
             out.append(list(phase))
     return out
-
-
-@dataclass
-class TraceEvent:
-    name: str
-    category: str  # forward, backward, recompute, comm, optimizer, p2p, reduce, offload
-    track: str  # "compute" or a port name
-    rep: int
-    start: float
-    end: float
-    args: dict = field(default_factory=dict)
-
-
-@dataclass(eq=False)
-class Rep:
-    """A representative device of one stage and one device type."""
-
-    index: int
-    stage: BoundStage
-    rank: int
-    cost: StageCost
-    num_ranks: int  # ranks of the stage it stands for
-    grad_stream: simpy.Resource  # gradient reductions queue on one communicator stream
-    ports: dict[str, Port] = field(default_factory=dict)
-    memory_base: float = 0.0
-    memory_now: float = 0.0
-    memory_peak: float = 0.0
-    memory_peak_time: float = 0.0
-    memory_events: list[tuple[float, float]] = field(default_factory=list)
-    busy: dict[str, float] = field(default_factory=dict)
-    finish: float = 0.0
-    op_ends: list[float] = field(default_factory=list)  # when each forward or backward operation ended
-    ended: bool = False  # its stream ran to the end of the iteration
-
-    def label(self) -> str:
-        return f"stage {self.stage.index} {self.cost.device.name} (x{self.num_ranks})"
-
-    def port(self, tier: Tier, direction: str) -> Port:
-        return self.ports[f"{TIER_PORT[tier]}.{direction}"]
-
-
-@dataclass
-class DesResult:
-    bound: BoundPlan
-    iteration_time: float
-    reps: list[Rep]
-    stage_reps: list[list[Rep]]
-    trace: list[TraceEvent]
-    ports: dict[str, Port]
-    num_tasks: int
-    compute_tasks: list[tuple[int, str, float, float]]  # of the longer run when extrapolated
-    # Micro-batches whose operations ran as events: all of them, or, when the steady state was costed once
-    # (`simulator.des.steady`), those of the shorter runs the result was extrapolated from.
-    simulated_micro_batches: tuple[int, ...] = ()
-    events: int = 0  # SimPy events processed
 
 
 class Simulation:

@@ -10,7 +10,7 @@ import matplotlib
 matplotlib.use("Agg")  # files only: works without a display
 import matplotlib.pyplot as plt
 
-from simulator.des.engine import DesResult
+from simulator.des.records import DesResult
 
 COLORS = {
     "forward": "#4C72B0",

@@ -4,7 +4,7 @@ and the moment of the memory peak."""
 from __future__ import annotations
 
 from simulator.assemble import DeviceMemory, StageTiming, assemble_report
-from simulator.des.engine import DesResult, Rep
+from simulator.des.records import DesResult, Rep
 from simulator.report import MemoryBreakdown, Report, TimeBreakdown
 
 

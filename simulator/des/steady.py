@@ -17,13 +17,34 @@ and 512 micro-batches runs 68 + 72 micro-batches instead of 512.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import replace
-from typing import TYPE_CHECKING
+from typing import Any, Protocol
 
+from simulator.binding import BoundPlan
+from simulator.des.records import DesResult, Rep
+from simulator.plan import Plan
 from simulator.schedules import stage_order
 
-if TYPE_CHECKING:
-    from simulator.des.engine import DesResult, Rep, Simulation
+
+class Simulation(Protocol):
+    """What the shortcut reads of the engine's Simulation (the engine imports this module, not the reverse)."""
+
+    bound: BoundPlan
+    plan: Plan
+    p: int
+    m: int
+    v: int
+    record_trace: bool
+    background: Any
+    progress: Callable[[int], None] | None
+
+    def __init__(self, bound: BoundPlan, *, micro_batches: int | None = ...) -> None: ...
+
+    def total_operations(self) -> int: ...
+
+    def run_all(self) -> DesResult: ...
+
 
 # Tolerance of the steady-state check, relative to the iteration time of the longer run.
 SHIFT_TOLERANCE = 1e-9
@@ -87,13 +108,11 @@ def extrapolated(sim: Simulation) -> DesResult | None:
     if sizes is None:
         return None
     m1, m2 = sizes
-    from simulator.des.engine import Simulation
-
     runs = []
     for size in sizes:
         # No progress reports from the short runs: they are quick, and if the check fails the full run
         # reports the plan's operations itself.
-        runs.append(Simulation(sim.bound, micro_batches=size).run_all())
+        runs.append(type(sim)(sim.bound, micro_batches=size).run_all())  # the same engine, fewer micro-batches
     short, long = runs
     if not _steady(sim, short, long, m1):
         return None

@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from simulator.des.engine import DesResult
+from simulator.des.records import DesResult
 
 COMPUTE_TID = 0
 
