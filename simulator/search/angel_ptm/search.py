@@ -5,7 +5,7 @@ costed by the same model so the differences are the placements alone."""
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from itertools import product
 
 from pydantic import BaseModel
@@ -163,10 +163,12 @@ def capacity_bound(system: str, wl: WorkloadConfig, node: NodeSpec, depth: int, 
     return sum(caps[t] for t in use) / sum(class_bytes_per_param().values())
 
 
-def best_throughput(system: str, wl: WorkloadConfig, node: NodeSpec) -> list[tuple[Plan, AngelReport]]:
-    """Every feasible configuration of `system` for `wl`, fastest first."""
+def best_throughput(
+    system: str, wl: WorkloadConfig, node: NodeSpec, depths: Sequence[int] = PREFETCH
+) -> list[tuple[Plan, AngelReport]]:
+    """Every feasible configuration of `system` for `wl` (prefetch depths from `depths`), fastest first."""
     found = []
-    for mb, ga, depth in product(MICRO_BATCHES, GRAD_ACCUM, PREFETCH):
+    for mb, ga, depth in product(MICRO_BATCHES, GRAD_ACCUM, depths):
         try:
             found.append(evaluate(system, wl, node, mb, ga, depth))
         except InfeasiblePlan:
@@ -202,8 +204,11 @@ def max_model(system: str, base: WorkloadConfig, node: NodeSpec) -> WorkloadConf
     return None if layers is None else ladder_model(base, layers)
 
 
-def search_angel(wl: WorkloadConfig, cluster: ClusterSpec, objective: str, top: int = 5) -> SearchResult:
-    """Run the search; baselines in the shared result shape."""
+def search_angel(
+    wl: WorkloadConfig, cluster: ClusterSpec, objective: str, top: int = 5, depths: Sequence[int] = PREFETCH
+) -> SearchResult:
+    """Run the search; baselines in the shared result shape. `depths`: the prefetch depths every system may
+    choose from (a sweep over the deepest prefetch allowed narrows them)."""
     if objective not in ("max-model", "throughput"):
         raise UserError(f"--objective must be max-model or throughput, got {objective!r}")
     node = single_node(cluster)
@@ -214,7 +219,7 @@ def search_angel(wl: WorkloadConfig, cluster: ClusterSpec, objective: str, top: 
         if target is None:
             results[system] = "no model of the ladder fits its tiers"
             continue
-        rows = best_throughput(system, target, node)
+        rows = best_throughput(system, target, node, depths)
         results[system] = rows or f"{target.name} does not fit: " + _reason(system, target, node)
     angel = results["angel-ptm"]
     if isinstance(angel, str):

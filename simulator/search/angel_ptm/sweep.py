@@ -3,7 +3,6 @@ drives and bandwidth, PCIe generation or host-link bandwidth, host memory) or of
 
 from __future__ import annotations
 
-import time
 from dataclasses import dataclass
 
 from hwmodel.cluster import ClusterSpec
@@ -11,18 +10,12 @@ from hwmodel.errors import UserError
 from hwmodel.units import check_range, parse_quantity
 from hwmodel.whatif import with_link_bandwidth
 from simulator.errors import InfeasiblePlan
-from simulator.plan import Plan
 from simulator.search.angel_ptm.search import (
-    GRAD_ACCUM,
-    MICRO_BATCHES,
-    SYSTEMS,
     AngelReport,
-    evaluate,
-    max_model,
     search_angel,
     single_node,
 )
-from simulator.search.result import Baseline, Candidate, SearchResult
+from simulator.search.result import SearchResult
 from workloads.config import WorkloadConfig
 
 # PCIe x16 per direction, rounded as the brief and vendors quote it: gen3 ~16, gen4 ~32, gen5 ~64 GB/s.
@@ -118,42 +111,8 @@ def with_value(cluster: ClusterSpec, key: str, value: str) -> ClusterSpec:
 
 
 def search_depth_capped(wl: WorkloadConfig, cluster: ClusterSpec, objective: str, top: int, depth: int) -> SearchResult:
-    """`search_angel` with every system's prefetch depth limited to 0..`depth` (0 alone when `depth` is 0)."""
-    node = single_node(cluster)
-    started = time.perf_counter()
-    depths = range(1, depth + 1) if depth > 0 else range(1)
-    found: dict[str, list[tuple[Plan, AngelReport]] | str] = {}
-    for system in SYSTEMS:
-        target = max_model(system, wl, node) if objective == "max-model" else wl
-        if target is None:
-            found[system] = "no model of the ladder fits its tiers"
-            continue
-        rows = []
-        for mb in MICRO_BATCHES:
-            for ga in GRAD_ACCUM:
-                for d in depths:
-                    try:
-                        rows.append(evaluate(system, target, node, mb, ga, d))
-                    except InfeasiblePlan:
-                        continue
-        rows.sort(key=lambda pr: -pr[1].samples_per_s)
-        found[system] = rows or f"{target.name} does not fit at prefetch depth <= {depth}"
-    angel = found.pop("angel-ptm")
-    if isinstance(angel, str):
-        raise InfeasiblePlan(f"angel-ptm: {angel}")
-    baselines = [
-        Baseline(name=s, reason=r) if isinstance(r, str) else Baseline(name=s, plan=r[0][0], report=r[0][1])
-        for s, r in found.items()
-    ]
-    cands = [Candidate(plan=p, report=r) for p, r in angel[:top]]
-    return SearchResult(
-        planner="angel-ptm",
-        best=cands[0],
-        candidates=cands,
-        baselines=baselines,
-        search_time_s=time.perf_counter() - started,
-        details={"objective": objective, "node": node.device.name, "gpus": node.num_devices},
-    )
+    """`search_angel` with every system's prefetch depth limited to 1..`depth` (0 alone when `depth` is 0)."""
+    return search_angel(wl, cluster, objective, top, depths=range(1, depth + 1) if depth > 0 else range(1))
 
 
 @dataclass(frozen=True)
