@@ -181,6 +181,20 @@ def _frame(kind: MsgType, seq: int, tag: int, dtype: DType, dims: tuple[int, ...
 Frame = tuple[MsgType, int, int, DType, tuple[int, ...], bytes]
 
 
+def check_header(magic: bytes, version: int, kind: int, dtype: int, ndim: int, source: str) -> tuple[MsgType, DType]:
+    """The frame header checks both decoders make (the receiver and `parse_frames`): this protocol and version,
+    a known kind and dtype, at most MAX_NDIM dims. `source` starts each message ("frame at byte 40", "active")."""
+    if magic != MAGIC or version != VERSION:
+        raise ProtocolViolation(f"{source}: not a hetplan VFL v{VERSION} frame")
+    try:
+        kind_, dtype_ = MsgType(kind), DType(dtype)
+    except ValueError as exc:
+        raise ProtocolViolation(f"{source}: unknown message type {kind} / dtype {dtype}") from exc
+    if ndim > MAX_NDIM:
+        raise ProtocolViolation(f"{source}: {kind_.name} message with {ndim} dims; at most {MAX_NDIM}")
+    return kind_, dtype_
+
+
 def parse_frames(data: bytes, columns: int | None = None, first_seq: int = 1) -> list[Frame]:
     """Split a plaintext byte stream into frames (kind, seq, tag, dtype, dims, payload); for tests and tools.
 
@@ -204,14 +218,7 @@ def _parse_one_frame(data: bytes, start: int, last_seq: int, columns: int | None
     if len(data) - start < HEADER.size:
         raise TruncatedMessage(f"{where}: {len(data) - start} bytes left, a header takes {HEADER.size}")
     magic, version, kind_code, dtype_code, ndim, seq, tag, length = HEADER.unpack_from(data, start)
-    if magic != MAGIC or version != VERSION:
-        raise ProtocolViolation(f"{where}: not a hetplan VFL v{VERSION} frame")
-    try:
-        kind, dtype = MsgType(kind_code), DType(dtype_code)
-    except ValueError as exc:
-        raise ProtocolViolation(f"{where}: unknown message type {kind_code} / dtype {dtype_code}") from exc
-    if ndim > MAX_NDIM:
-        raise ProtocolViolation(f"{where}: {ndim} dims; at most {MAX_NDIM}")
+    kind, dtype = check_header(magic, version, kind_code, dtype_code, ndim, where)
     if kind != MsgType.RESUME:
         if seq != last_seq + 1:
             raise ProtocolViolation(f"{where}: message {seq} follows message {last_seq}")
@@ -584,15 +591,8 @@ class Channel:
         if self._sock is None:
             raise _ConnectionLost("not connected")
         head = self._read_exact(HEADER.size, False, "message header")
-        magic, version, kind, dtype, ndim, seq, tag, length = HEADER.unpack(head)
-        if magic != MAGIC or version != VERSION:
-            raise ProtocolViolation(f"{self.peer_name} sent something that is not a hetplan VFL v{VERSION} frame")
-        try:
-            kind, dtype = MsgType(kind), DType(dtype)
-        except ValueError as exc:
-            raise ProtocolViolation(f"{self.peer_name} sent an unknown message type {kind} / dtype {dtype}") from exc
-        if ndim > MAX_NDIM:
-            raise ProtocolViolation(f"{kind.name} message with {ndim} dims")
+        magic, version, kind_code, dtype_code, ndim, seq, tag, length = HEADER.unpack(head)
+        kind, dtype = check_header(magic, version, kind_code, dtype_code, ndim, f"message from {self.peer_name}")
         dims = struct.unpack(f"!{ndim}I", self._read_exact(4 * ndim, True, f"{kind.name} header")) if ndim else ()
         if kind == MsgType.ERROR and sequenced:
             body = self._read_exact(min(length, MAX_JSON_BYTES), True, "ERROR message") if length else b"{}"
